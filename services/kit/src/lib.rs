@@ -1,0 +1,37 @@
+//! The service kit: what every ShopVerse service stands on.
+//!
+//! # Layout
+//! - [`config`]: typed configuration from a TOML file plus `SHOPVERSE_*` environment overrides,
+//!   validated once at start-up, with errors that name the file, the key and the reason.
+//! - [`telemetry`]: the one place the `tracing` subscriber is built (human or JSON logs).
+//! - [`metrics`]: the Prometheus registry handed to each component, and the small admin HTTP
+//!   listener that serves `/metrics`, `/healthz` and `/readyz`.
+//! - [`server`]: the tonic bootstrap: gRPC health and reflection next to the service, bound to a
+//!   listener the caller made (port 0 in tests), graceful shutdown with a bounded grace period.
+//! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
+//! - [`db`]: storage through `sqlx` on SQLite (default, WAL, one file per service) or PostgreSQL,
+//!   with the same migrations and queries for both.
+//! - [`identity`]: who is calling, from the gateway's `x-shopverse-user` / `x-shopverse-roles`
+//!   metadata, and the one helper that enforces roles.
+//! - [`error`]: the domain error every service returns, mapped to `tonic::Status` in one place.
+//! - [`clock`]: time as a dependency, so tests can drive token expiry and lockouts.
+//! - [`testing`]: helpers for tests (a fresh PostgreSQL database per run).
+
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod identity;
+pub mod metrics;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod testing;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use db::{Db, DbKind};
+pub use error::ServiceError;
+pub use identity::{Identity, Role};
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,96 @@
+//! Metrics: one `prometheus::Registry` per process, handed to each component, which registers
+//! its own collectors under its own prefix; and the admin listener that serves them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A fresh registry; every metric in it is prefixed `shopverse_`.
+pub fn new_registry() -> Registry {
+    Registry::new_custom(Some("shopverse".into()), None).unwrap_or_default()
+}
+
+/// Registers a collector, logging instead of failing when the same metric is registered twice
+/// (two instances of a component in one process share the first one's collectors).
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    if let Err(e) = registry.register(Box::new(c.clone())) {
+        tracing::debug!(error = %e, "metric already registered");
+    }
+    c
+}
+
+/// Answers "is this process ready for traffic?" for `/readyz`.
+pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (it can take traffic) over
+/// HTTP/1.1 until `shutdown`.
+pub async fn serve_admin(
+    listener: TcpListener,
+    registry: Registry,
+    ready: ReadyCheck,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin listener accept failed");
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let registry = registry.clone();
+                let ready = ready.clone();
+                async move { Ok::<_, Infallible>(admin_response(req.uri().path(), &registry, &ready)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+fn admin_response(path: &str, registry: &Registry, ready: &ReadyCheck) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match path {
+        "/metrics" => {
+            let mut buf = Vec::new();
+            match TextEncoder::new().encode(&registry.gather(), &mut buf) {
+                Ok(()) => (StatusCode::OK, "text/plain; version=0.0.4", buf),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string().into_bytes(),
+                ),
+            }
+        }
+        "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+        "/readyz" if ready() => (StatusCode::OK, "text/plain", b"ready\n".to_vec()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            b"not ready\n".to_vec(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = ctype.parse() {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}

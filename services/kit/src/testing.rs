@@ -1,0 +1,80 @@
+//! Helpers for tests: a fresh PostgreSQL database per test run.
+//!
+//! The server is the one the machine runs (`127.0.0.1:5432`, user `postgres`, trust auth), or
+//! the one `SHOPVERSE_TEST_POSTGRES` names. Databases are called `sv_test_<epoch>_<random>`;
+//! ones left by a crashed run more than an hour ago are dropped on the next run.
+
+use sqlx::{AssertSqlSafe, Connection};
+
+use crate::clock::{Clock, SystemClock};
+
+pub const DEFAULT_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+fn admin_url() -> String {
+    std::env::var("SHOPVERSE_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_POSTGRES.to_owned())
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    match url.rfind('/') {
+        Some(i) if i > "postgres://".len() => format!("{}/{db}", &url[..i]),
+        _ => format!("{url}/{db}"),
+    }
+}
+
+/// A database created for one test; drop it with [`PgTestDb::drop_db`].
+#[derive(Debug)]
+pub struct PgTestDb {
+    pub url: String,
+    name: String,
+}
+
+impl PgTestDb {
+    pub async fn create() -> Result<PgTestDb, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let admin = admin_url();
+        let mut conn = sqlx::AnyConnection::connect(&admin).await?;
+        let now = SystemClock.now_secs();
+        let name = format!(
+            "sv_test_{now}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let old: Vec<String> = sqlx::query_scalar(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'sv\\_test\\_%'",
+        )
+        .fetch_all(&mut conn)
+        .await?;
+        for db in old {
+            let created = db
+                .split('_')
+                .nth(2)
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(now);
+            if now - created > 3600 {
+                let _ = sqlx::query(AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await;
+            }
+        }
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        Ok(PgTestDb {
+            url: with_db(&admin, &name),
+            name,
+        })
+    }
+
+    pub async fn drop_db(self) -> Result<(), sqlx::Error> {
+        let mut conn = sqlx::AnyConnection::connect(&admin_url()).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await?;
+        conn.close().await
+    }
+}
