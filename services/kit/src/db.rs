@@ -125,14 +125,17 @@ impl Db {
         redact(&self.url)
     }
 
-    /// Applies `migrations` in order; already applied ones are checked, not rerun.
-    pub async fn migrate(&self, migrations: &[MigrationSpec]) -> Result<(), DbError> {
+    /// Applies every migration of `sets` (a service's own and the event outbox's, say) in
+    /// version order; already applied ones are checked, not rerun.
+    pub async fn migrate(&self, sets: &[&[MigrationSpec]]) -> Result<(), DbError> {
         let blob = match self.kind {
             DbKind::Sqlite => "BLOB",
             DbKind::Postgres => "BYTEA",
         };
-        let list = migrations
-            .iter()
+        let mut all: Vec<&MigrationSpec> = sets.iter().flat_map(|s| s.iter()).collect();
+        all.sort_by_key(|m| m.0);
+        let list = all
+            .into_iter()
             .map(|(version, description, sql)| {
                 Migration::new(
                     *version,
@@ -219,8 +222,8 @@ mod tests {
             "CREATE TABLE t (id TEXT PRIMARY KEY, b {{BLOB}} NOT NULL);",
         )];
         let db = Db::connect(&url, 2).await.expect("connect");
-        db.migrate(m).await.expect("migrate");
-        db.migrate(m).await.expect("migrate again is a no-op");
+        db.migrate(&[m]).await.expect("migrate");
+        db.migrate(&[m]).await.expect("migrate again is a no-op");
         let mut tx = db.begin_write().await.expect("begin");
         sqlx::query("INSERT INTO t (id, b) VALUES ($1, $2)")
             .bind("a")

@@ -94,3 +94,50 @@ fn admin_response(path: &str, registry: &Registry, ready: &ReadyCheck) -> Respon
     }
     resp
 }
+
+fn opts(name: &str, help: &str, labels: &[(&str, &str)]) -> prometheus::Opts {
+    let mut o = prometheus::Opts::new(name, help);
+    for (k, v) in labels {
+        o = o.const_label(*k, *v);
+    }
+    o
+}
+
+/// Builds and registers a counter. Names are constants in our code, so a bad one is a bug
+/// caught by the first test that builds the component.
+pub fn int_counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[(&str, &str)],
+) -> prometheus::IntCounter {
+    #[allow(clippy::expect_used)]
+    let c = prometheus::IntCounter::with_opts(opts(name, help, labels)).expect("valid metric name");
+    register(registry, c)
+}
+
+/// Builds and registers a gauge (see [`int_counter`]).
+pub fn int_gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[(&str, &str)],
+) -> prometheus::IntGauge {
+    #[allow(clippy::expect_used)]
+    let g = prometheus::IntGauge::with_opts(opts(name, help, labels)).expect("valid metric name");
+    register(registry, g)
+}
+
+/// Builds and registers a counter with variable labels (see [`int_counter`]).
+pub fn int_counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    const_labels: &[(&str, &str)],
+    var_labels: &[&str],
+) -> prometheus::IntCounterVec {
+    #[allow(clippy::expect_used)]
+    let c = prometheus::IntCounterVec::new(opts(name, help, const_labels), var_labels)
+        .expect("valid metric name");
+    register(registry, c)
+}

@@ -1,0 +1,317 @@
+//! The consumer runner: a [`Handler`] applied to a consumer group's records, exactly once per
+//! event in effect.
+//!
+//! For each record the runner opens a write transaction on the consumer's own database, records
+//! the event id in the inbox (`ON CONFLICT DO NOTHING`: a second delivery finds it there and is
+//! skipped), lets the handler apply its effect on the same transaction, commits, and only then
+//! commits the bus offset. A crash anywhere in between redelivers the record, and the inbox makes
+//! the redelivery a no-op. A retryable failure is retried in place with exponential backoff (the
+//! partition waits, as Kafka's does); after `max_attempts`, or at once for a poison event, the
+//! record is parked on `<topic>.dlq` with the reason, and the partition moves on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use prometheus::{IntCounter, Registry};
+use tokio_util::sync::CancellationToken;
+
+use shopverse_kit::clock::{Clock, SystemClock};
+use shopverse_kit::db::Db;
+use shopverse_kit::error::BoxError;
+use shopverse_kit::metrics::int_counter;
+
+use crate::bus::{BusError, EventBus, OutRecord, Record};
+use crate::envelope::{Envelope, decode_envelope, dlq_topic};
+
+/// Why a handler did not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying: a dependency was down, the database was busy.
+    #[error("{0}")]
+    Retryable(BoxError),
+    /// Never going to work (bad payload, broken invariant): dead-letter at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        HandlerError::Retryable(Box::new(e))
+    }
+}
+
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// The consumer group, also the inbox namespace: e.g. `notifications`.
+    fn name(&self) -> &str;
+
+    /// The topics to consume.
+    fn topics(&self) -> Vec<String>;
+
+    /// Whether this handler acts on events of this type; others are skipped (and committed).
+    fn wants(&self, event_type: &str) -> bool;
+
+    /// Applies `event` on `conn`, which is inside the transaction that also writes the inbox row.
+    async fn handle(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        event: &Envelope,
+    ) -> Result<(), HandlerError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("consumer {consumer}: event bus: {source}")]
+    Bus {
+        consumer: String,
+        #[source]
+        source: BusError,
+    },
+}
+
+#[derive(Clone)]
+struct ConsumerMetrics {
+    handled: IntCounter,
+    duplicates: IntCounter,
+    retries: IntCounter,
+    dead_lettered: IntCounter,
+}
+
+pub struct Consumer<H: Handler> {
+    handler: Arc<H>,
+    db: Db,
+    bus: Arc<dyn EventBus>,
+    retry: RetryPolicy,
+    metrics: ConsumerMetrics,
+}
+
+/// What happened to one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+    Skipped,
+    DeadLettered(String),
+    /// Shutdown came while retrying; the offset stays uncommitted.
+    Interrupted,
+}
+
+impl<H: Handler> Consumer<H> {
+    pub fn new(handler: Arc<H>, db: Db, bus: Arc<dyn EventBus>, registry: &Registry) -> Self {
+        let l = [("consumer", handler.name())];
+        let metrics = ConsumerMetrics {
+            handled: int_counter(
+                registry,
+                "events_consumed_total",
+                "Events applied by a consumer",
+                &l,
+            ),
+            duplicates: int_counter(
+                registry,
+                "events_duplicates_total",
+                "Redelivered events the inbox skipped",
+                &l,
+            ),
+            retries: int_counter(
+                registry,
+                "events_retries_total",
+                "Handler attempts that will be retried",
+                &l,
+            ),
+            dead_lettered: int_counter(
+                registry,
+                "events_dead_lettered_total",
+                "Events parked on a dead-letter topic",
+                &l,
+            ),
+        };
+        Self {
+            handler,
+            db,
+            bus,
+            retry: RetryPolicy::default(),
+            metrics,
+        }
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Consumes until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let name = self.handler.name().to_owned();
+        let bus_err = |source| ConsumerError::Bus {
+            consumer: name.clone(),
+            source,
+        };
+        let mut sub = self
+            .bus
+            .subscribe(self.handler.name(), &self.handler.topics())
+            .await
+            .map_err(bus_err)?;
+        loop {
+            let records = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = sub.poll(64, Duration::from_secs(1)) => r,
+            };
+            let records = match records {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(consumer = %name, error = %e, "polling the event bus failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+            };
+            for record in records {
+                if self.process(&record, &shutdown).await == Outcome::Interrupted {
+                    return Ok(());
+                }
+                // The effect is committed (or parked); now the offset.
+                let mut backoff = Duration::from_millis(100);
+                while let Err(e) = sub.commit(&record).await {
+                    tracing::warn!(consumer = %name, error = %e, "committing the offset failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Handles one record to its end: applied, skipped, duplicate or dead-lettered.
+    pub async fn process(&self, record: &Record, shutdown: &CancellationToken) -> Outcome {
+        let env = match decode_envelope(&record.payload) {
+            Ok(env) => env,
+            Err(e) => return self.dead_letter(record, &e.to_string(), 1, shutdown).await,
+        };
+        if !self.handler.wants(&env.r#type) {
+            return Outcome::Skipped;
+        }
+        let mut attempt: u32 = 0;
+        let mut backoff = self.retry.initial_backoff;
+        loop {
+            attempt += 1;
+            let reason = match self.attempt(&env).await {
+                Ok(outcome) => return outcome,
+                Err(HandlerError::Permanent(reason)) => {
+                    return self.dead_letter(record, &reason, attempt, shutdown).await;
+                }
+                Err(HandlerError::Retryable(e)) => e.to_string(),
+            };
+            if attempt >= self.retry.max_attempts {
+                return self
+                    .dead_letter(
+                        record,
+                        &format!("gave up after {attempt} attempts: {reason}"),
+                        attempt,
+                        shutdown,
+                    )
+                    .await;
+            }
+            self.metrics.retries.inc();
+            tracing::warn!(
+                consumer = self.handler.name(), event_id = %env.id, event_type = %env.r#type,
+                attempt, error = %reason, "handler failed; retrying"
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return Outcome::Interrupted,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.retry.max_backoff);
+        }
+    }
+
+    async fn attempt(&self, env: &Envelope) -> Result<Outcome, HandlerError> {
+        let mut tx = self.db.begin_write().await?;
+        let fresh = sqlx::query(
+            "INSERT INTO inbox (consumer, event_id, handled_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (consumer, event_id) DO NOTHING",
+        )
+        .bind(self.handler.name())
+        .bind(&env.id)
+        .bind(SystemClock.now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !fresh {
+            tx.rollback().await?;
+            self.metrics.duplicates.inc();
+            return Ok(Outcome::Duplicate);
+        }
+        self.handler.handle(&mut tx, env).await?;
+        tx.commit().await?;
+        self.metrics.handled.inc();
+        Ok(Outcome::Applied)
+    }
+
+    async fn dead_letter(
+        &self,
+        record: &Record,
+        reason: &str,
+        attempts: u32,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        tracing::error!(
+            consumer = self.handler.name(), topic = %record.topic, partition = record.partition,
+            offset = record.offset, reason, "parking event on the dead-letter topic"
+        );
+        let mut headers = record.headers.clone();
+        headers.retain(|(k, _)| !k.starts_with("dlq-"));
+        headers.extend([
+            ("dlq-original-topic".to_owned(), record.topic.clone()),
+            (
+                "dlq-original-partition".to_owned(),
+                record.partition.to_string(),
+            ),
+            ("dlq-original-offset".to_owned(), record.offset.to_string()),
+            ("dlq-consumer".to_owned(), self.handler.name().to_owned()),
+            ("dlq-reason".to_owned(), reason.to_owned()),
+            ("dlq-attempts".to_owned(), attempts.to_string()),
+            ("dlq-failed-at".to_owned(), SystemClock.now_ms().to_string()),
+        ]);
+        let out = OutRecord {
+            topic: dlq_topic(&record.topic),
+            key: record.key.clone(),
+            headers,
+            payload: record.payload.clone(),
+        };
+        // Parking must not be lost: keep trying until it works or we are told to stop.
+        let mut backoff = Duration::from_millis(200);
+        while let Err(e) = self.bus.publish(std::slice::from_ref(&out)).await {
+            tracing::warn!(error = %e, "publishing to the dead-letter topic failed; retrying");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Outcome::Interrupted,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+        self.metrics.dead_lettered.inc();
+        Outcome::DeadLettered(reason.to_owned())
+    }
+}

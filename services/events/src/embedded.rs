@@ -1,0 +1,428 @@
+//! The embedded event log: the appliance's event bus, durable in one SQLite file.
+//!
+//! Records are appended to `(topic, partition)` with consecutive offsets in one transaction per
+//! publish, so a publish is all or nothing. Consumer groups commit the next offset to read; a
+//! restarted consumer resumes there. In one process a group has one member, which reads every
+//! partition (a second member of the same group is refused). Other processes may append to the
+//! same file (the CLI's dead-letter replay does) and members see their records on the next poll.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use tokio::sync::Notify;
+
+use shopverse_kit::clock::{Clock, SystemClock};
+use shopverse_kit::db::{Db, MigrationSpec};
+
+use crate::bus::{BusError, EventBus, OutRecord, Record, Subscription, partition_for};
+
+pub const MIGRATIONS: &[MigrationSpec] = &[(
+    1,
+    "embedded event log",
+    include_str!("../migrations/0001_embedded_log.sql"),
+)];
+
+/// How often an idle member looks for records appended by another process.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    partitions: i32,
+    appended: Notify,
+    active_groups: Mutex<HashSet<String>>,
+}
+
+impl EmbeddedLog {
+    /// Opens (creating if needed) the log at `url` (`sqlite://…/events.db`); new topics get
+    /// `partitions` partitions.
+    pub async fn open(url: &str, partitions: i32) -> Result<EmbeddedLog, OpenError> {
+        let db = Db::connect(url, 4).await?;
+        db.migrate(&[MIGRATIONS]).await?;
+        Ok(EmbeddedLog {
+            inner: Arc::new(Inner {
+                db,
+                partitions: partitions.max(1),
+                appended: Notify::new(),
+                active_groups: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    async fn topic_partitions(
+        conn: &mut sqlx::AnyConnection,
+        topic: &str,
+        default: i32,
+    ) -> Result<i32, sqlx::Error> {
+        if let Some(n) =
+            sqlx::query_scalar::<_, i64>("SELECT partitions FROM topics WHERE topic = $1")
+                .bind(topic)
+                .fetch_optional(&mut *conn)
+                .await?
+        {
+            return Ok(i32::try_from(n).unwrap_or(1));
+        }
+        sqlx::query(
+            "INSERT INTO topics (topic, partitions) VALUES ($1, $2) ON CONFLICT (topic) DO NOTHING",
+        )
+        .bind(topic)
+        .bind(i64::from(default))
+        .execute(&mut *conn)
+        .await?;
+        Ok(default)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("opening the embedded event log: {0}")]
+    Db(#[from] shopverse_kit::db::DbError),
+}
+
+fn decode_headers(s: &str) -> Vec<(String, String)> {
+    serde_json::from_str(s).unwrap_or_default()
+}
+
+fn row_to_record(row: &sqlx::any::AnyRow) -> Result<Record, sqlx::Error> {
+    Ok(Record {
+        topic: row.try_get("topic")?,
+        partition: i32::try_from(row.try_get::<i64, _>("part")?).unwrap_or(0),
+        offset: row.try_get("offs")?,
+        key: row.try_get("record_key")?,
+        headers: decode_headers(&row.try_get::<String, _>("headers")?),
+        payload: row.try_get("payload")?,
+        timestamp_ms: row.try_get("appended_at")?,
+    })
+}
+
+#[async_trait]
+impl EventBus for EmbeddedLog {
+    async fn ensure_topics(&self, topics: &[&str]) -> Result<(), BusError> {
+        let mut tx = self.inner.db.begin_write().await?;
+        for t in topics {
+            Self::topic_partitions(&mut tx, t, self.inner.partitions).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn publish(&self, records: &[OutRecord]) -> Result<(), BusError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let now = SystemClock.now_ms();
+        let mut tx = self.inner.db.begin_write().await?;
+        let mut next: HashMap<(String, i32), i64> = HashMap::new();
+        let mut parts: HashMap<String, i32> = HashMap::new();
+        for r in records {
+            let n = match parts.get(&r.topic) {
+                Some(n) => *n,
+                None => {
+                    let n =
+                        Self::topic_partitions(&mut tx, &r.topic, self.inner.partitions).await?;
+                    parts.insert(r.topic.clone(), n);
+                    n
+                }
+            };
+            let part = partition_for(&r.key, n);
+            let slot = (r.topic.clone(), part);
+            let offset = match next.get(&slot) {
+                Some(o) => *o,
+                None => sqlx::query_scalar::<_, i64>(
+                    "SELECT COALESCE(MAX(offs) + 1, 0) FROM records WHERE topic = $1 AND part = $2",
+                )
+                .bind(&r.topic)
+                .bind(i64::from(part))
+                .fetch_one(&mut *tx)
+                .await?,
+            };
+            let headers = serde_json::to_string(&r.headers).unwrap_or_else(|_| "[]".into());
+            sqlx::query(
+                "INSERT INTO records (topic, part, offs, record_key, headers, payload, appended_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&r.topic)
+            .bind(i64::from(part))
+            .bind(offset)
+            .bind(&r.key)
+            .bind(headers)
+            .bind(r.payload.clone())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            next.insert(slot, offset + 1);
+        }
+        tx.commit().await?;
+        self.inner.appended.notify_waiters();
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        {
+            let mut active = self
+                .inner
+                .active_groups
+                .lock()
+                .map_err(|_| BusError::Other("group registry poisoned".into()))?;
+            if !active.insert(group.to_owned()) {
+                return Err(BusError::GroupBusy(group.to_owned()));
+            }
+        }
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        self.ensure_topics(&refs).await?;
+        Ok(Box::new(EmbeddedSubscription {
+            log: self.clone(),
+            group: group.to_owned(),
+            topics: topics.to_vec(),
+            positions: HashMap::new(),
+        }))
+    }
+
+    async fn topics(&self) -> Result<Vec<String>, BusError> {
+        Ok(
+            sqlx::query_scalar("SELECT topic FROM topics ORDER BY topic")
+                .fetch_all(self.inner.db.pool())
+                .await?,
+        )
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<i32, BusError> {
+        let n: Option<i64> = sqlx::query_scalar("SELECT partitions FROM topics WHERE topic = $1")
+            .bind(topic)
+            .fetch_optional(self.inner.db.pool())
+            .await?;
+        Ok(n.and_then(|n| i32::try_from(n).ok()).unwrap_or(0))
+    }
+
+    async fn fetch(
+        &self,
+        topic: &str,
+        partition: i32,
+        from_offset: i64,
+        max: usize,
+    ) -> Result<Vec<Record>, BusError> {
+        let rows = sqlx::query(
+            "SELECT topic, part, offs, record_key, headers, payload, appended_at FROM records \
+             WHERE topic = $1 AND part = $2 AND offs >= $3 ORDER BY offs LIMIT $4",
+        )
+        .bind(topic)
+        .bind(i64::from(partition))
+        .bind(from_offset)
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(self.inner.db.pool())
+        .await?;
+        Ok(rows.iter().map(row_to_record).collect::<Result<_, _>>()?)
+    }
+
+    async fn committed(&self, group: &str, topic: &str, partition: i32) -> Result<i64, BusError> {
+        let n: Option<i64> = sqlx::query_scalar(
+            "SELECT next_offset FROM group_offsets WHERE group_id = $1 AND topic = $2 AND part = $3",
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(i64::from(partition))
+        .fetch_optional(self.inner.db.pool())
+        .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    async fn commit_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), BusError> {
+        sqlx::query(
+            "INSERT INTO group_offsets (group_id, topic, part, next_offset) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (group_id, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(i64::from(partition))
+        .bind(next_offset)
+        .execute(self.inner.db.pool())
+        .await?;
+        Ok(())
+    }
+}
+
+struct EmbeddedSubscription {
+    log: EmbeddedLog,
+    group: String,
+    topics: Vec<String>,
+    /// Next offset to hand out per (topic, partition); starts at the committed offset.
+    positions: HashMap<(String, i32), i64>,
+}
+
+impl EmbeddedSubscription {
+    async fn fetch_available(&mut self, max: usize) -> Result<Vec<Record>, BusError> {
+        let mut out = Vec::new();
+        for topic in self.topics.clone() {
+            let parts = self.log.partitions(&topic).await?;
+            for p in 0..parts {
+                if out.len() >= max {
+                    return Ok(out);
+                }
+                let key = (topic.clone(), p);
+                let pos = match self.positions.get(&key) {
+                    Some(p) => *p,
+                    None => {
+                        let c = self.log.committed(&self.group, &topic, p).await?;
+                        self.positions.insert(key.clone(), c);
+                        c
+                    }
+                };
+                let recs = self.log.fetch(&topic, p, pos, max - out.len()).await?;
+                if let Some(last) = recs.last() {
+                    self.positions.insert(key, last.offset + 1);
+                }
+                out.extend(recs);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Subscription for EmbeddedSubscription {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, BusError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let log = self.log.clone();
+        loop {
+            let notified = log.inner.appended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let recs = self.fetch_available(max.max(1)).await?;
+            let now = tokio::time::Instant::now();
+            if !recs.is_empty() || now >= deadline {
+                return Ok(recs);
+            }
+            let nap = (deadline - now).min(IDLE_POLL);
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    async fn commit(&mut self, record: &Record) -> Result<(), BusError> {
+        self.log
+            .commit_offset(
+                &self.group,
+                &record.topic,
+                record.partition,
+                record.offset + 1,
+            )
+            .await
+    }
+}
+
+impl Drop for EmbeddedSubscription {
+    fn drop(&mut self) {
+        if let Ok(mut active) = self.log.inner.active_groups.lock() {
+            active.remove(&self.group);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(topic: &str, key: &str, n: u8) -> OutRecord {
+        OutRecord {
+            topic: topic.into(),
+            key: key.into(),
+            headers: vec![("n".into(), n.to_string())],
+            payload: vec![n],
+        }
+    }
+
+    #[tokio::test]
+    async fn per_key_order_groups_and_durability() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/events.db", dir.path().display());
+        let log = EmbeddedLog::open(&url, 4).await.expect("open");
+        let batch: Vec<OutRecord> = (0..20)
+            .map(|i| rec("t", &format!("k{}", i % 3), i))
+            .collect();
+        log.publish(&batch).await.expect("publish");
+
+        let mut sub = log.subscribe("g", &["t".into()]).await.expect("subscribe");
+        assert!(matches!(
+            log.subscribe("g", &["t".into()]).await,
+            Err(BusError::GroupBusy(_))
+        ));
+        let got = sub
+            .poll(100, Duration::from_millis(10))
+            .await
+            .expect("poll");
+        assert_eq!(got.len(), 20);
+        for k in ["k0", "k1", "k2"] {
+            let ns: Vec<u8> = got
+                .iter()
+                .filter(|r| r.key == k)
+                .map(|r| r.payload[0])
+                .collect();
+            let mut sorted = ns.clone();
+            sorted.sort();
+            assert_eq!(ns, sorted, "key {k} out of order");
+            let parts: HashSet<i32> = got
+                .iter()
+                .filter(|r| r.key == k)
+                .map(|r| r.partition)
+                .collect();
+            assert_eq!(parts.len(), 1);
+        }
+        // Commit only the first record of each partition, then come back as a new member.
+        let mut firsts: HashMap<i32, &Record> = HashMap::new();
+        for r in &got {
+            firsts.entry(r.partition).or_insert(r);
+        }
+        for r in firsts.values() {
+            sub.commit(r).await.expect("commit");
+        }
+        drop(sub);
+        drop(log);
+        let log = EmbeddedLog::open(&url, 4).await.expect("reopen");
+        let mut sub = log
+            .subscribe("g", &["t".into()])
+            .await
+            .expect("resubscribe");
+        let again = sub
+            .poll(100, Duration::from_millis(10))
+            .await
+            .expect("poll");
+        assert_eq!(again.len(), 20 - firsts.len());
+
+        // A waiting member wakes on a publish.
+        let log2 = log.clone();
+        let waiter = tokio::spawn(async move {
+            let mut s = log2.subscribe("h", &["u".into()]).await.expect("subscribe");
+            s.poll(10, Duration::from_secs(5)).await.expect("poll")
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log.publish(&[rec("u", "x", 1)]).await.expect("publish");
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woke")
+            .expect("join");
+        assert_eq!(got.len(), 1);
+    }
+}

@@ -1,0 +1,134 @@
+//! The envelope, the topics and the catalogue of event types.
+
+use prost::Message;
+use shopverse_kit::clock::to_timestamp;
+
+pub use shopverse_proto::events::v1::Envelope;
+
+pub const TOPIC_USERS: &str = "shopverse.users";
+pub const TOPIC_CATALOG: &str = "shopverse.catalog";
+pub const TOPIC_ORDERS: &str = "shopverse.orders";
+pub const TOPIC_PAYMENTS: &str = "shopverse.payments";
+pub const TOPIC_DELIVERY: &str = "shopverse.delivery";
+
+/// Every topic the system uses, for provisioning.
+pub const ALL_TOPICS: &[&str] = &[
+    TOPIC_USERS,
+    TOPIC_CATALOG,
+    TOPIC_ORDERS,
+    TOPIC_PAYMENTS,
+    TOPIC_DELIVERY,
+];
+
+/// The dead-letter topic of `topic`.
+pub fn dlq_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
+
+/// One kind of event: its name, the topic it goes to, the protobuf message of its payload and
+/// the payload's schema version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventType {
+    pub name: &'static str,
+    pub topic: &'static str,
+    pub payload_type: &'static str,
+    pub schema_version: u32,
+}
+
+macro_rules! event_types {
+    ($($konst:ident = $name:literal on $topic:ident carries $payload:literal;)*) => {
+        $(pub const $konst: EventType = EventType {
+            name: $name,
+            topic: $topic,
+            payload_type: $payload,
+            schema_version: 1,
+        };)*
+        /// Every event type the system emits.
+        pub const ALL_EVENT_TYPES: &[EventType] = &[$($konst),*];
+    };
+}
+
+event_types! {
+    USER_REGISTERED = "user.registered" on TOPIC_USERS carries "shopverse.users.v1.UserRegistered";
+    PRODUCT_CREATED = "product.created" on TOPIC_CATALOG carries "shopverse.products.v1.ProductChanged";
+    PRODUCT_UPDATED = "product.updated" on TOPIC_CATALOG carries "shopverse.products.v1.ProductChanged";
+    PRODUCT_ARCHIVED = "product.archived" on TOPIC_CATALOG carries "shopverse.products.v1.ProductChanged";
+    STOCK_CHANGED = "stock.changed" on TOPIC_CATALOG carries "shopverse.products.v1.StockChanged";
+}
+
+/// Looks an event type up by name.
+pub fn event_type(name: &str) -> Option<&'static EventType> {
+    ALL_EVENT_TYPES.iter().find(|t| t.name == name)
+}
+
+/// Builds an envelope with a fresh UUIDv7 id.
+pub fn new_envelope(
+    kind: &EventType,
+    source: &str,
+    subject: &str,
+    now_ms: i64,
+    traceparent: Option<&str>,
+    payload: &impl Message,
+) -> Envelope {
+    Envelope {
+        id: uuid::Uuid::now_v7().to_string(),
+        r#type: kind.name.to_owned(),
+        source: source.to_owned(),
+        time: Some(to_timestamp(now_ms)),
+        subject: subject.to_owned(),
+        traceparent: traceparent.unwrap_or_default().to_owned(),
+        payload_type: kind.payload_type.to_owned(),
+        schema_version: kind.schema_version,
+        payload: payload.encode_to_vec(),
+    }
+}
+
+/// Why an event could not be understood. Such an event is poison: it goes to the dead-letter
+/// topic at once instead of being retried.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("undecodable envelope: {0}")]
+    Envelope(prost::DecodeError),
+    #[error("undecodable {payload_type} payload of event {event_id}: {source}")]
+    Payload {
+        event_id: String,
+        payload_type: String,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("event {event_id}: type {event_type} is not one we know")]
+    UnknownType {
+        event_id: String,
+        event_type: String,
+    },
+    #[error("event {event_id}: {event_type} schema version {version} is newer than we understand")]
+    UnknownVersion {
+        event_id: String,
+        event_type: String,
+        version: u32,
+    },
+}
+
+pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    Envelope::decode(bytes).map_err(DecodeError::Envelope)
+}
+
+/// Decodes the payload of `env` as `M`, checking that its type and version are known.
+pub fn decode_payload<M: Message + Default>(env: &Envelope) -> Result<M, DecodeError> {
+    let known = event_type(&env.r#type).ok_or_else(|| DecodeError::UnknownType {
+        event_id: env.id.clone(),
+        event_type: env.r#type.clone(),
+    })?;
+    if env.schema_version > known.schema_version {
+        return Err(DecodeError::UnknownVersion {
+            event_id: env.id.clone(),
+            event_type: env.r#type.clone(),
+            version: env.schema_version,
+        });
+    }
+    M::decode(env.payload.as_slice()).map_err(|source| DecodeError::Payload {
+        event_id: env.id.clone(),
+        payload_type: env.payload_type.clone(),
+        source,
+    })
+}

@@ -1,0 +1,256 @@
+//! The transactional outbox and its relay.
+//!
+//! A service calls [`enqueue`] inside the transaction that changes its state, so the event exists
+//! exactly when the change does. The [`Relay`] publishes pending rows in id order (UUIDv7, so
+//! creation order) and then stamps them `published_at`. If the process dies between publishing
+//! and stamping, the rows are published again on restart: consumers deduplicate by event id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge, Registry};
+use prost::Message;
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use shopverse_kit::clock::{Clock, SystemClock};
+use shopverse_kit::db::{Db, DbKind};
+use shopverse_kit::metrics::{int_counter, int_gauge};
+
+use crate::bus::{BusError, EventBus, OutRecord};
+use crate::envelope::{Envelope, EventType};
+
+/// Writes `env` to the outbox on the caller's connection (inside its transaction).
+pub async fn enqueue(
+    conn: &mut sqlx::AnyConnection,
+    kind: &EventType,
+    env: &Envelope,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO outbox (id, topic, event_key, event_type, envelope, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&env.id)
+    .bind(kind.topic)
+    .bind(&env.subject)
+    .bind(&env.r#type)
+    .bind(env.encode_to_vec())
+    .bind(
+        env.time
+            .as_ref()
+            .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
+            .unwrap_or(0),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Headers every published record carries, so a consumer (or an operator with a Kafka tool) can
+/// route and trace without decoding the payload.
+pub fn envelope_headers(env: &Envelope) -> Vec<(String, String)> {
+    let mut h = vec![
+        ("event-id".to_owned(), env.id.clone()),
+        ("event-type".to_owned(), env.r#type.clone()),
+        ("event-source".to_owned(), env.source.clone()),
+    ];
+    if !env.traceparent.is_empty() {
+        h.push(("traceparent".to_owned(), env.traceparent.clone()));
+    }
+    h
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("reading or marking the outbox: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("publishing outbox rows: {0}")]
+    Bus(#[from] BusError),
+}
+
+#[derive(Clone)]
+struct RelayMetrics {
+    published: IntCounter,
+    backlog: IntGauge,
+    failures: IntCounter,
+}
+
+/// Publishes a service's outbox.
+#[derive(Clone)]
+pub struct Relay {
+    db: Db,
+    bus: Arc<dyn EventBus>,
+    batch_size: usize,
+    idle_interval: Duration,
+    retention: Duration,
+    wake: Arc<Notify>,
+    metrics: RelayMetrics,
+}
+
+impl Relay {
+    /// `service` names the relay in metrics (`shopverse_outbox_published_total{service=…}`).
+    pub fn new(db: Db, bus: Arc<dyn EventBus>, service: &str, registry: &Registry) -> Relay {
+        let l = [("service", service)];
+        let metrics = RelayMetrics {
+            published: int_counter(
+                registry,
+                "outbox_published_total",
+                "Outbox events published",
+                &l,
+            ),
+            backlog: int_gauge(
+                registry,
+                "outbox_backlog",
+                "Outbox events waiting to be published",
+                &l,
+            ),
+            failures: int_counter(
+                registry,
+                "outbox_publish_failures_total",
+                "Failed outbox publish attempts",
+                &l,
+            ),
+        };
+        Relay {
+            db,
+            bus,
+            batch_size: 200,
+            idle_interval: Duration::from_millis(250),
+            retention: Duration::from_secs(24 * 3600),
+            wake: Arc::new(Notify::new()),
+            metrics,
+        }
+    }
+
+    pub fn with_batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// A handle that wakes the relay right after a commit that enqueued events.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Publishes one batch of pending rows; returns how many were published.
+    pub async fn publish_batch(&self) -> Result<usize, RelayError> {
+        // With several replicas on PostgreSQL, SKIP LOCKED keeps them from publishing the same
+        // rows at once; SQLite has one process per file, so plain reads suffice there.
+        let mut tx = self.db.pool().begin().await?;
+        let sql = match self.db.kind() {
+            DbKind::Postgres => {
+                "SELECT id, topic, event_key, envelope FROM outbox WHERE published_at IS NULL \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+            }
+            DbKind::Sqlite => {
+                "SELECT id, topic, event_key, envelope FROM outbox WHERE published_at IS NULL \
+                 ORDER BY id LIMIT $1"
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(i64::try_from(self.batch_size).unwrap_or(200))
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let payload: Vec<u8> = row.try_get("envelope")?;
+            let headers = match Envelope::decode(payload.as_slice()) {
+                Ok(env) => envelope_headers(&env),
+                Err(_) => vec![("event-id".to_owned(), id.clone())],
+            };
+            records.push(OutRecord {
+                topic: row.try_get("topic")?,
+                key: row.try_get("event_key")?,
+                headers,
+                payload,
+            });
+            ids.push(id);
+        }
+        if let Err(e) = self.bus.publish(&records).await {
+            self.metrics.failures.inc();
+            let _ = tx.rollback().await;
+            return Err(e.into());
+        }
+        let placeholders: Vec<String> = (2..ids.len() + 2).map(|i| format!("${i}")).collect();
+        let mark = format!(
+            "UPDATE outbox SET published_at = $1 WHERE id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(mark)).bind(SystemClock.now_ms());
+        for id in &ids {
+            q = q.bind(id);
+        }
+        q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        self.metrics.published.inc_by(ids.len() as u64);
+        Ok(ids.len())
+    }
+
+    /// Rows not yet published.
+    pub async fn backlog(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(self.db.pool())
+            .await
+    }
+
+    /// Publishes until `shutdown`, waking on [`Relay::waker`] or every idle interval. While the
+    /// bus is down, writes go on piling up in the outbox and are published when it returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            let wake = self.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            match self.publish_batch().await {
+                Ok(n) if n >= self.batch_size => {
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Ok(_) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "outbox relay failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            }
+            if let Ok(n) = self.backlog().await {
+                self.metrics.backlog.set(n);
+            }
+            if last_prune.elapsed() > Duration::from_secs(600) {
+                last_prune = tokio::time::Instant::now();
+                let cutoff =
+                    SystemClock.now_ms() - i64::try_from(self.retention.as_millis()).unwrap_or(0);
+                if let Err(e) = sqlx::query(
+                    "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1",
+                )
+                .bind(cutoff)
+                .execute(self.db.pool())
+                .await
+                {
+                    tracing::warn!(error = %e, "pruning published outbox rows failed");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // One last pass so a clean stop leaves nothing behind.
+                    let _ = self.publish_batch().await;
+                    return;
+                }
+                _ = &mut wake => {}
+                _ = tokio::time::sleep(self.idle_interval) => {}
+            }
+        }
+    }
+}

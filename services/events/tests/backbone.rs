@@ -1,0 +1,388 @@
+//! The event backbone end to end: outbox, relay, embedded log, consumer with inbox, dead letters.
+//! Runs with the consumer's database on SQLite and on the local PostgreSQL.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use shopverse_events::bus::{BusError, EventBus, OutRecord, Record, Subscription};
+use shopverse_events::consumer::{Consumer, Handler, HandlerError, Outcome, RetryPolicy};
+use shopverse_events::embedded::EmbeddedLog;
+use shopverse_events::envelope::{Envelope, USER_REGISTERED, new_envelope};
+use shopverse_events::outbox::{Relay, enqueue};
+use shopverse_events::{MIGRATIONS, dlq};
+use shopverse_kit::CancellationToken;
+use shopverse_kit::db::Db;
+use shopverse_kit::testing::PgTestDb;
+use shopverse_proto::users::v1::UserRegistered;
+
+const APP_MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[(
+    1,
+    "test tables",
+    "CREATE TABLE things (id TEXT PRIMARY KEY); CREATE TABLE effects (event_id TEXT NOT NULL, subject TEXT NOT NULL);",
+)];
+
+/// Publishes the first `publish_first` records of a batch, then fails: a relay that dies mid-batch.
+struct DiesMidBatch {
+    inner: EmbeddedLog,
+    publish_first: usize,
+}
+
+#[async_trait]
+impl EventBus for DiesMidBatch {
+    async fn ensure_topics(&self, t: &[&str]) -> Result<(), BusError> {
+        self.inner.ensure_topics(t).await
+    }
+    async fn publish(&self, records: &[OutRecord]) -> Result<(), BusError> {
+        let n = self.publish_first.min(records.len());
+        self.inner.publish(&records[..n]).await?;
+        Err(BusError::Unavailable("connection reset mid-batch".into()))
+    }
+    async fn subscribe(&self, g: &str, t: &[String]) -> Result<Box<dyn Subscription>, BusError> {
+        self.inner.subscribe(g, t).await
+    }
+    async fn topics(&self) -> Result<Vec<String>, BusError> {
+        self.inner.topics().await
+    }
+    async fn partitions(&self, t: &str) -> Result<i32, BusError> {
+        self.inner.partitions(t).await
+    }
+    async fn fetch(&self, t: &str, p: i32, o: i64, m: usize) -> Result<Vec<Record>, BusError> {
+        self.inner.fetch(t, p, o, m).await
+    }
+    async fn committed(&self, g: &str, t: &str, p: i32) -> Result<i64, BusError> {
+        self.inner.committed(g, t, p).await
+    }
+    async fn commit_offset(&self, g: &str, t: &str, p: i32, o: i64) -> Result<(), BusError> {
+        self.inner.commit_offset(g, t, p, o).await
+    }
+}
+
+/// Records each applied event in `effects`; fails as told.
+struct Recorder {
+    name: String,
+    /// Subjects that always fail permanently.
+    poison_subject: Option<String>,
+    /// Fail (retryably) while this is set.
+    broken: Arc<AtomicBool>,
+    calls: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn topics(&self) -> Vec<String> {
+        vec![USER_REGISTERED.topic.to_owned()]
+    }
+    fn wants(&self, t: &str) -> bool {
+        t == USER_REGISTERED.name
+    }
+    async fn handle(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        ev: &Envelope,
+    ) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.poison_subject.as_deref() == Some(ev.subject.as_str()) {
+            return Err(HandlerError::Permanent("this subject is poison".into()));
+        }
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(HandlerError::Retryable("downstream is down".into()));
+        }
+        sqlx::query("INSERT INTO effects (event_id, subject) VALUES ($1, $2)")
+            .bind(&ev.id)
+            .bind(&ev.subject)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn service_db(url: &str) -> Db {
+    let db = Db::connect(url, 5).await.expect("connect");
+    db.migrate(&[MIGRATIONS, APP_MIGRATIONS])
+        .await
+        .expect("migrations");
+    db
+}
+
+async fn write_things(db: &Db, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("user-{i}");
+        let mut tx = db.begin_write().await.expect("begin");
+        sqlx::query("INSERT INTO things (id) VALUES ($1)")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await
+            .expect("state change");
+        let payload = UserRegistered {
+            user_id: id.clone(),
+            email: format!("{id}@example.com"),
+            display_name: id.clone(),
+        };
+        let env = new_envelope(
+            &USER_REGISTERED,
+            "users",
+            &id,
+            1_700_000_000_000,
+            None,
+            &payload,
+        );
+        enqueue(&mut tx, &USER_REGISTERED, &env)
+            .await
+            .expect("enqueue");
+        tx.commit().await.expect("commit");
+        ids.push(id);
+    }
+    ids
+}
+
+async fn log_len(log: &EmbeddedLog, topic: &str) -> i64 {
+    let mut n = 0;
+    for p in 0..log.partitions(topic).await.expect("partitions") {
+        n += log.fetch(topic, p, 0, 10_000).await.expect("fetch").len() as i64;
+    }
+    n
+}
+
+async fn relay_crash_then_exactly_once(db_url: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.path().display()), 3)
+        .await
+        .expect("log");
+    let db = service_db(db_url).await;
+    let registry = prometheus::Registry::new();
+    write_things(&db, 50).await;
+
+    // The relay dies after 30 of a 50-row batch reached the log, before marking any row sent.
+    let dying: Arc<dyn EventBus> = Arc::new(DiesMidBatch {
+        inner: log.clone(),
+        publish_first: 30,
+    });
+    let relay = Relay::new(db.clone(), dying, "test", &registry).with_batch_size(50);
+    assert!(relay.publish_batch().await.is_err());
+    assert_eq!(
+        relay.backlog().await.expect("backlog"),
+        50,
+        "nothing marked sent"
+    );
+    assert_eq!(log_len(&log, USER_REGISTERED.topic).await, 30);
+
+    // Restarted, it publishes every row (the first 30 a second time).
+    let bus: Arc<dyn EventBus> = Arc::new(log.clone());
+    let relay = Relay::new(db.clone(), bus.clone(), "test", &registry).with_batch_size(20);
+    let mut total = 0;
+    loop {
+        let n = relay.publish_batch().await.expect("publish");
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert_eq!(total, 50);
+    assert_eq!(relay.backlog().await.expect("backlog"), 0);
+    assert_eq!(log_len(&log, USER_REGISTERED.topic).await, 80);
+
+    // The consumer sees 80 records and applies 50 effects, one per event.
+    let handler = Arc::new(Recorder {
+        name: "recorder".into(),
+        poison_subject: None,
+        broken: Arc::new(AtomicBool::new(false)),
+        calls: Arc::new(AtomicU32::new(0)),
+    });
+    let consumer = Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    wait_until_caught_up(&log, "recorder", USER_REGISTERED.topic).await;
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+
+    let (rows, distinct): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT event_id) FROM effects")
+            .fetch_one(db.pool())
+            .await
+            .expect("count");
+    assert_eq!((rows, distinct), (50, 50));
+    assert_eq!(
+        handler.calls.load(Ordering::SeqCst),
+        50,
+        "duplicates never reach the handler"
+    );
+    db.close().await;
+}
+
+async fn wait_until_caught_up(log: &EmbeddedLog, group: &str, topic: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut behind = 0;
+        for p in 0..log.partitions(topic).await.expect("partitions") {
+            let end = log.fetch(topic, p, 0, 100_000).await.expect("fetch").len() as i64;
+            behind += end - log.committed(group, topic, p).await.expect("committed");
+        }
+        if behind == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer still {behind} behind"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn relay_stopped_mid_batch_then_each_event_applied_once_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    relay_crash_then_exactly_once(&format!("sqlite://{}/svc.db", dir.path().display())).await;
+}
+
+#[tokio::test]
+async fn relay_stopped_mid_batch_then_each_event_applied_once_postgres() {
+    let pg = PgTestDb::create()
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
+    relay_crash_then_exactly_once(&pg.url).await;
+    pg.drop_db().await.expect("drop test database");
+}
+
+#[tokio::test]
+async fn failures_retry_then_dead_letter_and_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.path().display()), 2)
+        .await
+        .expect("log");
+    let db = service_db(&format!("sqlite://{}/svc.db", dir.path().display())).await;
+    let registry = prometheus::Registry::new();
+    let bus: Arc<dyn EventBus> = Arc::new(log.clone());
+    write_things(&db, 3).await;
+    Relay::new(db.clone(), bus.clone(), "t", &registry)
+        .publish_batch()
+        .await
+        .expect("publish");
+    // And one record nobody can decode.
+    log.publish(&[OutRecord {
+        topic: USER_REGISTERED.topic.into(),
+        key: "junk".into(),
+        headers: vec![],
+        payload: vec![0xff, 0xff, 0xff],
+    }])
+    .await
+    .expect("publish junk");
+
+    let broken = Arc::new(AtomicBool::new(true));
+    let handler = Arc::new(Recorder {
+        name: "flaky".into(),
+        poison_subject: Some("user-1".into()),
+        broken: broken.clone(),
+        calls: Arc::new(AtomicU32::new(0)),
+    });
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+    };
+    let consumer = Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry)
+        .with_retry(retry.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    wait_until_caught_up(&log, "flaky", USER_REGISTERED.topic).await;
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    // user-0 and user-2: 3 attempts each; user-1: once (permanent); junk: never reaches the handler.
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 7);
+
+    let parked = dlq::list(&log, None).await.expect("list");
+    assert_eq!(parked.len(), 4, "{parked:?}");
+    assert!(
+        parked
+            .iter()
+            .all(|d| d.dlq_topic == "shopverse.users.dlq" && !d.replayed)
+    );
+    assert!(
+        parked
+            .iter()
+            .any(|d| d.event_type == "(undecodable)" && d.reason.contains("undecodable envelope"))
+    );
+    assert!(
+        parked
+            .iter()
+            .any(|d| d.reason.contains("poison") && d.attempts == 1)
+    );
+    assert_eq!(
+        parked
+            .iter()
+            .filter(|d| d.reason.contains("gave up after 3 attempts"))
+            .count(),
+        2
+    );
+
+    // Fixed downstream; replay everything parked: the two retryable ones now apply.
+    broken.store(false, Ordering::SeqCst);
+    let replayed = dlq::replay(&log, Some("shopverse.users"), None)
+        .await
+        .expect("replay");
+    assert_eq!(replayed.len(), 4);
+    assert!(
+        dlq::list(&log, None)
+            .await
+            .expect("list")
+            .iter()
+            .all(|d| d.replayed)
+    );
+    assert!(
+        dlq::replay(&log, None, None)
+            .await
+            .expect("replay again")
+            .is_empty(),
+        "replays once"
+    );
+
+    let consumer =
+        Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry).with_retry(retry);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    wait_until_caught_up(&log, "flaky", USER_REGISTERED.topic).await;
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    let subjects: Vec<String> = sqlx::query_scalar("SELECT subject FROM effects ORDER BY subject")
+        .fetch_all(db.pool())
+        .await
+        .expect("effects");
+    assert_eq!(subjects, vec!["user-0".to_owned(), "user-2".to_owned()]);
+    // The poison and the junk are parked again, each once more.
+    assert_eq!(dlq::list(&log, None).await.expect("list").len(), 6);
+}
+
+#[tokio::test]
+async fn a_second_delivery_is_a_duplicate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.path().display()), 1)
+        .await
+        .expect("log");
+    let db = service_db(&format!("sqlite://{}/svc.db", dir.path().display())).await;
+    let bus: Arc<dyn EventBus> = Arc::new(log.clone());
+    write_things(&db, 1).await;
+    Relay::new(db.clone(), bus.clone(), "t", &prometheus::Registry::new())
+        .publish_batch()
+        .await
+        .expect("publish");
+    let rec = log
+        .fetch(USER_REGISTERED.topic, 0, 0, 1)
+        .await
+        .expect("fetch")
+        .remove(0);
+    let handler = Arc::new(Recorder {
+        name: "once".into(),
+        poison_subject: None,
+        broken: Arc::new(AtomicBool::new(false)),
+        calls: Arc::new(AtomicU32::new(0)),
+    });
+    let c = Consumer::new(handler, db.clone(), bus, &prometheus::Registry::new());
+    let stop = CancellationToken::new();
+    assert_eq!(c.process(&rec, &stop).await, Outcome::Applied);
+    assert_eq!(c.process(&rec, &stop).await, Outcome::Duplicate);
+}
