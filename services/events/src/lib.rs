@@ -26,6 +26,19 @@ pub mod envelope;
 pub mod outbox;
 
 pub use bus::{BusError, EventBus, OutRecord, Record, Subscription};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a service takes from the process it runs in: the event bus, the metrics registry, the
+/// clock, and how long shutdown may wait for in-flight calls.
+#[derive(Clone)]
+pub struct Platform {
+    pub bus: Arc<dyn EventBus>,
+    pub registry: prometheus::Registry,
+    pub clock: Arc<dyn shopverse_kit::Clock>,
+    pub grace: Duration,
+}
 pub use envelope::{Envelope, EventType};
 
 /// Migrations every service that publishes or consumes runs in its own database (outbox, inbox).
@@ -34,3 +47,30 @@ pub const MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[(
     "event outbox and inbox",
     include_str!("../migrations/1000_outbox_inbox.sql"),
 )];
+
+/// Helpers for tests that run a service: a [`Platform`] on an embedded log in a folder.
+pub mod testing {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::Platform;
+    use crate::embedded::{EmbeddedLog, OpenError};
+
+    /// A platform whose bus is an embedded log at `dir/events.db`, with the given clock.
+    pub async fn platform(
+        dir: &Path,
+        clock: Arc<dyn shopverse_kit::Clock>,
+    ) -> Result<(Platform, EmbeddedLog), OpenError> {
+        let log = EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.display()), 2).await?;
+        Ok((
+            Platform {
+                bus: Arc::new(log.clone()),
+                registry: prometheus::Registry::new(),
+                clock,
+                grace: Duration::from_secs(2),
+            },
+            log,
+        ))
+    }
+}

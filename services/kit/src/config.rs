@@ -127,6 +127,31 @@ pub fn from_str<T: DeserializeOwned + Validate>(
     Ok(parsed)
 }
 
+/// Checks a `database` setting: empty (the default file), `sqlite:` or `postgres:`.
+pub fn check_database_url(url: &str) -> Result<(), String> {
+    if url.is_empty()
+        || url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
+    {
+        Ok(())
+    } else {
+        Err("must be empty, a sqlite:// URL or a postgres:// URL".into())
+    }
+}
+
+/// The database URL a service uses: the configured one, or `<data_dir>/<service>.db`.
+pub fn database_url_or_default(url: &str, data_dir: &Path, service: &str) -> String {
+    if url.is_empty() {
+        format!(
+            "sqlite://{}",
+            data_dir.join(format!("{service}.db")).display()
+        )
+    } else {
+        url.to_owned()
+    }
+}
+
 fn parse_env_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match doc.parse::<toml::Table>() {

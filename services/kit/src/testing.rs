@@ -78,3 +78,33 @@ impl PgTestDb {
         conn.close().await
     }
 }
+
+/// Connects a gRPC channel to `addr`, retrying briefly while the server comes up.
+pub async fn channel(
+    addr: std::net::SocketAddr,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+    let mut last = None;
+    for _ in 0..100 {
+        match endpoint.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    match last {
+        Some(e) => Err(e),
+        None => endpoint.connect().await,
+    }
+}
+
+/// Adds a verified identity to a request, as the gateway would.
+pub fn as_user<T>(msg: T, user_id: &str, roles: &[crate::Role]) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    crate::Identity {
+        user_id: user_id.to_owned(),
+        roles: roles.to_vec(),
+    }
+    .write_to(req.metadata_mut());
+    req
+}

@@ -1,0 +1,465 @@
+//! The users service over gRPC on a port-0 server, on SQLite and on PostgreSQL.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use shopverse_events::EventBus;
+use shopverse_events::embedded::EmbeddedLog;
+use shopverse_kit::testing::{PgTestDb, as_user, channel};
+use shopverse_kit::{CancellationToken, Clock, ManualClock, Role, SystemClock};
+use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
+use shopverse_proto::users::v1::*;
+use shopverse_users::UsersConfig;
+use shopverse_users::service::Claims;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Running {
+    client: UsersServiceClient<Channel>,
+    addr: SocketAddr,
+    clock: ManualClock,
+    log: EmbeddedLog,
+    dir: tempfile::TempDir,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), shopverse_users::RunError>>,
+}
+
+async fn start(database: Option<&str>) -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(SystemClock.now_ms());
+    let (platform, log) = shopverse_events::testing::platform(dir.path(), Arc::new(clock.clone()))
+        .await
+        .expect("platform");
+    let config = UsersConfig {
+        database: database.unwrap_or_default().to_owned(),
+        login_max_failures: 3,
+        login_lockout_secs: 60,
+        ..UsersConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let data = dir.path().to_owned();
+    let s = stop.clone();
+    let task =
+        tokio::spawn(
+            async move { shopverse_users::run(listener, config, &data, platform, s).await },
+        );
+    let client = UsersServiceClient::new(channel(addr).await.expect("connect"));
+    Running {
+        client,
+        addr,
+        clock,
+        log,
+        dir,
+        stop,
+        task,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("stops within the grace period")
+            .expect("join")
+            .expect("clean exit");
+    }
+}
+
+fn reg(email: &str, pw: &str) -> RegisterRequest {
+    RegisterRequest {
+        email: email.into(),
+        password: pw.into(),
+        display_name: String::new(),
+    }
+}
+
+fn login(email: &str, pw: &str) -> LoginRequest {
+    LoginRequest {
+        email: email.into(),
+        password: pw.into(),
+    }
+}
+
+async fn jwks(c: &mut UsersServiceClient<Channel>) -> JwkSet {
+    let keys = c
+        .get_jwks(GetJwksRequest {})
+        .await
+        .expect("jwks")
+        .into_inner();
+    // Through its JSON form, as a client fetching /.well-known/jwks.json would see it.
+    let json = serde_json::json!({
+        "keys": keys.keys.iter().map(|k| serde_json::json!({
+            "kty": k.kty, "crv": k.crv, "x": k.x, "kid": k.kid, "alg": k.alg, "use": k.r#use,
+        })).collect::<Vec<_>>()
+    });
+    serde_json::from_value(json).expect("a valid JWK set")
+}
+
+fn verify(token: &str, set: &JwkSet) -> Claims {
+    let header = jsonwebtoken::decode_header(token).expect("header");
+    assert_eq!(header.alg, Algorithm::EdDSA);
+    let kid = header.kid.expect("kid");
+    let jwk = set.find(&kid).expect("kid is published");
+    let key = DecodingKey::from_jwk(jwk).expect("key");
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.set_issuer(&["shopverse"]);
+    v.set_audience(&["shopverse-api"]);
+    jsonwebtoken::decode::<Claims>(token, &key, &v)
+        .expect("valid token")
+        .claims
+}
+
+async fn accounts_tokens_and_profiles(database: Option<&str>) {
+    let mut s = start(database).await;
+    let c = &mut s.client;
+
+    // Register: normalised email, validation, duplicates.
+    let user = c
+        .register(reg("  Ada@Example.com", "correct horse battery"))
+        .await
+        .expect("register")
+        .into_inner()
+        .user
+        .expect("user");
+    assert_eq!(user.email, "ada@example.com");
+    assert_eq!(user.display_name, "ada");
+    assert_eq!(user.roles, vec!["customer"]);
+    let e = c
+        .register(reg("ada@example.com", "another password"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let e = c
+        .register(reg("not-an-email", "long enough pw"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("email:"), "{}", e.message());
+    let e = c
+        .register(reg("bob@example.com", "short"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("password:"), "{}", e.message());
+
+    // Login: a token the published keys verify.
+    let pair = c
+        .login(login("ADA@example.com", "correct horse battery"))
+        .await
+        .expect("login")
+        .into_inner();
+    assert_eq!(pair.token_type, "Bearer");
+    assert_eq!(pair.expires_in, 900);
+    let set = jwks(c).await;
+    let claims = verify(&pair.access_token, &set);
+    assert_eq!(claims.sub, user.id);
+    assert_eq!(claims.roles, vec!["customer"]);
+    assert_eq!(claims.exp - claims.iat, 900);
+
+    // Wrong password and unknown email get the same answer.
+    let wrong = c
+        .login(login("ada@example.com", "wrong password!"))
+        .await
+        .unwrap_err();
+    let unknown = c
+        .login(login("nobody@example.com", "wrong password!"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (wrong.code(), wrong.message()),
+        (unknown.code(), unknown.message())
+    );
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+
+    // Refresh rotates; presenting a spent token revokes the whole family.
+    let second = c
+        .refresh(RefreshRequest {
+            refresh_token: pair.refresh_token.clone(),
+        })
+        .await
+        .expect("refresh")
+        .into_inner();
+    assert_ne!(second.refresh_token, pair.refresh_token);
+    verify(&second.access_token, &set);
+    let reuse = c
+        .refresh(RefreshRequest {
+            refresh_token: pair.refresh_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reuse.code(), Code::Unauthenticated);
+    assert!(reuse.message().contains("revoked"), "{}", reuse.message());
+    let after = c
+        .refresh(RefreshRequest {
+            refresh_token: second.refresh_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(after.code(), Code::Unauthenticated, "the family is revoked");
+
+    // Logout revokes too.
+    let pair = c
+        .login(login("ada@example.com", "correct horse battery"))
+        .await
+        .expect("login")
+        .into_inner();
+    c.logout(LogoutRequest {
+        refresh_token: pair.refresh_token.clone(),
+    })
+    .await
+    .expect("logout");
+    let e = c
+        .refresh(RefreshRequest {
+            refresh_token: pair.refresh_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // Profile needs an identity; admin calls need the admin role.
+    assert_eq!(
+        c.get_me(GetMeRequest {}).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let me = c
+        .get_me(as_user(GetMeRequest {}, &user.id, &[Role::Customer]))
+        .await
+        .expect("me")
+        .into_inner();
+    assert_eq!(me.email, "ada@example.com");
+    let updated = c
+        .update_me(as_user(
+            UpdateMeRequest {
+                display_name: Some("Ada L.".into()),
+                addresses: Some(AddressList {
+                    addresses: vec![Address {
+                        label: "home".into(),
+                        line1: "1 Analytical Way".into(),
+                        city: "London".into(),
+                        postal_code: "N1 9GU".into(),
+                        country: "gb".into(),
+                        ..Default::default()
+                    }],
+                }),
+            },
+            &user.id,
+            &[Role::Customer],
+        ))
+        .await
+        .expect("update")
+        .into_inner();
+    assert_eq!(updated.display_name, "Ada L.");
+    assert_eq!(updated.addresses[0].country, "GB");
+    let bad = c
+        .update_me(as_user(
+            UpdateMeRequest {
+                display_name: None,
+                addresses: Some(AddressList {
+                    addresses: vec![Address::default()],
+                }),
+            },
+            &user.id,
+            &[Role::Customer],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let e = c
+        .list_users(as_user(
+            ListUsersRequest::default(),
+            &user.id,
+            &[Role::Customer],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    for i in 0..4 {
+        c.register(reg(&format!("u{i}@example.com"), "long enough pw"))
+            .await
+            .expect("register");
+    }
+    fn admin<T>(m: T) -> tonic::Request<T> {
+        as_user(m, "the-admin", &[Role::Admin])
+    }
+    let page1 = c
+        .list_users(admin(ListUsersRequest {
+            page_size: 3,
+            ..Default::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(page1.users.len(), 3);
+    assert!(!page1.next_page_token.is_empty());
+    let page2 = c
+        .list_users(admin(ListUsersRequest {
+            page_size: 3,
+            page_token: page1.next_page_token,
+            ..Default::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(page2.users.len(), 2);
+    assert!(page2.next_page_token.is_empty());
+    let promoted = c
+        .set_roles(admin(SetRolesRequest {
+            user_id: user.id.clone(),
+            roles: vec!["customer".into(), "admin".into()],
+        }))
+        .await
+        .expect("set roles")
+        .into_inner();
+    assert_eq!(promoted.roles, vec!["customer", "admin"]);
+    let e = c
+        .set_roles(admin(SetRolesRequest {
+            user_id: user.id.clone(),
+            roles: vec!["wizard".into()],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .set_roles(admin(SetRolesRequest {
+            user_id: "missing".into(),
+            roles: vec!["admin".into()],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // The registrations reached the event log through the outbox.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut n = 0;
+        for p in 0..s
+            .log
+            .partitions("shopverse.users")
+            .await
+            .expect("partitions")
+        {
+            n += s
+                .log
+                .fetch("shopverse.users", p, 0, 100)
+                .await
+                .expect("fetch")
+                .len();
+        }
+        if n == 5 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {n} of 5 user.registered events published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn accounts_tokens_and_profiles_sqlite() {
+    accounts_tokens_and_profiles(None).await;
+}
+
+#[tokio::test]
+async fn accounts_tokens_and_profiles_postgres() {
+    let pg = PgTestDb::create()
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
+    accounts_tokens_and_profiles(Some(&pg.url)).await;
+    pg.drop_db().await.expect("drop");
+}
+
+#[tokio::test]
+async fn repeated_failures_lock_the_account_for_a_while() {
+    let mut s = start(None).await;
+    let c = &mut s.client;
+    c.register(reg("eve@example.com", "right password"))
+        .await
+        .expect("register");
+    for _ in 0..3 {
+        let e = c
+            .login(login("eve@example.com", "wrong password"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    let e = c
+        .login(login("eve@example.com", "right password"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::ResourceExhausted,
+        "locked even with the right password"
+    );
+    assert!(e.message().contains("try again in 60 s"), "{}", e.message());
+    // Unknown emails are throttled the same way, so the lock reveals nothing.
+    for _ in 0..3 {
+        c.login(login("ghost@example.com", "whatever pw"))
+            .await
+            .unwrap_err();
+    }
+    assert_eq!(
+        c.login(login("ghost@example.com", "whatever pw"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::ResourceExhausted
+    );
+    s.clock.advance_ms(61_000);
+    c.login(login("eve@example.com", "right password"))
+        .await
+        .expect("unlocked after the lockout");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_keys_sign_new_tokens_and_old_ones_stay_published() {
+    let mut s = start(None).await;
+    s.client
+        .register(reg("kim@example.com", "kims password"))
+        .await
+        .expect("register");
+    let before = s
+        .client
+        .login(login("kim@example.com", "kims password"))
+        .await
+        .expect("login")
+        .into_inner();
+    let keys_dir = s.dir.path().join("keys");
+    s.clock.advance_ms(5);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let new_kid = shopverse_users::keys::rotate(&keys_dir, s.clock.now_ms()).expect("rotate");
+    let after = s
+        .client
+        .login(login("kim@example.com", "kims password"))
+        .await
+        .expect("login")
+        .into_inner();
+    let set = jwks(&mut s.client).await;
+    assert_eq!(set.keys.len(), 2);
+    verify(&before.access_token, &set);
+    verify(&after.access_token, &set);
+    assert_eq!(
+        jsonwebtoken::decode_header(&after.access_token)
+            .expect("header")
+            .kid,
+        Some(new_kid)
+    );
+    // Once every token of the old key has expired, only the new key is published.
+    s.clock.advance_ms((900 + 61) * 1000);
+    assert_eq!(jwks(&mut s.client).await.keys.len(), 1);
+    let _ = s.addr;
+    s.stop().await;
+}
