@@ -135,30 +135,50 @@ impl Relay {
 
     /// Publishes one batch of pending rows; returns how many were published.
     pub async fn publish_batch(&self) -> Result<usize, RelayError> {
-        // With several replicas on PostgreSQL, SKIP LOCKED keeps them from publishing the same
-        // rows at once; SQLite has one process per file, so plain reads suffice there.
-        let mut tx = self.db.pool().begin().await?;
-        let sql = match self.db.kind() {
+        match self.db.kind() {
+            // With several replicas on PostgreSQL, row locks held across the publish keep them
+            // from publishing the same rows at once (SKIP LOCKED: each takes other rows).
             DbKind::Postgres => {
-                "SELECT id, topic, event_key, envelope FROM outbox WHERE published_at IS NULL \
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+                let mut tx = self.db.pool().begin().await?;
+                let rows = sqlx::query(
+                    "SELECT id, topic, event_key, envelope FROM outbox WHERE published_at IS NULL \
+                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                )
+                .bind(i64::try_from(self.batch_size).unwrap_or(200))
+                .fetch_all(&mut *tx)
+                .await?;
+                let n = self.publish_rows(&mut tx, &rows).await?;
+                tx.commit().await?;
+                Ok(n)
             }
+            // SQLite has one process per file. No transaction spans the publish: a read
+            // transaction that later writes fails once another connection has committed.
             DbKind::Sqlite => {
-                "SELECT id, topic, event_key, envelope FROM outbox WHERE published_at IS NULL \
-                 ORDER BY id LIMIT $1"
+                let rows = sqlx::query(
+                    "SELECT id, topic, event_key, envelope FROM outbox WHERE published_at IS NULL \
+                     ORDER BY id LIMIT $1",
+                )
+                .bind(i64::try_from(self.batch_size).unwrap_or(200))
+                .fetch_all(self.db.pool())
+                .await?;
+                let mut conn = self.db.pool().acquire().await?;
+                self.publish_rows(&mut conn, &rows).await
             }
-        };
-        let rows = sqlx::query(sql)
-            .bind(i64::try_from(self.batch_size).unwrap_or(200))
-            .fetch_all(&mut *tx)
-            .await?;
+        }
+    }
+
+    /// Publishes `rows`, then stamps them sent on `conn`.
+    async fn publish_rows(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        rows: &[sqlx::any::AnyRow],
+    ) -> Result<usize, RelayError> {
         if rows.is_empty() {
-            tx.commit().await?;
             return Ok(0);
         }
         let mut ids = Vec::with_capacity(rows.len());
         let mut records = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for row in rows {
             let id: String = row.try_get("id")?;
             let payload: Vec<u8> = row.try_get("envelope")?;
             let headers = match Envelope::decode(payload.as_slice()) {
@@ -175,7 +195,6 @@ impl Relay {
         }
         if let Err(e) = self.bus.publish(&records).await {
             self.metrics.failures.inc();
-            let _ = tx.rollback().await;
             return Err(e.into());
         }
         let placeholders: Vec<String> = (2..ids.len() + 2).map(|i| format!("${i}")).collect();
@@ -187,8 +206,7 @@ impl Relay {
         for id in &ids {
             q = q.bind(id);
         }
-        q.execute(&mut *tx).await?;
-        tx.commit().await?;
+        q.execute(conn).await?;
         self.metrics.published.inc_by(ids.len() as u64);
         Ok(ids.len())
     }

@@ -108,3 +108,37 @@ pub fn as_user<T>(msg: T, user_id: &str, roles: &[crate::Role]) -> tonic::Reques
     .write_to(req.metadata_mut());
     req
 }
+
+/// A server a test started on `127.0.0.1:0`.
+pub struct Spawned<E> {
+    pub addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), E>>,
+}
+
+/// Binds `127.0.0.1:0` and runs `serve(listener, shutdown)` in a task.
+pub async fn spawn<E, F, Fut>(serve: F) -> std::io::Result<Spawned<E>>
+where
+    F: FnOnce(tokio::net::TcpListener, tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(serve(listener, stop.clone()));
+    Ok(Spawned { addr, stop, task })
+}
+
+impl<E: std::fmt::Debug> Spawned<E> {
+    /// Stops the server and checks it exits cleanly within ten seconds.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        #[allow(clippy::expect_used)]
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.task)
+            .await
+            .expect("the server stops within ten seconds")
+            .expect("the server task did not panic")
+            .expect("the server exited cleanly");
+    }
+}

@@ -1,1 +1,87 @@
-//! placeholder
+//! The products service: the category tree, the catalog and the stock behind it.
+//!
+//! # Layout
+//! - [`config`]: `[services.products]`.
+//! - [`repo`]: the database (SQLite or PostgreSQL, same SQL).
+//! - [`service`]: the gRPC service (`shopverse.products.v1.ProductsService`): public browsing,
+//!   admin edits with optimistic concurrency, and the internal stock reservation RPCs orders use.
+//! - [`seed`]: the demo catalog (`shopverse seed`, `shopverse up --demo`).
+//!
+//! Stock never goes negative: a reservation is one conditional `UPDATE … WHERE available >= n`
+//! per line inside one transaction, so concurrent reservations cannot both take the last unit.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod repo;
+pub mod seed;
+pub mod service;
+
+use std::path::Path;
+
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+use shopverse_events::Platform;
+use shopverse_events::outbox::Relay;
+use shopverse_kit::CancellationToken;
+use shopverse_kit::db::{Db, MigrationSpec};
+
+pub use config::ProductsConfig;
+pub use service::Products;
+
+pub const SERVICE_NAME: &str = "shopverse.products.v1.ProductsService";
+
+pub const MIGRATIONS: &[MigrationSpec] = &[(
+    1,
+    "catalog and stock",
+    include_str!("../migrations/0001_catalog.sql"),
+)];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("products database: {0}")]
+    Db(#[from] shopverse_kit::db::DbError),
+    #[error("products gRPC server: {0}")]
+    Serve(#[from] shopverse_kit::server::ServeError),
+}
+
+/// Connects to the products database and applies its migrations (and the outbox's).
+pub async fn open_db(config: &ProductsConfig, data_dir: &Path) -> Result<Db, RunError> {
+    let db = Db::connect(&config.database_url(data_dir), 8).await?;
+    db.migrate(&[MIGRATIONS, shopverse_events::MIGRATIONS])
+        .await?;
+    Ok(db)
+}
+
+/// Runs the products service on `listener` until `shutdown`: the gRPC server and the relay.
+pub async fn run(
+    listener: TcpListener,
+    config: ProductsConfig,
+    data_dir: &Path,
+    platform: Platform,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let db = open_db(&config, data_dir).await?;
+    let relay = Relay::new(
+        db.clone(),
+        platform.bus.clone(),
+        "products",
+        &platform.registry,
+    );
+    let products = Products::new(db.clone(), config, &platform, relay.waker());
+    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+    let routes = Routes::new(products.into_server());
+    let served = shopverse_kit::server::serve_grpc(
+        listener,
+        routes,
+        &[SERVICE_NAME],
+        shutdown.clone(),
+        platform.grace,
+    )
+    .await;
+    shutdown.cancel();
+    let _ = relay_task.await;
+    db.close().await;
+    served.map_err(Into::into)
+}

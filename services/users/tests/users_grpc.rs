@@ -1,6 +1,5 @@
 //! The users service over gRPC on a port-0 server, on SQLite and on PostgreSQL.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,8 +7,8 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use shopverse_events::EventBus;
 use shopverse_events::embedded::EmbeddedLog;
-use shopverse_kit::testing::{PgTestDb, as_user, channel};
-use shopverse_kit::{CancellationToken, Clock, ManualClock, Role, SystemClock};
+use shopverse_kit::testing::{PgTestDb, Spawned, as_user, channel, spawn};
+use shopverse_kit::{Clock, ManualClock, Role, SystemClock};
 use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
 use shopverse_proto::users::v1::*;
 use shopverse_users::UsersConfig;
@@ -19,12 +18,10 @@ use tonic::transport::Channel;
 
 struct Running {
     client: UsersServiceClient<Channel>,
-    addr: SocketAddr,
+    server: Spawned<shopverse_users::RunError>,
     clock: ManualClock,
     log: EmbeddedLog,
     dir: tempfile::TempDir,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), shopverse_users::RunError>>,
 }
 
 async fn start(database: Option<&str>) -> Running {
@@ -39,37 +36,25 @@ async fn start(database: Option<&str>) -> Running {
         login_lockout_secs: 60,
         ..UsersConfig::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = CancellationToken::new();
     let data = dir.path().to_owned();
-    let s = stop.clone();
-    let task =
-        tokio::spawn(
-            async move { shopverse_users::run(listener, config, &data, platform, s).await },
-        );
-    let client = UsersServiceClient::new(channel(addr).await.expect("connect"));
+    let server = spawn(|listener, stop| async move {
+        shopverse_users::run(listener, config, &data, platform, stop).await
+    })
+    .await
+    .expect("bind");
+    let client = UsersServiceClient::new(channel(server.addr).await.expect("connect"));
     Running {
         client,
-        addr,
+        server,
         clock,
         log,
         dir,
-        stop,
-        task,
     }
 }
 
 impl Running {
     async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("stops within the grace period")
-            .expect("join")
-            .expect("clean exit");
+        self.server.stop().await;
     }
 }
 
@@ -460,6 +445,5 @@ async fn rotated_keys_sign_new_tokens_and_old_ones_stay_published() {
     // Once every token of the old key has expired, only the new key is published.
     s.clock.advance_ms((900 + 61) * 1000);
     assert_eq!(jwks(&mut s.client).await.keys.len(), 1);
-    let _ = s.addr;
     s.stop().await;
 }

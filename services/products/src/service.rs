@@ -1,0 +1,1044 @@
+//! The gRPC service `shopverse.products.v1.ProductsService`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use shopverse_events::Platform;
+use shopverse_events::envelope::{
+    EventType, PRODUCT_ARCHIVED, PRODUCT_CREATED, PRODUCT_UPDATED, STOCK_CHANGED, new_envelope,
+};
+use shopverse_events::outbox::enqueue;
+use shopverse_kit::clock::to_timestamp;
+use shopverse_kit::db::is_unique_violation;
+use shopverse_kit::identity::{Identity, Role, require};
+use shopverse_kit::{Clock, Db, ServiceError};
+use shopverse_proto::common::v1::Money;
+use shopverse_proto::products::v1::products_service_server::{
+    ProductsService, ProductsServiceServer,
+};
+use shopverse_proto::products::v1::*;
+
+use crate::config::ProductsConfig;
+use crate::repo::{CategoryRow, CursorKey, ListQuery, ProductRow, Repo, Sort, StockRow};
+
+const SOURCE: &str = "products";
+pub const MAX_RESERVATION_LINES: usize = 100;
+
+struct Inner {
+    repo: Repo,
+    config: ProductsConfig,
+    clock: Arc<dyn Clock>,
+    relay_wake: Arc<Notify>,
+}
+
+#[derive(Clone)]
+pub struct Products {
+    inner: Arc<Inner>,
+}
+
+pub fn is_currency(c: &str) -> bool {
+    c.len() == 3 && c.chars().all(|c| c.is_ascii_uppercase())
+}
+
+fn check_money(field: &str, m: &Money) -> Result<(), ServiceError> {
+    if m.amount_minor < 0 {
+        return Err(ServiceError::invalid(
+            format!("{field}.amount_minor"),
+            "must not be negative",
+        ));
+    }
+    if !is_currency(&m.currency) {
+        return Err(ServiceError::invalid(
+            format!("{field}.currency"),
+            "must be an ISO 4217 code such as EUR",
+        ));
+    }
+    Ok(())
+}
+
+fn check_text(field: &str, v: &str, min: usize, max: usize) -> Result<String, ServiceError> {
+    let v = v.trim();
+    let n = v.chars().count();
+    if n < min {
+        return Err(ServiceError::invalid(
+            field,
+            if min == 1 {
+                "is required".to_owned()
+            } else {
+                format!("must be at least {min} characters")
+            },
+        ));
+    }
+    if n > max {
+        return Err(ServiceError::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    Ok(v.to_owned())
+}
+
+fn check_sku(sku: &str) -> Result<String, ServiceError> {
+    let sku = sku.trim();
+    if sku.is_empty()
+        || sku.len() > 64
+        || !sku
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ServiceError::invalid(
+            "sku",
+            "must be 1 to 64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    Ok(sku.to_owned())
+}
+
+fn check_attributes(
+    attrs: &HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, ServiceError> {
+    if attrs.len() > 50 {
+        return Err(ServiceError::invalid("attributes", "at most 50 attributes"));
+    }
+    attrs
+        .iter()
+        .map(|(k, v)| {
+            let key = check_text("attributes", k, 1, 64)?;
+            let value = check_text(&format!("attributes.{key}"), v, 0, 500)?;
+            Ok((key, value))
+        })
+        .collect()
+}
+
+fn check_images(urls: &[String]) -> Result<Vec<String>, ServiceError> {
+    if urls.len() > 20 {
+        return Err(ServiceError::invalid("image_urls", "at most 20 images"));
+    }
+    urls.iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let u = u.trim();
+            if !(u.starts_with("https://") || u.starts_with("http://"))
+                || u.len() > 2000
+                || u.contains(char::is_whitespace)
+            {
+                return Err(ServiceError::invalid(
+                    format!("image_urls[{i}]"),
+                    "must be an http(s) URL",
+                ));
+            }
+            Ok(u.to_owned())
+        })
+        .collect()
+}
+
+fn slugify(name: &str) -> String {
+    let mut s = String::new();
+    for c in name.to_lowercase().chars() {
+        if c.is_ascii_alphanumeric() {
+            s.push(c);
+        } else if !s.ends_with('-') && !s.is_empty() {
+            s.push('-');
+        }
+    }
+    s.trim_end_matches('-').to_owned()
+}
+
+pub fn product_to_proto(p: &ProductRow) -> Product {
+    Product {
+        id: p.id.clone(),
+        sku: p.sku.clone(),
+        name: p.name.clone(),
+        description: p.description.clone(),
+        price: Some(Money {
+            amount_minor: p.price_minor,
+            currency: p.currency.clone(),
+        }),
+        category_id: p.category_id.clone().unwrap_or_default(),
+        attributes: p
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        image_urls: p.image_urls.clone(),
+        active: p.active,
+        version: p.version,
+        created_at: Some(to_timestamp(p.created_at)),
+        updated_at: Some(to_timestamp(p.updated_at)),
+    }
+}
+
+fn stock_to_proto(product_id: &str, s: StockRow) -> Stock {
+    Stock {
+        product_id: product_id.to_owned(),
+        available: s.available,
+        reserved: s.reserved,
+    }
+}
+
+/// Categories ordered parents first, then by name.
+fn tree_order(mut cats: Vec<CategoryRow>) -> Vec<CategoryRow> {
+    let mut out = Vec::with_capacity(cats.len());
+    let mut placed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    while !cats.is_empty() {
+        let before = cats.len();
+        let (ready, rest): (Vec<_>, Vec<_>) = cats
+            .into_iter()
+            .partition(|c| c.parent_id.as_ref().is_none_or(|p| placed.contains(p)));
+        for c in ready {
+            placed.insert(c.id.clone());
+            out.push(c);
+        }
+        cats = rest;
+        if cats.len() == before {
+            // Orphans (a parent that no longer exists) go last rather than vanish.
+            out.append(&mut cats);
+        }
+    }
+    out
+}
+
+/// `root` and every category below it.
+fn descendants(cats: &[CategoryRow], root: &str) -> Vec<String> {
+    let mut out = vec![root.to_owned()];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i].clone();
+        out.extend(
+            cats.iter()
+                .filter(|c| c.parent_id.as_deref() == Some(parent.as_str()))
+                .map(|c| c.id.clone()),
+        );
+        i += 1;
+    }
+    out
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PageToken {
+    /// Sort order the token belongs to.
+    s: i32,
+    /// Hash of the filters; a token only continues the query it came from.
+    f: String,
+    k: CursorKey,
+    i: String,
+}
+
+fn filter_hash(req: &ListProductsRequest) -> String {
+    let h = Sha256::digest(format!(
+        "{}\x00{}\x00{}",
+        req.category_id,
+        req.query.trim().to_lowercase(),
+        req.include_archived
+    ));
+    h.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+impl Products {
+    pub fn new(
+        db: Db,
+        config: ProductsConfig,
+        platform: &Platform,
+        relay_wake: Arc<Notify>,
+    ) -> Products {
+        Products {
+            inner: Arc::new(Inner {
+                repo: Repo { db },
+                config,
+                clock: platform.clock.clone(),
+                relay_wake,
+            }),
+        }
+    }
+
+    /// A service over `db` with no relay to wake (the seed and tests).
+    pub fn standalone(db: Db, config: ProductsConfig, clock: Arc<dyn Clock>) -> Products {
+        Products {
+            inner: Arc::new(Inner {
+                repo: Repo { db },
+                config,
+                clock,
+                relay_wake: Arc::new(Notify::new()),
+            }),
+        }
+    }
+
+    pub fn into_server(self) -> ProductsServiceServer<Products> {
+        ProductsServiceServer::new(self)
+    }
+
+    fn now(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    fn repo(&self) -> &Repo {
+        &self.inner.repo
+    }
+
+    async fn emit_product(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        kind: &EventType,
+        p: &ProductRow,
+    ) -> Result<(), sqlx::Error> {
+        let payload = ProductChanged {
+            product: Some(product_to_proto(p)),
+        };
+        let env = new_envelope(kind, SOURCE, &p.id, self.now(), None, &payload);
+        enqueue(conn, kind, &env).await
+    }
+
+    async fn emit_stock(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        product_id: &str,
+        reason: &str,
+        order_id: &str,
+    ) -> Result<(), sqlx::Error> {
+        let Some(s) = self.repo().stock(conn, product_id).await? else {
+            return Ok(());
+        };
+        let payload = StockChanged {
+            stock: Some(stock_to_proto(product_id, s)),
+            reason: reason.to_owned(),
+            order_id: order_id.to_owned(),
+        };
+        let env = new_envelope(
+            &STOCK_CHANGED,
+            SOURCE,
+            product_id,
+            self.now(),
+            None,
+            &payload,
+        );
+        enqueue(conn, &STOCK_CHANGED, &env).await
+    }
+
+    pub async fn list_categories(&self) -> Result<Vec<Category>, ServiceError> {
+        Ok(tree_order(self.repo().categories().await?)
+            .into_iter()
+            .map(|c| Category {
+                id: c.id,
+                name: c.name,
+                slug: c.slug,
+                parent_id: c.parent_id.unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    pub async fn create_category(
+        &self,
+        req: CreateCategoryRequest,
+    ) -> Result<Category, ServiceError> {
+        let name = check_text("name", &req.name, 1, 100)?;
+        let slug = if req.slug.trim().is_empty() {
+            slugify(&name)
+        } else {
+            req.slug.trim().to_owned()
+        };
+        if slug.is_empty()
+            || slug.len() > 100
+            || !slug
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(ServiceError::invalid(
+                "slug",
+                "must be lowercase letters, digits and dashes",
+            ));
+        }
+        let parent_id = if req.parent_id.is_empty() {
+            None
+        } else {
+            let cats = self.repo().categories().await?;
+            if !cats.iter().any(|c| c.id == req.parent_id) {
+                return Err(ServiceError::not_found("category", &req.parent_id));
+            }
+            Some(req.parent_id.clone())
+        };
+        let row = CategoryRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            name,
+            slug,
+            parent_id,
+        };
+        match self.repo().insert_category(&row, self.now()).await {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => {
+                return Err(ServiceError::AlreadyExists(format!(
+                    "a category with slug `{}` exists",
+                    row.slug
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Category {
+            id: row.id,
+            name: row.name,
+            slug: row.slug,
+            parent_id: row.parent_id.unwrap_or_default(),
+        })
+    }
+
+    pub async fn list_products(
+        &self,
+        req: ListProductsRequest,
+        caller: Option<&Identity>,
+    ) -> Result<ListProductsResponse, ServiceError> {
+        if req.include_archived && !caller.is_some_and(Identity::is_admin) {
+            return Err(ServiceError::PermissionDenied(
+                "include_archived needs the `admin` role".into(),
+            ));
+        }
+        let limit = match req.page_size {
+            0 => 20,
+            n @ 1..=100 => i64::from(n),
+            _ => {
+                return Err(ServiceError::invalid(
+                    "page_size",
+                    "must be between 1 and 100",
+                ));
+            }
+        };
+        let sort = match ProductSort::try_from(req.sort) {
+            Ok(ProductSort::Unspecified | ProductSort::Newest) => Sort::Newest,
+            Ok(ProductSort::PriceAsc) => Sort::PriceAsc,
+            Ok(ProductSort::PriceDesc) => Sort::PriceDesc,
+            Ok(ProductSort::NameAsc) => Sort::NameAsc,
+            Err(_) => return Err(ServiceError::invalid("sort", "unknown sort order")),
+        };
+        let text = req.query.trim().to_lowercase();
+        if text.chars().count() > 200 {
+            return Err(ServiceError::invalid(
+                "query",
+                "must be at most 200 characters",
+            ));
+        }
+        let fhash = filter_hash(&req);
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            let bad = || ServiceError::invalid("page_token", "is not a token this query issued");
+            let raw = URL_SAFE_NO_PAD.decode(&req.page_token).map_err(|_| bad())?;
+            let t: PageToken = serde_json::from_slice(&raw).map_err(|_| bad())?;
+            if t.s != req.sort || t.f != fhash {
+                return Err(bad());
+            }
+            Some((t.k, t.i))
+        };
+        let cats = if req.category_id.is_empty() {
+            None
+        } else {
+            let all = self.repo().categories().await?;
+            if !all.iter().any(|c| c.id == req.category_id) {
+                return Err(ServiceError::not_found("category", &req.category_id));
+            }
+            Some(descendants(&all, &req.category_id))
+        };
+        let mut rows = self
+            .repo()
+            .list(&ListQuery {
+                categories: cats.as_deref(),
+                text: (!text.is_empty()).then_some(text.as_str()),
+                include_archived: req.include_archived,
+                sort,
+                after,
+                limit: limit + 1,
+            })
+            .await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(20));
+        let next_page_token = match rows.last() {
+            Some(last) if more => {
+                let t = PageToken {
+                    s: req.sort,
+                    f: fhash,
+                    k: sort.key_of(last),
+                    i: last.id.clone(),
+                };
+                URL_SAFE_NO_PAD.encode(serde_json::to_vec(&t).unwrap_or_default())
+            }
+            _ => String::new(),
+        };
+        Ok(ListProductsResponse {
+            products: rows.iter().map(product_to_proto).collect(),
+            next_page_token,
+        })
+    }
+
+    /// A product the caller may see: archived ones only for admins.
+    fn visible(
+        p: Option<ProductRow>,
+        caller: Option<&Identity>,
+        what: &str,
+    ) -> Result<ProductRow, ServiceError> {
+        match p {
+            Some(p) if p.active || caller.is_some_and(Identity::is_admin) => Ok(p),
+            _ => Err(ServiceError::not_found("product", what)),
+        }
+    }
+
+    pub async fn get_product(
+        &self,
+        id: &str,
+        caller: Option<&Identity>,
+    ) -> Result<ProductRow, ServiceError> {
+        if id.is_empty() {
+            return Err(ServiceError::invalid("id", "is required"));
+        }
+        let mut conn = self.repo().db.pool().acquire().await?;
+        Self::visible(self.repo().product(&mut conn, id).await?, caller, id)
+    }
+
+    pub async fn create_product(
+        &self,
+        req: CreateProductRequest,
+    ) -> Result<ProductRow, ServiceError> {
+        let sku = check_sku(&req.sku)?;
+        let name = check_text("name", &req.name, 1, 200)?;
+        let description = check_text("description", &req.description, 0, 5000)?;
+        let price = req
+            .price
+            .ok_or_else(|| ServiceError::invalid("price", "is required"))?;
+        check_money("price", &price)?;
+        if req.initial_stock < 0 {
+            return Err(ServiceError::invalid(
+                "initial_stock",
+                "must not be negative",
+            ));
+        }
+        let category_id = if req.category_id.is_empty() {
+            None
+        } else {
+            if !self
+                .repo()
+                .categories()
+                .await?
+                .iter()
+                .any(|c| c.id == req.category_id)
+            {
+                return Err(ServiceError::invalid(
+                    "category_id",
+                    format!("no category {}", req.category_id),
+                ));
+            }
+            Some(req.category_id.clone())
+        };
+        let now = self.now();
+        let p = ProductRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            sku,
+            name,
+            description,
+            price_minor: price.amount_minor,
+            currency: price.currency,
+            category_id,
+            attributes: check_attributes(&req.attributes)?,
+            image_urls: check_images(&req.image_urls)?,
+            active: true,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+        };
+        let mut tx = self.repo().db.begin_write().await?;
+        match self.repo().insert_product(&mut tx, &p).await {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => {
+                return Err(ServiceError::AlreadyExists(format!(
+                    "a product with sku `{}` exists",
+                    p.sku
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.repo()
+            .insert_stock(&mut tx, &p.id, req.initial_stock)
+            .await?;
+        self.emit_product(&mut tx, &PRODUCT_CREATED, &p).await?;
+        self.emit_stock(&mut tx, &p.id, "set", "").await?;
+        tx.commit().await?;
+        self.inner.relay_wake.notify_one();
+        Ok(p)
+    }
+
+    /// Reads the product to change in `tx`, checking the caller's version.
+    async fn for_update(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        id: &str,
+        expected: i64,
+    ) -> Result<ProductRow, ServiceError> {
+        if id.is_empty() {
+            return Err(ServiceError::invalid("id", "is required"));
+        }
+        if expected <= 0 {
+            return Err(ServiceError::invalid(
+                "expected_version",
+                "is required: the version you read",
+            ));
+        }
+        let p = self
+            .repo()
+            .product(tx, id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("product", id))?;
+        if p.version != expected {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "stale version: product {id} is at version {}, the update was based on {expected}",
+                p.version
+            )));
+        }
+        if !p.active {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "product {id} is archived"
+            )));
+        }
+        Ok(p)
+    }
+
+    async fn save(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        mut p: ProductRow,
+        expected: i64,
+        kind: &EventType,
+    ) -> Result<ProductRow, ServiceError> {
+        p.version = expected + 1;
+        p.updated_at = self.now();
+        if !self.repo().update_product(&mut tx, &p, expected).await? {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "stale version: product {} changed while this update ran",
+                p.id
+            )));
+        }
+        self.emit_product(&mut tx, kind, &p).await?;
+        tx.commit().await?;
+        self.inner.relay_wake.notify_one();
+        Ok(p)
+    }
+
+    pub async fn update_product(
+        &self,
+        req: UpdateProductRequest,
+    ) -> Result<ProductRow, ServiceError> {
+        let mut tx = self.repo().db.begin_write().await?;
+        let mut p = self
+            .for_update(&mut tx, &req.id, req.expected_version)
+            .await?;
+        if let Some(name) = &req.name {
+            p.name = check_text("name", name, 1, 200)?;
+        }
+        if let Some(d) = &req.description {
+            p.description = check_text("description", d, 0, 5000)?;
+        }
+        if let Some(price) = &req.price {
+            check_money("price", price)?;
+            p.price_minor = price.amount_minor;
+            p.currency = price.currency.clone();
+        }
+        if let Some(c) = &req.category_id {
+            p.category_id = if c.is_empty() {
+                None
+            } else {
+                if !self.repo().categories().await?.iter().any(|x| &x.id == c) {
+                    return Err(ServiceError::invalid(
+                        "category_id",
+                        format!("no category {c}"),
+                    ));
+                }
+                Some(c.clone())
+            };
+        }
+        if req.replace_attributes {
+            p.attributes = check_attributes(&req.attributes)?;
+        } else if !req.attributes.is_empty() {
+            return Err(ServiceError::invalid(
+                "attributes",
+                "set replace_attributes to change attributes",
+            ));
+        }
+        if req.replace_image_urls {
+            p.image_urls = check_images(&req.image_urls)?;
+        } else if !req.image_urls.is_empty() {
+            return Err(ServiceError::invalid(
+                "image_urls",
+                "set replace_image_urls to change images",
+            ));
+        }
+        self.save(tx, p, req.expected_version, &PRODUCT_UPDATED)
+            .await
+    }
+
+    pub async fn archive_product(
+        &self,
+        req: ArchiveProductRequest,
+    ) -> Result<ProductRow, ServiceError> {
+        let mut tx = self.repo().db.begin_write().await?;
+        let mut p = self
+            .for_update(&mut tx, &req.id, req.expected_version)
+            .await?;
+        p.active = false;
+        self.save(tx, p, req.expected_version, &PRODUCT_ARCHIVED)
+            .await
+    }
+
+    pub async fn get_stock(&self, product_id: &str) -> Result<Stock, ServiceError> {
+        let mut conn = self.repo().db.pool().acquire().await?;
+        let s = self
+            .repo()
+            .stock(&mut conn, product_id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("product", product_id))?;
+        Ok(stock_to_proto(product_id, s))
+    }
+
+    pub async fn set_stock(&self, req: SetStockRequest) -> Result<Stock, ServiceError> {
+        if req.available < 0 {
+            return Err(ServiceError::invalid("available", "must not be negative"));
+        }
+        let mut tx = self.repo().db.begin_write().await?;
+        let Some(_) = self.repo().stock(&mut tx, &req.product_id).await? else {
+            return Err(ServiceError::not_found("product", &req.product_id));
+        };
+        self.repo()
+            .set_available(&mut tx, &req.product_id, req.available)
+            .await?;
+        self.emit_stock(&mut tx, &req.product_id, "set", "").await?;
+        let s = self.repo().stock(&mut tx, &req.product_id).await?;
+        tx.commit().await?;
+        self.inner.relay_wake.notify_one();
+        s.map(|s| stock_to_proto(&req.product_id, s))
+            .ok_or_else(|| ServiceError::not_found("product", &req.product_id))
+    }
+
+    fn reservation(order_id: &str, state: &str, lines: Vec<(String, i64)>) -> Reservation {
+        let state = match state {
+            "HELD" => ReservationState::Held,
+            "COMMITTED" => ReservationState::Committed,
+            "RELEASED" => ReservationState::Released,
+            _ => ReservationState::Unspecified,
+        };
+        Reservation {
+            order_id: order_id.to_owned(),
+            state: state.into(),
+            lines: lines
+                .into_iter()
+                .map(|(product_id, quantity)| ReservationLine {
+                    product_id,
+                    quantity,
+                })
+                .collect(),
+        }
+    }
+
+    pub async fn reserve(&self, req: ReserveStockRequest) -> Result<Reservation, ServiceError> {
+        let order_id = check_text("order_id", &req.order_id, 1, 100)?;
+        if req.lines.is_empty() {
+            return Err(ServiceError::invalid(
+                "lines",
+                "at least one line is required",
+            ));
+        }
+        if req.lines.len() > MAX_RESERVATION_LINES {
+            return Err(ServiceError::invalid(
+                "lines",
+                format!("at most {MAX_RESERVATION_LINES} lines"),
+            ));
+        }
+        // Merge lines of the same product; the sorted order also fixes the lock order.
+        let mut wanted: BTreeMap<String, i64> = BTreeMap::new();
+        for (i, l) in req.lines.iter().enumerate() {
+            if l.product_id.is_empty() {
+                return Err(ServiceError::invalid(
+                    format!("lines[{i}].product_id"),
+                    "is required",
+                ));
+            }
+            if !(1..=10_000).contains(&l.quantity) {
+                return Err(ServiceError::invalid(
+                    format!("lines[{i}].quantity"),
+                    "must be between 1 and 10000",
+                ));
+            }
+            *wanted.entry(l.product_id.clone()).or_default() += l.quantity;
+        }
+        let wanted: Vec<(String, i64)> = wanted.into_iter().collect();
+        // One retry: a concurrent identical request may win the race to insert the reservation.
+        for _ in 0..2 {
+            let mut tx = self.repo().db.begin_write().await?;
+            if let Some((state, lines)) = self.repo().reservation(&mut tx, &order_id).await? {
+                tx.rollback().await?;
+                if lines != wanted {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "order {order_id} already has a reservation with other lines"
+                    )));
+                }
+                return Ok(Self::reservation(&order_id, &state, lines));
+            }
+            match self
+                .repo()
+                .insert_reservation(&mut tx, &order_id, self.now())
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if is_unique_violation(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            for (product_id, qty) in &wanted {
+                let product = self.repo().product(&mut tx, product_id).await?;
+                if !product.is_some_and(|p| p.active) {
+                    return Err(ServiceError::not_found("product", product_id));
+                }
+                if !self.repo().take(&mut tx, product_id, *qty).await? {
+                    let have = self
+                        .repo()
+                        .stock(&mut tx, product_id)
+                        .await?
+                        .map(|s| s.available)
+                        .unwrap_or(0);
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "insufficient stock for product {product_id}: {have} available, {qty} requested"
+                    )));
+                }
+                self.repo()
+                    .insert_reservation_line(&mut tx, &order_id, product_id, *qty)
+                    .await?;
+                self.emit_stock(&mut tx, product_id, "reserved", &order_id)
+                    .await?;
+            }
+            tx.commit().await?;
+            self.inner.relay_wake.notify_one();
+            return Ok(Self::reservation(&order_id, "HELD", wanted));
+        }
+        Err(ServiceError::Aborted(format!(
+            "reservation for order {order_id} raced; retry"
+        )))
+    }
+
+    /// Moves a HELD reservation to `target`; idempotent when it is already there.
+    async fn settle(&self, order_id: &str, target: &str) -> Result<Reservation, ServiceError> {
+        if order_id.is_empty() {
+            return Err(ServiceError::invalid("order_id", "is required"));
+        }
+        let mut tx = self.repo().db.begin_write().await?;
+        let (state, lines) = self
+            .repo()
+            .reservation(&mut tx, order_id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("reservation", order_id))?;
+        if state == target {
+            tx.rollback().await?;
+            return Ok(Self::reservation(order_id, &state, lines));
+        }
+        let (reason, moves): (&str, fn(i64) -> (i64, i64)) = match (state.as_str(), target) {
+            // Paid: the units leave stock.
+            ("HELD", "COMMITTED") => ("committed", |q| (q, 0)),
+            // Cancelled before payment: the units return.
+            ("HELD", "RELEASED") => ("released", |q| (q, q)),
+            // Cancelled after payment, before shipping: the units return to the shelf.
+            ("COMMITTED", "RELEASED") => ("released", |q| (0, q)),
+            _ => {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "reservation for order {order_id} is {state}; it cannot become {target}"
+                )));
+            }
+        };
+        for (product_id, qty) in &lines {
+            let (from_reserved, to_available) = moves(*qty);
+            self.repo()
+                .settle(&mut tx, product_id, from_reserved, to_available)
+                .await?;
+            self.emit_stock(&mut tx, product_id, reason, order_id)
+                .await?;
+        }
+        self.repo()
+            .set_reservation_state(&mut tx, order_id, target, self.now())
+            .await?;
+        tx.commit().await?;
+        self.inner.relay_wake.notify_one();
+        Ok(Self::reservation(order_id, target, lines))
+    }
+
+    pub fn config(&self) -> &ProductsConfig {
+        &self.inner.config
+    }
+
+    pub async fn by_sku(&self, sku: &str) -> Result<Option<ProductRow>, ServiceError> {
+        Ok(self.repo().product_by_sku(sku).await?)
+    }
+}
+
+fn reply<T>(r: Result<T, ServiceError>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl ProductsService for Products {
+    #[tracing::instrument(skip_all)]
+    async fn list_categories(
+        &self,
+        _req: Request<ListCategoriesRequest>,
+    ) -> Result<Response<ListCategoriesResponse>, Status> {
+        reply(
+            self.list_categories()
+                .await
+                .map(|categories| ListCategoriesResponse { categories }),
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_category(
+        &self,
+        req: Request<CreateCategoryRequest>,
+    ) -> Result<Response<Category>, Status> {
+        require(&req, Role::Admin)?;
+        reply(self.create_category(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_products(
+        &self,
+        req: Request<ListProductsRequest>,
+    ) -> Result<Response<ListProductsResponse>, Status> {
+        let caller = Identity::from_metadata(req.metadata());
+        reply(self.list_products(req.into_inner(), caller.as_ref()).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %req.get_ref().id))]
+    async fn get_product(
+        &self,
+        req: Request<GetProductRequest>,
+    ) -> Result<Response<Product>, Status> {
+        let caller = Identity::from_metadata(req.metadata());
+        reply(
+            self.get_product(&req.get_ref().id, caller.as_ref())
+                .await
+                .map(|p| product_to_proto(&p)),
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_product_by_sku(
+        &self,
+        req: Request<GetProductBySkuRequest>,
+    ) -> Result<Response<Product>, Status> {
+        let caller = Identity::from_metadata(req.metadata());
+        let sku = &req.get_ref().sku;
+        if sku.is_empty() {
+            return Err(ServiceError::invalid("sku", "is required").into());
+        }
+        let found = self
+            .repo()
+            .product_by_sku(sku)
+            .await
+            .map_err(ServiceError::from)?;
+        reply(Self::visible(found, caller.as_ref(), sku).map(|p| product_to_proto(&p)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_product(
+        &self,
+        req: Request<CreateProductRequest>,
+    ) -> Result<Response<Product>, Status> {
+        require(&req, Role::Admin)?;
+        reply(
+            self.create_product(req.into_inner())
+                .await
+                .map(|p| product_to_proto(&p)),
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn update_product(
+        &self,
+        req: Request<UpdateProductRequest>,
+    ) -> Result<Response<Product>, Status> {
+        require(&req, Role::Admin)?;
+        reply(
+            self.update_product(req.into_inner())
+                .await
+                .map(|p| product_to_proto(&p)),
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn archive_product(
+        &self,
+        req: Request<ArchiveProductRequest>,
+    ) -> Result<Response<Product>, Status> {
+        require(&req, Role::Admin)?;
+        reply(
+            self.archive_product(req.into_inner())
+                .await
+                .map(|p| product_to_proto(&p)),
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_stock(&self, req: Request<GetStockRequest>) -> Result<Response<Stock>, Status> {
+        reply(self.get_stock(&req.get_ref().product_id).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_stock(&self, req: Request<SetStockRequest>) -> Result<Response<Stock>, Status> {
+        require(&req, Role::Admin)?;
+        reply(self.set_stock(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
+    async fn reserve_stock(
+        &self,
+        req: Request<ReserveStockRequest>,
+    ) -> Result<Response<Reservation>, Status> {
+        reply(self.reserve(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
+    async fn commit_reservation(
+        &self,
+        req: Request<ReservationRef>,
+    ) -> Result<Response<Reservation>, Status> {
+        reply(self.settle(&req.get_ref().order_id, "COMMITTED").await)
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
+    async fn release_reservation(
+        &self,
+        req: Request<ReservationRef>,
+    ) -> Result<Response<Reservation>, Status> {
+        reply(self.settle(&req.get_ref().order_id, "RELEASED").await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_and_tree_order() {
+        assert_eq!(slugify("Home & Kitchen"), "home-kitchen");
+        assert_eq!(slugify("  TVs, 4K!  "), "tvs-4k");
+        let c = |id: &str, parent: Option<&str>| CategoryRow {
+            id: id.into(),
+            name: id.into(),
+            slug: id.into(),
+            parent_id: parent.map(Into::into),
+        };
+        let ordered = tree_order(vec![
+            c("b1", Some("b")),
+            c("a", None),
+            c("b", None),
+            c("b1x", Some("b1")),
+        ]);
+        let ids: Vec<&str> = ordered.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b", "b1", "b1x"]);
+        let all = ordered.clone();
+        assert_eq!(descendants(&all, "b"), vec!["b", "b1", "b1x"]);
+    }
+}
