@@ -1,1 +1,231 @@
-fn main() {}
+//! `shopverse`: the one command-line entry point. It parses arguments, loads the configuration,
+//! starts telemetry and calls into the service libraries; the work itself lives in the crates.
+
+#![forbid(unsafe_code)]
+
+mod commands;
+mod config;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "shopverse",
+    version,
+    about = "ShopVerse: an e-commerce backend (users, products, events) you can run as one process"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Default)]
+struct Common {
+    /// Configuration file (TOML; see configs/). Without one, built-in defaults apply.
+    /// `SHOPVERSE_<SECTION>__<KEY>` environment variables override either.
+    #[arg(long, short = 'c', env = "SHOPVERSE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (databases, event log, keys); overrides `data.dir`.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service in one process (the appliance), printing where each listens.
+    Up(UpArgs),
+    /// Run one service.
+    Serve(ServeArgs),
+    /// Add the demo catalog (idempotent: only what is missing is added).
+    Seed(Common),
+    /// Manage the token signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage administrators.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Validate configuration files; prints each file's verdict and fails if any is bad.
+    CheckConfig {
+        /// The files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Inspect the event bus.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Seed the demo catalog if the catalog is empty.
+    #[arg(long)]
+    demo: bool,
+    /// Users service gRPC address (port 0: any free port).
+    #[arg(long)]
+    users_addr: Option<SocketAddr>,
+    /// Products service gRPC address.
+    #[arg(long)]
+    products_addr: Option<SocketAddr>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz).
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Which service.
+    #[arg(value_enum)]
+    service: commands::ServiceName,
+    /// gRPC listen address; overrides the configured one.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz).
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add a new signing key and retire the current one. Tokens it signed stay valid until they
+    /// expire; a running users service picks the new key up on its own.
+    Rotate(Common),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create an administrator, or give an existing account the admin role.
+    Create {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        email: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long, conflicts_with = "password_env")]
+        password_stdin: bool,
+        /// Read the password from this environment variable.
+        #[arg(long, default_value = "SHOPVERSE_ADMIN_PASSWORD")]
+        password_env: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Dead-lettered events.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List parked events with the reason each was parked.
+    List {
+        #[command(flatten)]
+        common: Common,
+        /// Only this topic (e.g. shopverse.orders).
+        #[arg(long)]
+        topic: Option<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send parked events back to their topic: all not yet replayed, or one by event id.
+    Replay {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        topic: Option<String>,
+        /// Replay just this event (even if it was replayed before).
+        #[arg(long)]
+        event: Option<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    use commands::*;
+    match cli.command {
+        Command::Up(a) => {
+            let cfg = load(&a.common)?;
+            up(cfg, a.demo, a.users_addr, a.products_addr, a.admin_addr).await?;
+        }
+        Command::Serve(a) => {
+            let cfg = load(&a.common)?;
+            serve(cfg, a.service, a.listen, a.admin_addr).await?;
+        }
+        Command::Seed(c) => seed(load(&c)?).await?,
+        Command::Keys {
+            command: KeysCommand::Rotate(c),
+        } => keys_rotate(load(&c)?)?,
+        Command::Admin {
+            command:
+                AdminCommand::Create {
+                    common,
+                    email,
+                    password_stdin,
+                    password_env,
+                },
+        } => admin_create(load(&common)?, &email, password_stdin, &password_env).await?,
+        Command::CheckConfig { files } => return Ok(check_config(&files)),
+        Command::Events {
+            command: EventsCommand::Dlq { command },
+        } => match command {
+            DlqCommand::List {
+                common,
+                topic,
+                json,
+            } => dlq_list(load(&common)?, topic.as_deref(), json).await?,
+            DlqCommand::Replay {
+                common,
+                topic,
+                event,
+            } => dlq_replay(load(&common)?, topic.as_deref(), event.as_deref()).await?,
+        },
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Loads and validates the configuration, applies `--data-dir`, starts telemetry.
+fn load(common: &Common) -> anyhow::Result<config::AppConfig> {
+    let mut cfg = config::AppConfig::load(common.config.as_deref())?;
+    if let Some(d) = &common.data_dir {
+        cfg.data.dir = d.clone();
+    }
+    let filter = std::env::var("RUST_LOG").ok();
+    shopverse_kit::telemetry::init(&cfg.telemetry, filter.as_deref());
+    Ok(cfg)
+}

@@ -129,6 +129,12 @@ pub struct Repo {
 }
 
 impl Repo {
+    pub async fn count_products(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM products")
+            .fetch_one(self.db.pool())
+            .await
+    }
+
     pub async fn categories(&self) -> Result<Vec<CategoryRow>, sqlx::Error> {
         let rows =
             sqlx::query("SELECT id, name, slug, parent_id FROM categories ORDER BY name, id")

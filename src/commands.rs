@@ -1,0 +1,432 @@
+//! What each subcommand does. Everything here is wiring: the work is in the crates.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::task::JoinSet;
+
+use shopverse_events::Platform;
+use shopverse_events::embedded::EmbeddedLog;
+use shopverse_kit::{Clock, SystemClock};
+
+use crate::config::AppConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServiceName {
+    Users,
+    Products,
+}
+
+impl ServiceName {
+    fn as_str(self) -> &'static str {
+        match self {
+            ServiceName::Users => "users",
+            ServiceName::Products => "products",
+        }
+    }
+    fn grpc_name(self) -> &'static str {
+        match self {
+            ServiceName::Users => shopverse_users::SERVICE_NAME,
+            ServiceName::Products => shopverse_products::SERVICE_NAME,
+        }
+    }
+}
+
+async fn open_log(cfg: &AppConfig) -> anyhow::Result<EmbeddedLog> {
+    let url = cfg.events_url();
+    EmbeddedLog::open(&url, cfg.events.partitions)
+        .await
+        .with_context(|| format!("opening the event log {url}"))
+}
+
+/// The event log for commands that only read it: it must already exist.
+async fn existing_log(cfg: &AppConfig) -> anyhow::Result<EmbeddedLog> {
+    let url = cfg.events_url();
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    if !Path::new(path).exists() {
+        bail!("no event log at {path}; is --data-dir (or --config) the one the system runs with?");
+    }
+    open_log(cfg).await
+}
+
+async fn platform(cfg: &AppConfig, registry: prometheus::Registry) -> anyhow::Result<Platform> {
+    let log = open_log(cfg).await?;
+    Ok(Platform {
+        bus: Arc::new(log),
+        registry,
+        clock: Arc::new(SystemClock),
+        grace: Duration::from_secs(cfg.shutdown.grace_secs),
+    })
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what}: cannot listen on {addr}"))
+}
+
+/// Waits until every `(address, gRPC service)` answers SERVING to a gRPC health check.
+async fn wait_serving(
+    targets: &[(SocketAddr, &'static str)],
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for (addr, name) in targets {
+        loop {
+            if let Some(done) = tasks.try_join_next() {
+                match done {
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(())) => bail!("a service stopped during start-up"),
+                    Err(e) => bail!("a service crashed during start-up: {e}"),
+                }
+            }
+            let ok = async {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .connect()
+                    .await?;
+                let resp = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: (*name).to_owned(),
+                    })
+                    .await?;
+                anyhow::Ok(resp.into_inner().status() == ServingStatus::Serving)
+            }
+            .await
+            .unwrap_or(false);
+            if ok {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{name} at {addr} did not become healthy within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+struct Started {
+    rows: Vec<(String, String, String)>,
+    ready_line: Vec<String>,
+}
+
+/// Binds and starts `services` plus the admin listener, waits until they are healthy, prints
+/// the table and the ready line, then runs until a signal (or a service fails).
+async fn run_services(
+    cfg: AppConfig,
+    services: &[(ServiceName, SocketAddr)],
+    admin_addr: SocketAddr,
+    title: &str,
+) -> anyhow::Result<()> {
+    let shutdown = shopverse_kit::shutdown::on_signals();
+    std::fs::create_dir_all(&cfg.data.dir)
+        .with_context(|| format!("creating data dir {}", cfg.data.dir.display()))?;
+    let registry = shopverse_kit::metrics::new_registry();
+    let platform = platform(&cfg, registry.clone()).await?;
+    let data_dir = cfg.data.dir.clone();
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let mut started = Started {
+        rows: Vec::new(),
+        ready_line: Vec::new(),
+    };
+    let mut targets = Vec::new();
+    for (name, addr) in services {
+        let listener = bind(*addr, name.as_str()).await?;
+        let bound = listener.local_addr()?;
+        let (p, stop, dir) = (platform.clone(), shutdown.clone(), data_dir.clone());
+        let db_display;
+        match name {
+            ServiceName::Users => {
+                let c = cfg.services.users.clone();
+                db_display = shopverse_kit::db::redact(&c.database_url(&dir));
+                tasks.spawn(
+                    async move { Ok(shopverse_users::run(listener, c, &dir, p, stop).await?) },
+                );
+            }
+            ServiceName::Products => {
+                let c = cfg.services.products.clone();
+                db_display = shopverse_kit::db::redact(&c.database_url(&dir));
+                tasks.spawn(async move {
+                    Ok(shopverse_products::run(listener, c, &dir, p, stop).await?)
+                });
+            }
+        }
+        started.rows.push((
+            name.as_str().into(),
+            bound.to_string(),
+            format!("gRPC  {}  {db_display}", name.grpc_name()),
+        ));
+        started
+            .ready_line
+            .push(format!("{}={bound}", name.as_str()));
+        targets.push((bound, name.grpc_name()));
+    }
+    let admin = bind(admin_addr, "admin").await?;
+    let admin_bound = admin.local_addr()?;
+    let r = ready.clone();
+    let check: shopverse_kit::metrics::ReadyCheck = Arc::new(move || r.load(Ordering::Relaxed));
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        shopverse_kit::metrics::serve_admin(admin, registry, check, stop).await;
+        Ok(())
+    });
+    started.rows.push((
+        "admin".into(),
+        admin_bound.to_string(),
+        "HTTP  /metrics /healthz /readyz".into(),
+    ));
+    started.ready_line.push(format!("admin={admin_bound}"));
+    started
+        .rows
+        .push(("events".into(), "embedded".into(), cfg.events_url()));
+
+    wait_serving(&targets, &mut tasks).await?;
+    ready.store(true, Ordering::Relaxed);
+    print_table(title, &cfg.data.dir, &started);
+
+    let mut failure: Option<anyhow::Error> = None;
+    while let Some(done) = tasks.join_next().await {
+        let err = match done {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(e) => anyhow::anyhow!("a task crashed: {e}"),
+        };
+        tracing::error!(error = %format!("{err:#}"), "stopping everything");
+        ready.store(false, Ordering::Relaxed);
+        shutdown.cancel();
+        failure.get_or_insert(err);
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+    }
+}
+
+fn print_table(title: &str, data_dir: &Path, s: &Started) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ShopVerse {} — {title}", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "  data dir   {}", data_dir.display());
+    let _ = writeln!(out, "  {:<10} {:<22} {}", "component", "address", "detail");
+    for (name, addr, detail) in &s.rows {
+        let _ = writeln!(out, "  {name:<10} {addr:<22} {detail}");
+    }
+    let _ = writeln!(out, "ready: {}", s.ready_line.join(" "));
+    let _ = out.flush();
+}
+
+async fn products_is_empty(cfg: &AppConfig) -> anyhow::Result<bool> {
+    let db = shopverse_products::open_db(&cfg.services.products, &cfg.data.dir).await?;
+    let n = shopverse_products::repo::Repo { db: db.clone() }
+        .count_products()
+        .await?;
+    db.close().await;
+    Ok(n == 0)
+}
+
+pub async fn up(
+    cfg: AppConfig,
+    demo: bool,
+    users: Option<SocketAddr>,
+    products: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    if demo {
+        std::fs::create_dir_all(&cfg.data.dir)
+            .with_context(|| format!("creating data dir {}", cfg.data.dir.display()))?;
+        if products_is_empty(&cfg).await? {
+            seed(cfg.clone()).await?;
+        } else {
+            println!("demo: the catalog is not empty; nothing seeded");
+        }
+    }
+    let services = [
+        (
+            ServiceName::Users,
+            users.unwrap_or(cfg.services.users.listen),
+        ),
+        (
+            ServiceName::Products,
+            products.unwrap_or(cfg.services.products.listen),
+        ),
+    ];
+    let admin = admin.unwrap_or(cfg.admin.listen);
+    run_services(cfg, &services, admin, "appliance").await
+}
+
+pub async fn serve(
+    cfg: AppConfig,
+    service: ServiceName,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let configured = match service {
+        ServiceName::Users => cfg.services.users.listen,
+        ServiceName::Products => cfg.services.products.listen,
+    };
+    let admin = admin.unwrap_or(cfg.admin.listen);
+    let title = format!("{} service", service.as_str());
+    run_services(
+        cfg,
+        &[(service, listen.unwrap_or(configured))],
+        admin,
+        &title,
+    )
+    .await
+}
+
+pub async fn seed(cfg: AppConfig) -> anyhow::Result<()> {
+    let db = shopverse_products::open_db(&cfg.services.products, &cfg.data.dir).await?;
+    let products = shopverse_products::Products::standalone(
+        db.clone(),
+        cfg.services.products.clone(),
+        Arc::new(SystemClock),
+    );
+    println!(
+        "seeding the demo catalog into {} ...",
+        shopverse_kit::db::redact(&cfg.services.products.database_url(&cfg.data.dir))
+    );
+    let report = shopverse_products::seed::seed_demo(&products)
+        .await
+        .map_err(|e| anyhow::anyhow!("seeding: {e}"))?;
+    db.close().await;
+    println!(
+        "demo catalog: {} categories and {} products added ({} products in the demo set; existing ones kept)",
+        report.categories_created, report.products_created, report.products_total
+    );
+    Ok(())
+}
+
+pub fn keys_rotate(cfg: AppConfig) -> anyhow::Result<()> {
+    let dir = cfg.services.users.keys_dir(&cfg.data.dir);
+    let kid = shopverse_users::keys::rotate(&dir, SystemClock.now_ms())?;
+    println!("new signing key {kid} in {}", dir.display());
+    println!(
+        "the previous key stays in the JWKS for {} s so tokens it signed keep working; a running users service switches on its own",
+        cfg.services.users.access_ttl_secs + shopverse_users::keys::LEEWAY_SECS
+    );
+    Ok(())
+}
+
+pub async fn admin_create(
+    cfg: AppConfig,
+    email: &str,
+    password_stdin: bool,
+    password_env: &str,
+) -> anyhow::Result<()> {
+    let password = if password_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        std::env::var(password_env).with_context(|| {
+            format!("no password: set {password_env} or pass --password-stdin (it is never taken as an argument)")
+        })?
+    };
+    let db = shopverse_users::open_db(&cfg.services.users, &cfg.data.dir).await?;
+    let result = shopverse_users::service::create_admin(&db, &SystemClock, email, &password).await;
+    db.close().await;
+    match result {
+        Ok((user, true)) => println!("created admin {} ({})", user.email, user.id),
+        Ok((user, false)) => println!(
+            "{} ({}) already existed; it now has the admin role (password unchanged)",
+            user.email, user.id
+        ),
+        Err(e) => bail!("{e}"),
+    }
+    Ok(())
+}
+
+pub fn check_config(files: &[PathBuf]) -> std::process::ExitCode {
+    let mut bad = 0;
+    for f in files {
+        // Files are checked as written: environment overrides are not applied.
+        match shopverse_kit::config::load::<AppConfig>(f, std::iter::empty()) {
+            Ok(_) => println!("ok      {}", f.display()),
+            Err(e) => {
+                bad += 1;
+                println!("invalid {e}");
+            }
+        }
+    }
+    if bad == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        eprintln!("{bad} of {} configuration files are invalid", files.len());
+        std::process::ExitCode::FAILURE
+    }
+}
+
+pub async fn dlq_list(cfg: AppConfig, topic: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let log = existing_log(&cfg).await?;
+    let parked = shopverse_events::dlq::list(&log, topic).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for d in &parked {
+            writeln!(out, "{}", serde_json::to_string(d)?)?;
+        }
+        return Ok(());
+    }
+    if parked.is_empty() {
+        writeln!(out, "no dead-lettered events")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<22} {:<9} {:<38} {:<20} {:<14} {:<8} reason",
+        "topic", "position", "event id", "type", "consumer", "status"
+    )?;
+    for d in &parked {
+        writeln!(
+            out,
+            "{:<22} {:<9} {:<38} {:<20} {:<14} {:<8} {}",
+            d.dlq_topic,
+            format!("{}/{}", d.partition, d.offset),
+            d.event_id,
+            d.event_type,
+            d.consumer,
+            if d.replayed { "replayed" } else { "parked" },
+            d.reason
+        )?;
+    }
+    let waiting = parked.iter().filter(|d| !d.replayed).count();
+    writeln!(out, "{} parked, {waiting} not yet replayed", parked.len())?;
+    Ok(())
+}
+
+pub async fn dlq_replay(
+    cfg: AppConfig,
+    topic: Option<&str>,
+    event: Option<&str>,
+) -> anyhow::Result<()> {
+    let log = existing_log(&cfg).await?;
+    let replayed = shopverse_events::dlq::replay(&log, topic, event).await?;
+    if let (Some(id), true) = (event, replayed.is_empty()) {
+        bail!("no dead-lettered event with id {id}");
+    }
+    for d in &replayed {
+        println!(
+            "replayed {} ({}) to {}",
+            d.event_id, d.event_type, d.original_topic
+        );
+    }
+    println!("{} events replayed", replayed.len());
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! The whole process's configuration: one TOML file (see `configs/`) plus `SHOPVERSE_*`
+//! environment overrides. Each service crate owns its own section's type; this file only puts
+//! them together and validates the whole.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use shopverse_kit::config::{Invalid, Validate};
+use shopverse_kit::telemetry::TelemetryConfig;
+use shopverse_products::ProductsConfig;
+use shopverse_users::UsersConfig;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    pub telemetry: TelemetryConfig,
+    pub data: DataConfig,
+    pub events: EventsConfig,
+    pub admin: AdminConfig,
+    pub shutdown: ShutdownConfig,
+    pub services: ServicesConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Where SQLite databases, the event log and keys live unless configured elsewhere.
+    pub dir: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// `embedded` (the appliance's log in one SQLite file). Kafka is not in this build yet.
+    pub backend: String,
+    /// The embedded log's file; empty: `<data.dir>/events.db`.
+    pub path: String,
+    /// Partitions of each new topic.
+    pub partitions: i32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            backend: "embedded".into(),
+            path: String::new(),
+            partitions: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `/metrics`, `/healthz` and `/readyz` over HTTP.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long in-flight calls may finish after SIGTERM before connections are dropped.
+    pub grace_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_secs: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    pub users: UsersConfig,
+    pub products: ProductsConfig,
+}
+
+impl Validate for AppConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        self.telemetry.validate()?;
+        if self.data.dir.as_os_str().is_empty() {
+            return Err(Invalid::new("data.dir", "must not be empty"));
+        }
+        match self.events.backend.as_str() {
+            "embedded" => {}
+            "kafka" => {
+                return Err(Invalid::new(
+                    "events.backend",
+                    "`kafka` is not available in this build yet; use `embedded`",
+                ));
+            }
+            other => {
+                return Err(Invalid::new(
+                    "events.backend",
+                    format!("unknown backend `{other}`; use `embedded`"),
+                ));
+            }
+        }
+        if !(1..=256).contains(&self.events.partitions) {
+            return Err(Invalid::new(
+                "events.partitions",
+                "must be between 1 and 256",
+            ));
+        }
+        if !(1..=300).contains(&self.shutdown.grace_secs) {
+            return Err(Invalid::new(
+                "shutdown.grace_secs",
+                "must be between 1 and 300",
+            ));
+        }
+        self.services.users.validate("services.users")?;
+        self.services.products.validate("services.products")?;
+        Ok(())
+    }
+}
+
+impl AppConfig {
+    /// Loads `path` (or the built-in defaults when `None`) with environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<AppConfig, shopverse_kit::config::ConfigError> {
+        match path {
+            Some(p) => shopverse_kit::config::load(p, std::env::vars()),
+            None => shopverse_kit::config::from_str("", "built-in defaults", std::env::vars()),
+        }
+    }
+
+    pub fn events_url(&self) -> String {
+        if self.events.path.is_empty() {
+            format!("sqlite://{}", self.data.dir.join("events.db").display())
+        } else if self.events.path.starts_with("sqlite:") {
+            self.events.path.clone()
+        } else {
+            format!("sqlite://{}", self.events.path)
+        }
+    }
+}
