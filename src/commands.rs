@@ -221,7 +221,7 @@ fn print_table(title: &str, data_dir: &Path, s: &Started) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "ShopVerse {} — {title}", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(out, "  data dir   {}", data_dir.display());
-    let _ = writeln!(out, "  {:<10} {:<22} {}", "component", "address", "detail");
+    let _ = writeln!(out, "  {:<10} {:<22} detail", "component", "address");
     for (name, addr, detail) in &s.rows {
         let _ = writeln!(out, "  {name:<10} {addr:<22} {detail}");
     }

@@ -1,6 +1,8 @@
 //! The event backbone end to end: outbox, relay, embedded log, consumer with inbox, dead letters.
 //! Runs with the consumer's database on SQLite and on the local PostgreSQL.
 
+#![allow(clippy::unwrap_used)] // a test that unwraps an error it expects is the test
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;

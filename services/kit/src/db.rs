@@ -64,16 +64,14 @@ impl Db {
             .or(url.strip_prefix("sqlite:"))
         {
             let (file, query) = path.split_once('?').unwrap_or((path, ""));
-            if file != ":memory:" {
-                if let Some(parent) = Path::new(file)
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                {
-                    std::fs::create_dir_all(parent).map_err(|source| DbError::CreateDir {
-                        path: file.to_owned(),
-                        source,
-                    })?;
-                }
+            if let Some(parent) = Path::new(file)
+                .parent()
+                .filter(|p| file != ":memory:" && !p.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(parent).map_err(|source| DbError::CreateDir {
+                    path: file.to_owned(),
+                    source,
+                })?;
             }
             let query = if query.is_empty() {
                 "mode=rwc".to_owned()

@@ -1,7 +1,7 @@
 //! The products service: the category tree, the catalog and the stock behind it.
 //!
 //! # Layout
-//! - [`config`]: `[services.products]`.
+//! - [`config`]: the `services.products` section.
 //! - [`repo`]: the database (SQLite or PostgreSQL, same SQL).
 //! - [`service`]: the gRPC service (`shopverse.products.v1.ProductsService`): public browsing,
 //!   admin edits with optimistic concurrency, and the internal stock reservation RPCs orders use.

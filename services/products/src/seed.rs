@@ -22,8 +22,11 @@ const CATEGORIES: &[(&str, &str, Option<&str>)] = &[
     ("toys-games", "Toys & Games", None),
 ];
 
-/// `(category slug, [(name, description, base price in cents)])`
-const PRODUCTS: &[(&str, &[(&str, &str, i64)])] = &[
+/// `(name, description, price in cents)`
+type DemoProduct = (&'static str, &'static str, i64);
+
+/// `(category slug, products)`
+const PRODUCTS: &[(&str, &[DemoProduct])] = &[
     (
         "audio",
         &[

@@ -836,7 +836,9 @@ impl Products {
             tx.rollback().await?;
             return Ok(Self::reservation(order_id, &state, lines));
         }
-        let (reason, moves): (&str, fn(i64) -> (i64, i64)) = match (state.as_str(), target) {
+        // For each line: (units leaving `reserved`, units returning to `available`).
+        type Moves = fn(i64) -> (i64, i64);
+        let (reason, moves): (&str, Moves) = match (state.as_str(), target) {
             // Paid: the units leave stock.
             ("HELD", "COMMITTED") => ("committed", |q| (q, 0)),
             // Cancelled before payment: the units return.

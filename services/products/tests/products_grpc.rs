@@ -1,5 +1,7 @@
 //! The products service over gRPC on a port-0 server, on SQLite and on PostgreSQL.
 
+#![allow(clippy::unwrap_used)] // a test that unwraps an error it expects is the test
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

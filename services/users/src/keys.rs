@@ -197,10 +197,11 @@ impl KeyStore {
 
     fn reload_if_changed(&self) -> Result<(), KeyError> {
         let mtime = self.manifest_mtime();
-        if let Ok(l) = self.loaded.read() {
-            if l.modified.is_some() && l.modified == mtime {
-                return Ok(());
-            }
+        if let Ok(l) = self.loaded.read()
+            && l.modified.is_some()
+            && l.modified == mtime
+        {
+            return Ok(());
         }
         let manifest = read_manifest(&self.dir)?;
         let mut public = Vec::new();

@@ -1,7 +1,7 @@
 //! The users service: accounts, sign-in, tokens and the keys that sign them.
 //!
 //! # Layout
-//! - [`config`]: `[services.users]`.
+//! - [`config`]: the `services.users` section.
 //! - [`validate`]: input rules (email, password, names, addresses).
 //! - [`keys`]: Ed25519 signing keys on disk, rotation, the published key set.
 //! - [`repo`]: the database (SQLite or PostgreSQL, same SQL).

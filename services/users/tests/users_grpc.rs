@@ -1,5 +1,7 @@
 //! The users service over gRPC on a port-0 server, on SQLite and on PostgreSQL.
 
+#![allow(clippy::unwrap_used)] // a test that unwraps an error it expects is the test
+
 use std::sync::Arc;
 use std::time::Duration;
 

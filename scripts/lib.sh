@@ -1,0 +1,63 @@
+# Shared steps of the project's scripts. Every step is idempotent and runs every time, so a warm
+# machine cannot hide a missing one.
+
+# Debian packages the build and the tests need: a C toolchain for the bundled SQLite, and the
+# PostgreSQL client tools for the readiness check.
+SHOPVERSE_APT_PACKAGES="gcc libc6-dev pkg-config postgresql-client curl"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root for: $*" >&2; return 1; fi
+}
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get install -y -q --no-install-recommends "$@" >/dev/null \
+    || { as_root apt-get update -q >/dev/null && as_root apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
+}
+
+ensure_packages() {
+  if ! command -v apt-get >/dev/null; then
+    echo "not a Debian-like system: install the equivalents of: $SHOPVERSE_APT_PACKAGES" >&2
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  apt_install $SHOPVERSE_APT_PACKAGES
+  echo "installed: $SHOPVERSE_APT_PACKAGES"
+}
+
+pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 -U postgres -t 2 2>/dev/null; }
+
+# PostgreSQL on 127.0.0.1:5432 that user postgres reaches without a password.
+ensure_postgres() {
+  if [ -n "${SHOPVERSE_TEST_POSTGRES:-}" ]; then
+    echo "using SHOPVERSE_TEST_POSTGRES"; return 0
+  fi
+  if ! pg_ready; then
+    if ! command -v pg_ctlcluster >/dev/null; then
+      echo "installing PostgreSQL"
+      apt_install postgresql
+      # A server we installed ourselves: let the postgres user in over loopback for the tests.
+      for hba in /etc/postgresql/*/main/pg_hba.conf; do
+        grep -q '^host all postgres 127.0.0.1/32 trust' "$hba" \
+          || as_root sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+      done
+    fi
+    local v
+    v=$(ls /etc/postgresql | sort -V | tail -n 1)
+    echo "starting PostgreSQL $v"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$v" main start || true
+    for _ in $(seq 1 30); do pg_ready && break; sleep 1; done
+  fi
+  if ! pg_ready; then
+    echo "PostgreSQL is not answering on 127.0.0.1:5432; start it, or set SHOPVERSE_TEST_POSTGRES=postgres://user:pass@host:port/db" >&2
+    return 1
+  fi
+  if ! psql -h 127.0.0.1 -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; then
+    echo "PostgreSQL answers but user postgres cannot log in without a password; set SHOPVERSE_TEST_POSTGRES" >&2
+    return 1
+  fi
+  echo "PostgreSQL ready on 127.0.0.1:5432"
+}

@@ -1,0 +1,494 @@
+//! Black-box tests of the `shopverse` binary: start it as an operator would, in a temporary data
+//! directory on free ports, and talk to it only through its public interfaces (gRPC, HTTP, CLI).
+
+#![allow(clippy::unwrap_used)] // a test that unwraps an error it expects is the test
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
+use shopverse_proto::products::v1::{ListCategoriesRequest, ListProductsRequest};
+use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
+use shopverse_proto::users::v1::{GetJwksRequest, LoginRequest, RegisterRequest};
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shopverse");
+
+/// A running `shopverse up`; killed if the test fails before stopping it.
+struct Appliance {
+    child: Option<Child>,
+    users: SocketAddr,
+    products: SocketAddr,
+    admin: SocketAddr,
+    stdout: Vec<String>,
+}
+
+impl Appliance {
+    fn start(data_dir: &Path, extra: &[&str]) -> Appliance {
+        let mut child = Command::new(BIN)
+            .args(["up", "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--users-addr",
+                "127.0.0.1:0",
+                "--products-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start shopverse up");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut lines = Vec::new();
+        let mut app = Appliance {
+            child: Some(child),
+            users: "0.0.0.0:0".parse().expect("addr"),
+            products: "0.0.0.0:0".parse().expect("addr"),
+            admin: "0.0.0.0:0".parse().expect("addr"),
+            stdout: Vec::new(),
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no ready line; output so far: {lines:#?}"));
+            lines.push(line.clone());
+            if let Some(rest) = line.strip_prefix("ready: ") {
+                for part in rest.split_whitespace() {
+                    let (name, addr) = part.split_once('=').expect("name=addr");
+                    let addr: SocketAddr = addr.parse().expect("socket address");
+                    match name {
+                        "users" => app.users = addr,
+                        "products" => app.products = addr,
+                        "admin" => app.admin = addr,
+                        _ => {}
+                    }
+                }
+                app.stdout = lines;
+                return app;
+            }
+        }
+    }
+
+    /// SIGTERM, then the process must exit 0 within the grace period.
+    fn stop(mut self) {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(status.success(), "exit status {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "did not stop within 20 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn cli(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run shopverse");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_demo_register_login_and_browse_over_grpc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    assert!(
+        app.stdout.iter().any(|l| l.contains("60 products added")),
+        "{:#?}",
+        app.stdout
+    );
+    assert!(
+        app.stdout
+            .iter()
+            .any(|l| l.trim_start().starts_with("users ")),
+        "a table of what runs where"
+    );
+
+    // Health and reflection, as grpcurl would use them.
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut health = HealthClient::new(channel(app.users).await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "shopverse.users.v1.UsersService".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        status.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let services = list_services_by_reflection(app.products).await;
+    assert!(
+        services.contains(&"shopverse.products.v1.ProductsService".to_owned()),
+        "{services:?}"
+    );
+    assert!(
+        services.contains(&"grpc.health.v1.Health".to_owned()),
+        "{services:?}"
+    );
+
+    let mut users = UsersServiceClient::new(channel(app.users).await);
+    let user = users
+        .register(RegisterRequest {
+            email: "newcomer@example.com".into(),
+            password: "a long enough password".into(),
+            display_name: "Newcomer".into(),
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .user
+        .expect("user");
+    let tokens = users
+        .login(LoginRequest {
+            email: "newcomer@example.com".into(),
+            password: "a long enough password".into(),
+        })
+        .await
+        .expect("login")
+        .into_inner();
+
+    // The token verifies against the published JWKS with a JWT library of its own.
+    let jwks = users
+        .get_jwks(GetJwksRequest {})
+        .await
+        .expect("jwks")
+        .into_inner();
+    let set: JwkSet = serde_json::from_value(serde_json::json!({
+        "keys": jwks.keys.iter().map(|k| serde_json::json!({
+            "kty": k.kty, "crv": k.crv, "x": k.x, "kid": k.kid, "alg": k.alg, "use": k.r#use
+        })).collect::<Vec<_>>()
+    }))
+    .expect("jwks json");
+    let kid = jsonwebtoken::decode_header(&tokens.access_token)
+        .expect("header")
+        .kid
+        .expect("kid");
+    let key = DecodingKey::from_jwk(set.find(&kid).expect("published kid")).expect("key");
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.set_audience(&["shopverse-api"]);
+    v.set_issuer(&["shopverse"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(&tokens.access_token, &key, &v)
+        .expect("verifies");
+    assert_eq!(claims.claims["sub"], serde_json::json!(user.id));
+
+    // The seeded catalog: at least 50 products in at least 5 categories.
+    let mut products = ProductsServiceClient::new(channel(app.products).await);
+    let cats = products
+        .list_categories(ListCategoriesRequest {})
+        .await
+        .expect("categories")
+        .into_inner();
+    assert!(cats.categories.len() >= 5);
+    let mut req = ListProductsRequest {
+        page_size: 25,
+        ..Default::default()
+    };
+    let mut all = Vec::new();
+    loop {
+        let page = products
+            .list_products(req.clone())
+            .await
+            .expect("list")
+            .into_inner();
+        all.extend(page.products);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    assert!(all.len() >= 50, "{} products", all.len());
+    let with_category: std::collections::HashSet<&str> =
+        all.iter().map(|p| p.category_id.as_str()).collect();
+    assert!(with_category.len() >= 5);
+
+    // Admin listener.
+    assert_eq!(http_get(app.admin, "/readyz").0, 200);
+    let (code, metrics) = http_get(app.admin, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("shopverse_outbox_published_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shopverse_users_logins_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+
+    app.stop();
+
+    // Restarted on the same data: the account and the catalog are still there, nothing re-seeded.
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    assert!(
+        app.stdout.iter().any(|l| l.contains("nothing seeded")),
+        "{:#?}",
+        app.stdout
+    );
+    let mut users = UsersServiceClient::new(channel(app.users).await);
+    users
+        .login(LoginRequest {
+            email: "newcomer@example.com".into(),
+            password: "a long enough password".into(),
+        })
+        .await
+        .expect("login after restart");
+    app.stop();
+}
+
+async fn list_services_by_reflection(addr: SocketAddr) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(channel(addr).await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let resp = stream
+        .message()
+        .await
+        .expect("message")
+        .expect("a response");
+    match resp.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_create_keys_rotate_and_dlq_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ok, _, err) = cli(
+        dir.path(),
+        &["admin", "create", "--email", "root@example.com"],
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("SHOPVERSE_ADMIN_PASSWORD"), "{err}");
+    let (ok, out, err) = cli(
+        dir.path(),
+        &["admin", "create", "--email", "Root@Example.com"],
+        &[("SHOPVERSE_ADMIN_PASSWORD", "root password 123")],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("created admin root@example.com"), "{out}");
+
+    let app = Appliance::start(dir.path(), &[]);
+    let mut users = UsersServiceClient::new(channel(app.users).await);
+    let login = || LoginRequest {
+        email: "root@example.com".into(),
+        password: "root password 123".into(),
+    };
+    let t1 = users
+        .login(login())
+        .await
+        .expect("admin login")
+        .into_inner();
+    let roles = |token: &str| {
+        let claims = token.split('.').nth(1).expect("claims");
+        use base64::Engine;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .expect("b64");
+        serde_json::from_slice::<serde_json::Value>(&json).expect("json")["roles"].clone()
+    };
+    assert_eq!(
+        roles(&t1.access_token),
+        serde_json::json!(["customer", "admin"])
+    );
+
+    // Rotating while it runs: new logins use the new key, both keys are published.
+    let (ok, out, err) = cli(dir.path(), &["keys", "rotate"], &[]);
+    assert!(ok, "{err}");
+    let new_kid = out.split_whitespace().nth(3).expect("kid").to_owned();
+    let t2 = users.login(login()).await.expect("login").into_inner();
+    assert_eq!(
+        jsonwebtoken::decode_header(&t2.access_token)
+            .expect("header")
+            .kid,
+        Some(new_kid)
+    );
+    let jwks = users
+        .get_jwks(GetJwksRequest {})
+        .await
+        .expect("jwks")
+        .into_inner();
+    assert_eq!(jwks.keys.len(), 2);
+
+    let (ok, out, err) = cli(dir.path(), &["events", "dlq", "list"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("no dead-lettered events"), "{out}");
+    let (ok, _, err) = cli(
+        dir.path(),
+        &["events", "dlq", "replay", "--event", "nope"],
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("no dead-lettered event with id nope"), "{err}");
+    app.stop();
+}
+
+#[test]
+fn every_shipped_config_is_valid_and_bad_ones_are_named() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    let mut dirs = vec![root.join("configs")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)
+            .expect("configs/")
+            .filter_map(Result::ok)
+        {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "toml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .args(&files)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[services.users]\naccess_ttl_secs = 5\n").expect("write");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "bad.toml: key `services.users.access_ttl_secs`: must be between 60 and 86400 seconds"
+        ),
+        "{stdout}"
+    );
+    std::fs::write(&bad, "[services.users]\nlisten = \"nowhere\"\n").expect("write");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("key `services.users.listen`: invalid socket address"),
+        "{stdout}"
+    );
+
+    // A bad config stops `up` with the same clear message, and no panic.
+    let out = Command::new(BIN)
+        .args(["up", "--config"])
+        .arg(&bad)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("services.users.listen"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
