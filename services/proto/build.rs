@@ -12,6 +12,10 @@ const FILES: &[&str] = &[
     "shopverse/events/v1/envelope.proto",
     "shopverse/users/v1/users.proto",
     "shopverse/products/v1/products.proto",
+    "shopverse/orders/v1/orders.proto",
+    "shopverse/payments/v1/payments.proto",
+    "shopverse/notifications/v1/notifications.proto",
+    "shopverse/delivery/v1/delivery.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

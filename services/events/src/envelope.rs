@@ -54,6 +54,17 @@ event_types! {
     PRODUCT_UPDATED = "product.updated" on TOPIC_CATALOG carries "shopverse.products.v1.ProductChanged";
     PRODUCT_ARCHIVED = "product.archived" on TOPIC_CATALOG carries "shopverse.products.v1.ProductChanged";
     STOCK_CHANGED = "stock.changed" on TOPIC_CATALOG carries "shopverse.products.v1.StockChanged";
+    ORDER_PLACED = "order.placed" on TOPIC_ORDERS carries "shopverse.orders.v1.OrderEvent";
+    ORDER_CONFIRMED = "order.confirmed" on TOPIC_ORDERS carries "shopverse.orders.v1.OrderEvent";
+    ORDER_SHIPPED = "order.shipped" on TOPIC_ORDERS carries "shopverse.orders.v1.OrderEvent";
+    ORDER_DELIVERED = "order.delivered" on TOPIC_ORDERS carries "shopverse.orders.v1.OrderEvent";
+    ORDER_CANCELLED = "order.cancelled" on TOPIC_ORDERS carries "shopverse.orders.v1.OrderCancelled";
+    PAYMENT_SUCCEEDED = "payment.succeeded" on TOPIC_PAYMENTS carries "shopverse.payments.v1.PaymentEvent";
+    PAYMENT_FAILED = "payment.failed" on TOPIC_PAYMENTS carries "shopverse.payments.v1.PaymentEvent";
+    PAYMENT_REFUNDED = "payment.refunded" on TOPIC_PAYMENTS carries "shopverse.payments.v1.PaymentEvent";
+    SHIPMENT_SCHEDULED = "shipment.scheduled" on TOPIC_DELIVERY carries "shopverse.delivery.v1.ShipmentEvent";
+    SHIPMENT_SHIPPED = "shipment.shipped" on TOPIC_DELIVERY carries "shopverse.delivery.v1.ShipmentEvent";
+    SHIPMENT_DELIVERED = "shipment.delivered" on TOPIC_DELIVERY carries "shopverse.delivery.v1.ShipmentEvent";
 }
 
 /// Looks an event type up by name.

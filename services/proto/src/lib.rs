@@ -44,6 +44,26 @@ pub mod shopverse {
             include!(concat!(env!("OUT_DIR"), "/shopverse.products.v1.rs"));
         }
     }
+    pub mod orders {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/shopverse.orders.v1.rs"));
+        }
+    }
+    pub mod payments {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/shopverse.payments.v1.rs"));
+        }
+    }
+    pub mod notifications {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/shopverse.notifications.v1.rs"));
+        }
+    }
+    pub mod delivery {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/shopverse.delivery.v1.rs"));
+        }
+    }
 }
 
-pub use shopverse::{api, common, events, products, users};
+pub use shopverse::{api, common, delivery, events, notifications, orders, payments, products, users};

@@ -3,7 +3,7 @@
 use sqlx::{AnyConnection, Row};
 
 use shopverse_kit::{Db, ServiceError};
-use shopverse_proto::users::v1::Address;
+use shopverse_proto::common::v1::Address;
 
 #[derive(Debug, Clone)]
 pub struct UserRow {

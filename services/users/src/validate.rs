@@ -1,7 +1,7 @@
 //! Input rules for accounts: email, password, display name, addresses.
 
 use shopverse_kit::ServiceError;
-use shopverse_proto::users::v1::Address;
+use shopverse_proto::common::v1::Address;
 
 pub const MIN_PASSWORD_CHARS: usize = 10;
 const MAX_PASSWORD_BYTES: usize = 1024;

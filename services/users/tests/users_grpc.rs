@@ -12,6 +12,7 @@ use shopverse_events::embedded::EmbeddedLog;
 use shopverse_kit::testing::{PgTestDb, Spawned, as_user, channel, spawn};
 use shopverse_kit::{Clock, ManualClock, Role, SystemClock};
 use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
+use shopverse_proto::common::v1::Address;
 use shopverse_proto::users::v1::*;
 use shopverse_users::UsersConfig;
 use shopverse_users::service::Claims;
