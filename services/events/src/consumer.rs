@@ -52,6 +52,14 @@ pub trait Handler: Send + Sync + 'static {
     /// Whether this handler acts on events of this type; others are skipped (and committed).
     fn wants(&self, event_type: &str) -> bool;
 
+    /// Effects outside this database (an email, a call to a provider), run before the
+    /// transaction and only for events not yet in the inbox. Each must be idempotent by its own
+    /// key (the event id, the order id): after a crash it runs again. It runs with no
+    /// transaction open, so it may write this database on its own connections.
+    async fn prepare(&self, _event: &Envelope) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
     /// Applies `event` on `conn`, which is inside the transaction that also writes the inbox row.
     async fn handle(
         &self,
@@ -247,6 +255,18 @@ impl<H: Handler> Consumer<H> {
     }
 
     async fn attempt(&self, env: &Envelope) -> Result<Outcome, HandlerError> {
+        let seen: Option<i64> = sqlx::query_scalar(
+            "SELECT handled_at FROM inbox WHERE consumer = $1 AND event_id = $2",
+        )
+        .bind(self.handler.name())
+        .bind(&env.id)
+        .fetch_optional(self.db.pool())
+        .await?;
+        if seen.is_some() {
+            self.metrics.duplicates.inc();
+            return Ok(Outcome::Duplicate);
+        }
+        self.handler.prepare(env).await?;
         let mut tx = self.db.begin_write().await?;
         let fresh = sqlx::query(
             "INSERT INTO inbox (consumer, event_id, handled_at) VALUES ($1, $2, $3) \

@@ -48,6 +48,52 @@ pub const MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[(
     include_str!("../migrations/1000_outbox_inbox.sql"),
 )];
 
+/// Runs a service to its end: the outbox relay, the service's background tasks (consumers,
+/// sweepers) and its gRPC server, all stopped by `shutdown`; then closes the database.
+pub async fn run_service(
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+    grpc_services: &[&str],
+    db: shopverse_kit::Db,
+    relay: outbox::Relay,
+    background: Vec<futures::future::BoxFuture<'static, ()>>,
+    platform: &Platform,
+    shutdown: shopverse_kit::CancellationToken,
+) -> Result<(), shopverse_kit::server::ServeError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(relay.run(shutdown.clone()));
+    for task in background {
+        tasks.spawn(task);
+    }
+    let served = shopverse_kit::server::serve_grpc(
+        listener,
+        routes,
+        grpc_services,
+        shutdown.clone(),
+        platform.grace,
+    )
+    .await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    db.close().await;
+    served
+}
+
+/// A consumer as a background task for [`run_service`]; a bus failure is logged.
+pub fn consumer_task<H: consumer::Handler>(
+    handler: Arc<H>,
+    db: shopverse_kit::Db,
+    platform: &Platform,
+    shutdown: shopverse_kit::CancellationToken,
+) -> futures::future::BoxFuture<'static, ()> {
+    let c = consumer::Consumer::new(handler, db, platform.bus.clone(), &platform.registry);
+    Box::pin(async move {
+        if let Err(e) = c.run(shutdown).await {
+            tracing::error!(error = %e, "consumer stopped");
+        }
+    })
+}
+
 /// Helpers for tests that run a service: a [`Platform`] on an embedded log in a folder.
 pub mod testing {
     use std::path::Path;

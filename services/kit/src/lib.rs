@@ -15,6 +15,7 @@
 //!   metadata, and the one helper that enforces roles.
 //! - [`error`]: the domain error every service returns, mapped to `tonic::Status` in one place.
 //! - [`clock`]: time as a dependency, so tests can drive token expiry and lockouts.
+//! - [`validate`]: input rules several services share (text, postal addresses).
 //! - [`testing`]: helpers for tests (a fresh PostgreSQL database per run).
 
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod testing;
+pub mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use db::{Db, DbKind};

@@ -13,11 +13,13 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod consumer;
 pub mod repo;
 pub mod seed;
 pub mod service;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -70,18 +72,24 @@ pub async fn run(
         &platform.registry,
     );
     let products = Products::new(db.clone(), config, &platform, relay.waker());
-    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+    let consumer = Arc::new(consumer::StockSettler::new(products.clone()));
+    let background = vec![shopverse_events::consumer_task(
+        consumer,
+        db.clone(),
+        &platform,
+        shutdown.clone(),
+    )];
     let routes = Routes::new(products.into_server());
-    let served = shopverse_kit::server::serve_grpc(
+    shopverse_events::run_service(
         listener,
         routes,
         &[SERVICE_NAME],
-        shutdown.clone(),
-        platform.grace,
+        db,
+        relay,
+        background,
+        &platform,
+        shutdown,
     )
-    .await;
-    shutdown.cancel();
-    let _ = relay_task.await;
-    db.close().await;
-    served.map_err(Into::into)
+    .await
+    .map_err(Into::into)
 }

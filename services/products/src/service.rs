@@ -827,13 +827,26 @@ impl Products {
             return Err(ServiceError::invalid("order_id", "is required"));
         }
         let mut tx = self.repo().db.begin_write().await?;
+        let r = self.settle_on(&mut tx, order_id, target).await?;
+        tx.commit().await?;
+        self.inner.relay_wake.notify_one();
+        Ok(r)
+    }
+
+    /// Moves an order's reservation to `target` (`COMMITTED` or `RELEASED`) on `conn`, inside
+    /// the caller's transaction; idempotent when it is already there.
+    pub async fn settle_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        order_id: &str,
+        target: &str,
+    ) -> Result<Reservation, ServiceError> {
         let (state, lines) = self
             .repo()
-            .reservation(&mut tx, order_id)
+            .reservation(conn, order_id)
             .await?
             .ok_or_else(|| ServiceError::not_found("reservation", order_id))?;
         if state == target {
-            tx.rollback().await?;
             return Ok(Self::reservation(order_id, &state, lines));
         }
         // For each line: (units leaving `reserved`, units returning to `available`).
@@ -854,17 +867,19 @@ impl Products {
         for (product_id, qty) in &lines {
             let (from_reserved, to_available) = moves(*qty);
             self.repo()
-                .settle(&mut tx, product_id, from_reserved, to_available)
+                .settle(conn, product_id, from_reserved, to_available)
                 .await?;
-            self.emit_stock(&mut tx, product_id, reason, order_id)
-                .await?;
+            self.emit_stock(conn, product_id, reason, order_id).await?;
         }
         self.repo()
-            .set_reservation_state(&mut tx, order_id, target, self.now())
+            .set_reservation_state(conn, order_id, target, self.now())
             .await?;
-        tx.commit().await?;
-        self.inner.relay_wake.notify_one();
         Ok(Self::reservation(order_id, target, lines))
+    }
+
+    /// Wakes the relay after a transaction that enqueued events committed.
+    pub fn wake_relay(&self) {
+        self.inner.relay_wake.notify_one();
     }
 
     pub fn config(&self) -> &ProductsConfig {

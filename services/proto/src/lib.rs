@@ -66,4 +66,6 @@ pub mod shopverse {
     }
 }
 
-pub use shopverse::{api, common, delivery, events, notifications, orders, payments, products, users};
+pub use shopverse::{
+    api, common, delivery, events, notifications, orders, payments, products, users,
+};

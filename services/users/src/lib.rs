@@ -70,18 +70,17 @@ pub async fn run(
         &platform.registry,
     );
     let users = Users::new(db.clone(), keys, config, &platform, relay.waker());
-    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
     let routes = Routes::new(users.into_server());
-    let served = shopverse_kit::server::serve_grpc(
+    shopverse_events::run_service(
         listener,
         routes,
         &[SERVICE_NAME],
-        shutdown.clone(),
-        platform.grace,
+        db,
+        relay,
+        Vec::new(),
+        &platform,
+        shutdown,
     )
-    .await;
-    shutdown.cancel();
-    let _ = relay_task.await;
-    db.close().await;
-    served.map_err(Into::into)
+    .await
+    .map_err(Into::into)
 }
