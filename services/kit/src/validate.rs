@@ -57,3 +57,71 @@ pub fn address(field: &str, a: &Address) -> Result<Address, ServiceError> {
         phone,
     })
 }
+
+/// Addresses are stored as JSON; this mirrors the protobuf message field for field.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+#[serde(default)]
+struct StoredAddress {
+    label: String,
+    recipient: String,
+    line1: String,
+    line2: String,
+    city: String,
+    postal_code: String,
+    country: String,
+    phone: String,
+}
+
+impl From<&Address> for StoredAddress {
+    fn from(a: &Address) -> Self {
+        StoredAddress {
+            label: a.label.clone(),
+            recipient: a.recipient.clone(),
+            line1: a.line1.clone(),
+            line2: a.line2.clone(),
+            city: a.city.clone(),
+            postal_code: a.postal_code.clone(),
+            country: a.country.clone(),
+            phone: a.phone.clone(),
+        }
+    }
+}
+
+impl From<StoredAddress> for Address {
+    fn from(a: StoredAddress) -> Self {
+        Address {
+            label: a.label,
+            recipient: a.recipient,
+            line1: a.line1,
+            line2: a.line2,
+            city: a.city,
+            postal_code: a.postal_code,
+            country: a.country,
+            phone: a.phone,
+        }
+    }
+}
+
+/// Addresses as the JSON text a database column keeps.
+pub fn addresses_to_json(list: &[Address]) -> String {
+    let stored: Vec<StoredAddress> = list.iter().map(StoredAddress::from).collect();
+    serde_json::to_string(&stored).unwrap_or_else(|_| "[]".into())
+}
+
+pub fn addresses_from_json(s: &str) -> Vec<Address> {
+    serde_json::from_str::<Vec<StoredAddress>>(s)
+        .unwrap_or_default()
+        .into_iter()
+        .map(Address::from)
+        .collect()
+}
+
+pub fn address_to_json(a: &Address) -> String {
+    serde_json::to_string(&StoredAddress::from(a)).unwrap_or_else(|_| "{}".into())
+}
+
+pub fn address_from_json(s: &str) -> Address {
+    serde_json::from_str::<StoredAddress>(s)
+        .unwrap_or_default()
+        .into()
+}

@@ -17,53 +17,7 @@ pub struct UserRow {
     pub updated_at: i64,
 }
 
-/// Addresses are stored as JSON; this mirrors the protobuf message field for field.
-#[derive(serde::Serialize, serde::Deserialize, Default)]
-#[serde(default)]
-struct StoredAddress {
-    label: String,
-    recipient: String,
-    line1: String,
-    line2: String,
-    city: String,
-    postal_code: String,
-    country: String,
-    phone: String,
-}
-
-pub fn addresses_to_json(list: &[Address]) -> String {
-    let stored: Vec<StoredAddress> = list
-        .iter()
-        .map(|a| StoredAddress {
-            label: a.label.clone(),
-            recipient: a.recipient.clone(),
-            line1: a.line1.clone(),
-            line2: a.line2.clone(),
-            city: a.city.clone(),
-            postal_code: a.postal_code.clone(),
-            country: a.country.clone(),
-            phone: a.phone.clone(),
-        })
-        .collect();
-    serde_json::to_string(&stored).unwrap_or_else(|_| "[]".into())
-}
-
-fn addresses_from_json(s: &str) -> Vec<Address> {
-    serde_json::from_str::<Vec<StoredAddress>>(s)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|a| Address {
-            label: a.label,
-            recipient: a.recipient,
-            line1: a.line1,
-            line2: a.line2,
-            city: a.city,
-            postal_code: a.postal_code,
-            country: a.country,
-            phone: a.phone,
-        })
-        .collect()
-}
+use shopverse_kit::validate::{addresses_from_json, addresses_to_json};
 
 const USER_COLUMNS: &str =
     "id, email, password_hash, display_name, roles, addresses, created_at, updated_at";

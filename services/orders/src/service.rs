@@ -1,0 +1,855 @@
+//! The gRPC service `shopverse.orders.v1.OrdersService`, and the order state machine that the
+//! saga consumer and the sweeper share.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use shopverse_events::Platform;
+use shopverse_events::envelope::{
+    EventType, ORDER_CANCELLED, ORDER_CONFIRMED, ORDER_DELIVERED, ORDER_PLACED, ORDER_SHIPPED,
+    new_envelope,
+};
+use shopverse_events::outbox::enqueue;
+use shopverse_kit::clock::to_timestamp;
+use shopverse_kit::db::is_unique_violation;
+use shopverse_kit::identity::{Identity, Role, require};
+use shopverse_kit::validate::{address, address_to_json, text};
+use shopverse_kit::{Clock, Db, ServiceError};
+use shopverse_proto::common::v1::Money;
+use shopverse_proto::orders::v1::orders_service_server::{OrdersService, OrdersServiceServer};
+use shopverse_proto::orders::v1::*;
+use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
+use shopverse_proto::products::v1::{
+    GetProductRequest, ReservationLine, ReservationState, ReserveStockRequest,
+};
+
+use crate::config::OrdersConfig;
+use crate::store::{CheckoutRow, LineRow, OrderRow, Store};
+
+const SOURCE: &str = "orders";
+pub const MAX_CART_LINES: usize = 100;
+pub const MAX_LINE_QUANTITY: i64 = 99;
+
+pub const PENDING_PAYMENT: &str = "PENDING_PAYMENT";
+pub const CONFIRMED: &str = "CONFIRMED";
+pub const SHIPPED: &str = "SHIPPED";
+pub const DELIVERED: &str = "DELIVERED";
+pub const CANCELLED: &str = "CANCELLED";
+
+/// The order state machine: which status may follow which.
+pub fn allowed(from: &str, to: &str) -> bool {
+    matches!(
+        (from, to),
+        (PENDING_PAYMENT, CONFIRMED)
+            | (CONFIRMED, SHIPPED)
+            | (SHIPPED, DELIVERED)
+            | (PENDING_PAYMENT, CANCELLED)
+            | (CONFIRMED, CANCELLED)
+    )
+}
+
+fn status_enum(s: &str) -> OrderStatus {
+    match s {
+        PENDING_PAYMENT => OrderStatus::PendingPayment,
+        CONFIRMED => OrderStatus::Confirmed,
+        SHIPPED => OrderStatus::Shipped,
+        DELIVERED => OrderStatus::Delivered,
+        CANCELLED => OrderStatus::Cancelled,
+        _ => OrderStatus::Unspecified,
+    }
+}
+
+fn status_name(s: OrderStatus) -> Option<&'static str> {
+    match s {
+        OrderStatus::PendingPayment => Some(PENDING_PAYMENT),
+        OrderStatus::Confirmed => Some(CONFIRMED),
+        OrderStatus::Shipped => Some(SHIPPED),
+        OrderStatus::Delivered => Some(DELIVERED),
+        OrderStatus::Cancelled => Some(CANCELLED),
+        OrderStatus::Unspecified => None,
+    }
+}
+
+fn money(amount_minor: i64, currency: &str) -> Option<Money> {
+    Some(Money {
+        amount_minor,
+        currency: currency.to_owned(),
+    })
+}
+
+pub fn order_to_proto(o: &OrderRow) -> Order {
+    Order {
+        id: o.id.clone(),
+        user_id: o.user_id.clone(),
+        status: status_enum(&o.status).into(),
+        lines: o
+            .lines
+            .iter()
+            .map(|l| OrderLine {
+                product_id: l.product_id.clone(),
+                sku: l.sku.clone(),
+                name: l.name.clone(),
+                unit_price: money(l.unit_price_minor, &o.currency),
+                quantity: i32::try_from(l.quantity).unwrap_or(i32::MAX),
+                line_total: money(l.unit_price_minor * l.quantity, &o.currency),
+            })
+            .collect(),
+        subtotal: money(o.subtotal_minor, &o.currency),
+        shipping: money(o.shipping_minor, &o.currency),
+        total: money(o.total_minor, &o.currency),
+        shipping_address: Some(o.shipping_address.clone()),
+        payment_method_token: o.payment_method_token.clone(),
+        created_at: Some(to_timestamp(o.created_at)),
+        updated_at: Some(to_timestamp(o.updated_at)),
+        payment_deadline: Some(to_timestamp(o.payment_deadline)),
+        cancel_reason: o.cancel_reason.clone(),
+        paid: o.paid,
+        refunded: o.refunded,
+    }
+}
+
+/// A product as the cart and checkout see it.
+struct Priced {
+    sku: String,
+    name: String,
+    price: Money,
+}
+
+struct Inner {
+    store: Store,
+    products: ProductsServiceClient<Channel>,
+    config: OrdersConfig,
+    clock: Arc<dyn Clock>,
+    relay_wake: Arc<Notify>,
+}
+
+#[derive(Clone)]
+pub struct Orders {
+    inner: Arc<Inner>,
+}
+
+fn upstream(e: Status) -> ServiceError {
+    ServiceError::Unavailable(format!(
+        "the products service did not answer: {}",
+        e.message()
+    ))
+}
+
+impl Orders {
+    pub fn new(
+        db: Db,
+        products: Channel,
+        config: OrdersConfig,
+        platform: &Platform,
+        relay_wake: Arc<Notify>,
+    ) -> Orders {
+        Orders {
+            inner: Arc::new(Inner {
+                store: Store { db },
+                products: ProductsServiceClient::new(products),
+                config,
+                clock: platform.clock.clone(),
+                relay_wake,
+            }),
+        }
+    }
+
+    pub fn into_server(self) -> OrdersServiceServer<Orders> {
+        OrdersServiceServer::new(self)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> &OrdersConfig {
+        &self.inner.config
+    }
+
+    pub fn now(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    pub fn wake_relay(&self) {
+        self.inner.relay_wake.notify_one();
+    }
+
+    pub fn products(&self) -> ProductsServiceClient<Channel> {
+        self.inner.products.clone()
+    }
+
+    /// The product now; `None` when it is gone or archived.
+    async fn priced(&self, product_id: &str) -> Result<Option<Priced>, ServiceError> {
+        match self
+            .products()
+            .get_product(GetProductRequest {
+                id: product_id.to_owned(),
+            })
+            .await
+        {
+            Ok(r) => {
+                let p = r.into_inner();
+                Ok(p.price.map(|price| Priced {
+                    sku: p.sku,
+                    name: p.name,
+                    price,
+                }))
+            }
+            Err(e) if e.code() == Code::NotFound => Ok(None),
+            Err(e) => Err(upstream(e)),
+        }
+    }
+
+    pub async fn cart(&self, user_id: &str) -> Result<Cart, ServiceError> {
+        let mut conn = self.store().db.pool().acquire().await?;
+        let lines = self.store().cart(&mut conn, user_id).await?;
+        drop(conn);
+        let mut out = Cart::default();
+        let mut subtotal: Option<Money> = None;
+        for (product_id, qty) in lines {
+            let quantity = i32::try_from(qty).unwrap_or(0);
+            match self.priced(&product_id).await? {
+                Some(p) => {
+                    let total = p.price.amount_minor * qty;
+                    match &mut subtotal {
+                        Some(s) if s.currency == p.price.currency => s.amount_minor += total,
+                        Some(_) => {}
+                        None => subtotal = money(total, &p.price.currency),
+                    }
+                    out.lines.push(CartLine {
+                        product_id,
+                        sku: p.sku,
+                        name: p.name,
+                        line_total: money(total, &p.price.currency),
+                        unit_price: Some(p.price),
+                        quantity,
+                        available: true,
+                    });
+                }
+                None => out.lines.push(CartLine {
+                    product_id,
+                    quantity,
+                    available: false,
+                    ..Default::default()
+                }),
+            }
+        }
+        out.subtotal = subtotal;
+        Ok(out)
+    }
+
+    fn check_quantity(q: i32) -> Result<i64, ServiceError> {
+        let q = i64::from(q);
+        if !(1..=MAX_LINE_QUANTITY).contains(&q) {
+            return Err(ServiceError::invalid(
+                "quantity",
+                format!("must be between 1 and {MAX_LINE_QUANTITY}"),
+            ));
+        }
+        Ok(q)
+    }
+
+    pub async fn add_item(
+        &self,
+        user_id: &str,
+        product_id: &str,
+        quantity: i32,
+    ) -> Result<Cart, ServiceError> {
+        let qty = Self::check_quantity(quantity)?;
+        if product_id.is_empty() {
+            return Err(ServiceError::invalid("product_id", "is required"));
+        }
+        if self.priced(product_id).await?.is_none() {
+            return Err(ServiceError::not_found("product", product_id));
+        }
+        let mut tx = self.store().db.begin_write().await?;
+        let current = self
+            .store()
+            .cart_quantity(&mut tx, user_id, product_id)
+            .await?;
+        let new = current.unwrap_or(0) + qty;
+        if new > MAX_LINE_QUANTITY {
+            return Err(ServiceError::invalid(
+                "quantity",
+                format!(
+                    "a cart line holds at most {MAX_LINE_QUANTITY} units ({} already in the cart)",
+                    current.unwrap_or(0)
+                ),
+            ));
+        }
+        if current.is_none() && self.store().cart(&mut tx, user_id).await?.len() >= MAX_CART_LINES {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "a cart holds at most {MAX_CART_LINES} lines"
+            )));
+        }
+        self.store()
+            .set_cart_line(&mut tx, user_id, product_id, new, self.now())
+            .await?;
+        tx.commit().await?;
+        self.cart(user_id).await
+    }
+
+    pub async fn set_quantity(
+        &self,
+        user_id: &str,
+        product_id: &str,
+        quantity: i32,
+    ) -> Result<Cart, ServiceError> {
+        let qty = Self::check_quantity(quantity)?;
+        let mut tx = self.store().db.begin_write().await?;
+        if self
+            .store()
+            .cart_quantity(&mut tx, user_id, product_id)
+            .await?
+            .is_none()
+        {
+            return Err(ServiceError::not_found("cart line for product", product_id));
+        }
+        self.store()
+            .set_cart_line(&mut tx, user_id, product_id, qty, self.now())
+            .await?;
+        tx.commit().await?;
+        self.cart(user_id).await
+    }
+
+    pub async fn remove_item(&self, user_id: &str, product_id: &str) -> Result<Cart, ServiceError> {
+        if product_id.is_empty() {
+            return Err(ServiceError::invalid("product_id", "is required"));
+        }
+        let mut conn = self.store().db.pool().acquire().await?;
+        if self
+            .store()
+            .remove_cart_line(&mut conn, user_id, product_id)
+            .await?
+            == 0
+        {
+            return Err(ServiceError::not_found("cart line for product", product_id));
+        }
+        drop(conn);
+        self.cart(user_id).await
+    }
+
+    pub async fn clear(&self, user_id: &str) -> Result<Cart, ServiceError> {
+        let mut conn = self.store().db.pool().acquire().await?;
+        self.store().clear_cart(&mut conn, user_id).await?;
+        Ok(Cart::default())
+    }
+
+    /// Finds the checkout attempt for `key`, or starts one from the current cart.
+    async fn attempt(
+        &self,
+        user_id: &str,
+        key: &str,
+        hash: &str,
+    ) -> Result<CheckoutRow, ServiceError> {
+        for _ in 0..3 {
+            let mut conn = self.store().db.pool().acquire().await?;
+            if let Some(c) = self.store().checkout(&mut conn, user_id, key).await? {
+                if c.request_hash != hash {
+                    return Err(ServiceError::AlreadyExists(
+                        "idempotency_key: already used for a different checkout request".into(),
+                    ));
+                }
+                return Ok(c);
+            }
+            let lines = self.store().cart(&mut conn, user_id).await?;
+            if lines.is_empty() {
+                return Err(ServiceError::FailedPrecondition("the cart is empty".into()));
+            }
+            let order_id = uuid::Uuid::now_v7().to_string();
+            match self
+                .store()
+                .insert_checkout(&mut conn, user_id, key, hash, &order_id, &lines, self.now())
+                .await
+            {
+                Ok(()) => {
+                    return Ok(CheckoutRow {
+                        request_hash: hash.to_owned(),
+                        order_id,
+                        state: "RESERVING".into(),
+                        lines,
+                        error: None,
+                    });
+                }
+                // The same key, concurrently: read what the other request wrote.
+                Err(e) if is_unique_violation(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Aborted(
+            "concurrent checkouts with one idempotency key; retry".into(),
+        ))
+    }
+
+    async fn refuse(&self, order_id: &str, message: String) -> Result<OrderRow, ServiceError> {
+        let mut conn = self.store().db.pool().acquire().await?;
+        self.store()
+            .move_checkout(
+                &mut conn,
+                order_id,
+                "RESERVING",
+                "FAILED",
+                Some(&message),
+                self.now(),
+            )
+            .await?;
+        Err(ServiceError::FailedPrecondition(message))
+    }
+
+    /// Checkout. See the crate docs for how it stays correct across crashes and retries.
+    pub async fn checkout(
+        &self,
+        user_id: &str,
+        req: CheckoutRequest,
+        traceparent: Option<&str>,
+    ) -> Result<OrderRow, ServiceError> {
+        let shipping = req
+            .shipping_address
+            .as_ref()
+            .ok_or_else(|| ServiceError::invalid("shipping_address", "is required"))?;
+        let shipping = address("shipping_address", shipping)?;
+        let token = text("payment_method_token", &req.payment_method_token, 100, true)?;
+        if !token.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(ServiceError::invalid(
+                "payment_method_token",
+                "may hold letters, digits and _ only",
+            ));
+        }
+        let key = text("idempotency_key", &req.idempotency_key, 100, true)?;
+        if key.chars().count() < 8 {
+            return Err(ServiceError::invalid(
+                "idempotency_key",
+                "must be at least 8 characters",
+            ));
+        }
+        let hash: String = Sha256::digest(format!("{}\n{token}", address_to_json(&shipping)))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+
+        let attempt = self.attempt(user_id, &key, &hash).await?;
+        let order_id = attempt.order_id.clone();
+        match attempt.state.as_str() {
+            "RESERVING" => {}
+            "PLACED" => return self.order_of(&order_id).await,
+            "FAILED" => {
+                return Err(ServiceError::FailedPrecondition(
+                    attempt.error.unwrap_or_else(|| "checkout failed".into()),
+                ));
+            }
+            _ => {
+                return Err(ServiceError::Aborted(
+                    "this checkout was interrupted and given up; retry with a new idempotency key"
+                        .into(),
+                ));
+            }
+        }
+
+        // Price every line now; the order keeps these prices.
+        let mut lines = Vec::with_capacity(attempt.lines.len());
+        let mut currency: Option<String> = None;
+        for (product_id, qty) in &attempt.lines {
+            let Some(p) = self.priced(product_id).await? else {
+                return self
+                    .refuse(
+                        &order_id,
+                        format!(
+                            "product {product_id} is no longer available; remove it from the cart"
+                        ),
+                    )
+                    .await;
+            };
+            match &currency {
+                Some(c) if *c != p.price.currency => {
+                    return self
+                        .refuse(
+                            &order_id,
+                            "the cart mixes currencies; check out one currency at a time".into(),
+                        )
+                        .await;
+                }
+                _ => currency = Some(p.price.currency.clone()),
+            }
+            lines.push(LineRow {
+                product_id: product_id.clone(),
+                sku: p.sku,
+                name: p.name,
+                unit_price_minor: p.price.amount_minor,
+                quantity: *qty,
+            });
+        }
+        let currency = currency.unwrap_or_default();
+
+        // Reserve all lines or none; idempotent per order id, so a retry after a crash is safe.
+        let reservation = self
+            .products()
+            .reserve_stock(ReserveStockRequest {
+                order_id: order_id.clone(),
+                lines: lines
+                    .iter()
+                    .map(|l| ReservationLine {
+                        product_id: l.product_id.clone(),
+                        quantity: l.quantity,
+                    })
+                    .collect(),
+            })
+            .await;
+        match reservation {
+            Ok(r) if r.get_ref().state() == ReservationState::Held => {}
+            Ok(_) => {
+                return Err(ServiceError::Aborted(
+                    "this checkout was interrupted and given up; retry with a new idempotency key"
+                        .into(),
+                ));
+            }
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument
+                ) =>
+            {
+                return self.refuse(&order_id, e.message().to_owned()).await;
+            }
+            Err(e) => return Err(upstream(e)),
+        }
+
+        let subtotal: i64 = lines.iter().map(|l| l.unit_price_minor * l.quantity).sum();
+        let shipping_fee = if subtotal >= self.config().free_shipping_from_minor {
+            0
+        } else {
+            self.config().shipping_fee_minor
+        };
+        let now = self.now();
+        let order = OrderRow {
+            id: order_id.clone(),
+            user_id: user_id.to_owned(),
+            status: PENDING_PAYMENT.into(),
+            currency,
+            subtotal_minor: subtotal,
+            shipping_minor: shipping_fee,
+            total_minor: subtotal + shipping_fee,
+            shipping_address: shipping,
+            payment_method_token: token,
+            paid: false,
+            refunded: false,
+            cancel_reason: String::new(),
+            payment_deadline: now + self.config().payment_deadline_secs * 1000,
+            created_at: now,
+            updated_at: now,
+            lines,
+        };
+        let mut tx = self.store().db.begin_write().await?;
+        if !self
+            .store()
+            .move_checkout(&mut tx, &order_id, "RESERVING", "PLACED", None, now)
+            .await?
+        {
+            // Another request with the same key placed it, or the sweeper gave it up.
+            tx.rollback().await?;
+            let mut conn = self.store().db.pool().acquire().await?;
+            return match self.store().checkout(&mut conn, user_id, &key).await? {
+                Some(c) if c.state == "PLACED" => self.order_of(&order_id).await,
+                _ => Err(ServiceError::Aborted(
+                    "this checkout was interrupted and given up; retry with a new idempotency key"
+                        .into(),
+                )),
+            };
+        }
+        self.store().insert_order(&mut tx, &order).await?;
+        for l in &order.lines {
+            self.store()
+                .remove_cart_line(&mut tx, user_id, &l.product_id)
+                .await?;
+        }
+        self.emit(&mut tx, &ORDER_PLACED, &order, traceparent)
+            .await?;
+        tx.commit().await?;
+        self.wake_relay();
+        Ok(order)
+    }
+
+    async fn order_of(&self, order_id: &str) -> Result<OrderRow, ServiceError> {
+        let mut conn = self.store().db.pool().acquire().await?;
+        self.store()
+            .order(&mut conn, order_id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("order", order_id))
+    }
+
+    /// Writes `kind` for `order` to the outbox on `conn`.
+    pub async fn emit(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        kind: &EventType,
+        order: &OrderRow,
+        traceparent: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        let env = if kind.name == ORDER_CANCELLED.name {
+            let payload = OrderCancelled {
+                order: Some(order_to_proto(order)),
+                reason: order.cancel_reason.clone(),
+                was_paid: order.paid,
+            };
+            new_envelope(kind, SOURCE, &order.id, self.now(), traceparent, &payload)
+        } else {
+            let payload = OrderEvent {
+                order: Some(order_to_proto(order)),
+            };
+            new_envelope(kind, SOURCE, &order.id, self.now(), traceparent, &payload)
+        };
+        enqueue(conn, kind, &env).await
+    }
+
+    /// Moves `order` to `to` on `conn` (in the caller's transaction) and emits the matching
+    /// event. `Ok(false)` when the state machine does not allow it or the order moved meanwhile.
+    pub async fn transition(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        order: &mut OrderRow,
+        to: &str,
+        reason: &str,
+    ) -> Result<bool, sqlx::Error> {
+        if !allowed(&order.status, to) {
+            return Ok(false);
+        }
+        let from = std::mem::replace(&mut order.status, to.to_owned());
+        if to == CONFIRMED {
+            order.paid = true;
+        }
+        if to == CANCELLED {
+            order.cancel_reason = reason.to_owned();
+        }
+        order.updated_at = self.now();
+        if !self.store().update_order(conn, order, &from).await? {
+            return Ok(false);
+        }
+        let kind = match to {
+            CONFIRMED => &ORDER_CONFIRMED,
+            SHIPPED => &ORDER_SHIPPED,
+            DELIVERED => &ORDER_DELIVERED,
+            _ => &ORDER_CANCELLED,
+        };
+        self.emit(conn, kind, order, None).await?;
+        Ok(true)
+    }
+
+    /// The owner's (or an admin's) view of an order; anyone else is told it does not exist.
+    async fn visible(&self, caller: &Identity, order_id: &str) -> Result<OrderRow, ServiceError> {
+        if order_id.is_empty() {
+            return Err(ServiceError::invalid("order_id", "is required"));
+        }
+        match self.order_of(order_id).await {
+            Ok(o) if o.user_id == caller.user_id || caller.is_admin() => Ok(o),
+            Ok(_) | Err(ServiceError::NotFound { .. }) => {
+                Err(ServiceError::not_found("order", order_id))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn cancel(
+        &self,
+        caller: &Identity,
+        order_id: &str,
+        reason: &str,
+    ) -> Result<OrderRow, ServiceError> {
+        let reason = text("reason", reason, 200, false)?;
+        self.visible(caller, order_id).await?;
+        let mut tx = self.store().db.begin_write().await?;
+        let mut order = self
+            .store()
+            .order(&mut tx, order_id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("order", order_id))?;
+        if order.status == CANCELLED {
+            return Ok(order);
+        }
+        let why = if reason.is_empty() {
+            "cancelled by the customer".to_owned()
+        } else {
+            reason
+        };
+        if !self
+            .transition(&mut tx, &mut order, CANCELLED, &why)
+            .await?
+        {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "order {order_id} is {}; only unshipped orders can be cancelled",
+                order.status.to_lowercase()
+            )));
+        }
+        tx.commit().await?;
+        self.wake_relay();
+        Ok(order)
+    }
+
+    async fn list(
+        &self,
+        user: Option<&str>,
+        status: Option<&str>,
+        page_size: i32,
+        token: &str,
+    ) -> Result<ListOrdersResponse, ServiceError> {
+        let limit = match page_size {
+            0 => 20,
+            n @ 1..=100 => i64::from(n),
+            _ => {
+                return Err(ServiceError::invalid(
+                    "page_size",
+                    "must be between 1 and 100",
+                ));
+            }
+        };
+        let before = if token.is_empty() {
+            String::new()
+        } else {
+            URL_SAFE_NO_PAD
+                .decode(token)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| {
+                    ServiceError::invalid("page_token", "is not a token this service issued")
+                })?
+        };
+        let mut rows = self.store().list(user, status, &before, limit + 1).await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(20));
+        Ok(ListOrdersResponse {
+            next_page_token: match rows.last() {
+                Some(l) if more => URL_SAFE_NO_PAD.encode(l.id.as_bytes()),
+                _ => String::new(),
+            },
+            orders: rows.iter().map(order_to_proto).collect(),
+        })
+    }
+}
+
+fn reply<T>(r: Result<T, ServiceError>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+fn traceparent<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+#[tonic::async_trait]
+impl OrdersService for Orders {
+    #[tracing::instrument(skip_all)]
+    async fn get_cart(&self, req: Request<GetCartRequest>) -> Result<Response<Cart>, Status> {
+        let id = require(&req, Role::Customer)?;
+        reply(self.cart(&id.user_id).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn add_cart_item(
+        &self,
+        req: Request<AddCartItemRequest>,
+    ) -> Result<Response<Cart>, Status> {
+        let id = require(&req, Role::Customer)?;
+        let r = req.into_inner();
+        reply(self.add_item(&id.user_id, &r.product_id, r.quantity).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_cart_item_quantity(
+        &self,
+        req: Request<SetCartItemQuantityRequest>,
+    ) -> Result<Response<Cart>, Status> {
+        let id = require(&req, Role::Customer)?;
+        let r = req.into_inner();
+        reply(
+            self.set_quantity(&id.user_id, &r.product_id, r.quantity)
+                .await,
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn remove_cart_item(
+        &self,
+        req: Request<RemoveCartItemRequest>,
+    ) -> Result<Response<Cart>, Status> {
+        let id = require(&req, Role::Customer)?;
+        reply(
+            self.remove_item(&id.user_id, &req.get_ref().product_id)
+                .await,
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn clear_cart(&self, req: Request<ClearCartRequest>) -> Result<Response<Cart>, Status> {
+        let id = require(&req, Role::Customer)?;
+        reply(self.clear(&id.user_id).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn checkout(&self, req: Request<CheckoutRequest>) -> Result<Response<Order>, Status> {
+        let id = require(&req, Role::Customer)?;
+        let tp = traceparent(&req);
+        reply(
+            self.checkout(&id.user_id, req.into_inner(), tp.as_deref())
+                .await
+                .map(|o| order_to_proto(&o)),
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_my_orders(
+        &self,
+        req: Request<ListMyOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
+        let id = require(&req, Role::Customer)?;
+        let r = req.into_inner();
+        reply(
+            self.list(Some(&id.user_id), None, r.page_size, &r.page_token)
+                .await,
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_order(&self, req: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
+        let id = require(&req, Role::Customer)?;
+        reply(
+            self.visible(&id, &req.get_ref().order_id)
+                .await
+                .map(|o| order_to_proto(&o)),
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_order(
+        &self,
+        req: Request<CancelOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let id = require(&req, Role::Customer)?;
+        let r = req.into_inner();
+        reply(
+            self.cancel(&id, &r.order_id, &r.reason)
+                .await
+                .map(|o| order_to_proto(&o)),
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn admin_list_orders(
+        &self,
+        req: Request<AdminListOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
+        require(&req, Role::Admin)?;
+        let r = req.into_inner();
+        let status = OrderStatus::try_from(r.status)
+            .map_err(|_| Status::from(ServiceError::invalid("status", "unknown status")))?;
+        reply(
+            self.list(None, status_name(status), r.page_size, &r.page_token)
+                .await,
+        )
+    }
+}

@@ -1,0 +1,382 @@
+//! The orders database. Every query runs unchanged on SQLite and PostgreSQL.
+
+use sqlx::{AnyConnection, Row};
+
+use shopverse_kit::Db;
+use shopverse_kit::validate::{address_from_json, address_to_json};
+use shopverse_proto::common::v1::Address;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineRow {
+    pub product_id: String,
+    pub sku: String,
+    pub name: String,
+    pub unit_price_minor: i64,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRow {
+    pub id: String,
+    pub user_id: String,
+    pub status: String,
+    pub currency: String,
+    pub subtotal_minor: i64,
+    pub shipping_minor: i64,
+    pub total_minor: i64,
+    pub shipping_address: Address,
+    pub payment_method_token: String,
+    pub paid: bool,
+    pub refunded: bool,
+    pub cancel_reason: String,
+    pub payment_deadline: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub lines: Vec<LineRow>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckoutRow {
+    pub request_hash: String,
+    pub order_id: String,
+    pub state: String,
+    pub lines: Vec<(String, i64)>,
+    pub error: Option<String>,
+}
+
+const ORDER_COLUMNS: &str = "id, user_id, status, currency, subtotal_minor, shipping_minor, total_minor, \
+     shipping_address, payment_method_token, paid, refunded, cancel_reason, payment_deadline, created_at, updated_at";
+
+fn order_from_row(r: &sqlx::any::AnyRow) -> Result<OrderRow, sqlx::Error> {
+    Ok(OrderRow {
+        id: r.try_get("id")?,
+        user_id: r.try_get("user_id")?,
+        status: r.try_get("status")?,
+        currency: r.try_get("currency")?,
+        subtotal_minor: r.try_get("subtotal_minor")?,
+        shipping_minor: r.try_get("shipping_minor")?,
+        total_minor: r.try_get("total_minor")?,
+        shipping_address: address_from_json(&r.try_get::<String, _>("shipping_address")?),
+        payment_method_token: r.try_get("payment_method_token")?,
+        paid: r.try_get::<i64, _>("paid")? != 0,
+        refunded: r.try_get::<i64, _>("refunded")? != 0,
+        cancel_reason: r.try_get("cancel_reason")?,
+        payment_deadline: r.try_get("payment_deadline")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        lines: Vec::new(),
+    })
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pub db: Db,
+}
+
+impl Store {
+    pub async fn cart(
+        &self,
+        conn: &mut AnyConnection,
+        user_id: &str,
+    ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let rows = sqlx::query("SELECT product_id, quantity FROM cart_lines WHERE user_id = $1 ORDER BY added_at, product_id")
+            .bind(user_id)
+            .fetch_all(conn)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("product_id")?, r.try_get("quantity")?)))
+            .collect()
+    }
+
+    pub async fn cart_quantity(
+        &self,
+        conn: &mut AnyConnection,
+        user_id: &str,
+        product_id: &str,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar("SELECT quantity FROM cart_lines WHERE user_id = $1 AND product_id = $2")
+            .bind(user_id)
+            .bind(product_id)
+            .fetch_optional(conn)
+            .await
+    }
+
+    pub async fn set_cart_line(
+        &self,
+        conn: &mut AnyConnection,
+        user_id: &str,
+        product_id: &str,
+        qty: i64,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO cart_lines (user_id, product_id, quantity, added_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (user_id, product_id) DO UPDATE SET quantity = excluded.quantity",
+        )
+        .bind(user_id)
+        .bind(product_id)
+        .bind(qty)
+        .bind(now)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn remove_cart_line(
+        &self,
+        conn: &mut AnyConnection,
+        user_id: &str,
+        product_id: &str,
+    ) -> Result<u64, sqlx::Error> {
+        Ok(
+            sqlx::query("DELETE FROM cart_lines WHERE user_id = $1 AND product_id = $2")
+                .bind(user_id)
+                .bind(product_id)
+                .execute(conn)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    pub async fn clear_cart(
+        &self,
+        conn: &mut AnyConnection,
+        user_id: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM cart_lines WHERE user_id = $1")
+            .bind(user_id)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn checkout(
+        &self,
+        conn: &mut AnyConnection,
+        user_id: &str,
+        key: &str,
+    ) -> Result<Option<CheckoutRow>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT request_hash, order_id, state, lines, error FROM checkouts WHERE user_id = $1 AND idempotency_key = $2",
+        )
+        .bind(user_id)
+        .bind(key)
+        .fetch_optional(conn)
+        .await?;
+        row.map(|r| {
+            Ok(CheckoutRow {
+                request_hash: r.try_get("request_hash")?,
+                order_id: r.try_get("order_id")?,
+                state: r.try_get("state")?,
+                lines: serde_json::from_str(&r.try_get::<String, _>("lines")?).unwrap_or_default(),
+                error: r.try_get("error")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn insert_checkout(
+        &self,
+        conn: &mut AnyConnection,
+        user_id: &str,
+        key: &str,
+        hash: &str,
+        order_id: &str,
+        lines: &[(String, i64)],
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO checkouts (user_id, idempotency_key, request_hash, order_id, state, lines, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'RESERVING', $5, $6, $6)",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(hash)
+        .bind(order_id)
+        .bind(serde_json::to_string(lines).unwrap_or_else(|_| "[]".into()))
+        .bind(now)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Moves a checkout from `from` to `to`; false when it was no longer in `from`.
+    pub async fn move_checkout(
+        &self,
+        conn: &mut AnyConnection,
+        order_id: &str,
+        from: &str,
+        to: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let n = sqlx::query("UPDATE checkouts SET state = $1, error = $2, updated_at = $3 WHERE order_id = $4 AND state = $5")
+            .bind(to)
+            .bind(error)
+            .bind(now)
+            .bind(order_id)
+            .bind(from)
+            .execute(conn)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Order ids of checkouts in `state` last touched before `before`.
+    pub async fn checkouts_in(&self, state: &str, before: i64) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT order_id FROM checkouts WHERE state = $1 AND updated_at < $2 ORDER BY created_at LIMIT 100")
+            .bind(state)
+            .bind(before)
+            .fetch_all(self.db.pool())
+            .await
+    }
+
+    pub async fn insert_order(
+        &self,
+        conn: &mut AnyConnection,
+        o: &OrderRow,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO orders (id, user_id, status, currency, subtotal_minor, shipping_minor, total_minor, \
+             shipping_address, payment_method_token, paid, refunded, cancel_reason, payment_deadline, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(&o.id)
+        .bind(&o.user_id)
+        .bind(&o.status)
+        .bind(&o.currency)
+        .bind(o.subtotal_minor)
+        .bind(o.shipping_minor)
+        .bind(o.total_minor)
+        .bind(address_to_json(&o.shipping_address))
+        .bind(&o.payment_method_token)
+        .bind(i64::from(o.paid))
+        .bind(i64::from(o.refunded))
+        .bind(&o.cancel_reason)
+        .bind(o.payment_deadline)
+        .bind(o.created_at)
+        .bind(o.updated_at)
+        .execute(&mut *conn)
+        .await?;
+        for (i, l) in o.lines.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO order_lines (order_id, line_no, product_id, sku, name, unit_price_minor, quantity) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&o.id)
+            .bind(i as i64)
+            .bind(&l.product_id)
+            .bind(&l.sku)
+            .bind(&l.name)
+            .bind(l.unit_price_minor)
+            .bind(l.quantity)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn with_lines(
+        &self,
+        conn: &mut AnyConnection,
+        mut o: OrderRow,
+    ) -> Result<OrderRow, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT product_id, sku, name, unit_price_minor, quantity FROM order_lines WHERE order_id = $1 ORDER BY line_no",
+        )
+        .bind(&o.id)
+        .fetch_all(conn)
+        .await?;
+        o.lines = rows
+            .iter()
+            .map(|r| {
+                Ok(LineRow {
+                    product_id: r.try_get("product_id")?,
+                    sku: r.try_get("sku")?,
+                    name: r.try_get("name")?,
+                    unit_price_minor: r.try_get("unit_price_minor")?,
+                    quantity: r.try_get("quantity")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(o)
+    }
+
+    pub async fn order(
+        &self,
+        conn: &mut AnyConnection,
+        id: &str,
+    ) -> Result<Option<OrderRow>, sqlx::Error> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match row {
+            Some(r) => Ok(Some(self.with_lines(conn, order_from_row(&r)?).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A page of orders, newest first (ids are UUIDv7), filtered by owner or status.
+    pub async fn list(
+        &self,
+        user_id: Option<&str>,
+        status: Option<&str>,
+        before_id: &str,
+        limit: i64,
+    ) -> Result<Vec<OrderRow>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR status = $2) \
+             AND ($3 = '' OR id < $3) ORDER BY id DESC LIMIT $4"
+        );
+        let mut conn = self.db.pool().acquire().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(user_id.unwrap_or_default())
+            .bind(status.unwrap_or_default())
+            .bind(before_id)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push(self.with_lines(&mut conn, order_from_row(r)?).await?);
+        }
+        Ok(out)
+    }
+
+    /// Ids of orders awaiting payment past their deadline.
+    pub async fn overdue(&self, now: i64) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT id FROM orders WHERE status = 'PENDING_PAYMENT' AND payment_deadline < $1 ORDER BY payment_deadline LIMIT 100",
+        )
+        .bind(now)
+        .fetch_all(self.db.pool())
+        .await
+    }
+
+    /// Writes status and flags of `o` if its status is still `from`; false otherwise.
+    pub async fn update_order(
+        &self,
+        conn: &mut AnyConnection,
+        o: &OrderRow,
+        from: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let n = sqlx::query(
+            "UPDATE orders SET status = $1, paid = $2, refunded = $3, cancel_reason = $4, updated_at = $5 \
+             WHERE id = $6 AND status = $7",
+        )
+        .bind(&o.status)
+        .bind(i64::from(o.paid))
+        .bind(i64::from(o.refunded))
+        .bind(&o.cancel_reason)
+        .bind(o.updated_at)
+        .bind(&o.id)
+        .bind(from)
+        .execute(conn)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+}
