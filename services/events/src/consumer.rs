@@ -109,6 +109,9 @@ pub struct Consumer<H: Handler> {
     bus: Arc<dyn EventBus>,
     retry: RetryPolicy,
     metrics: ConsumerMetrics,
+    /// Woken after each applied event: the service's relay, so events the handler wrote go out
+    /// at once instead of at the relay's next idle poll.
+    after_commit: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// What happened to one record.
@@ -157,7 +160,13 @@ impl<H: Handler> Consumer<H> {
             bus,
             retry: RetryPolicy::default(),
             metrics,
+            after_commit: None,
         }
+    }
+
+    pub fn waking(mut self, relay: Arc<tokio::sync::Notify>) -> Self {
+        self.after_commit = Some(relay);
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -287,6 +296,9 @@ impl<H: Handler> Consumer<H> {
         self.handler.handle(&mut tx, env).await?;
         tx.commit().await?;
         self.metrics.handled.inc();
+        if let Some(n) = &self.after_commit {
+            n.notify_one();
+        }
         Ok(Outcome::Applied)
     }
 

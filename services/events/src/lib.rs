@@ -79,14 +79,17 @@ pub async fn run_service(
     served
 }
 
-/// A consumer as a background task for [`run_service`]; a bus failure is logged.
+/// A consumer as a background task for [`run_service`]; a bus failure is logged. `relay` is
+/// woken after each applied event.
 pub fn consumer_task<H: consumer::Handler>(
     handler: Arc<H>,
     db: shopverse_kit::Db,
+    relay: &outbox::Relay,
     platform: &Platform,
     shutdown: shopverse_kit::CancellationToken,
 ) -> futures::future::BoxFuture<'static, ()> {
-    let c = consumer::Consumer::new(handler, db, platform.bus.clone(), &platform.registry);
+    let c = consumer::Consumer::new(handler, db, platform.bus.clone(), &platform.registry)
+        .waking(relay.waker());
     Box::pin(async move {
         if let Err(e) = c.run(shutdown).await {
             tracing::error!(error = %e, "consumer stopped");

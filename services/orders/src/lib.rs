@@ -95,6 +95,7 @@ pub async fn run(
         shopverse_events::consumer_task(
             Arc::new(saga::SagaHandler::new(orders.clone())),
             db.clone(),
+            &relay,
             &platform,
             shutdown.clone(),
         ),

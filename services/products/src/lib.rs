@@ -76,6 +76,7 @@ pub async fn run(
     let background = vec![shopverse_events::consumer_task(
         consumer,
         db.clone(),
+        &relay,
         &platform,
         shutdown.clone(),
     )];
