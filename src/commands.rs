@@ -20,20 +20,103 @@ use crate::config::AppConfig;
 pub enum ServiceName {
     Users,
     Products,
+    Orders,
+    Payments,
+    Notifications,
+    Delivery,
 }
+
+/// Every service, in the order `up` starts them.
+pub const ALL_SERVICES: [ServiceName; 6] = [
+    ServiceName::Users,
+    ServiceName::Products,
+    ServiceName::Orders,
+    ServiceName::Payments,
+    ServiceName::Notifications,
+    ServiceName::Delivery,
+];
 
 impl ServiceName {
     fn as_str(self) -> &'static str {
         match self {
             ServiceName::Users => "users",
             ServiceName::Products => "products",
+            ServiceName::Orders => "orders",
+            ServiceName::Payments => "payments",
+            ServiceName::Notifications => "notifications",
+            ServiceName::Delivery => "delivery",
         }
     }
     fn grpc_name(self) -> &'static str {
         match self {
             ServiceName::Users => shopverse_users::SERVICE_NAME,
             ServiceName::Products => shopverse_products::SERVICE_NAME,
+            ServiceName::Orders => shopverse_orders::SERVICE_NAME,
+            ServiceName::Payments => shopverse_payments::SERVICE_NAME,
+            ServiceName::Notifications => shopverse_notifications::SERVICE_NAME,
+            ServiceName::Delivery => shopverse_delivery::SERVICE_NAME,
         }
+    }
+
+    /// The configured gRPC address.
+    pub fn listen(self, cfg: &AppConfig) -> SocketAddr {
+        let s = &cfg.services;
+        match self {
+            ServiceName::Users => s.users.listen,
+            ServiceName::Products => s.products.listen,
+            ServiceName::Orders => s.orders.listen,
+            ServiceName::Payments => s.payments.listen,
+            ServiceName::Notifications => s.notifications.listen,
+            ServiceName::Delivery => s.delivery.listen,
+        }
+    }
+
+    /// The configured database URL, password removed.
+    fn database(self, cfg: &AppConfig) -> String {
+        let (s, d) = (&cfg.services, &cfg.data.dir);
+        shopverse_kit::db::redact(&match self {
+            ServiceName::Users => s.users.database_url(d),
+            ServiceName::Products => s.products.database_url(d),
+            ServiceName::Orders => s.orders.database_url(d),
+            ServiceName::Payments => s.payments.database_url(d),
+            ServiceName::Notifications => s.notifications.database_url(d),
+            ServiceName::Delivery => s.delivery.database_url(d),
+        })
+    }
+
+    /// Starts this service on `listener` in `tasks`.
+    fn spawn(
+        self,
+        cfg: &AppConfig,
+        listener: tokio::net::TcpListener,
+        platform: Platform,
+        stop: shopverse_kit::CancellationToken,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+    ) {
+        let (s, dir) = (cfg.services.clone(), cfg.data.dir.clone());
+        match self {
+            ServiceName::Users => tasks.spawn(async move {
+                Ok(shopverse_users::run(listener, s.users, &dir, platform, stop).await?)
+            }),
+            ServiceName::Products => tasks.spawn(async move {
+                Ok(shopverse_products::run(listener, s.products, &dir, platform, stop).await?)
+            }),
+            ServiceName::Orders => tasks.spawn(async move {
+                Ok(shopverse_orders::run(listener, s.orders, &dir, platform, stop).await?)
+            }),
+            ServiceName::Payments => tasks.spawn(async move {
+                Ok(shopverse_payments::run(listener, s.payments, &dir, platform, stop).await?)
+            }),
+            ServiceName::Notifications => tasks.spawn(async move {
+                Ok(
+                    shopverse_notifications::run(listener, s.notifications, &dir, platform, stop)
+                        .await?,
+                )
+            }),
+            ServiceName::Delivery => tasks.spawn(async move {
+                Ok(shopverse_delivery::run(listener, s.delivery, &dir, platform, stop).await?)
+            }),
+        };
     }
 }
 
@@ -134,7 +217,6 @@ async fn run_services(
         .with_context(|| format!("creating data dir {}", cfg.data.dir.display()))?;
     let registry = shopverse_kit::metrics::new_registry();
     let platform = platform(&cfg, registry.clone()).await?;
-    let data_dir = cfg.data.dir.clone();
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     let mut started = Started {
@@ -142,31 +224,29 @@ async fn run_services(
         ready_line: Vec::new(),
     };
     let mut targets = Vec::new();
+    // Bind everything first, so services that call each other learn the real addresses.
+    let mut cfg = cfg;
+    let mut bound_listeners = Vec::new();
     for (name, addr) in services {
         let listener = bind(*addr, name.as_str()).await?;
         let bound = listener.local_addr()?;
-        let (p, stop, dir) = (platform.clone(), shutdown.clone(), data_dir.clone());
-        let db_display;
-        match name {
-            ServiceName::Users => {
-                let c = cfg.services.users.clone();
-                db_display = shopverse_kit::db::redact(&c.database_url(&dir));
-                tasks.spawn(
-                    async move { Ok(shopverse_users::run(listener, c, &dir, p, stop).await?) },
-                );
-            }
-            ServiceName::Products => {
-                let c = cfg.services.products.clone();
-                db_display = shopverse_kit::db::redact(&c.database_url(&dir));
-                tasks.spawn(async move {
-                    Ok(shopverse_products::run(listener, c, &dir, p, stop).await?)
-                });
-            }
+        if *name == ServiceName::Products {
+            cfg.services.orders.products_url = format!("http://{bound}");
         }
+        bound_listeners.push((*name, listener, bound));
+    }
+    for (name, listener, bound) in bound_listeners {
+        name.spawn(
+            &cfg,
+            listener,
+            platform.clone(),
+            shutdown.clone(),
+            &mut tasks,
+        );
         started.rows.push((
             name.as_str().into(),
             bound.to_string(),
-            format!("gRPC  {}  {db_display}", name.grpc_name()),
+            format!("gRPC  {}  {}", name.grpc_name(), name.database(&cfg)),
         ));
         started
             .ready_line
@@ -221,9 +301,9 @@ fn print_table(title: &str, data_dir: &Path, s: &Started) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "ShopVerse {} — {title}", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(out, "  data dir   {}", data_dir.display());
-    let _ = writeln!(out, "  {:<10} {:<22} detail", "component", "address");
+    let _ = writeln!(out, "  {:<14} {:<22} detail", "component", "address");
     for (name, addr, detail) in &s.rows {
-        let _ = writeln!(out, "  {name:<10} {addr:<22} {detail}");
+        let _ = writeln!(out, "  {name:<14} {addr:<22} {detail}");
     }
     let _ = writeln!(out, "ready: {}", s.ready_line.join(" "));
     let _ = out.flush();
@@ -241,8 +321,7 @@ async fn products_is_empty(cfg: &AppConfig) -> anyhow::Result<bool> {
 pub async fn up(
     cfg: AppConfig,
     demo: bool,
-    users: Option<SocketAddr>,
-    products: Option<SocketAddr>,
+    overrides: &[(ServiceName, Option<SocketAddr>)],
     admin: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     if demo {
@@ -254,16 +333,13 @@ pub async fn up(
             println!("demo: the catalog is not empty; nothing seeded");
         }
     }
-    let services = [
-        (
-            ServiceName::Users,
-            users.unwrap_or(cfg.services.users.listen),
-        ),
-        (
-            ServiceName::Products,
-            products.unwrap_or(cfg.services.products.listen),
-        ),
-    ];
+    let services: Vec<(ServiceName, SocketAddr)> = ALL_SERVICES
+        .iter()
+        .map(|s| {
+            let o = overrides.iter().find(|(n, _)| n == s).and_then(|(_, a)| *a);
+            (*s, o.unwrap_or_else(|| s.listen(&cfg)))
+        })
+        .collect();
     let admin = admin.unwrap_or(cfg.admin.listen);
     run_services(cfg, &services, admin, "appliance").await
 }
@@ -274,19 +350,10 @@ pub async fn serve(
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let configured = match service {
-        ServiceName::Users => cfg.services.users.listen,
-        ServiceName::Products => cfg.services.products.listen,
-    };
+    let addr = listen.unwrap_or_else(|| service.listen(&cfg));
     let admin = admin.unwrap_or(cfg.admin.listen);
     let title = format!("{} service", service.as_str());
-    run_services(
-        cfg,
-        &[(service, listen.unwrap_or(configured))],
-        admin,
-        &title,
-    )
-    .await
+    run_services(cfg, &[(service, addr)], admin, &title).await
 }
 
 pub async fn seed(cfg: AppConfig) -> anyhow::Result<()> {

@@ -6,8 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use shopverse_delivery::DeliveryConfig;
 use shopverse_kit::config::{Invalid, Validate};
 use shopverse_kit::telemetry::TelemetryConfig;
+use shopverse_notifications::NotificationsConfig;
+use shopverse_orders::OrdersConfig;
+use shopverse_payments::PaymentsConfig;
 use shopverse_products::ProductsConfig;
 use shopverse_users::UsersConfig;
 
@@ -91,6 +95,10 @@ impl Default for ShutdownConfig {
 pub struct ServicesConfig {
     pub users: UsersConfig,
     pub products: ProductsConfig,
+    pub orders: OrdersConfig,
+    pub payments: PaymentsConfig,
+    pub notifications: NotificationsConfig,
+    pub delivery: DeliveryConfig,
 }
 
 impl Validate for AppConfig {
@@ -128,6 +136,12 @@ impl Validate for AppConfig {
         }
         self.services.users.validate("services.users")?;
         self.services.products.validate("services.products")?;
+        self.services.orders.validate("services.orders")?;
+        self.services.payments.validate("services.payments")?;
+        self.services
+            .notifications
+            .validate("services.notifications")?;
+        self.services.delivery.validate("services.delivery")?;
         Ok(())
     }
 }

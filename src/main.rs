@@ -77,6 +77,21 @@ struct UpArgs {
     /// Products service gRPC address.
     #[arg(long)]
     products_addr: Option<SocketAddr>,
+    /// Orders service gRPC address.
+    #[arg(long)]
+    orders_addr: Option<SocketAddr>,
+    /// Payments service gRPC address.
+    #[arg(long)]
+    payments_addr: Option<SocketAddr>,
+    /// Notifications service gRPC address.
+    #[arg(long)]
+    notifications_addr: Option<SocketAddr>,
+    /// Delivery service gRPC address.
+    #[arg(long)]
+    delivery_addr: Option<SocketAddr>,
+    /// Every service and the admin listener on this host, each on a free port (e.g. 127.0.0.1).
+    #[arg(long, conflicts_with_all = ["users_addr", "products_addr", "orders_addr", "payments_addr", "notifications_addr", "delivery_addr", "admin_addr"])]
+    any_ports_on: Option<std::net::IpAddr>,
     /// Admin HTTP address (/metrics, /healthz, /readyz).
     #[arg(long)]
     admin_addr: Option<SocketAddr>,
@@ -181,7 +196,17 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Up(a) => {
             let cfg = load(&a.common)?;
-            up(cfg, a.demo, a.users_addr, a.products_addr, a.admin_addr).await?;
+            let any = a.any_ports_on.map(|ip| SocketAddr::new(ip, 0));
+            let pick = |x: Option<SocketAddr>| x.or(any);
+            let overrides = [
+                (ServiceName::Users, pick(a.users_addr)),
+                (ServiceName::Products, pick(a.products_addr)),
+                (ServiceName::Orders, pick(a.orders_addr)),
+                (ServiceName::Payments, pick(a.payments_addr)),
+                (ServiceName::Notifications, pick(a.notifications_addr)),
+                (ServiceName::Delivery, pick(a.delivery_addr)),
+            ];
+            up(cfg, a.demo, &overrides, pick(a.admin_addr)).await?;
         }
         Command::Serve(a) => {
             let cfg = load(&a.common)?;
