@@ -318,12 +318,12 @@ impl Handler for DeliveryHandler {
             return self.0.schedule(conn, ev).await;
         }
         // Cancelled before it left: the parcel is not sent.
-        if let Some(mut s) = shipment(conn, &ev.subject).await? {
-            if s.status == "SCHEDULED" {
-                self.0
-                    .set_status(conn, &mut s, "SCHEDULED", "CANCELLED")
-                    .await?;
-            }
+        if let Some(mut s) = shipment(conn, &ev.subject).await?
+            && s.status == "SCHEDULED"
+        {
+            self.0
+                .set_status(conn, &mut s, "SCHEDULED", "CANCELLED")
+                .await?;
         }
         Ok(())
     }
@@ -437,11 +437,13 @@ pub async fn run(
     let routes = Routes::new(DeliveryServiceServer::new(delivery));
     shopverse_events::run_service(
         listener,
-        routes,
-        &[SERVICE_NAME],
-        db,
-        relay,
-        background,
+        shopverse_events::ServiceParts {
+            routes,
+            names: &[SERVICE_NAME],
+            db,
+            relay,
+            background,
+        },
         &platform,
         shutdown,
     )

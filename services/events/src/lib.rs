@@ -48,34 +48,41 @@ pub const MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[(
     include_str!("../migrations/1000_outbox_inbox.sql"),
 )];
 
-/// Runs a service to its end: the outbox relay, the service's background tasks (consumers,
-/// sweepers) and its gRPC server, all stopped by `shutdown`; then closes the database.
+/// What [`run_service`] runs: a service's gRPC routes, its database, its outbox relay and its
+/// background tasks (consumers, sweepers).
+pub struct ServiceParts {
+    pub routes: tonic::service::Routes,
+    /// Fully qualified gRPC service names, reported by health and reflection.
+    pub names: &'static [&'static str],
+    pub db: shopverse_kit::Db,
+    pub relay: outbox::Relay,
+    pub background: Vec<futures::future::BoxFuture<'static, ()>>,
+}
+
+/// Runs a service to its end: relay, background tasks and gRPC server, all stopped by
+/// `shutdown`; then closes the database.
 pub async fn run_service(
     listener: tokio::net::TcpListener,
-    routes: tonic::service::Routes,
-    grpc_services: &[&str],
-    db: shopverse_kit::Db,
-    relay: outbox::Relay,
-    background: Vec<futures::future::BoxFuture<'static, ()>>,
+    parts: ServiceParts,
     platform: &Platform,
     shutdown: shopverse_kit::CancellationToken,
 ) -> Result<(), shopverse_kit::server::ServeError> {
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(relay.run(shutdown.clone()));
-    for task in background {
+    tasks.spawn(parts.relay.run(shutdown.clone()));
+    for task in parts.background {
         tasks.spawn(task);
     }
     let served = shopverse_kit::server::serve_grpc(
         listener,
-        routes,
-        grpc_services,
+        parts.routes,
+        parts.names,
         shutdown.clone(),
         platform.grace,
     )
     .await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
-    db.close().await;
+    parts.db.close().await;
     served
 }
 

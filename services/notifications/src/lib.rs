@@ -207,36 +207,38 @@ impl Handler for NotificationHandler {
             return Ok(());
         };
         let mut failures = Vec::new();
-        if let (Some(email), Some(to)) = (&n.email, n.email_of(&r).await?) {
-            if !n.delivered(&ev.id, "email").await? {
-                let res = email
-                    .send(&to, &r.subject, &r.body, &format!("{}.email", ev.id))
-                    .await;
-                n.record(
-                    &ev.id,
-                    "email",
-                    &to,
-                    res.as_ref().err().map(|e| e.to_string()).as_deref(),
-                )
-                .await?;
-                if let Err(e) = res {
-                    failures.push(e.to_string());
-                }
+        if let Some(email) = &n.email
+            && let Some(to) = n.email_of(&r).await?
+            && !n.delivered(&ev.id, "email").await?
+        {
+            let res = email
+                .send(&to, &r.subject, &r.body, &format!("{}.email", ev.id))
+                .await;
+            n.record(
+                &ev.id,
+                "email",
+                &to,
+                res.as_ref().err().map(|e| e.to_string()).as_deref(),
+            )
+            .await?;
+            if let Err(e) = res {
+                failures.push(e.to_string());
             }
         }
-        if let (Some(sms), Some(to)) = (&n.sms, &r.phone) {
-            if !n.delivered(&ev.id, "sms").await? {
-                let res = sms.send(&format!("{}.sms", ev.id), to, &r.sms).await;
-                n.record(
-                    &ev.id,
-                    "sms",
-                    to,
-                    res.as_ref().err().map(|e| e.to_string()).as_deref(),
-                )
-                .await?;
-                if let Err(e) = res {
-                    failures.push(e.to_string());
-                }
+        if let Some(sms) = &n.sms
+            && let Some(to) = &r.phone
+            && !n.delivered(&ev.id, "sms").await?
+        {
+            let res = sms.send(&format!("{}.sms", ev.id), to, &r.sms).await;
+            n.record(
+                &ev.id,
+                "sms",
+                to,
+                res.as_ref().err().map(|e| e.to_string()).as_deref(),
+            )
+            .await?;
+            if let Err(e) = res {
+                failures.push(e.to_string());
             }
         }
         if failures.is_empty() {
@@ -406,11 +408,13 @@ pub async fn run(
     let routes = Routes::new(NotificationsServiceServer::new(n));
     shopverse_events::run_service(
         listener,
-        routes,
-        &[SERVICE_NAME],
-        db,
-        relay,
-        background,
+        shopverse_events::ServiceParts {
+            routes,
+            names: &[SERVICE_NAME],
+            db,
+            relay,
+            background,
+        },
         &platform,
         shutdown,
     )

@@ -105,11 +105,13 @@ pub async fn run(
     let routes = Routes::new(orders.into_server());
     shopverse_events::run_service(
         listener,
-        routes,
-        &[SERVICE_NAME],
-        db,
-        relay,
-        background,
+        shopverse_events::ServiceParts {
+            routes,
+            names: &[SERVICE_NAME],
+            db,
+            relay,
+            background,
+        },
         &platform,
         shutdown,
     )

@@ -362,21 +362,19 @@ impl Orders {
             if lines.is_empty() {
                 return Err(ServiceError::FailedPrecondition("the cart is empty".into()));
             }
-            let order_id = uuid::Uuid::now_v7().to_string();
+            let attempt = CheckoutRow {
+                request_hash: hash.to_owned(),
+                order_id: uuid::Uuid::now_v7().to_string(),
+                state: "RESERVING".into(),
+                lines,
+                error: None,
+            };
             match self
                 .store()
-                .insert_checkout(&mut conn, user_id, key, hash, &order_id, &lines, self.now())
+                .insert_checkout(&mut conn, user_id, key, &attempt, self.now())
                 .await
             {
-                Ok(()) => {
-                    return Ok(CheckoutRow {
-                        request_hash: hash.to_owned(),
-                        order_id,
-                        state: "RESERVING".into(),
-                        lines,
-                        error: None,
-                    });
-                }
+                Ok(()) => return Ok(attempt),
                 // The same key, concurrently: read what the other request wrote.
                 Err(e) if is_unique_violation(&e) => continue,
                 Err(e) => return Err(e.into()),

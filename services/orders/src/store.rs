@@ -175,14 +175,13 @@ impl Store {
         .transpose()
     }
 
+    /// Starts a checkout attempt in state `RESERVING` with the cart's `lines`.
     pub async fn insert_checkout(
         &self,
         conn: &mut AnyConnection,
         user_id: &str,
         key: &str,
-        hash: &str,
-        order_id: &str,
-        lines: &[(String, i64)],
+        attempt: &CheckoutRow,
         now: i64,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
@@ -191,9 +190,9 @@ impl Store {
         )
         .bind(user_id)
         .bind(key)
-        .bind(hash)
-        .bind(order_id)
-        .bind(serde_json::to_string(lines).unwrap_or_else(|_| "[]".into()))
+        .bind(&attempt.request_hash)
+        .bind(&attempt.order_id)
+        .bind(serde_json::to_string(&attempt.lines).unwrap_or_else(|_| "[]".into()))
         .bind(now)
         .execute(conn)
         .await?;

@@ -59,6 +59,14 @@ pub trait PaymentProvider: Send + Sync + 'static {
     ) -> Result<String, ProviderError>;
 }
 
+/// One operation asked of the simulator.
+struct Op<'a> {
+    key: &'a str,
+    kind: &'a str,
+    amount: i64,
+    currency: &'a str,
+}
+
 pub struct Simulator {
     db: Db,
     flaky_failures: i64,
@@ -93,12 +101,10 @@ impl Simulator {
         .transpose()
     }
 
+    /// Remembers what happened for `op`: `outcome` (transient, captured, declined, refunded).
     async fn record(
         &self,
-        key: &str,
-        kind: &str,
-        amount: i64,
-        currency: &str,
+        op: &Op<'_>,
         outcome: &str,
         reason: &str,
         attempts: i64,
@@ -110,10 +116,10 @@ impl Simulator {
              ON CONFLICT (idempotency_key) DO UPDATE SET outcome = excluded.outcome, reference = excluded.reference, \
              reason = excluded.reason, attempts = excluded.attempts",
         )
-        .bind(key)
-        .bind(kind)
-        .bind(amount)
-        .bind(currency)
+        .bind(op.key)
+        .bind(op.kind)
+        .bind(op.amount)
+        .bind(op.currency)
         .bind(outcome)
         .bind(&reference)
         .bind(reason)
@@ -153,11 +159,16 @@ impl PaymentProvider for Simulator {
             None => 1,
         };
         let declined = |reason: &str| reason.to_owned();
+        let op = Op {
+            key,
+            kind: "charge",
+            amount,
+            currency,
+        };
         let outcome = match token {
             "pm_card_ok" => Ok(()),
             "pm_card_flaky" if attempts <= self.flaky_failures => {
-                self.record(key, "charge", amount, currency, "transient", "", attempts)
-                    .await?;
+                self.record(&op, "transient", "", attempts).await?;
                 return Err(ProviderError::Transient(format!(
                     "simulated outage (attempt {attempts})"
                 )));
@@ -169,19 +180,14 @@ impl PaymentProvider for Simulator {
         };
         match outcome {
             Ok(()) => {
-                let reference = self
-                    .record(key, "charge", amount, currency, "captured", "", attempts)
-                    .await?;
+                let reference = self.record(&op, "captured", "", attempts).await?;
                 Ok(ChargeOutcome::Captured {
                     reference,
                     attempts,
                 })
             }
             Err(reason) => {
-                self.record(
-                    key, "charge", amount, currency, "declined", &reason, attempts,
-                )
-                .await?;
+                self.record(&op, "declined", &reason, attempts).await?;
                 Ok(ChargeOutcome::Declined { reason })
             }
         }
@@ -197,7 +203,17 @@ impl PaymentProvider for Simulator {
             return Ok(reference);
         }
         Ok(self
-            .record(key, "refund", amount, currency, "refunded", "", 1)
+            .record(
+                &Op {
+                    key,
+                    kind: "refund",
+                    amount,
+                    currency,
+                },
+                "refunded",
+                "",
+                1,
+            )
             .await?)
     }
 }

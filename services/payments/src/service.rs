@@ -164,10 +164,10 @@ impl Payments {
             .map_err(|e| HandlerError::Permanent(e.to_string()))?
             .order
             .ok_or_else(|| HandlerError::Permanent("order.placed without an order".into()))?;
-        if let Some(existing) = payment(conn, &order.id).await? {
-            if existing.status != "PENDING" {
-                return Ok(());
-            }
+        if let Some(existing) = payment(conn, &order.id).await?
+            && existing.status != "PENDING"
+        {
+            return Ok(());
         }
         let total = order.total.unwrap_or_default();
         let mut p = PaymentRow {

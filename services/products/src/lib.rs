@@ -83,11 +83,13 @@ pub async fn run(
     let routes = Routes::new(products.into_server());
     shopverse_events::run_service(
         listener,
-        routes,
-        &[SERVICE_NAME],
-        db,
-        relay,
-        background,
+        shopverse_events::ServiceParts {
+            routes,
+            names: &[SERVICE_NAME],
+            db,
+            relay,
+            background,
+        },
         &platform,
         shutdown,
     )

@@ -73,11 +73,13 @@ pub async fn run(
     let routes = Routes::new(users.into_server());
     shopverse_events::run_service(
         listener,
-        routes,
-        &[SERVICE_NAME],
-        db,
-        relay,
-        Vec::new(),
+        shopverse_events::ServiceParts {
+            routes,
+            names: &[SERVICE_NAME],
+            db,
+            relay,
+            background: Vec::new(),
+        },
         &platform,
         shutdown,
     )

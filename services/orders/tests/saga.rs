@@ -1,0 +1,797 @@
+//! The order saga end to end, in one process: products, orders, payments and delivery on
+//! port-0 servers over one embedded event log, driven through their gRPC APIs. Time is a
+//! test clock, so deadlines pass without sleeping.
+
+#![allow(clippy::unwrap_used)] // a test that unwraps an error it expects is the test
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shopverse_events::Platform;
+use shopverse_kit::Clock;
+use shopverse_kit::testing::{Spawned, as_user, channel, spawn};
+use shopverse_kit::{ManualClock, Role, SystemClock};
+use shopverse_proto::common::v1::{Address, Money};
+use shopverse_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
+use shopverse_proto::delivery::v1::{GetShipmentRequest, MarkShipmentRequest, ShipmentStatus};
+use shopverse_proto::orders::v1::orders_service_client::OrdersServiceClient;
+use shopverse_proto::orders::v1::*;
+use shopverse_proto::payments::v1::payments_service_client::PaymentsServiceClient;
+use shopverse_proto::payments::v1::{GetPaymentRequest, PaymentStatus, TransactionKind};
+use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
+use shopverse_proto::products::v1::{CreateProductRequest, GetStockRequest};
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Err = Box<dyn std::error::Error + Send + Sync>;
+
+struct Shop {
+    dir: tempfile::TempDir,
+    clock: ManualClock,
+    platform: Platform,
+    servers: Vec<Spawned<Err>>,
+    products: ProductsServiceClient<Channel>,
+    orders: OrdersServiceClient<Channel>,
+    delivery: DeliveryServiceClient<Channel>,
+    payments: Option<PaymentsServiceClient<Channel>>,
+}
+
+impl Shop {
+    async fn start(with_payments: bool) -> Shop {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(SystemClock.now_ms());
+        let (platform, _log) =
+            shopverse_events::testing::platform(dir.path(), Arc::new(clock.clone()))
+                .await
+                .unwrap();
+        let data = dir.path().to_owned();
+        let mut servers = Vec::new();
+
+        let (p, d) = (platform.clone(), data.clone());
+        let products = spawn(|l, stop| async move {
+            shopverse_products::run(l, Default::default(), &d, p, stop)
+                .await
+                .map_err(Err::from)
+        })
+        .await
+        .unwrap();
+        let products_addr = products.addr;
+        servers.push(products);
+
+        let (p, d) = (platform.clone(), data.clone());
+        let cfg = shopverse_orders::OrdersConfig {
+            products_url: format!("http://{products_addr}"),
+            sweep_interval_ms: 20,
+            checkout_abandon_secs: 30,
+            ..Default::default()
+        };
+        let orders = spawn(|l, stop| async move {
+            shopverse_orders::run(l, cfg, &d, p, stop)
+                .await
+                .map_err(Err::from)
+        })
+        .await
+        .unwrap();
+        let orders_addr = orders.addr;
+        servers.push(orders);
+
+        let (p, d) = (platform.clone(), data.clone());
+        let delivery = spawn(|l, stop| async move {
+            shopverse_delivery::run(l, Default::default(), &d, p, stop)
+                .await
+                .map_err(Err::from)
+        })
+        .await
+        .unwrap();
+        let delivery_addr = delivery.addr;
+        servers.push(delivery);
+
+        let mut shop = Shop {
+            products: ProductsServiceClient::new(channel(products_addr).await.unwrap()),
+            orders: OrdersServiceClient::new(channel(orders_addr).await.unwrap()),
+            delivery: DeliveryServiceClient::new(channel(delivery_addr).await.unwrap()),
+            payments: None,
+            dir,
+            clock,
+            platform,
+            servers,
+        };
+        if with_payments {
+            shop.start_payments().await;
+        }
+        shop
+    }
+
+    async fn start_payments(&mut self) {
+        let (p, d) = (self.platform.clone(), self.dir.path().to_owned());
+        let payments = spawn(|l, stop| async move {
+            shopverse_payments::run(l, Default::default(), &d, p, stop)
+                .await
+                .map_err(Err::from)
+        })
+        .await
+        .unwrap();
+        self.payments = Some(PaymentsServiceClient::new(
+            channel(payments.addr).await.unwrap(),
+        ));
+        self.servers.push(payments);
+    }
+
+    async fn stop(self) {
+        for s in self.servers.into_iter().rev() {
+            s.stop().await;
+        }
+    }
+
+    async fn product(&mut self, sku: &str, cents: i64, stock: i64) -> String {
+        self.products
+            .create_product(as_user(
+                CreateProductRequest {
+                    sku: sku.into(),
+                    name: format!("Product {sku}"),
+                    price: Some(Money {
+                        amount_minor: cents,
+                        currency: "EUR".into(),
+                    }),
+                    initial_stock: stock,
+                    ..Default::default()
+                },
+                "admin",
+                &[Role::Admin],
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    async fn stock(&mut self, id: &str) -> (i64, i64) {
+        let s = self
+            .products
+            .get_stock(GetStockRequest {
+                product_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (s.available, s.reserved)
+    }
+
+    async fn buy(
+        &mut self,
+        user: &str,
+        product: &str,
+        qty: i32,
+        token: &str,
+    ) -> Result<Order, tonic::Status> {
+        self.orders
+            .add_cart_item(who(
+                user,
+                AddCartItemRequest {
+                    product_id: product.into(),
+                    quantity: qty,
+                },
+            ))
+            .await?;
+        self.orders
+            .checkout(who(
+                user,
+                checkout_request(token, &format!("key-{}", uuid::Uuid::new_v4())),
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Waits until `order` reaches `status` (and, when given, `paid`/`refunded` flags).
+    async fn wait_for(
+        &mut self,
+        user: &str,
+        order: &str,
+        status: OrderStatus,
+        check: impl Fn(&Order) -> bool,
+    ) -> Order {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = self
+                .orders
+                .get_order(as_user(
+                    GetOrderRequest {
+                        order_id: order.into(),
+                    },
+                    user,
+                    &[Role::Customer],
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            if o.status() == status && check(&o) {
+                return o;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "order stuck at {:?}: {o:?}",
+                o.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn payment(&mut self, user: &str, order: &str) -> shopverse_proto::payments::v1::Payment {
+        self.payments
+            .as_mut()
+            .unwrap()
+            .get_payment(as_user(
+                GetPaymentRequest {
+                    order_id: order.into(),
+                },
+                user,
+                &[Role::Customer],
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+fn who<T>(user: &str, m: T) -> tonic::Request<T> {
+    as_user(m, user, &[Role::Customer])
+}
+
+fn address() -> Address {
+    Address {
+        recipient: "Ada".into(),
+        line1: "1 Main St".into(),
+        city: "Berlin".into(),
+        postal_code: "10115".into(),
+        country: "DE".into(),
+        ..Default::default()
+    }
+}
+
+fn checkout_request(token: &str, key: &str) -> CheckoutRequest {
+    CheckoutRequest {
+        shipping_address: Some(address()),
+        payment_method_token: token.into(),
+        idempotency_key: key.into(),
+    }
+}
+
+fn count(p: &shopverse_proto::payments::v1::Payment, kind: TransactionKind) -> usize {
+    p.transactions.iter().filter(|t| t.kind() == kind).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_to_delivered() {
+    let mut shop = Shop::start(true).await;
+    let p = shop.product("HAPPY", 2_500, 10).await;
+    let o = shop.buy("ann", &p, 3, "pm_card_ok").await.unwrap();
+    assert_eq!(o.status(), OrderStatus::PendingPayment);
+    assert_eq!(o.subtotal.as_ref().unwrap().amount_minor, 7_500);
+    assert_eq!(
+        o.shipping.as_ref().unwrap().amount_minor,
+        0,
+        "free shipping from EUR 50"
+    );
+    assert_eq!(shop.stock(&p).await, (7, 3), "reserved at checkout");
+    shop.wait_for("ann", &o.id, OrderStatus::Confirmed, |o| o.paid)
+        .await;
+    let pay = shop.payment("ann", &o.id).await;
+    assert_eq!(
+        (pay.status(), count(&pay, TransactionKind::Capture)),
+        (PaymentStatus::Succeeded, 1)
+    );
+
+    // Delivery schedules the shipment; an operator ships and delivers it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let shipment = loop {
+        match shop
+            .delivery
+            .get_shipment(as_user(
+                GetShipmentRequest {
+                    order_id: o.id.clone(),
+                },
+                "ann",
+                &[Role::Customer],
+            ))
+            .await
+        {
+            Ok(s) => break s.into_inner(),
+            Err(e) if e.code() == Code::NotFound && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(
+        (shipment.carrier.as_str(), shipment.status()),
+        ("DHL", ShipmentStatus::Scheduled)
+    );
+    let admin = |m| as_user(m, "op", &[Role::Admin]);
+    let e = shop
+        .delivery
+        .mark_delivered(admin(MarkShipmentRequest {
+            order_id: o.id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "not shipped yet");
+    shop.delivery
+        .mark_shipped(admin(MarkShipmentRequest {
+            order_id: o.id.clone(),
+        }))
+        .await
+        .unwrap();
+    shop.wait_for("ann", &o.id, OrderStatus::Shipped, |_| true)
+        .await;
+    let e = shop
+        .orders
+        .cancel_order(as_user(
+            CancelOrderRequest {
+                order_id: o.id.clone(),
+                reason: String::new(),
+            },
+            "ann",
+            &[Role::Customer],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::FailedPrecondition,
+        "shipped orders cannot be cancelled"
+    );
+    shop.delivery
+        .mark_delivered(admin(MarkShipmentRequest {
+            order_id: o.id.clone(),
+        }))
+        .await
+        .unwrap();
+    shop.wait_for("ann", &o.id, OrderStatus::Delivered, |_| true)
+        .await;
+    assert_eq!(
+        shop.stock(&p).await,
+        (7, 0),
+        "the reservation was committed"
+    );
+    // Other customers do not see it.
+    let e = shop
+        .orders
+        .get_order(as_user(
+            GetOrderRequest {
+                order_id: o.id.clone(),
+            },
+            "bob",
+            &[Role::Customer],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    shop.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declined_flaky_and_cancel_after_payment() {
+    let mut shop = Shop::start(true).await;
+    let p = shop.product("MIX", 1_000, 10).await;
+
+    // Declined: cancelled, stock back.
+    let declined = shop.buy("ann", &p, 2, "pm_card_declined").await.unwrap();
+    let o = shop
+        .wait_for("ann", &declined.id, OrderStatus::Cancelled, |_| true)
+        .await;
+    assert!(
+        o.cancel_reason.contains("card declined"),
+        "{}",
+        o.cancel_reason
+    );
+    assert!(!o.paid);
+
+    // Flaky: fails twice, then exactly one capture.
+    let flaky = shop.buy("ann", &p, 1, "pm_card_flaky").await.unwrap();
+    shop.wait_for("ann", &flaky.id, OrderStatus::Confirmed, |o| o.paid)
+        .await;
+    let pay = shop.payment("ann", &flaky.id).await;
+    assert_eq!(count(&pay, TransactionKind::Capture), 1);
+    assert_eq!(pay.attempts, 3);
+
+    // Paid, then cancelled by the customer: refunded once, stock back on the shelf.
+    let cancel = |id: &str| {
+        as_user(
+            CancelOrderRequest {
+                order_id: id.into(),
+                reason: "changed my mind".into(),
+            },
+            "ann",
+            &[Role::Customer],
+        )
+    };
+    shop.orders.cancel_order(cancel(&flaky.id)).await.unwrap();
+    shop.orders
+        .cancel_order(cancel(&flaky.id))
+        .await
+        .expect("cancelling twice is harmless");
+    let o = shop
+        .wait_for("ann", &flaky.id, OrderStatus::Cancelled, |o| o.refunded)
+        .await;
+    assert_eq!(o.cancel_reason, "changed my mind");
+    let pay = shop.payment("ann", &flaky.id).await;
+    assert_eq!(
+        (pay.status(), count(&pay, TransactionKind::Refund)),
+        (PaymentStatus::Refunded, 1)
+    );
+    // Stock settles asynchronously: wait for products to release both orders.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while shop.stock(&p).await != (10, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stock {:?}",
+            shop.stock(&p).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shop.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_wait_for_payments_then_time_out() {
+    let mut shop = Shop::start(false).await;
+    let p = shop.product("WAIT", 1_000, 5).await;
+    let waits = shop.buy("ann", &p, 1, "pm_card_ok").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shop.wait_for("ann", &waits.id, OrderStatus::PendingPayment, |_| true)
+        .await;
+
+    // A second order's deadline passes while payments is still down: cancelled, stock released.
+    shop.clock.advance_ms(16 * 60 * 1000);
+    let late = shop.buy("ann", &p, 2, "pm_card_ok").await.unwrap();
+    let o = shop
+        .wait_for("ann", &waits.id, OrderStatus::Cancelled, |_| true)
+        .await;
+    assert_eq!(o.cancel_reason, "payment deadline passed");
+    assert_eq!(
+        shop.stock(&p).await.1,
+        2,
+        "only the fresh order holds stock"
+    );
+
+    // Payments comes back: the fresh order completes; the expired one is charged then refunded.
+    shop.start_payments().await;
+    shop.wait_for("ann", &late.id, OrderStatus::Confirmed, |o| o.paid)
+        .await;
+    let o = shop
+        .wait_for("ann", &waits.id, OrderStatus::Cancelled, |o| {
+            o.paid && o.refunded
+        })
+        .await;
+    assert!(o.refunded);
+    let pay = shop.payment("ann", &waits.id).await;
+    assert_eq!(
+        (
+            count(&pay, TransactionKind::Capture),
+            count(&pay, TransactionKind::Refund)
+        ),
+        (1, 1)
+    );
+    shop.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_buyers_one_unit() {
+    let mut shop = Shop::start(true).await;
+    let p = shop.product("LAST", 999, 1).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut orders = shop.orders.clone();
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let user = format!("buyer-{i}");
+            orders
+                .add_cart_item(who(
+                    &user,
+                    AddCartItemRequest {
+                        product_id: p,
+                        quantity: 1,
+                    },
+                ))
+                .await
+                .unwrap();
+            orders
+                .checkout(who(
+                    &user,
+                    checkout_request("pm_card_ok", &format!("race-{i}-key")),
+                ))
+                .await
+                .map(|r| (user.clone(), r.into_inner()))
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(w) => won.push(w),
+            Err(e) => {
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+                assert!(
+                    e.message().contains("insufficient stock"),
+                    "{}",
+                    e.message()
+                );
+            }
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one buyer gets the last unit");
+    let (user, order) = won.remove(0);
+    shop.wait_for(&user, &order.id, OrderStatus::Confirmed, |o| o.paid)
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while shop.stock(&p).await != (0, 0) {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shop.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_is_idempotent_and_refuses_bad_input() {
+    let mut shop = Shop::start(true).await;
+    let p = shop.product("IDEM", 1_000, 10).await;
+    let e = shop
+        .orders
+        .checkout(who("ann", checkout_request("pm_card_ok", "empty-cart-key")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::FailedPrecondition, "the cart is empty")
+    );
+
+    shop.orders
+        .add_cart_item(who(
+            "ann",
+            AddCartItemRequest {
+                product_id: p.clone(),
+                quantity: 2,
+            },
+        ))
+        .await
+        .unwrap();
+    let cart = shop
+        .orders
+        .get_cart(who("ann", GetCartRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cart.subtotal.unwrap().amount_minor, 2_000);
+    let first = shop
+        .orders
+        .checkout(who("ann", checkout_request("pm_card_ok", "same-key-123")))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = shop
+        .orders
+        .checkout(who("ann", checkout_request("pm_card_ok", "same-key-123")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.id, again.id, "same key, same body: same order");
+    let e = shop
+        .orders
+        .checkout(who(
+            "ann",
+            checkout_request("pm_card_declined", "same-key-123"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(
+        e.message().starts_with("idempotency_key:"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(shop.stock(&p).await, (8, 2), "reserved once");
+    assert!(
+        shop.orders
+            .get_cart(who("ann", GetCartRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .lines
+            .is_empty()
+    );
+
+    // Bad input, each naming its field.
+    let cases: Vec<(Result<(), tonic::Status>, &str)> = vec![
+        (
+            shop.orders
+                .add_cart_item(who(
+                    "ann",
+                    AddCartItemRequest {
+                        product_id: p.clone(),
+                        quantity: 0,
+                    },
+                ))
+                .await
+                .map(|_| ()),
+            "quantity",
+        ),
+        (
+            shop.orders
+                .add_cart_item(who(
+                    "ann",
+                    AddCartItemRequest {
+                        product_id: p.clone(),
+                        quantity: 100,
+                    },
+                ))
+                .await
+                .map(|_| ()),
+            "quantity",
+        ),
+        (
+            shop.orders
+                .add_cart_item(who(
+                    "ann",
+                    AddCartItemRequest {
+                        product_id: String::new(),
+                        quantity: 1,
+                    },
+                ))
+                .await
+                .map(|_| ()),
+            "product_id",
+        ),
+        (
+            shop.orders
+                .set_cart_item_quantity(who(
+                    "ann",
+                    SetCartItemQuantityRequest {
+                        product_id: p.clone(),
+                        quantity: -1,
+                    },
+                ))
+                .await
+                .map(|_| ()),
+            "quantity",
+        ),
+        (
+            shop.orders
+                .checkout(who(
+                    "ann",
+                    CheckoutRequest {
+                        shipping_address: None,
+                        payment_method_token: "pm_card_ok".into(),
+                        idempotency_key: "k-12345678".into(),
+                    },
+                ))
+                .await
+                .map(|_| ()),
+            "shipping_address",
+        ),
+        (
+            shop.orders
+                .checkout(who(
+                    "ann",
+                    CheckoutRequest {
+                        shipping_address: Some(Address {
+                            country: "Germany".into(),
+                            ..address()
+                        }),
+                        payment_method_token: "pm_card_ok".into(),
+                        idempotency_key: "k-12345678".into(),
+                    },
+                ))
+                .await
+                .map(|_| ()),
+            "shipping_address.country",
+        ),
+        (
+            shop.orders
+                .checkout(who("ann", checkout_request("pm card!", "k-12345678")))
+                .await
+                .map(|_| ()),
+            "payment_method_token",
+        ),
+        (
+            shop.orders
+                .checkout(who("ann", checkout_request("pm_card_ok", "short")))
+                .await
+                .map(|_| ()),
+            "idempotency_key",
+        ),
+        (
+            shop.orders
+                .list_my_orders(who(
+                    "ann",
+                    ListMyOrdersRequest {
+                        page_size: 1000,
+                        page_token: String::new(),
+                    },
+                ))
+                .await
+                .map(|_| ()),
+            "page_size",
+        ),
+        (
+            shop.orders
+                .list_my_orders(who(
+                    "ann",
+                    ListMyOrdersRequest {
+                        page_size: 0,
+                        page_token: "!!".into(),
+                    },
+                ))
+                .await
+                .map(|_| ()),
+            "page_token",
+        ),
+        (
+            shop.orders
+                .get_order(who(
+                    "ann",
+                    GetOrderRequest {
+                        order_id: String::new(),
+                    },
+                ))
+                .await
+                .map(|_| ()),
+            "order_id",
+        ),
+    ];
+    for (res, field) in cases {
+        let e = res.expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(
+            e.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            e.message()
+        );
+    }
+    let e = shop
+        .orders
+        .add_cart_item(who(
+            "ann",
+            AddCartItemRequest {
+                product_id: "nope".into(),
+                quantity: 1,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = shop.orders.get_cart(GetCartRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = shop
+        .orders
+        .admin_list_orders(who("ann", AdminListOrdersRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let listed = shop
+        .orders
+        .admin_list_orders(as_user(
+            AdminListOrdersRequest {
+                status: OrderStatus::PendingPayment.into(),
+                ..Default::default()
+            },
+            "op",
+            &[Role::Admin],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .orders
+            .iter()
+            .all(|o| o.status() == OrderStatus::PendingPayment)
+    );
+    let mine = shop
+        .orders
+        .list_my_orders(who("ann", ListMyOrdersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.orders.len(), 1);
+    let _ = shop.clock.now_ms();
+    shop.stop().await;
+}
