@@ -25,6 +25,8 @@ struct Appliance {
     users: SocketAddr,
     products: SocketAddr,
     admin: SocketAddr,
+    /// Every `name=address` of the ready line.
+    addrs: std::collections::HashMap<String, SocketAddr>,
     stdout: Vec<String>,
 }
 
@@ -33,14 +35,7 @@ impl Appliance {
         let mut child = Command::new(BIN)
             .args(["up", "--data-dir"])
             .arg(data_dir)
-            .args([
-                "--users-addr",
-                "127.0.0.1:0",
-                "--products-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--any-ports-on", "127.0.0.1"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -63,6 +58,7 @@ impl Appliance {
             users: "0.0.0.0:0".parse().expect("addr"),
             products: "0.0.0.0:0".parse().expect("addr"),
             admin: "0.0.0.0:0".parse().expect("addr"),
+            addrs: Default::default(),
             stdout: Vec::new(),
         };
         loop {
@@ -75,6 +71,7 @@ impl Appliance {
                 for part in rest.split_whitespace() {
                     let (name, addr) = part.split_once('=').expect("name=addr");
                     let addr: SocketAddr = addr.parse().expect("socket address");
+                    app.addrs.insert(name.to_owned(), addr);
                     match name {
                         "users" => app.users = addr,
                         "products" => app.products = addr,
