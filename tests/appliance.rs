@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // a test that unwraps an error it expects is the test
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -15,154 +13,9 @@ use shopverse_proto::products::v1::products_service_client::ProductsServiceClien
 use shopverse_proto::products::v1::{ListCategoriesRequest, ListProductsRequest};
 use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
 use shopverse_proto::users::v1::{GetJwksRequest, LoginRequest, RegisterRequest};
-use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_shopverse");
-
-/// A running `shopverse up`; killed if the test fails before stopping it.
-struct Appliance {
-    child: Option<Child>,
-    users: SocketAddr,
-    products: SocketAddr,
-    admin: SocketAddr,
-    /// Every `name=address` of the ready line.
-    addrs: std::collections::HashMap<String, SocketAddr>,
-    stdout: Vec<String>,
-}
-
-impl Appliance {
-    fn start(data_dir: &Path, extra: &[&str]) -> Appliance {
-        let mut child = Command::new(BIN)
-            .args(["up", "--data-dir"])
-            .arg(data_dir)
-            .args(["--any-ports-on", "127.0.0.1"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start shopverse up");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut lines = Vec::new();
-        let mut app = Appliance {
-            child: Some(child),
-            users: "0.0.0.0:0".parse().expect("addr"),
-            products: "0.0.0.0:0".parse().expect("addr"),
-            admin: "0.0.0.0:0".parse().expect("addr"),
-            addrs: Default::default(),
-            stdout: Vec::new(),
-        };
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no ready line; output so far: {lines:#?}"));
-            lines.push(line.clone());
-            if let Some(rest) = line.strip_prefix("ready: ") {
-                for part in rest.split_whitespace() {
-                    let (name, addr) = part.split_once('=').expect("name=addr");
-                    let addr: SocketAddr = addr.parse().expect("socket address");
-                    app.addrs.insert(name.to_owned(), addr);
-                    match name {
-                        "users" => app.users = addr,
-                        "products" => app.products = addr,
-                        "admin" => app.admin = addr,
-                        _ => {}
-                    }
-                }
-                app.stdout = lines;
-                return app;
-            }
-        }
-    }
-
-    /// SIGTERM, then the process must exit 0 within the grace period.
-    fn stop(mut self) {
-        let mut child = self.child.take().expect("running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                assert!(status.success(), "exit status {status}");
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "did not stop within 20 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect")
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn cli(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run shopverse");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_demo_register_login_and_browse_over_grpc() {
