@@ -67,20 +67,19 @@ async fn run_job(
     add: bool,
 ) -> Outcome {
     let who = |m| as_user(m, &job.user, &[Role::Customer]);
-    if add {
-        if let Err(e) = orders
+    if add
+        && let Err(e) = orders
             .add_cart_item(who(AddCartItemRequest {
                 product_id: job.product.clone(),
                 quantity: job.qty,
             }))
             .await
-        {
-            return if e.code() == Code::InvalidArgument {
-                Outcome::Refused
-            } else {
-                Outcome::Interrupted
-            };
-        }
+    {
+        return if e.code() == Code::InvalidArgument {
+            Outcome::Refused
+        } else {
+            Outcome::Interrupted
+        };
     }
     let req = as_user(
         CheckoutRequest {

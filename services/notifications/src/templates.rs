@@ -33,8 +33,13 @@ pub fn money(m: Option<&Money>) -> String {
     }
 }
 
+/// The last 8 characters of a long id (a UUID), which is how customers quote their order.
 fn short(id: &str) -> &str {
-    id.get(id.len().saturating_sub(8)..).unwrap_or(id)
+    if id.len() > 12 {
+        id.get(id.len() - 8..).unwrap_or(id)
+    } else {
+        id
+    }
 }
 
 fn lines(o: &Order) -> String {

@@ -1,0 +1,307 @@
+//! Email reaches a real SMTP server (aiosmtpd, a separate process on loopback) and SMS a real
+//! HTTP listener; each event goes out once per channel, a failing channel retries, parks, and
+//! after a replay sends only what did not go out.
+
+#![allow(clippy::unwrap_used)] // a test that unwraps an error it expects is the test
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use shopverse_events::bus::OutRecord;
+use shopverse_events::embedded::EmbeddedLog;
+use shopverse_events::envelope::{ORDER_PLACED, USER_REGISTERED, new_envelope};
+use shopverse_events::outbox::envelope_headers;
+use shopverse_events::{EventBus, dlq};
+use shopverse_kit::testing::spawn;
+use shopverse_kit::{Clock, SystemClock};
+use shopverse_notifications::NotificationsConfig;
+use shopverse_proto::common::v1::{Address, Money};
+use shopverse_proto::orders::v1::{Order, OrderEvent};
+use shopverse_proto::users::v1::UserRegistered;
+
+/// aiosmtpd writing every message it accepts into a Maildir.
+struct Smtp {
+    child: Child,
+    port: u16,
+    maildir: PathBuf,
+}
+
+impl Smtp {
+    fn start(dir: &Path) -> Smtp {
+        let python = std::env::var("SHOPVERSE_TEST_PYTHON").expect(
+            "SHOPVERSE_TEST_PYTHON: a python with aiosmtpd; scripts/test sets it up (see README)",
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let maildir = dir.join("maildir");
+        #[allow(clippy::zombie_processes)] // `Drop for Smtp` kills and reaps it
+        let child = Command::new(python)
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            .arg(&maildir)
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Smtp {
+                    child,
+                    port,
+                    maildir,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("aiosmtpd did not start on port {port}");
+    }
+
+    /// Every message received so far, as raw text.
+    fn messages(&self) -> Vec<String> {
+        let new = self.maildir.join("new");
+        let mut out: Vec<String> = std::fs::read_dir(&new)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP listener playing the SMS provider; answers 500 while `failing` is set.
+async fn webhook(
+    received: Arc<Mutex<Vec<serde_json::Value>>>,
+    failing: Arc<AtomicBool>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (received, failing) = (received.clone(), failing.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let (received, failing) = (received.clone(), failing.clone());
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+                        if failing.load(Ordering::SeqCst) {
+                            *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                        } else {
+                            received
+                                .lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap());
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn order(id: &str, user: &str) -> Order {
+    Order {
+        id: id.into(),
+        user_id: user.into(),
+        total: Some(Money {
+            amount_minor: 4_990,
+            currency: "EUR".into(),
+        }),
+        shipping_address: Some(Address {
+            phone: "+49 30 1234567".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn publish(log: &EmbeddedLog, env: &shopverse_proto::events::v1::Envelope, topic: &str) {
+    log.publish(&[OutRecord {
+        topic: topic.into(),
+        key: env.subject.clone(),
+        headers: envelope_headers(env),
+        payload: env.encode_to_vec(),
+    }])
+    .await
+    .unwrap();
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_and_sms_once_per_event_and_channel_with_retry_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(dir.path());
+    let sms = Arc::new(Mutex::new(Vec::new()));
+    let failing = Arc::new(AtomicBool::new(false));
+    let hook = webhook(sms.clone(), failing.clone()).await;
+    let (platform, log) = shopverse_events::testing::platform(dir.path(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let config = NotificationsConfig {
+        smtp_host: "127.0.0.1".into(),
+        smtp_port: smtp.port,
+        sms_webhook_url: format!("http://{hook}/sms"),
+        ..Default::default()
+    };
+    let data = dir.path().to_owned();
+    let server = spawn(|l, stop| async move {
+        shopverse_notifications::run(l, config, &data, platform, stop).await
+    })
+    .await
+    .unwrap();
+
+    let now = SystemClock.now_ms();
+    let welcome = new_envelope(
+        &USER_REGISTERED,
+        "users",
+        "u1",
+        now,
+        None,
+        &UserRegistered {
+            user_id: "u1".into(),
+            email: "ada@example.com".into(),
+            display_name: "Ada".into(),
+        },
+    );
+    publish(&log, &welcome, "shopverse.users").await;
+    until("the welcome email", || smtp.messages().len() == 1).await;
+    let placed = new_envelope(
+        &ORDER_PLACED,
+        "orders",
+        "order-0001",
+        now,
+        None,
+        &OrderEvent {
+            order: Some(order("order-0001", "u1")),
+        },
+    );
+    publish(&log, &placed, "shopverse.orders").await;
+    until("the order email", || smtp.messages().len() == 2).await;
+    until("the order SMS", || sms.lock().unwrap().len() == 1).await;
+
+    let mails = smtp.messages();
+    assert!(
+        mails
+            .iter()
+            .any(|m| m.contains("Subject: Welcome to ShopVerse")
+                && m.contains("To: ada@example.com")),
+        "{mails:#?}"
+    );
+    let order_mail = mails
+        .iter()
+        .find(|m| m.contains("Subject: Order order-0001 received"))
+        .expect("order mail");
+    assert!(
+        order_mail.contains(&format!("{}.email@shopverse", placed.id)),
+        "Message-ID names the event: {order_mail}"
+    );
+    assert!(order_mail.contains("EUR 49.90"), "{order_mail}");
+    let text = sms.lock().unwrap()[0].clone();
+    assert_eq!(text["to"], "+49 30 1234567");
+    assert!(
+        text["text"]
+            .as_str()
+            .unwrap()
+            .contains("order-0001 received"),
+        "{text}"
+    );
+
+    // The same event delivered again (at-least-once): nothing new goes out.
+    publish(&log, &placed, "shopverse.orders").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(smtp.messages().len(), 2);
+    assert_eq!(sms.lock().unwrap().len(), 1);
+
+    // The SMS provider fails: the email goes out, the event retries, then parks.
+    failing.store(true, Ordering::SeqCst);
+    let second = new_envelope(
+        &ORDER_PLACED,
+        "orders",
+        "order-0002",
+        now,
+        None,
+        &OrderEvent {
+            order: Some(order("order-0002", "u1")),
+        },
+    );
+    publish(&log, &second, "shopverse.orders").await;
+    let bus = log.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let parked = dlq::list(&bus, None).await.unwrap();
+        if let Some(d) = parked.first() {
+            assert_eq!(d.event_id, second.id);
+            assert!(d.reason.contains("SMS webhook"), "{}", d.reason);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        smtp.messages().len(),
+        3,
+        "the email went out once despite the retries"
+    );
+    assert_eq!(sms.lock().unwrap().len(), 1);
+
+    // Provider back; replay: the SMS goes out, the email is not sent again.
+    failing.store(false, Ordering::SeqCst);
+    assert_eq!(dlq::replay(&bus, None, None).await.unwrap().len(), 1);
+    until("the replayed SMS", || sms.lock().unwrap().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.messages().len(), 3);
+    assert_eq!(
+        log.topics()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|t| t.ends_with(".dlq"))
+            .count(),
+        1
+    );
+    server.stop().await;
+}
