@@ -211,6 +211,7 @@ async fn run_services(
     services: &[(ServiceName, SocketAddr)],
     admin_addr: SocketAddr,
     title: &str,
+    demo_orders: bool,
 ) -> anyhow::Result<()> {
     let shutdown = shopverse_kit::shutdown::on_signals();
     std::fs::create_dir_all(&cfg.data.dir)
@@ -273,6 +274,26 @@ async fn run_services(
         .push(("events".into(), "embedded".into(), cfg.events_url()));
 
     wait_serving(&targets, &mut tasks).await?;
+    if demo_orders {
+        let addr = |n: ServiceName| {
+            targets
+                .iter()
+                .find(|(_, g)| *g == n.grpc_name())
+                .map(|(a, _)| *a)
+        };
+        if let (Some(u), Some(p), Some(o)) = (
+            addr(ServiceName::Users),
+            addr(ServiceName::Products),
+            addr(ServiceName::Orders),
+        ) {
+            match place_demo_orders(u, p, o).await {
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "placing the demo orders failed")
+                }
+            }
+        }
+    }
     ready.store(true, Ordering::Relaxed);
     print_table(title, &cfg.data.dir, &started);
 
@@ -341,7 +362,124 @@ pub async fn up(
         })
         .collect();
     let admin = admin.unwrap_or(cfg.admin.listen);
-    run_services(cfg, &services, admin, "appliance").await
+    run_services(cfg, &services, admin, "appliance", demo).await
+}
+
+pub const DEMO_EMAIL: &str = "demo@shopverse.example";
+pub const DEMO_PASSWORD: &str = "demo password 1234";
+
+/// A demo customer with three orders (two paid, one declined), placed through the services'
+/// own APIs; idempotent: a customer who already has orders gets no more.
+async fn place_demo_orders(
+    users: SocketAddr,
+    products: SocketAddr,
+    orders: SocketAddr,
+) -> anyhow::Result<String> {
+    use shopverse_kit::Role;
+    use shopverse_kit::testing::as_user;
+    use shopverse_proto::orders::v1 as o;
+    use shopverse_proto::products::v1 as p;
+    use shopverse_proto::users::v1 as u;
+    let ch = |a: SocketAddr| async move {
+        anyhow::Ok(
+            tonic::transport::Endpoint::from_shared(format!("http://{a}"))?
+                .connect()
+                .await?,
+        )
+    };
+    let mut users = u::users_service_client::UsersServiceClient::new(ch(users).await?);
+    let registered = users
+        .register(u::RegisterRequest {
+            email: DEMO_EMAIL.into(),
+            password: DEMO_PASSWORD.into(),
+            display_name: "Demo Customer".into(),
+        })
+        .await;
+    let user_id = match registered {
+        Ok(r) => r.into_inner().user.map(|u| u.id).unwrap_or_default(),
+        Err(e) if e.code() == tonic::Code::AlreadyExists => {
+            let found = users
+                .list_users(as_user(
+                    u::ListUsersRequest {
+                        email: DEMO_EMAIL.into(),
+                        ..Default::default()
+                    },
+                    "shopverse-cli",
+                    &[Role::Admin],
+                ))
+                .await?
+                .into_inner();
+            found
+                .users
+                .first()
+                .map(|u| u.id.clone())
+                .context("the demo customer vanished")?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let me = |m| as_user(m, &user_id, &[Role::Customer]);
+    let mut orders = o::orders_service_client::OrdersServiceClient::new(ch(orders).await?);
+    let existing = orders
+        .list_my_orders(me(o::ListMyOrdersRequest::default()))
+        .await?
+        .into_inner()
+        .orders
+        .len();
+    if existing == 0 {
+        let mut catalog =
+            p::products_service_client::ProductsServiceClient::new(ch(products).await?);
+        let picks = catalog
+            .list_products(p::ListProductsRequest {
+                page_size: 3,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .products;
+        for (i, (product, token)) in picks
+            .iter()
+            .zip(["pm_card_ok", "pm_card_ok", "pm_card_declined"])
+            .enumerate()
+        {
+            orders
+                .add_cart_item(as_user(
+                    o::AddCartItemRequest {
+                        product_id: product.id.clone(),
+                        quantity: 1,
+                    },
+                    &user_id,
+                    &[Role::Customer],
+                ))
+                .await?;
+            orders
+                .checkout(as_user(
+                    o::CheckoutRequest {
+                        shipping_address: Some(shopverse_proto::common::v1::Address {
+                            recipient: "Demo Customer".into(),
+                            line1: "1 Example Street".into(),
+                            city: "Berlin".into(),
+                            postal_code: "10115".into(),
+                            country: "DE".into(),
+                            ..Default::default()
+                        }),
+                        payment_method_token: token.into(),
+                        idempotency_key: format!("demo-order-{i}"),
+                    },
+                    &user_id,
+                    &[Role::Customer],
+                ))
+                .await?;
+        }
+    }
+    let n = orders
+        .list_my_orders(me(o::ListMyOrdersRequest::default()))
+        .await?
+        .into_inner()
+        .orders
+        .len();
+    Ok(format!(
+        "demo: customer {DEMO_EMAIL} (password \"{DEMO_PASSWORD}\") has {n} orders"
+    ))
 }
 
 pub async fn serve(
@@ -353,7 +491,7 @@ pub async fn serve(
     let addr = listen.unwrap_or_else(|| service.listen(&cfg));
     let admin = admin.unwrap_or(cfg.admin.listen);
     let title = format!("{} service", service.as_str());
-    run_services(cfg, &[(service, addr)], admin, &title).await
+    run_services(cfg, &[(service, addr)], admin, &title, false).await
 }
 
 pub async fn seed(cfg: AppConfig) -> anyhow::Result<()> {

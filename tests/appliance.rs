@@ -22,6 +22,14 @@ async fn up_demo_register_login_and_browse_over_grpc() {
     let dir = tempfile::tempdir().expect("tempdir");
     let app = Appliance::start(dir.path(), &["--demo"]);
     assert!(
+        app.stdout
+            .iter()
+            .any(|l| l.contains("demo: customer demo@shopverse.example")
+                && l.ends_with("has 3 orders")),
+        "{:#?}",
+        app.stdout
+    );
+    assert!(
         app.stdout.iter().any(|l| l.contains("60 products added")),
         "{:#?}",
         app.stdout
@@ -150,6 +158,11 @@ async fn up_demo_register_login_and_browse_over_grpc() {
 
     // Restarted on the same data: the account and the catalog are still there, nothing re-seeded.
     let app = Appliance::start(dir.path(), &["--demo"]);
+    assert!(
+        app.stdout.iter().any(|l| l.ends_with("has 3 orders")),
+        "demo orders are not placed twice: {:#?}",
+        app.stdout
+    );
     assert!(
         app.stdout.iter().any(|l| l.contains("nothing seeded")),
         "{:#?}",
