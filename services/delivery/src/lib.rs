@@ -399,10 +399,7 @@ pub enum RunError {
 }
 
 pub async fn open_db(config: &DeliveryConfig, data_dir: &Path) -> Result<Db, RunError> {
-    let db = Db::connect(&config.database_url(data_dir), 8).await?;
-    db.migrate(&[MIGRATIONS, shopverse_events::MIGRATIONS])
-        .await?;
-    Ok(db)
+    Ok(shopverse_events::open_service_db(&config.database_url(data_dir), MIGRATIONS).await?)
 }
 
 /// Runs the delivery service on `listener` until `shutdown`.

@@ -48,6 +48,16 @@ pub const MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[(
     include_str!("../migrations/1000_outbox_inbox.sql"),
 )];
 
+/// Connects a service's database and applies its own migrations with the outbox and inbox's.
+pub async fn open_service_db(
+    url: &str,
+    own: &[shopverse_kit::db::MigrationSpec],
+) -> Result<shopverse_kit::Db, shopverse_kit::db::DbError> {
+    let db = shopverse_kit::Db::connect(url, 8).await?;
+    db.migrate(&[own, MIGRATIONS]).await?;
+    Ok(db)
+}
+
 /// What [`run_service`] runs: a service's gRPC routes, its database, its outbox relay and its
 /// background tasks (consumers, sweepers).
 pub struct ServiceParts {

@@ -14,6 +14,7 @@
 //! - [`identity`]: who is calling, from the gateway's `x-shopverse-user` / `x-shopverse-roles`
 //!   metadata, and the one helper that enforces roles.
 //! - [`error`]: the domain error every service returns, mapped to `tonic::Status` in one place.
+//! - [`paging`]: cursor pagination by id (page size checks, opaque tokens).
 //! - [`clock`]: time as a dependency, so tests can drive token expiry and lockouts.
 //! - [`validate`]: input rules several services share (text, postal addresses).
 //! - [`testing`]: helpers for tests (a fresh PostgreSQL database per run).
@@ -26,6 +27,7 @@ pub mod db;
 pub mod error;
 pub mod identity;
 pub mod metrics;
+pub mod paging;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -26,8 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use sqlx::{AnyConnection, Row};
 use tokio::net::TcpListener;
@@ -289,39 +287,19 @@ impl NotificationsService for Notifications {
     ) -> Result<Response<ListMyNotificationsResponse>, Status> {
         let caller = require(&req, Role::Customer)?;
         let r = req.into_inner();
-        let limit = match r.page_size {
-            0 => 20,
-            n @ 1..=100 => i64::from(n),
-            _ => {
-                return Err(ServiceError::invalid("page_size", "must be between 1 and 100").into());
-            }
-        };
-        let before = if r.page_token.is_empty() {
-            String::new()
-        } else {
-            URL_SAFE_NO_PAD
-                .decode(&r.page_token)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    Status::from(ServiceError::invalid(
-                        "page_token",
-                        "is not a token this service issued",
-                    ))
-                })?
-        };
+        let page = shopverse_kit::paging::Page::parse(r.page_size, &r.page_token, 20, 100)?;
         let rows = sqlx::query(
             "SELECT id, event_type, subject, body, created_at FROM inbox_items \
              WHERE user_id = $1 AND ($2 = '' OR id < $2) ORDER BY id DESC LIMIT $3",
         )
         .bind(&caller.user_id)
-        .bind(&before)
-        .bind(limit + 1)
+        .bind(&page.cursor)
+        .bind(page.fetch())
         .fetch_all(self.db.pool())
         .await
         .map_err(ServiceError::from)?;
         let mut out = Vec::new();
-        for row in rows.iter().take(usize::try_from(limit).unwrap_or(20)) {
+        for row in &rows {
             out.push(Notification {
                 id: row.try_get("id").map_err(ServiceError::from)?,
                 event_type: row.try_get("event_type").map_err(ServiceError::from)?,
@@ -332,10 +310,7 @@ impl NotificationsService for Notifications {
                 )),
             });
         }
-        let next_page_token = match out.last() {
-            Some(l) if rows.len() as i64 > limit => URL_SAFE_NO_PAD.encode(l.id.as_bytes()),
-            _ => String::new(),
-        };
+        let next_page_token = page.finish(&mut out, |n| &n.id);
         Ok(Response::new(ListMyNotificationsResponse {
             notifications: out,
             next_page_token,
@@ -354,10 +329,7 @@ pub enum RunError {
 }
 
 pub async fn open_db(config: &NotificationsConfig, data_dir: &Path) -> Result<Db, RunError> {
-    let db = Db::connect(&config.database_url(data_dir), 8).await?;
-    db.migrate(&[MIGRATIONS, shopverse_events::MIGRATIONS])
-        .await?;
-    Ok(db)
+    Ok(shopverse_events::open_service_db(&config.database_url(data_dir), MIGRATIONS).await?)
 }
 
 /// Runs the notifications service on `listener` until `shutdown`.

@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
@@ -694,35 +692,14 @@ impl Orders {
         page_size: i32,
         token: &str,
     ) -> Result<ListOrdersResponse, ServiceError> {
-        let limit = match page_size {
-            0 => 20,
-            n @ 1..=100 => i64::from(n),
-            _ => {
-                return Err(ServiceError::invalid(
-                    "page_size",
-                    "must be between 1 and 100",
-                ));
-            }
-        };
-        let before = if token.is_empty() {
-            String::new()
-        } else {
-            URL_SAFE_NO_PAD
-                .decode(token)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    ServiceError::invalid("page_token", "is not a token this service issued")
-                })?
-        };
-        let mut rows = self.store().list(user, status, &before, limit + 1).await?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(usize::try_from(limit).unwrap_or(20));
+        let page = shopverse_kit::paging::Page::parse(page_size, token, 20, 100)?;
+        let mut rows = self
+            .store()
+            .list(user, status, &page.cursor, page.fetch())
+            .await?;
+        let next_page_token = page.finish(&mut rows, |o| &o.id);
         Ok(ListOrdersResponse {
-            next_page_token: match rows.last() {
-                Some(l) if more => URL_SAFE_NO_PAD.encode(l.id.as_bytes()),
-                _ => String::new(),
-            },
+            next_page_token,
             orders: rows.iter().map(order_to_proto).collect(),
         })
     }

@@ -50,10 +50,7 @@ pub enum RunError {
 
 /// Connects to the products database and applies its migrations (and the outbox's).
 pub async fn open_db(config: &ProductsConfig, data_dir: &Path) -> Result<Db, RunError> {
-    let db = Db::connect(&config.database_url(data_dir), 8).await?;
-    db.migrate(&[MIGRATIONS, shopverse_events::MIGRATIONS])
-        .await?;
-    Ok(db)
+    Ok(shopverse_events::open_service_db(&config.database_url(data_dir), MIGRATIONS).await?)
 }
 
 /// Runs the products service on `listener` until `shutdown`: the gRPC server and the relay.

@@ -47,10 +47,7 @@ pub enum RunError {
 
 /// Connects to the users database and applies its migrations (and the outbox's).
 pub async fn open_db(config: &UsersConfig, data_dir: &Path) -> Result<Db, RunError> {
-    let db = Db::connect(&config.database_url(data_dir), 8).await?;
-    db.migrate(&[MIGRATIONS, shopverse_events::MIGRATIONS])
-        .await?;
-    Ok(db)
+    Ok(shopverse_events::open_service_db(&config.database_url(data_dir), MIGRATIONS).await?)
 }
 
 /// Runs the users service on `listener` until `shutdown`: the gRPC server and the outbox relay.

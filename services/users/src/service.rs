@@ -434,27 +434,7 @@ impl Users {
     }
 
     async fn list_users(&self, req: ListUsersRequest) -> Result<ListUsersResponse, ServiceError> {
-        let size = match req.page_size {
-            0 => 50,
-            n @ 1..=200 => i64::from(n),
-            _ => {
-                return Err(ServiceError::invalid(
-                    "page_size",
-                    "must be between 1 and 200",
-                ));
-            }
-        };
-        let after = if req.page_token.is_empty() {
-            String::new()
-        } else {
-            URL_SAFE_NO_PAD
-                .decode(&req.page_token)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    ServiceError::invalid("page_token", "is not a token this service issued")
-                })?
-        };
+        let page = shopverse_kit::paging::Page::parse(req.page_size, &req.page_token, 50, 200)?;
         let email = if req.email.is_empty() {
             None
         } else {
@@ -462,14 +442,9 @@ impl Users {
         };
         let mut rows = self
             .repo()
-            .list_users(&after, email.as_deref(), size + 1)
+            .list_users(&page.cursor, email.as_deref(), page.fetch())
             .await?;
-        let more = rows.len() as i64 > size;
-        rows.truncate(usize::try_from(size).unwrap_or(50));
-        let next_page_token = match rows.last() {
-            Some(last) if more => URL_SAFE_NO_PAD.encode(last.id.as_bytes()),
-            _ => String::new(),
-        };
+        let next_page_token = page.finish(&mut rows, |u| &u.id);
         Ok(ListUsersResponse {
             users: rows.iter().map(user_to_proto).collect(),
             next_page_token,
