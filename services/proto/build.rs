@@ -23,8 +23,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed={}", root.display());
 
-    let fds = protox::compile(FILES, [&root])?;
-    std::fs::write(out.join("shopverse_descriptor.bin"), fds.encode_to_vec())?;
+    // Encode the set from protox's own descriptors: decoding into prost-types first would
+    // drop the custom options (google.api.http, shopverse.api.v1.access) the gateway reads.
+    let mut compiler = protox::Compiler::new([&root])?;
+    compiler.include_imports(true).include_source_info(false);
+    compiler.open_files(FILES)?;
+    let encoded = compiler.encode_file_descriptor_set();
+    std::fs::write(out.join("shopverse_descriptor.bin"), &encoded)?;
+    let fds = prost_types::FileDescriptorSet::decode(encoded.as_slice())?;
 
     tonic_prost_build::configure()
         .build_server(true)
