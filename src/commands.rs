@@ -212,11 +212,13 @@ async fn run_services(
     admin_addr: SocketAddr,
     title: &str,
     demo_orders: bool,
+    gateway_addr: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let shutdown = shopverse_kit::shutdown::on_signals();
     std::fs::create_dir_all(&cfg.data.dir)
         .with_context(|| format!("creating data dir {}", cfg.data.dir.display()))?;
     let registry = shopverse_kit::metrics::new_registry();
+    let registry_for_gateway = registry.clone();
     let platform = platform(&cfg, registry.clone()).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
@@ -294,6 +296,40 @@ async fn run_services(
             }
         }
     }
+    let mut gateway = None;
+    if let Some(addr) = gateway_addr {
+        let mut gcfg = cfg.gateway.clone();
+        gcfg.listen = addr;
+        // The gateway talks to the services this process runs.
+        for (name, bound) in targets.iter().filter_map(|(a, g)| {
+            ALL_SERVICES
+                .iter()
+                .find(|s| s.grpc_name() == *g)
+                .map(|s| (s.as_str(), a))
+        }) {
+            gcfg.upstreams
+                .insert(name.to_owned(), vec![format!("http://{bound}")]);
+        }
+        let running = shopverse_gateway::start(
+            gcfg,
+            &registry_for_gateway,
+            Arc::new(SystemClock),
+            shutdown.clone(),
+        )
+        .await?;
+        started.rows.insert(
+            0,
+            (
+                "gateway".into(),
+                running.addr.to_string(),
+                "HTTP  REST/JSON -> gRPC, JWT, rate limits".into(),
+            ),
+        );
+        started
+            .ready_line
+            .insert(0, format!("gateway={}", running.addr));
+        gateway = Some(running);
+    }
     ready.store(true, Ordering::Relaxed);
     print_table(title, &cfg.data.dir, &started);
 
@@ -308,6 +344,9 @@ async fn run_services(
         ready.store(false, Ordering::Relaxed);
         shutdown.cancel();
         failure.get_or_insert(err);
+    }
+    if let Some(g) = gateway {
+        g.join().await;
     }
     match failure {
         Some(e) => Err(e),
@@ -344,6 +383,7 @@ pub async fn up(
     demo: bool,
     overrides: &[(ServiceName, Option<SocketAddr>)],
     admin: Option<SocketAddr>,
+    gateway_addr: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     if demo {
         std::fs::create_dir_all(&cfg.data.dir)
@@ -362,7 +402,8 @@ pub async fn up(
         })
         .collect();
     let admin = admin.unwrap_or(cfg.admin.listen);
-    run_services(cfg, &services, admin, "appliance", demo).await
+    let gateway_addr = gateway_addr.unwrap_or(cfg.gateway.listen);
+    run_services(cfg, &services, admin, "appliance", demo, Some(gateway_addr)).await
 }
 
 pub const DEMO_EMAIL: &str = "demo@shopverse.example";
@@ -491,7 +532,37 @@ pub async fn serve(
     let addr = listen.unwrap_or_else(|| service.listen(&cfg));
     let admin = admin.unwrap_or(cfg.admin.listen);
     let title = format!("{} service", service.as_str());
-    run_services(cfg, &[(service, addr)], admin, &title, false).await
+    run_services(cfg, &[(service, addr)], admin, &title, false, None).await
+}
+
+/// `shopverse gateway`: the gateway alone, in front of the configured upstreams.
+pub async fn gateway(
+    cfg: AppConfig,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let shutdown = shopverse_kit::shutdown::on_signals();
+    let registry = shopverse_kit::metrics::new_registry();
+    let mut gcfg = cfg.gateway.clone();
+    if let Some(l) = listen {
+        gcfg.listen = l;
+    }
+    let admin = bind(admin.unwrap_or(cfg.admin.listen), "admin").await?;
+    let admin_addr = admin.local_addr()?;
+    let running =
+        shopverse_gateway::start(gcfg, &registry, Arc::new(SystemClock), shutdown.clone()).await?;
+    let ready: shopverse_kit::metrics::ReadyCheck = Arc::new(|| true);
+    let admin_task = tokio::spawn(shopverse_kit::metrics::serve_admin(
+        admin,
+        registry,
+        ready,
+        shutdown.clone(),
+    ));
+    println!("ShopVerse {} — gateway", env!("CARGO_PKG_VERSION"));
+    println!("ready: gateway={} admin={admin_addr}", running.addr);
+    running.join().await;
+    let _ = admin_task.await;
+    Ok(())
 }
 
 pub async fn seed(cfg: AppConfig) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use shopverse_delivery::DeliveryConfig;
+use shopverse_gateway::GatewayConfig;
 use shopverse_kit::config::{Invalid, Validate};
 use shopverse_kit::telemetry::TelemetryConfig;
 use shopverse_notifications::NotificationsConfig;
@@ -23,6 +24,7 @@ pub struct AppConfig {
     pub events: EventsConfig,
     pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
+    pub gateway: GatewayConfig,
     pub services: ServicesConfig,
 }
 
@@ -134,6 +136,7 @@ impl Validate for AppConfig {
                 "must be between 1 and 300",
             ));
         }
+        self.gateway.validate("gateway")?;
         self.services.users.validate("services.users")?;
         self.services.products.validate("services.products")?;
         self.services.orders.validate("services.orders")?;

@@ -39,6 +39,17 @@ enum Command {
     Up(UpArgs),
     /// Run one service.
     Serve(ServeArgs),
+    /// Run the API gateway alone, in front of the upstreams in its configuration.
+    Gateway {
+        #[command(flatten)]
+        common: Common,
+        /// HTTP listen address; overrides `gateway.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Admin HTTP address (/metrics, /healthz, /readyz).
+        #[arg(long)]
+        admin_addr: Option<SocketAddr>,
+    },
     /// Add the demo catalog (idempotent: only what is missing is added).
     Seed(Common),
     /// Manage the token signing keys.
@@ -89,8 +100,11 @@ struct UpArgs {
     /// Delivery service gRPC address.
     #[arg(long)]
     delivery_addr: Option<SocketAddr>,
-    /// Every service and the admin listener on this host, each on a free port (e.g. 127.0.0.1).
-    #[arg(long, conflicts_with_all = ["users_addr", "products_addr", "orders_addr", "payments_addr", "notifications_addr", "delivery_addr", "admin_addr"])]
+    /// The gateway's HTTP address (clients talk to this).
+    #[arg(long)]
+    gateway_addr: Option<SocketAddr>,
+    /// Every listener on this host, each on a free port (e.g. 127.0.0.1).
+    #[arg(long, conflicts_with_all = ["users_addr", "products_addr", "orders_addr", "payments_addr", "notifications_addr", "delivery_addr", "admin_addr", "gateway_addr"])]
     any_ports_on: Option<std::net::IpAddr>,
     /// Admin HTTP address (/metrics, /healthz, /readyz).
     #[arg(long)]
@@ -206,12 +220,24 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 (ServiceName::Notifications, pick(a.notifications_addr)),
                 (ServiceName::Delivery, pick(a.delivery_addr)),
             ];
-            up(cfg, a.demo, &overrides, pick(a.admin_addr)).await?;
+            up(
+                cfg,
+                a.demo,
+                &overrides,
+                pick(a.admin_addr),
+                pick(a.gateway_addr),
+            )
+            .await?;
         }
         Command::Serve(a) => {
             let cfg = load(&a.common)?;
             serve(cfg, a.service, a.listen, a.admin_addr).await?;
         }
+        Command::Gateway {
+            common,
+            listen,
+            admin_addr,
+        } => gateway(load(&common)?, listen, admin_addr).await?,
         Command::Seed(c) => seed(load(&c)?).await?,
         Command::Keys {
             command: KeysCommand::Rotate(c),

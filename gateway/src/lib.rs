@@ -1,10 +1,156 @@
-//! The ShopVerse API gateway.
+//! The ShopVerse API gateway, on Pingora: every client request passes through it.
 //!
 //! # Layout
-//! - [`router`]: REST routes from the protos' `google.api.http` rules; a segment trie.
-//! - [`transcode`]: JSON <-> protobuf (proto3 JSON mapping) and gRPC framing.
+//! - [`config`]: the `gateway` section.
+//! - [`router`]: REST routes from the protos' `google.api.http` rules; a segment trie, so a
+//!   match costs the path's length whatever the number of routes.
+//! - [`transcode`]: JSON <-> protobuf with the proto3 JSON mapping.
+//! - [`auth`]: EdDSA JWT verification against the users service's JWKS, with a token cache.
+//! - [`ratelimit`]: GCRA per policy and consumer.
+//! - [`upstream`]: one balanced gRPC channel per service; calls carry encoded bytes.
+//! - [`proxy`]: the Pingora `ProxyHttp` tying them together.
+//!
+//! [`start`] runs Pingora on a thread of its own (it builds its own runtimes), stopped by the
+//! same cancellation token as the rest of the process.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod config;
+pub mod proxy;
+pub mod ratelimit;
 pub mod router;
 pub mod transcode;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+
+use shopverse_kit::{CancellationToken, Clock};
+
+pub use config::GatewayConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("gateway routes: {0}")]
+    Router(#[from] router::RouterError),
+    #[error("gateway: {0}")]
+    Upstream(#[from] upstream::UpstreamError),
+    #[error("gateway: no `users` upstream is configured; tokens cannot be verified")]
+    NoUsers,
+    #[error("gateway: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gateway: did not start listening on {0} within 10 s")]
+    NotListening(SocketAddr),
+}
+
+/// Pingora's shutdown, driven by our cancellation token.
+struct TokenWatch(CancellationToken);
+
+#[async_trait]
+impl ShutdownSignalWatch for TokenWatch {
+    async fn recv(&self) -> ShutdownSignal {
+        self.0.cancelled().await;
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// A running gateway.
+pub struct Running {
+    pub addr: SocketAddr,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits for Pingora to finish (after the shutdown token was cancelled).
+    pub async fn join(self) {
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
+/// Resolves port 0 to a free port: Pingora binds by address, so the port has to be known
+/// before it binds. (The port is free when probed; another process could take it in between.)
+fn concrete(addr: SocketAddr) -> Result<SocketAddr, GatewayError> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|source| GatewayError::Listen { addr, source })?;
+    l.local_addr()
+        .map_err(|source| GatewayError::Listen { addr, source })
+}
+
+/// Starts the gateway; returns once it accepts connections.
+pub async fn start(
+    config: GatewayConfig,
+    registry: &prometheus::Registry,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> Result<Running, GatewayError> {
+    let router = router::Router::from_descriptor_set(shopverse_proto::FILE_DESCRIPTOR_SET)?;
+    let upstreams = upstream::Upstreams::new(
+        &config.upstreams,
+        Duration::from_millis(config.request_timeout_ms),
+    )?;
+    let users = upstreams.channel("users").ok_or(GatewayError::NoUsers)?;
+    let verifier = Arc::new(auth::Verifier::new(
+        users,
+        &config.issuer,
+        &config.audience,
+        config.leeway_secs,
+        clock.clone(),
+    ));
+    tokio::spawn(verifier.clone().refresh_loop(
+        Duration::from_secs(config.jwks_refresh_secs),
+        shutdown.clone(),
+    ));
+    let addr = concrete(config.listen)?;
+    let threads = config.threads;
+    let gateway = proxy::Gateway {
+        router,
+        upstreams,
+        verifier,
+        limiter: ratelimit::Limiter::new(clock),
+        metrics: proxy::Metrics::new(registry),
+        config,
+    };
+    let watch = TokenWatch(shutdown);
+    let thread = std::thread::Builder::new()
+        .name("gateway".into())
+        .spawn(move || {
+            let conf = ServerConf {
+                threads,
+                grace_period_seconds: Some(0),
+                graceful_shutdown_timeout_seconds: Some(2),
+                ..ServerConf::default()
+            };
+            let mut server = Server::new_with_opt_and_conf(None, conf);
+            server.bootstrap();
+            let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+            service.add_tcp(&addr.to_string());
+            server.add_service(service);
+            server.run(RunArgs {
+                shutdown_signal: Box::new(watch),
+            });
+        })
+        .map_err(|source| GatewayError::Listen { addr, source })?;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(Running { addr, thread });
+        }
+        if thread.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(GatewayError::NotListening(addr))
+}

@@ -1,8 +1,8 @@
 //! JSON to protobuf and back, following the proto3 JSON mapping (what Envoy's transcoder and
 //! grpc-gateway do), and the gRPC message framing.
 
-use bytes::{BufMut, Bytes, BytesMut};
-use prost::Message;
+use bytes::Bytes;
+
 use prost_reflect::{
     DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage,
     SerializeOptions, Value,
@@ -174,21 +174,12 @@ pub fn response_json(desc: &MessageDescriptor, bytes: &[u8]) -> Result<Vec<u8>, 
     Ok(out)
 }
 
-/// A gRPC length-prefixed message frame (uncompressed).
-pub fn frame(msg: &DynamicMessage) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = BytesMut::with_capacity(len + 5);
-    buf.put_u8(0);
-    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    let _ = msg.encode(&mut buf);
-    buf.freeze()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::router::Router;
     use http::Method;
+    use prost::Message;
 
     #[test]
     fn json_path_and_query_make_the_message() {

@@ -1,0 +1,173 @@
+//! The gateway's configuration (`[gateway]`).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Deserialize;
+use shopverse_kit::config::Invalid;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Client-facing HTTP listener.
+    pub listen: SocketAddr,
+    /// Worker threads of the proxy.
+    pub threads: usize,
+    /// gRPC endpoints per service (`users`, `products`, ...); several endpoints are balanced.
+    /// `shopverse up` fills these with the services it runs.
+    pub upstreams: BTreeMap<String, Vec<String>>,
+    /// Expected `iss` and `aud` of access tokens.
+    pub issuer: String,
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// How often the key set is fetched from the users service.
+    pub jwks_refresh_secs: u64,
+    /// Largest accepted request body (413 beyond).
+    pub max_body_bytes: usize,
+    /// Per-call deadline to a service, sent as `grpc-timeout` (504 beyond).
+    pub request_timeout_ms: u64,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Rate-limit policies, first match wins; a policy with no `paths` matches everything.
+    pub rate_limits: Vec<RateLimitPolicy>,
+    /// Path prefixes proxied as they are to a plain HTTP upstream.
+    pub passthrough: Vec<Passthrough>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitBy {
+    /// The client's IP address.
+    Ip,
+    /// The signed-in user, else the client's IP address.
+    User,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitPolicy {
+    pub name: String,
+    /// Path prefixes this policy covers; empty: all paths.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// `requests` per `per_secs` on average...
+    pub requests: u32,
+    pub per_secs: u32,
+    /// ...with bursts of up to this many.
+    pub burst: u32,
+    pub by: LimitBy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Passthrough {
+    pub prefix: String,
+    /// `host:port` of the HTTP upstream.
+    pub upstream: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        let svc = |port: u16| vec![format!("http://127.0.0.1:{port}")];
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            threads: 2,
+            upstreams: BTreeMap::from([
+                ("users".to_owned(), svc(50051)),
+                ("products".to_owned(), svc(50052)),
+                ("orders".to_owned(), svc(50053)),
+                ("payments".to_owned(), svc(50054)),
+                ("notifications".to_owned(), svc(50055)),
+                ("delivery".to_owned(), svc(50056)),
+            ]),
+            issuer: "shopverse".into(),
+            audience: "shopverse-api".into(),
+            leeway_secs: 30,
+            jwks_refresh_secs: 300,
+            max_body_bytes: 1 << 20,
+            request_timeout_ms: 10_000,
+            trusted_proxies: Vec::new(),
+            rate_limits: vec![
+                RateLimitPolicy {
+                    name: "login".into(),
+                    paths: vec!["/v1/auth/".into()],
+                    requests: 10,
+                    per_secs: 60,
+                    burst: 10,
+                    by: LimitBy::Ip,
+                },
+                RateLimitPolicy {
+                    name: "default".into(),
+                    paths: Vec::new(),
+                    requests: 50,
+                    per_secs: 1,
+                    burst: 100,
+                    by: LimitBy::User,
+                },
+            ],
+            passthrough: Vec::new(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        if !(1..=64).contains(&self.threads) {
+            return Err(Invalid::new(key("threads"), "must be between 1 and 64"));
+        }
+        for (name, urls) in &self.upstreams {
+            if urls.is_empty() {
+                return Err(Invalid::new(
+                    key(&format!("upstreams.{name}")),
+                    "needs at least one endpoint",
+                ));
+            }
+            if let Some(bad) = urls
+                .iter()
+                .find(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+            {
+                return Err(Invalid::new(
+                    key(&format!("upstreams.{name}")),
+                    format!("`{bad}` is not an http(s):// URL"),
+                ));
+            }
+        }
+        if !(1024..=256 << 20).contains(&self.max_body_bytes) {
+            return Err(Invalid::new(
+                key("max_body_bytes"),
+                "must be between 1 KiB and 256 MiB",
+            ));
+        }
+        if !(10..=600_000).contains(&self.request_timeout_ms) {
+            return Err(Invalid::new(
+                key("request_timeout_ms"),
+                "must be between 10 and 600000",
+            ));
+        }
+        for (i, p) in self.rate_limits.iter().enumerate() {
+            if p.requests == 0 || p.per_secs == 0 || p.burst == 0 {
+                return Err(Invalid::new(
+                    key(&format!("rate_limits[{i}]")),
+                    "requests, per_secs and burst must be positive",
+                ));
+            }
+        }
+        for (i, p) in self.passthrough.iter().enumerate() {
+            if !p.prefix.starts_with('/') {
+                return Err(Invalid::new(
+                    key(&format!("passthrough[{i}].prefix")),
+                    "must start with /",
+                ));
+            }
+            if p.upstream.parse::<SocketAddr>().is_err() {
+                return Err(Invalid::new(
+                    key(&format!("passthrough[{i}].upstream")),
+                    "must be host:port (an IP address)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}

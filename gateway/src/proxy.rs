@@ -1,0 +1,595 @@
+//! The Pingora side: one `ProxyHttp` whose `request_filter` answers REST calls itself
+//! (route, authenticate, rate-limit, transcode, call the service) and lets only pass-through
+//! routes continue to a plain HTTP upstream.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::{HttpPeer, ProxyHttp, Session};
+use prometheus::{HistogramVec, IntCounterVec};
+use prost::Message;
+use tonic::Code;
+use tonic::metadata::MetadataMap;
+
+use shopverse_kit::{Identity, Role};
+
+use crate::auth::{AuthError, Verifier};
+use crate::config::{GatewayConfig, LimitBy};
+use crate::ratelimit::{Decision, Limiter};
+use crate::router::{Access, MatchError, Router};
+use crate::transcode::{request_message, response_json};
+use crate::upstream::Upstreams;
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    /// The route template for metrics, or a fixed label (`not_found`, `passthrough`).
+    route: String,
+    request_id: String,
+    /// Where a pass-through request goes.
+    passthrough: Option<String>,
+}
+
+/// Everything shared across requests.
+pub struct Gateway {
+    pub(crate) router: Router,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) limiter: Limiter,
+    pub(crate) config: GatewayConfig,
+    pub(crate) metrics: Metrics,
+}
+
+pub struct Metrics {
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub auth_failures: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &prometheus::Registry) -> Metrics {
+        use shopverse_kit::metrics::{int_counter_vec, register};
+        #[allow(clippy::expect_used)] // constant names and buckets
+        let latency = register(
+            registry,
+            HistogramVec::new(
+                prometheus::HistogramOpts::new(
+                    "gateway_request_duration_seconds",
+                    "Time to answer a request, by route",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ]),
+                &["route"],
+            )
+            .expect("valid histogram"),
+        );
+        Metrics {
+            requests: int_counter_vec(
+                registry,
+                "gateway_requests_total",
+                "Requests by route, method and status",
+                &[],
+                &["route", "method", "status"],
+            ),
+            latency,
+            auth_failures: int_counter_vec(
+                registry,
+                "gateway_auth_failures_total",
+                "Refused tokens by reason",
+                &[],
+                &["reason"],
+            ),
+            rate_limited: int_counter_vec(
+                registry,
+                "gateway_rate_limited_total",
+                "Requests refused by a rate limit, by policy",
+                &[],
+                &["policy"],
+            ),
+            upstream_errors: int_counter_vec(
+                registry,
+                "gateway_upstream_errors_total",
+                "Service calls that failed, by service and gRPC code",
+                &[],
+                &["service", "code"],
+            ),
+        }
+    }
+}
+
+/// The HTTP status for a gRPC status code (the table Envoy and grpc-gateway use).
+pub fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A response the gateway writes itself.
+struct Reply {
+    status: StatusCode,
+    body: Bytes,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    fn json(status: StatusCode, body: Vec<u8>) -> Reply {
+        Reply {
+            status,
+            body: Bytes::from(body),
+            headers: Vec::new(),
+        }
+    }
+
+    /// The one error shape: `{"code", "message", "details"}`.
+    fn error(status: StatusCode, code: Code, message: &str, details: serde_json::Value) -> Reply {
+        let body =
+            serde_json::json!({ "code": code_name(code), "message": message, "details": details });
+        Reply::json(status, body.to_string().into_bytes())
+    }
+
+    fn with(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+fn rate_headers(
+    policy: &str,
+    limit: u32,
+    per_secs: u32,
+    d: &Decision,
+) -> [(&'static str, String); 2] {
+    [
+        (
+            "ratelimit-policy",
+            format!("\"{policy}\";q={limit};w={per_secs}"),
+        ),
+        (
+            "ratelimit",
+            format!("\"{policy}\";r={};t={}", d.remaining, d.reset_secs),
+        ),
+    ]
+}
+
+impl Gateway {
+    fn client_ip(&self, session: &Session) -> Option<IpAddr> {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if let Some(p) = peer
+            && self.config.trusted_proxies.contains(&p)
+            && let Some(xff) = session
+                .req_header()
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            && let Some(first) = xff
+                .split(',')
+                .next_back()
+                .and_then(|s| s.trim().parse().ok())
+        {
+            // The right-most address is the one our trusted proxy saw.
+            return Some(first);
+        }
+        peer
+    }
+
+    async fn authenticate(
+        &self,
+        session: &Session,
+        access: Access,
+    ) -> Result<Option<Identity>, Reply> {
+        let header = session
+            .req_header()
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let token = match header {
+            Some(h) if h.len() > 7 && h[..7].eq_ignore_ascii_case("bearer ") => Some(h[7..].trim()),
+            Some(_) => return Err(self.unauthorized(AuthError::Malformed)),
+            None => None,
+        };
+        let identity = match token {
+            Some(t) => Some(
+                self.verifier
+                    .verify(t)
+                    .await
+                    .map_err(|e| self.unauthorized(e))?,
+            ),
+            None => None,
+        };
+        match (access, &identity) {
+            (Access::Public, _) => Ok(identity),
+            (_, None) => Err(self.unauthorized(AuthError::Missing)),
+            (Access::Customer, Some(id)) if id.has(Role::Customer) => Ok(identity),
+            (Access::Admin, Some(id)) if id.has(Role::Admin) => Ok(identity),
+            (_, Some(_)) => {
+                self.metrics
+                    .auth_failures
+                    .with_label_values(&["role"])
+                    .inc();
+                Err(Reply::error(
+                    StatusCode::FORBIDDEN,
+                    Code::PermissionDenied,
+                    "your account lacks the role this call needs",
+                    serde_json::json!([]),
+                ))
+            }
+        }
+    }
+
+    fn unauthorized(&self, e: AuthError) -> Reply {
+        self.metrics
+            .auth_failures
+            .with_label_values(&[e.reason()])
+            .inc();
+        let www = match e {
+            AuthError::Missing => "Bearer realm=\"shopverse\"".to_owned(),
+            _ => format!(
+                "Bearer realm=\"shopverse\", error=\"invalid_token\", error_description=\"{e}\""
+            ),
+        };
+        Reply::error(
+            StatusCode::UNAUTHORIZED,
+            Code::Unauthenticated,
+            &e.to_string(),
+            serde_json::json!([]),
+        )
+        .with("www-authenticate", www)
+    }
+
+    fn rate_limit(
+        &self,
+        path: &str,
+        identity: Option<&Identity>,
+        ip: Option<IpAddr>,
+    ) -> Result<Vec<(&'static str, String)>, Reply> {
+        let Some((i, policy)) = self.config.rate_limits.iter().enumerate().find(|(_, p)| {
+            p.paths.is_empty() || p.paths.iter().any(|pre| path.starts_with(pre.as_str()))
+        }) else {
+            return Ok(Vec::new());
+        };
+        let ip = ip
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let consumer = match (&policy.by, identity) {
+            (LimitBy::User, Some(id)) => format!("user:{}", id.user_id),
+            _ => format!("ip:{ip}"),
+        };
+        let d = self.limiter.check(i, policy, &consumer);
+        let headers = rate_headers(&policy.name, policy.burst, policy.per_secs, &d);
+        if d.allowed {
+            return Ok(headers.to_vec());
+        }
+        self.metrics
+            .rate_limited
+            .with_label_values(&[&policy.name])
+            .inc();
+        let mut reply = Reply::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            Code::ResourceExhausted,
+            &format!(
+                "rate limit `{}` exceeded; retry in {} s",
+                policy.name, d.retry_after_secs
+            ),
+            serde_json::json!([]),
+        )
+        .with("retry-after", d.retry_after_secs.to_string());
+        reply.headers.extend(headers);
+        Err(reply)
+    }
+
+    async fn read_body(&self, session: &mut Session) -> Result<Vec<u8>, Reply> {
+        let too_big = || {
+            Reply::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Code::InvalidArgument,
+                &format!(
+                    "the request body is larger than {} bytes",
+                    self.config.max_body_bytes
+                ),
+                serde_json::json!([]),
+            )
+        };
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > self.config.max_body_bytes) {
+            return Err(too_big());
+        }
+        let mut body = Vec::with_capacity(declared.unwrap_or(0));
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > self.config.max_body_bytes {
+                        return Err(too_big());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body),
+                Err(e) => {
+                    return Err(Reply::error(
+                        StatusCode::BAD_REQUEST,
+                        Code::InvalidArgument,
+                        &format!("reading the request body: {e}"),
+                        serde_json::json!([]),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Routes, authenticates, limits, transcodes and calls. `Ok(None)`: not a REST route (a
+    /// pass-through continues to its upstream).
+    async fn handle(&self, session: &mut Session, ctx: &mut Ctx) -> Reply {
+        let method = session.req_header().method.clone();
+        let uri = session.req_header().uri.clone();
+        let path = uri.path();
+        let m = match self.router.find(&method, path) {
+            Ok(m) => m,
+            Err(MatchError::NotFound) => {
+                ctx.route = "not_found".into();
+                return Reply::error(
+                    StatusCode::NOT_FOUND,
+                    Code::NotFound,
+                    &format!("no route for {path}"),
+                    serde_json::json!([]),
+                );
+            }
+            Err(MatchError::MethodNotAllowed(allowed)) => {
+                ctx.route = "method_not_allowed".into();
+                let allow = allowed
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Reply::error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    Code::Unimplemented,
+                    &format!("{method} is not allowed on {path}"),
+                    serde_json::json!([]),
+                )
+                .with("allow", allow);
+            }
+        };
+        ctx.route = m.route.template.clone();
+        let identity = match self.authenticate(session, m.route.access).await {
+            Ok(id) => id,
+            Err(r) => return r,
+        };
+        let ip = self.client_ip(session);
+        let limit_headers = match self.rate_limit(path, identity.as_ref(), ip) {
+            Ok(h) => h,
+            Err(r) => return r,
+        };
+        let body = match self.read_body(session).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let msg = match request_message(m.route, &m.bindings, uri.query(), &body) {
+            Ok(msg) => msg,
+            Err(e) => {
+                let details = match &e.field {
+                    Some(f) => serde_json::json!([{ "field": f }]),
+                    None => serde_json::json!([]),
+                };
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    Code::InvalidArgument,
+                    &e.message,
+                    details,
+                );
+            }
+        };
+        let mut md = MetadataMap::new();
+        if let Some(id) = &identity {
+            id.write_to(&mut md);
+        }
+        if let Ok(v) = ctx.request_id.parse() {
+            md.insert("x-request-id", v);
+        }
+        if let Some(tp) = session
+            .req_header()
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            && let Ok(v) = tp.parse()
+        {
+            md.insert("traceparent", v);
+        }
+        let service = m.route.service.clone();
+        let result = self
+            .upstreams
+            .unary(&service, &m.route.grpc_path, msg.encode_to_vec().into(), md)
+            .await;
+        let mut reply = match result {
+            Ok(bytes) => match response_json(&m.route.method.output(), &bytes) {
+                Ok(json) => Reply::json(StatusCode::OK, json),
+                Err(e) => Reply::error(
+                    StatusCode::BAD_GATEWAY,
+                    Code::Internal,
+                    &e,
+                    serde_json::json!([]),
+                ),
+            },
+            Err(status) => {
+                if matches!(
+                    status.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown
+                ) {
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[&service, code_name(status.code())])
+                        .inc();
+                }
+                let details = match status
+                    .metadata()
+                    .get("x-shopverse-field")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    Some(f) => serde_json::json!([{ "field": f }]),
+                    None => serde_json::json!([]),
+                };
+                let message = match status.code() {
+                    Code::Unavailable => format!("the {service} service is unavailable"),
+                    _ => status.message().to_owned(),
+                };
+                Reply::error(http_status(status.code()), status.code(), &message, details)
+            }
+        };
+        reply.headers.extend(limit_headers);
+        reply
+    }
+
+    async fn write(&self, session: &mut Session, ctx: &Ctx, reply: Reply) -> pingora::Result<()> {
+        let mut resp = ResponseHeader::build(reply.status, Some(8 + reply.headers.len()))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", reply.body.len().to_string())?;
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        resp.insert_header("x-content-type-options", "nosniff")?;
+        resp.insert_header("x-frame-options", "DENY")?;
+        resp.insert_header("referrer-policy", "no-referrer")?;
+        resp.insert_header("cache-control", "no-store")?;
+        for (k, v) in reply.headers {
+            resp.insert_header(k, v)?;
+        }
+        let head = session.req_header().method == Method::HEAD;
+        session.write_response_header(Box::new(resp), head).await?;
+        if !head {
+            session.write_response_body(Some(reply.body), true).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            route: String::new(),
+            request_id: String::new(),
+            passthrough: None,
+        }
+    }
+
+    /// Answers every REST route here; only pass-through prefixes go on to `upstream_peer`.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        ctx.request_id = session
+            .req_header()
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let path = session.req_header().uri.path().to_owned();
+        if let Some(p) = self
+            .config
+            .passthrough
+            .iter()
+            .find(|p| path.starts_with(&p.prefix))
+        {
+            ctx.route = format!("passthrough:{}", p.prefix);
+            ctx.passthrough = Some(p.upstream.clone());
+            return Ok(false);
+        }
+        let reply = self.handle(session, ctx).await;
+        self.write(session, ctx, reply).await?;
+        Ok(true)
+    }
+
+    /// The HTTP upstream of a pass-through prefix.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let Some(addr) = ctx.passthrough.clone() else {
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::InternalError,
+                "no upstream for this request",
+            ));
+        };
+        Ok(Box::new(HttpPeer::new(addr, false, String::new())))
+    }
+
+    /// Identity headers a client sent never reach an upstream; the request id does.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        upstream.remove_header(shopverse_kit::identity::USER_HEADER);
+        upstream.remove_header(shopverse_kit::identity::ROLES_HEADER);
+        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    /// Request metrics by route, method and status.
+    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let method = session.req_header().method.as_str().to_owned();
+        self.metrics
+            .requests
+            .with_label_values(&[&ctx.route, &method, &status.to_string()])
+            .inc();
+        self.metrics
+            .latency
+            .with_label_values(&[&ctx.route])
+            .observe(ctx.start.elapsed().as_secs_f64());
+    }
+}
