@@ -36,7 +36,7 @@ struct Common {
 #[derive(Subcommand)]
 enum Command {
     /// Run every service in one process (the appliance), printing where each listens.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Run one service.
     Serve(ServeArgs),
     /// Run the API gateway alone, in front of the upstreams in its configuration.

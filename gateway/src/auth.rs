@@ -19,7 +19,6 @@ use shopverse_proto::users::v1::GetJwksRequest;
 use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
 
 const CACHE_MAX: usize = 50_000;
-const REFETCH_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -71,17 +70,22 @@ pub struct Verifier {
     validation: Validation,
     cache: Mutex<HashMap<String, (Identity, i64)>>,
     last_fetch: Mutex<Option<Instant>>,
+    /// Unknown `kid`s refetch the key set at most this often.
+    refetch_every: Duration,
     clock: Arc<dyn Clock>,
 }
 
 impl Verifier {
     pub fn new(
         users: Channel,
-        issuer: &str,
-        audience: &str,
-        leeway_secs: u64,
+        config: &crate::config::GatewayConfig,
         clock: Arc<dyn Clock>,
     ) -> Verifier {
+        let (issuer, audience, leeway_secs) = (
+            config.issuer.as_str(),
+            config.audience.as_str(),
+            config.leeway_secs,
+        );
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
@@ -94,6 +98,7 @@ impl Verifier {
             validation,
             cache: Mutex::new(HashMap::new()),
             last_fetch: Mutex::new(None),
+            refetch_every: Duration::from_secs(config.jwks_refetch_min_secs),
             clock,
         }
     }
@@ -167,7 +172,7 @@ impl Verifier {
                 let due = self
                     .last_fetch
                     .lock()
-                    .map(|l| l.is_none_or(|t| t.elapsed() >= REFETCH_EVERY))
+                    .map(|l| l.is_none_or(|t| t.elapsed() >= self.refetch_every))
                     .unwrap_or(false);
                 if due {
                     let _ = self.refresh().await;

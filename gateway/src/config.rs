@@ -23,8 +23,13 @@ pub struct GatewayConfig {
     pub leeway_secs: u64,
     /// How often the key set is fetched from the users service.
     pub jwks_refresh_secs: u64,
+    /// A token with an unknown `kid` refetches the key set, at most this often.
+    pub jwks_refetch_min_secs: u64,
     /// Largest accepted request body (413 beyond).
     pub max_body_bytes: usize,
+    /// Most request headers, and their total size, accepted (431 beyond).
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
     /// Per-call deadline to a service, sent as `grpc-timeout` (504 beyond).
     pub request_timeout_ms: u64,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -85,7 +90,10 @@ impl Default for GatewayConfig {
             audience: "shopverse-api".into(),
             leeway_secs: 30,
             jwks_refresh_secs: 300,
+            jwks_refetch_min_secs: 10,
             max_body_bytes: 1 << 20,
+            max_headers: 100,
+            max_header_bytes: 16 << 10,
             request_timeout_ms: 10_000,
             trusted_proxies: Vec::new(),
             rate_limits: vec![
@@ -138,6 +146,14 @@ impl GatewayConfig {
             return Err(Invalid::new(
                 key("max_body_bytes"),
                 "must be between 1 KiB and 256 MiB",
+            ));
+        }
+        if !(8..=10_000).contains(&self.max_headers)
+            || !(1024..=1 << 20).contains(&self.max_header_bytes)
+        {
+            return Err(Invalid::new(
+                key("max_headers"),
+                "max_headers must be 8 to 10000 and max_header_bytes 1 KiB to 1 MiB",
             ));
         }
         if !(10..=600_000).contains(&self.request_timeout_ms) {

@@ -102,13 +102,7 @@ pub async fn start(
         Duration::from_millis(config.request_timeout_ms),
     )?;
     let users = upstreams.channel("users").ok_or(GatewayError::NoUsers)?;
-    let verifier = Arc::new(auth::Verifier::new(
-        users,
-        &config.issuer,
-        &config.audience,
-        config.leeway_secs,
-        clock.clone(),
-    ));
+    let verifier = Arc::new(auth::Verifier::new(users, &config, clock.clone()));
     tokio::spawn(verifier.clone().refresh_loop(
         Duration::from_secs(config.jwks_refresh_secs),
         shutdown.clone(),

@@ -369,6 +369,23 @@ impl Gateway {
     /// Routes, authenticates, limits, transcodes and calls. `Ok(None)`: not a REST route (a
     /// pass-through continues to its upstream).
     async fn handle(&self, session: &mut Session, ctx: &mut Ctx) -> Reply {
+        let headers = &session.req_header().headers;
+        let header_bytes: usize = headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if headers.len() > self.config.max_headers || header_bytes > self.config.max_header_bytes {
+            ctx.route = "headers_too_large".into();
+            return Reply::error(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                Code::InvalidArgument,
+                &format!(
+                    "at most {} request headers of {} bytes in all are accepted",
+                    self.config.max_headers, self.config.max_header_bytes
+                ),
+                serde_json::json!([]),
+            );
+        }
         let method = session.req_header().method.clone();
         let uri = session.req_header().uri.clone();
         let path = uri.path();
