@@ -28,16 +28,17 @@ ensure_packages() {
   echo "installed: $SHOPVERSE_APT_PACKAGES"
 }
 
-# A Python environment with the real SMTP server the email tests talk to (aiosmtpd).
+# A Python environment with the independent tools the tests use: aiosmtpd (the SMTP server the
+# email tests send to) and openapi-spec-validator (checks the gateway's OpenAPI document).
 ensure_test_python() {
   local venv="${SHOPVERSE_CACHE:-$HOME/.cache/shopverse}/venv"
-  if ! "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
+  if ! "$venv/bin/python" -c 'import aiosmtpd, openapi_spec_validator' 2>/dev/null; then
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3 python3-venv && python3 -m venv "$venv"; }
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check 'aiosmtpd>=1.4'
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check 'aiosmtpd>=1.4' 'openapi-spec-validator>=0.7'
   fi
-  "$venv/bin/python" -c 'import aiosmtpd' || { echo "aiosmtpd did not install" >&2; return 1; }
+  "$venv/bin/python" -c 'import aiosmtpd, openapi_spec_validator' || { echo "the test tools did not install" >&2; return 1; }
   export SHOPVERSE_TEST_PYTHON="$venv/bin/python"
-  echo "test SMTP server: aiosmtpd in $venv"
+  echo "test tools (aiosmtpd, openapi-spec-validator) in $venv"
 }
 
 pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 -U postgres -t 2 2>/dev/null; }

@@ -261,8 +261,13 @@ async fn run_services(
     let r = ready.clone();
     let check: shopverse_kit::metrics::ReadyCheck = Arc::new(move || r.load(Ordering::Relaxed));
     let stop = shutdown.clone();
+    let documents = if gateway_addr.is_some() {
+        admin_documents()?
+    } else {
+        Vec::new()
+    };
     tasks.spawn(async move {
-        shopverse_kit::metrics::serve_admin(admin, registry, check, stop).await;
+        shopverse_kit::metrics::serve_admin(admin, registry, check, documents, stop).await;
         Ok(())
     });
     started.rows.push((
@@ -404,6 +409,15 @@ pub async fn up(
     let admin = admin.unwrap_or(cfg.admin.listen);
     let gateway_addr = gateway_addr.unwrap_or(cfg.gateway.listen);
     run_services(cfg, &services, admin, "appliance", demo, Some(gateway_addr)).await
+}
+
+/// What the admin listener serves besides metrics and probes when a gateway runs.
+fn admin_documents() -> anyhow::Result<Vec<shopverse_kit::metrics::AdminDocument>> {
+    Ok(vec![(
+        "/openapi.json".to_owned(),
+        "application/json".to_owned(),
+        shopverse_gateway::openapi_json()?.into(),
+    )])
 }
 
 pub const DEMO_EMAIL: &str = "demo@shopverse.example";
@@ -556,6 +570,7 @@ pub async fn gateway(
         admin,
         registry,
         ready,
+        admin_documents()?,
         shutdown.clone(),
     ));
     println!("ShopVerse {} — gateway", env!("CARGO_PKG_VERSION"));

@@ -524,3 +524,81 @@ async fn a_service_that_is_down_is_a_503() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_routes_reach_a_plain_http_upstream_without_spoofed_identity() {
+    use std::io::{Read, Write};
+    // A plain HTTP upstream that records what it was sent.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for stream in upstream.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut buf = vec![0u8; 16 << 10];
+            let n = s.read(&mut buf).unwrap_or(0);
+            seen2
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello");
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let passthrough = format!("[{{prefix = \"/static/\", upstream = \"{up_addr}\"}}]");
+    let app = Appliance::start_with_env(
+        dir.path(),
+        &[],
+        &[("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough)],
+    );
+    let r = http(
+        app.addrs["gateway"],
+        "GET",
+        "/static/logo.txt",
+        &[
+            ("x-shopverse-user", "admin"),
+            ("x-shopverse-roles", "admin"),
+        ],
+        b"",
+    );
+    assert_eq!((r.status, r.body.as_str()), (200, "hello"));
+    let req = seen.lock().unwrap().pop().unwrap().to_lowercase();
+    assert!(req.starts_with("get /static/logo.txt"), "{req}");
+    assert!(
+        !req.contains("x-shopverse-user"),
+        "spoofed identity reached the upstream: {req}"
+    );
+    assert!(!req.contains("x-shopverse-roles"), "{req}");
+    assert!(req.contains("x-request-id"), "{req}");
+    app.stop();
+}
+
+#[test]
+fn the_openapi_document_is_valid_openapi_3_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &[]);
+    let from_admin = http(app.admin, "GET", "/openapi.json", &[], b"");
+    let from_gateway = http(app.addrs["gateway"], "GET", "/openapi.json", &[], b"");
+    app.stop();
+    assert_eq!(from_admin.status, 200);
+    assert_eq!(from_admin.json(), from_gateway.json());
+    let doc = dir.path().join("openapi.json");
+    std::fs::write(&doc, &from_admin.body).unwrap();
+    let python = std::env::var("SHOPVERSE_TEST_PYTHON")
+        .expect("SHOPVERSE_TEST_PYTHON: scripts/test sets it up (see README)");
+    let out = std::process::Command::new(python)
+        .args(["-c", "import json, sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1]))); print('valid')"])
+        .arg(&doc)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        from_admin.json()["paths"]["/v1/checkout"]["post"]["x-shopverse-role"],
+        "customer"
+    );
+}

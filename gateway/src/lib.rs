@@ -8,6 +8,7 @@
 //! - [`auth`]: EdDSA JWT verification against the users service's JWKS, with a token cache.
 //! - [`ratelimit`]: GCRA per policy and consumer.
 //! - [`upstream`]: one balanced gRPC channel per service; calls carry encoded bytes.
+//! - [`openapi`]: the OpenAPI 3.1 document derived from the same routes.
 //! - [`proxy`]: the Pingora `ProxyHttp` tying them together.
 //!
 //! [`start`] runs Pingora on a thread of its own (it builds its own runtimes), stopped by the
@@ -17,6 +18,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod openapi;
 pub mod proxy;
 pub mod ratelimit;
 pub mod router;
@@ -51,6 +53,12 @@ pub enum GatewayError {
     },
     #[error("gateway: did not start listening on {0} within 10 s")]
     NotListening(SocketAddr),
+}
+
+/// The OpenAPI document of the REST surface (served at `/openapi.json`).
+pub fn openapi_json() -> Result<Vec<u8>, GatewayError> {
+    let router = router::Router::from_descriptor_set(shopverse_proto::FILE_DESCRIPTOR_SET)?;
+    Ok(serde_json::to_vec_pretty(&openapi::document(&router)).unwrap_or_default())
 }
 
 /// Pingora's shutdown, driven by our cancellation token.
@@ -109,12 +117,15 @@ pub async fn start(
     ));
     let addr = concrete(config.listen)?;
     let threads = config.threads;
+    let openapi =
+        bytes::Bytes::from(serde_json::to_vec(&openapi::document(&router)).unwrap_or_default());
     let gateway = proxy::Gateway {
         router,
         upstreams,
         verifier,
         limiter: ratelimit::Limiter::new(clock),
         metrics: proxy::Metrics::new(registry),
+        openapi,
         config,
     };
     let watch = TokenWatch(shutdown);

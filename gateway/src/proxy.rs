@@ -43,6 +43,8 @@ pub struct Gateway {
     pub(crate) limiter: Limiter,
     pub(crate) config: GatewayConfig,
     pub(crate) metrics: Metrics,
+    /// The OpenAPI document, rendered once.
+    pub(crate) openapi: Bytes,
 }
 
 pub struct Metrics {
@@ -389,6 +391,10 @@ impl Gateway {
         let method = session.req_header().method.clone();
         let uri = session.req_header().uri.clone();
         let path = uri.path();
+        if path == "/openapi.json" && (method == Method::GET || method == Method::HEAD) {
+            ctx.route = "/openapi.json".into();
+            return Reply::json(StatusCode::OK, self.openapi.to_vec());
+        }
         let m = match self.router.find(&method, path) {
             Ok(m) => m,
             Err(MatchError::NotFound) => {

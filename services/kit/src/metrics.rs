@@ -29,14 +29,19 @@ pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Reg
 /// Answers "is this process ready for traffic?" for `/readyz`.
 pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (it can take traffic) over
-/// HTTP/1.1 until `shutdown`.
+/// A fixed document the admin listener serves: `(path, content type, body)`.
+pub type AdminDocument = (String, String, Bytes);
+
+/// Serves `/metrics`, `/healthz` (the process is up), `/readyz` (it can take traffic) and any
+/// `documents` over HTTP/1.1 until `shutdown`.
 pub async fn serve_admin(
     listener: TcpListener,
     registry: Registry,
     ready: ReadyCheck,
+    documents: Vec<AdminDocument>,
     shutdown: CancellationToken,
 ) {
+    let documents = Arc::new(documents);
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -50,11 +55,23 @@ pub async fn serve_admin(
         };
         let registry = registry.clone();
         let ready = ready.clone();
+        let documents = documents.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let registry = registry.clone();
                 let ready = ready.clone();
-                async move { Ok::<_, Infallible>(admin_response(req.uri().path(), &registry, &ready)) }
+                let documents = documents.clone();
+                async move {
+                    let path = req.uri().path();
+                    if let Some((_, ctype, body)) = documents.iter().find(|(p, _, _)| p == path) {
+                        let mut resp = Response::new(Full::new(body.clone()));
+                        if let Ok(v) = ctype.parse() {
+                            resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+                        }
+                        return Ok::<_, Infallible>(resp);
+                    }
+                    Ok::<_, Infallible>(admin_response(path, &registry, &ready))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
