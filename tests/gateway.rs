@@ -481,48 +481,107 @@ async fn forged_tokens_and_spoofed_identity_are_refused() {
     app.stop();
 }
 
+/// A `shopverse gateway` process alone, in front of services that are not running.
+struct LoneGateway {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl LoneGateway {
+    fn start(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> LoneGateway {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n[gateway.upstreams]\nusers = [\"http://{dead}\"]\nproducts = [\"http://{dead}\"]\n"),
+        )
+        .unwrap();
+        #[allow(clippy::zombie_processes)] // `stop` and `Drop` reap it
+        let mut child = std::process::Command::new(BIN)
+            .args(["gateway", "--config"])
+            .arg(&cfg)
+            .args(["--admin-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::BufRead;
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "no ready line");
+            if let Some(rest) = line.trim().strip_prefix("ready: gateway=") {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        LoneGateway { child, addr }
+    }
+
+    fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+impl Drop for LoneGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_is_down_is_a_503() {
     let dir = tempfile::tempdir().unwrap();
-    // A gateway alone, in front of a products service that is not running.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let cfg = dir.path().join("gw.toml");
-    std::fs::write(
-        &cfg,
-        format!("[gateway]\nlisten = \"127.0.0.1:0\"\n[gateway.upstreams]\nusers = [\"http://{dead}\"]\nproducts = [\"http://{dead}\"]\n"),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(BIN)
-        .args(["gateway", "--config"])
-        .arg(&cfg)
-        .args(["--admin-addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    let gw: SocketAddr = loop {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "no ready line");
-        if let Some(rest) = line.trim().strip_prefix("ready: gateway=") {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    let r = http(gw, "GET", "/v1/categories", &[], b"");
+    let gw = LoneGateway::start(dir.path(), "gw", &[]);
+    let r = http(gw.addr, "GET", "/v1/categories", &[], b"");
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["code"], "UNAVAILABLE");
     assert_eq!(r.json()["message"], "the products service is unavailable");
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}");
+    gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sharing_redis_admit_what_one_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("shopverse-test:{}:", uuid::Uuid::new_v4());
+    let redis =
+        std::env::var("SHOPVERSE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let env = [
+        ("SHOPVERSE_GATEWAY__REDIS_URL", redis.as_str()),
+        ("SHOPVERSE_GATEWAY__REDIS_PREFIX", prefix.as_str()),
+    ];
+    let a = LoneGateway::start(dir.path(), "a", &env);
+    let b = LoneGateway::start(dir.path(), "b", &env);
+    // The login policy admits 10 a minute per IP; 6 attempts at each gateway.
+    let mut limited = 0;
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { a.addr } else { b.addr };
+        let r = http(
+            gw,
+            "POST",
+            "/v1/auth/login",
+            &[],
+            br#"{"email":"x@example.com","password":"whatever pw"}"#,
+        );
+        match r.status {
+            429 => limited += 1,
+            503 => {} // admitted, and the users service is not running
+            s => panic!("{s}: {}", r.body),
+        }
+    }
+    assert_eq!(limited, 2, "together they admitted exactly 10");
+    a.stop();
+    b.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

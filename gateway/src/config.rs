@@ -34,6 +34,11 @@ pub struct GatewayConfig {
     pub request_timeout_ms: u64,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// Redis shared by several gateways for rate limits (`redis://host:6379`); empty: limits
+    /// are per gateway.
+    pub redis_url: String,
+    /// Prefix of the rate-limit keys in Redis.
+    pub redis_prefix: String,
     /// Rate-limit policies, first match wins; a policy with no `paths` matches everything.
     pub rate_limits: Vec<RateLimitPolicy>,
     /// Path prefixes proxied as they are to a plain HTTP upstream.
@@ -96,6 +101,8 @@ impl Default for GatewayConfig {
             max_header_bytes: 16 << 10,
             request_timeout_ms: 10_000,
             trusted_proxies: Vec::new(),
+            redis_url: String::new(),
+            redis_prefix: "shopverse:ratelimit:".into(),
             rate_limits: vec![
                 RateLimitPolicy {
                     name: "login".into(),
@@ -169,6 +176,15 @@ impl GatewayConfig {
                     "requests, per_secs and burst must be positive",
                 ));
             }
+        }
+        if !self.redis_url.is_empty()
+            && !self.redis_url.starts_with("redis://")
+            && !self.redis_url.starts_with("rediss://")
+        {
+            return Err(Invalid::new(
+                key("redis_url"),
+                "must be empty or a redis:// URL",
+            ));
         }
         for (i, p) in self.passthrough.iter().enumerate() {
             if !p.prefix.starts_with('/') {

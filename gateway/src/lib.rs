@@ -51,6 +51,8 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("gateway: redis_url: {0}")]
+    Redis(String),
     #[error("gateway: did not start listening on {0} within 10 s")]
     NotListening(SocketAddr),
 }
@@ -119,12 +121,26 @@ pub async fn start(
     let threads = config.threads;
     let openapi =
         bytes::Bytes::from(serde_json::to_vec(&openapi::document(&router)).unwrap_or_default());
+    let metrics = proxy::Metrics::new(registry);
+    let mut limiter = ratelimit::Limiter::new(clock);
+    if !config.redis_url.is_empty() {
+        limiter = limiter
+            .shared(
+                &config.redis_url,
+                &config.redis_prefix,
+                metrics.rate_limit_fallbacks.clone(),
+            )
+            .map_err(|e| GatewayError::Redis(e.to_string()))?;
+        if let Err(e) = limiter.warm_up().await {
+            tracing::warn!(error = %e, "Redis is not answering; rate limits are per gateway until it does");
+        }
+    }
     let gateway = proxy::Gateway {
         router,
         upstreams,
         verifier,
-        limiter: ratelimit::Limiter::new(clock),
-        metrics: proxy::Metrics::new(registry),
+        limiter,
+        metrics,
         openapi,
         config,
     };

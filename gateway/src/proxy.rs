@@ -53,6 +53,7 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub upstream_errors: IntCounterVec,
+    pub rate_limit_fallbacks: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -95,6 +96,12 @@ impl Metrics {
                 "Requests refused by a rate limit, by policy",
                 &[],
                 &["policy"],
+            ),
+            rate_limit_fallbacks: shopverse_kit::metrics::int_counter(
+                registry,
+                "gateway_rate_limit_fallbacks_total",
+                "Rate-limit decisions taken locally because Redis did not answer",
+                &[],
             ),
             upstream_errors: int_counter_vec(
                 registry,
@@ -284,7 +291,7 @@ impl Gateway {
         .with("www-authenticate", www)
     }
 
-    fn rate_limit(
+    async fn rate_limit(
         &self,
         path: &str,
         identity: Option<&Identity>,
@@ -302,7 +309,7 @@ impl Gateway {
             (LimitBy::User, Some(id)) => format!("user:{}", id.user_id),
             _ => format!("ip:{ip}"),
         };
-        let d = self.limiter.check(i, policy, &consumer);
+        let d = self.limiter.check(i, policy, &consumer).await;
         let headers = rate_headers(&policy.name, policy.burst, policy.per_secs, &d);
         if d.allowed {
             return Ok(headers.to_vec());
@@ -428,7 +435,7 @@ impl Gateway {
             Err(r) => return r,
         };
         let ip = self.client_ip(session);
-        let limit_headers = match self.rate_limit(path, identity.as_ref(), ip) {
+        let limit_headers = match self.rate_limit(path, identity.as_ref(), ip).await {
             Ok(h) => h,
             Err(r) => return r,
         };

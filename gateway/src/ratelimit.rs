@@ -1,5 +1,10 @@
 //! GCRA rate limiting (the generic cell rate algorithm): per policy and consumer, one
 //! timestamp of state, exact under bursts, no background refill.
+//!
+//! With `redis_url` set, the state lives in Redis and one Lua script decides atomically with
+//! Redis's own clock, so any number of gateways together admit what one would. If Redis does not
+//! answer within a few milliseconds the decision is taken locally (counted in
+//! `gateway_rate_limit_fallbacks_total`), so an outage of Redis never stops traffic.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -23,10 +28,43 @@ pub struct Decision {
     pub retry_after_secs: u64,
 }
 
+/// GCRA in Redis: KEYS[1] the consumer's key; ARGV emission interval and tolerance in ms.
+/// Returns `{allowed, retry_after_ms, tat_minus_now_ms}`.
+const GCRA_LUA: &str = r#"
+local t = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+if tat - now > tau then
+  return {0, math.ceil(tat - now - tau), math.ceil(tat - now)}
+end
+local new_tat = tat + t
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+return {1, 0, math.ceil(new_tat - now)}
+"#;
+
+/// How long a decision may wait for Redis before it is taken locally.
+const SHARED_BUDGET: std::time::Duration = std::time::Duration::from_millis(25);
+
+struct Shared {
+    conn: redis::aio::ConnectionManager,
+    script: redis::Script,
+    prefix: String,
+    fallbacks: prometheus::IntCounter,
+}
+
 pub struct Limiter {
     clock: Arc<dyn Clock>,
     /// Theoretical arrival time in ms, per (policy, consumer).
     shards: Vec<Mutex<HashMap<(usize, String), i64>>>,
+    shared: Option<Shared>,
+}
+
+fn params(policy: &RateLimitPolicy) -> (f64, f64) {
+    let t = f64::from(policy.per_secs) * 1000.0 / f64::from(policy.requests);
+    (t, t * f64::from(policy.burst.saturating_sub(1)))
 }
 
 impl Limiter {
@@ -34,15 +72,99 @@ impl Limiter {
         Limiter {
             clock,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shared: None,
         }
     }
 
+    /// Shares the limits through Redis at `url` (connected lazily, reconnected on failure).
+    pub fn shared(
+        mut self,
+        url: &str,
+        prefix: &str,
+        fallbacks: prometheus::IntCounter,
+    ) -> Result<Limiter, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
+            .set_response_timeout(Some(std::time::Duration::from_millis(500)))
+            .set_number_of_retries(1);
+        let conn = client.get_connection_manager_lazy(config)?;
+        self.shared = Some(Shared {
+            conn,
+            script: redis::Script::new(GCRA_LUA),
+            prefix: prefix.to_owned(),
+            fallbacks,
+        });
+        Ok(self)
+    }
+
+    /// Connects to Redis now (a PING), so the first requests do not fall back while it
+    /// connects. A no-op without Redis.
+    pub async fn warm_up(&self) -> Result<(), redis::RedisError> {
+        if let Some(shared) = &self.shared {
+            let mut conn = shared.conn.clone();
+            let cmd = redis::cmd("PING");
+            let ping = cmd.query_async::<String>(&mut conn);
+            match tokio::time::timeout(std::time::Duration::from_secs(2), ping).await {
+                Ok(r) => {
+                    r?;
+                }
+                Err(_) => {
+                    return Err(redis::RedisError::from(std::io::Error::from(
+                        std::io::ErrorKind::TimedOut,
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Counts one request of `consumer` against policy `index`.
-    pub fn check(&self, index: usize, policy: &RateLimitPolicy, consumer: &str) -> Decision {
+    pub async fn check(&self, index: usize, policy: &RateLimitPolicy, consumer: &str) -> Decision {
+        if let Some(shared) = &self.shared {
+            let key = format!("{}{}:{consumer}", shared.prefix, policy.name);
+            let (t, tau) = params(policy);
+            let mut conn = shared.conn.clone();
+            let mut invocation = shared.script.key(&key);
+            invocation.arg(t).arg(tau);
+            let call = invocation.invoke_async::<(i64, i64, i64)>(&mut conn);
+            match tokio::time::timeout(SHARED_BUDGET, call).await {
+                Ok(Ok((allowed, retry_ms, tat_ms))) => {
+                    let remaining = ((tau - tat_ms as f64) / t).floor() + 1.0;
+                    return Decision {
+                        allowed: allowed == 1,
+                        limit: policy.burst,
+                        remaining: if allowed == 1 {
+                            remaining.clamp(0.0, f64::from(policy.burst)) as u32
+                        } else {
+                            0
+                        },
+                        reset_secs: (tat_ms as f64 / 1000.0).ceil() as u64,
+                        retry_after_secs: if allowed == 1 {
+                            0
+                        } else {
+                            (retry_ms as f64 / 1000.0).ceil().max(1.0) as u64
+                        },
+                    };
+                }
+                Ok(Err(e)) => {
+                    shared.fallbacks.inc();
+                    tracing::debug!(error = %e, "Redis rate limit failed; deciding locally");
+                }
+                Err(_) => {
+                    shared.fallbacks.inc();
+                    tracing::debug!("Redis rate limit too slow; deciding locally");
+                }
+            }
+        }
+        self.check_local(index, policy, consumer)
+    }
+
+    /// The in-process decision.
+    pub fn check_local(&self, index: usize, policy: &RateLimitPolicy, consumer: &str) -> Decision {
         let now = self.clock.now_ms();
         // Emission interval and burst tolerance, in ms (f64: sub-ms rates round correctly).
-        let t = f64::from(policy.per_secs) * 1000.0 / f64::from(policy.requests);
-        let tau = t * f64::from(policy.burst.saturating_sub(1));
+        let (t, tau) = params(policy);
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (index, consumer).hash(&mut h);
         let shard = &self.shards[(h.finish() as usize) % SHARDS];
@@ -108,25 +230,25 @@ mod tests {
         let l = Limiter::new(Arc::new(clock.clone()));
         let p = policy(10, 60, 10);
         let admitted = (0..25)
-            .filter(|_| l.check(0, &p, "1.2.3.4").allowed)
+            .filter(|_| l.check_local(0, &p, "1.2.3.4").allowed)
             .count();
         assert_eq!(admitted, 10, "the burst");
-        let d = l.check(0, &p, "1.2.3.4");
+        let d = l.check_local(0, &p, "1.2.3.4");
         assert!(!d.allowed);
         assert_eq!(d.retry_after_secs, 6, "one request per 6 s");
         assert!(
-            l.check(0, &p, "5.6.7.8").allowed,
+            l.check_local(0, &p, "5.6.7.8").allowed,
             "consumers are independent"
         );
         assert!(
-            l.check(1, &p, "1.2.3.4").allowed,
+            l.check_local(1, &p, "1.2.3.4").allowed,
             "policies are independent"
         );
         // Over one minute, the rate: 10 more.
         let mut more = 0;
         for _ in 0..600 {
             clock.advance_ms(100);
-            if l.check(0, &p, "1.2.3.4").allowed {
+            if l.check_local(0, &p, "1.2.3.4").allowed {
                 more += 1;
             }
         }
@@ -138,7 +260,67 @@ mod tests {
         let clock = ManualClock::new(0);
         let l = Limiter::new(Arc::new(clock));
         let p = policy(50, 1, 5);
-        let r: Vec<u32> = (0..5).map(|_| l.check(0, &p, "u").remaining).collect();
+        let r: Vec<u32> = (0..5)
+            .map(|_| l.check_local(0, &p, "u").remaining)
+            .collect();
         assert_eq!(r, vec![4, 3, 2, 1, 0]);
+    }
+
+    fn counter() -> prometheus::IntCounter {
+        prometheus::IntCounter::new("fallbacks", "test").unwrap()
+    }
+
+    /// Two gateways sharing the local Redis admit, together, what one would.
+    #[tokio::test]
+    async fn two_limiters_share_one_budget_through_redis() {
+        let url = std::env::var("SHOPVERSE_TEST_REDIS")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("shopverse-test:{}:", uuid::Uuid::new_v4());
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
+        let (fa, fb) = (counter(), counter());
+        let a = Limiter::new(clock.clone())
+            .shared(&url, &prefix, fa.clone())
+            .unwrap();
+        let b = Limiter::new(clock)
+            .shared(&url, &prefix, fb.clone())
+            .unwrap();
+        a.warm_up()
+            .await
+            .expect("Redis at 127.0.0.1:6379 (see README)");
+        b.warm_up().await.expect("Redis");
+        let p = policy(10, 60, 10);
+        let mut admitted = 0;
+        for i in 0..24 {
+            let l = if i % 2 == 0 { &a } else { &b };
+            if l.check(0, &p, "9.9.9.9").await.allowed {
+                admitted += 1;
+            }
+        }
+        assert_eq!(fa.get() + fb.get(), 0, "Redis answered every time");
+        assert_eq!(admitted, 10);
+    }
+
+    #[tokio::test]
+    async fn redis_down_falls_back_to_local_limits() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let f = counter();
+        let l = Limiter::new(Arc::new(ManualClock::new(0)))
+            .shared(&format!("redis://{dead}"), "x:", f.clone())
+            .unwrap();
+        let p = policy(10, 60, 3);
+        let admitted = {
+            let mut n = 0;
+            for _ in 0..5 {
+                if l.check(0, &p, "c").await.allowed {
+                    n += 1;
+                }
+            }
+            n
+        };
+        assert_eq!(admitted, 3, "local limits still apply");
+        assert_eq!(f.get(), 5);
     }
 }
