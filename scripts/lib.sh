@@ -2,8 +2,8 @@
 # machine cannot hide a missing one.
 
 # Debian packages the build and the tests need: a C toolchain for the bundled SQLite, and the
-# PostgreSQL client tools for the readiness check.
-SHOPVERSE_APT_PACKAGES="gcc libc6-dev pkg-config postgresql-client curl"
+# PostgreSQL and Redis clients for the readiness checks.
+SHOPVERSE_APT_PACKAGES="gcc libc6-dev pkg-config postgresql-client redis-tools curl"
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -73,4 +73,19 @@ ensure_postgres() {
     return 1
   fi
   echo "PostgreSQL ready on 127.0.0.1:5432"
+}
+
+# Redis on 127.0.0.1:6379 (the gateway's shared rate limits are tested against it).
+ensure_redis() {
+  if [ -n "${SHOPVERSE_TEST_REDIS:-}" ]; then
+    echo "using SHOPVERSE_TEST_REDIS"; return 0
+  fi
+  if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    command -v redis-server >/dev/null || apt_install redis-server
+    echo "starting Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+    for _ in $(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.5; done
+  fi
+  redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { echo "Redis is not answering on 127.0.0.1:6379; set SHOPVERSE_TEST_REDIS" >&2; return 1; }
+  echo "Redis ready on 127.0.0.1:6379"
 }
