@@ -661,3 +661,78 @@ fn the_openapi_document_is_valid_openapi_3_1() {
         "customer"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_come_through_the_gateway_with_the_same_auth() {
+    use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
+    use shopverse_proto::products::v1::{ListProductsRequest, ReserveStockRequest};
+    use shopverse_proto::users::v1::GetMeRequest;
+    use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let gw = app.addrs["gateway"];
+    // HTTP/2 in cleartext to the gateway's one port, as grpcurl -plaintext would.
+    let ch = channel(gw).await;
+    let mut products = ProductsServiceClient::new(ch.clone());
+    let page = products
+        .list_products(ListProductsRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("a public method passes")
+        .into_inner();
+    assert_eq!(page.products.len(), 2);
+    let e = products
+        .reserve_stock(ReserveStockRequest {
+            order_id: "x".into(),
+            lines: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "internal methods stay inside: {e:?}"
+    );
+
+    let mut users = UsersServiceClient::new(ch);
+    let e = users.get_me(GetMeRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    // A spoofed identity without a token is not enough.
+    let mut spoof = tonic::Request::new(GetMeRequest {});
+    spoof
+        .metadata_mut()
+        .insert("x-shopverse-user", "someone".parse().unwrap());
+    spoof
+        .metadata_mut()
+        .insert("x-shopverse-roles", "admin".parse().unwrap());
+    assert_eq!(
+        users.get_me(spoof).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+
+    http(
+        gw,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"grpc@example.com","password":"grpc password"}"#,
+    );
+    let token = login(gw, "grpc@example.com", "grpc password");
+    let mut req = tonic::Request::new(GetMeRequest {});
+    req.metadata_mut()
+        .insert("authorization", bearer(&token).parse().unwrap());
+    req.metadata_mut()
+        .insert("x-shopverse-user", "someone-else".parse().unwrap());
+    let me = users
+        .get_me(req)
+        .await
+        .expect("a signed-in call passes")
+        .into_inner();
+    assert_eq!(
+        me.email, "grpc@example.com",
+        "the verified identity, not the spoofed one"
+    );
+    app.stop();
+}

@@ -157,6 +157,12 @@ pub async fn start(
             let mut server = Server::new_with_opt_and_conf(None, conf);
             server.bootstrap();
             let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+            if let Some(app) = service.app_logic_mut() {
+                // gRPC clients speak HTTP/2 in cleartext (h2c); HTTP/1.1 clients are unaffected.
+                let mut opts = pingora::apps::HttpServerOptions::default();
+                opts.h2c = true;
+                app.server_options = Some(opts);
+            }
             service.add_tcp(&addr.to_string());
             server.add_service(service);
             server.run(RunArgs {

@@ -31,8 +31,10 @@ pub struct Ctx {
     /// The route template for metrics, or a fixed label (`not_found`, `passthrough`).
     route: String,
     request_id: String,
-    /// Where a pass-through request goes.
-    passthrough: Option<String>,
+    /// Where a pass-through request goes, and whether over HTTP/2 (gRPC).
+    passthrough: Option<(String, bool)>,
+    /// The verified caller of a gRPC pass-through request.
+    identity: Option<Identity>,
 }
 
 /// Everything shared across requests.
@@ -518,6 +520,73 @@ impl Gateway {
         reply
     }
 
+    /// Lets a gRPC call through to its service if its method is public or the caller's token
+    /// carries the role, within the rate limits; `Err` is the gRPC status to answer with.
+    async fn grpc_gate(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        path: &str,
+    ) -> Result<(), (Code, String)> {
+        let (service, access) = self
+            .router
+            .grpc_method(path)
+            .map_err(|_| (Code::Unimplemented, format!("unknown method {path}")))?;
+        let access = access.ok_or((
+            Code::PermissionDenied,
+            "internal methods are not reachable through the gateway".to_owned(),
+        ))?;
+        ctx.route = format!("grpc:{path}");
+        let identity = self.authenticate(session, access).await.map_err(|r| {
+            let code = if r.status == StatusCode::FORBIDDEN {
+                Code::PermissionDenied
+            } else {
+                Code::Unauthenticated
+            };
+            (
+                code,
+                serde_json::from_slice::<serde_json::Value>(&r.body)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            )
+        })?;
+        let ip = self.client_ip(session);
+        if let Err(r) = self.rate_limit(path, identity.as_ref(), ip).await {
+            let msg = serde_json::from_slice::<serde_json::Value>(&r.body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_owned));
+            return Err((Code::ResourceExhausted, msg.unwrap_or_default()));
+        }
+        let upstream = self.upstreams.pick_address(&service).ok_or_else(|| {
+            (
+                Code::Unavailable,
+                format!("no upstream is configured for the {service} service"),
+            )
+        })?;
+        ctx.identity = identity;
+        ctx.passthrough = Some((upstream, true));
+        Ok(())
+    }
+
+    /// A trailers-only gRPC response carrying `code`.
+    async fn write_grpc_error(
+        &self,
+        session: &mut Session,
+        code: Code,
+        message: &str,
+    ) -> pingora::Result<()> {
+        let mut resp = ResponseHeader::build(StatusCode::OK, Some(4))?;
+        resp.insert_header("content-type", "application/grpc")?;
+        resp.insert_header("grpc-status", (code as i32).to_string())?;
+        let msg: String = message
+            .chars()
+            .filter(|c| c.is_ascii() && !c.is_ascii_control())
+            .collect();
+        resp.insert_header("grpc-message", msg)?;
+        session.write_response_header(Box::new(resp), true).await
+    }
+
     async fn write(&self, session: &mut Session, ctx: &Ctx, reply: Reply) -> pingora::Result<()> {
         let mut resp = ResponseHeader::build(reply.status, Some(8 + reply.headers.len()))?;
         resp.insert_header("content-type", "application/json")?;
@@ -549,6 +618,7 @@ impl ProxyHttp for Gateway {
             route: String::new(),
             request_id: String::new(),
             passthrough: None,
+            identity: None,
         }
     }
 
@@ -570,27 +640,47 @@ impl ProxyHttp for Gateway {
             .find(|p| path.starts_with(&p.prefix))
         {
             ctx.route = format!("passthrough:{}", p.prefix);
-            ctx.passthrough = Some(p.upstream.clone());
+            ctx.passthrough = Some((p.upstream.clone(), false));
             return Ok(false);
+        }
+        let grpc = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("application/grpc"));
+        if grpc {
+            return match self.grpc_gate(session, ctx, &path).await {
+                Ok(()) => Ok(false),
+                Err((code, message)) => {
+                    self.write_grpc_error(session, code, &message).await?;
+                    Ok(true)
+                }
+            };
         }
         let reply = self.handle(session, ctx).await;
         self.write(session, ctx, reply).await?;
         Ok(true)
     }
 
-    /// The HTTP upstream of a pass-through prefix.
+    /// The upstream of a pass-through request: a plain HTTP one, or a service for gRPC.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
         ctx: &mut Ctx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let Some(addr) = ctx.passthrough.clone() else {
+        let Some((addr, h2)) = ctx.passthrough.clone() else {
             return Err(pingora::Error::explain(
                 pingora::ErrorType::InternalError,
                 "no upstream for this request",
             ));
         };
-        Ok(Box::new(HttpPeer::new(addr, false, String::new())))
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        if h2 {
+            // gRPC: HTTP/2 with prior knowledge to the service (h2c).
+            peer.options.alpn = pingora::protocols::ALPN::H2;
+        }
+        Ok(Box::new(peer))
     }
 
     /// Identity headers a client sent never reach an upstream; the request id does.
@@ -603,6 +693,11 @@ impl ProxyHttp for Gateway {
         upstream.remove_header(shopverse_kit::identity::USER_HEADER);
         upstream.remove_header(shopverse_kit::identity::ROLES_HEADER);
         upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(id) = &ctx.identity {
+            upstream.insert_header(shopverse_kit::identity::USER_HEADER, id.user_id.as_str())?;
+            let roles: Vec<&str> = id.roles.iter().map(|r| r.as_str()).collect();
+            upstream.insert_header(shopverse_kit::identity::ROLES_HEADER, roles.join(","))?;
+        }
         Ok(())
     }
 

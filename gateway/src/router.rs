@@ -252,6 +252,24 @@ impl Router {
         Ok(())
     }
 
+    /// The gRPC method at `path` (`/package.Service/Method`): its service short name and who may
+    /// call it (`None`: internal, never through the gateway; unknown methods are `Err`).
+    pub fn grpc_method(&self, path: &str) -> Result<(String, Option<Access>), ()> {
+        let (service, method) = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .ok_or(())?;
+        let svc = self.pool.get_service_by_name(service).ok_or(())?;
+        let m = svc.methods().find(|m| m.name() == method).ok_or(())?;
+        let short = svc
+            .package_name()
+            .split('.')
+            .nth(1)
+            .unwrap_or(svc.package_name())
+            .to_owned();
+        Ok((short, access_of(&self.pool, &m)))
+    }
+
     pub fn routes(&self) -> &[Route] {
         &self.routes
     }

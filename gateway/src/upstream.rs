@@ -56,6 +56,9 @@ pub struct UpstreamError {
 #[derive(Clone)]
 pub struct Upstreams {
     channels: HashMap<String, Channel>,
+    /// `host:port` of each endpoint, for gRPC pass-through.
+    addresses: HashMap<String, Vec<String>>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     timeout: Duration,
 }
 
@@ -66,7 +69,19 @@ impl Upstreams {
         timeout: Duration,
     ) -> Result<Upstreams, UpstreamError> {
         let mut channels = HashMap::new();
+        let mut addresses = HashMap::new();
         for (service, urls) in config {
+            addresses.insert(
+                service.clone(),
+                urls.iter()
+                    .map(|u| {
+                        u.trim_start_matches("http://")
+                            .trim_start_matches("https://")
+                            .trim_end_matches('/')
+                            .to_owned()
+                    })
+                    .collect(),
+            );
             let mut endpoints = Vec::new();
             for url in urls {
                 let e = Endpoint::from_shared(url.clone())
@@ -87,7 +102,19 @@ impl Upstreams {
             };
             channels.insert(service.clone(), channel);
         }
-        Ok(Upstreams { channels, timeout })
+        Ok(Upstreams {
+            channels,
+            addresses,
+            next: Default::default(),
+            timeout,
+        })
+    }
+
+    /// One endpoint of `service`, round robin.
+    pub fn pick_address(&self, service: &str) -> Option<String> {
+        let list = self.addresses.get(service)?;
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        list.get(i % list.len().max(1)).cloned()
     }
 
     pub fn channel(&self, service: &str) -> Option<Channel> {
