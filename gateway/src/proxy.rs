@@ -531,7 +531,7 @@ impl Gateway {
         let (service, access) = self
             .router
             .grpc_method(path)
-            .map_err(|_| (Code::Unimplemented, format!("unknown method {path}")))?;
+            .ok_or_else(|| (Code::Unimplemented, format!("unknown method {path}")))?;
         let access = access.ok_or((
             Code::PermissionDenied,
             "internal methods are not reachable through the gateway".to_owned(),

@@ -253,7 +253,7 @@ impl Router {
     }
 
     /// The gRPC method at `path` (`/package.Service/Method`): its service short name and who may
-    /// call it (`None`: internal, never through the gateway; unknown methods are `Err`).
+    /// call it (`None`: internal, never through the gateway); `None` for an unknown method.
     pub fn grpc_method(&self, path: &str) -> Result<(String, Option<Access>), ()> {
         let (service, method) = path
             .strip_prefix('/')
@@ -267,7 +267,7 @@ impl Router {
             .nth(1)
             .unwrap_or(svc.package_name())
             .to_owned();
-        Ok((short, access_of(&self.pool, &m)))
+        Some((short, access_of(&self.pool, &m)))
     }
 
     pub fn routes(&self) -> &[Route] {
