@@ -254,13 +254,10 @@ impl Router {
 
     /// The gRPC method at `path` (`/package.Service/Method`): its service short name and who may
     /// call it (`None`: internal, never through the gateway); `None` for an unknown method.
-    pub fn grpc_method(&self, path: &str) -> Result<(String, Option<Access>), ()> {
-        let (service, method) = path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .ok_or(())?;
-        let svc = self.pool.get_service_by_name(service).ok_or(())?;
-        let m = svc.methods().find(|m| m.name() == method).ok_or(())?;
+    pub fn grpc_method(&self, path: &str) -> Option<(String, Option<Access>)> {
+        let (service, method) = path.strip_prefix('/').and_then(|p| p.split_once('/'))?;
+        let svc = self.pool.get_service_by_name(service)?;
+        let m = svc.methods().find(|m| m.name() == method)?;
         let short = svc
             .package_name()
             .split('.')
