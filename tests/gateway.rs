@@ -736,3 +736,67 @@ async fn grpc_clients_come_through_the_gateway_with_the_same_auth() {
     );
     app.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_for_configured_origins_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = LoneGateway::start(
+        dir.path(),
+        "cors",
+        &[(
+            "SHOPVERSE_GATEWAY__CORS__ALLOWED_ORIGINS",
+            r#"["https://shop.example"]"#,
+        )],
+    );
+    let pre = |origin: &str| {
+        http(
+            gw.addr,
+            "OPTIONS",
+            "/v1/products/p1",
+            &[
+                ("origin", origin),
+                ("access-control-request-method", "PATCH"),
+                ("access-control-request-headers", "authorization"),
+            ],
+            b"",
+        )
+    };
+    let ok = pre("https://shop.example");
+    assert_eq!(ok.status, 204, "{}", ok.body);
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://shop.example")
+    );
+    assert_eq!(
+        ok.header("access-control-allow-methods"),
+        Some("GET, PATCH")
+    );
+    assert!(
+        ok.header("access-control-allow-headers")
+            .unwrap()
+            .contains("authorization")
+    );
+    assert_eq!(pre("https://evil.example").status, 403);
+    // Actual requests carry the header for allowed origins only (even errors, so a browser
+    // can read them).
+    let r = http(
+        gw.addr,
+        "GET",
+        "/v1/categories",
+        &[("origin", "https://shop.example")],
+        b"",
+    );
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://shop.example")
+    );
+    let r = http(
+        gw.addr,
+        "GET",
+        "/v1/categories",
+        &[("origin", "https://evil.example")],
+        b"",
+    );
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    gw.stop();
+}

@@ -43,6 +43,52 @@ pub struct GatewayConfig {
     pub rate_limits: Vec<RateLimitPolicy>,
     /// Path prefixes proxied as they are to a plain HTTP upstream.
     pub passthrough: Vec<Passthrough>,
+    /// Cross-origin requests from browsers.
+    pub cors: CorsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to call the API from a browser (`https://shop.example`), or `*`;
+    /// empty: no cross-origin access.
+    pub allowed_origins: Vec<String>,
+    /// Request headers a browser may send.
+    pub allowed_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    pub max_age_secs: u64,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            allowed_headers: vec![
+                "authorization".into(),
+                "content-type".into(),
+                "x-request-id".into(),
+                "traceparent".into(),
+            ],
+            max_age_secs: 600,
+        }
+    }
+}
+
+impl CorsConfig {
+    /// The `Access-Control-Allow-Origin` value for `origin`, if it is allowed.
+    pub fn allow(&self, origin: &str) -> Option<String> {
+        if self.allowed_origins.iter().any(|o| o == "*") {
+            Some("*".into())
+        } else if self
+            .allowed_origins
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(origin))
+        {
+            Some(origin.to_owned())
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -122,6 +168,7 @@ impl Default for GatewayConfig {
                 },
             ],
             passthrough: Vec::new(),
+            cors: CorsConfig::default(),
         }
     }
 }

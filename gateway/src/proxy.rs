@@ -35,6 +35,8 @@ pub struct Ctx {
     passthrough: Option<(String, bool)>,
     /// The verified caller of a gRPC pass-through request.
     identity: Option<Identity>,
+    /// `Access-Control-Allow-Origin` for a cross-origin request from an allowed origin.
+    cors: Option<String>,
 }
 
 /// Everything shared across requests.
@@ -400,6 +402,9 @@ impl Gateway {
         let method = session.req_header().method.clone();
         let uri = session.req_header().uri.clone();
         let path = uri.path();
+        if let Some(reply) = self.preflight(session, ctx, &method, path) {
+            return reply;
+        }
         if path == "/openapi.json" && (method == Method::GET || method == Method::HEAD) {
             ctx.route = "/openapi.json".into();
             return Reply::json(StatusCode::OK, self.openapi.to_vec());
@@ -520,6 +525,62 @@ impl Gateway {
         reply
     }
 
+    /// Notes the CORS origin of the request and answers a preflight (`OPTIONS` with
+    /// `Access-Control-Request-Method`) itself.
+    fn preflight(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        method: &Method,
+        path: &str,
+    ) -> Option<Reply> {
+        let headers = &session.req_header().headers;
+        let origin = headers.get("origin").and_then(|v| v.to_str().ok())?;
+        ctx.cors = self.config.cors.allow(origin);
+        if *method != Method::OPTIONS || !headers.contains_key("access-control-request-method") {
+            return None;
+        }
+        ctx.route = "preflight".into();
+        let Some(allow_origin) = ctx.cors.clone() else {
+            return Some(Reply::error(
+                StatusCode::FORBIDDEN,
+                Code::PermissionDenied,
+                "this origin may not call the API",
+                serde_json::json!([]),
+            ));
+        };
+        let methods = match self.router.find(&Method::OPTIONS, path) {
+            Err(MatchError::MethodNotAllowed(m)) => {
+                m.iter().map(Method::as_str).collect::<Vec<_>>().join(", ")
+            }
+            _ => {
+                return Some(Reply::error(
+                    StatusCode::NOT_FOUND,
+                    Code::NotFound,
+                    &format!("no route for {path}"),
+                    serde_json::json!([]),
+                ));
+            }
+        };
+        Some(Reply {
+            status: StatusCode::NO_CONTENT,
+            body: Bytes::new(),
+            headers: vec![
+                ("access-control-allow-origin", allow_origin),
+                ("access-control-allow-methods", methods),
+                (
+                    "access-control-allow-headers",
+                    self.config.cors.allowed_headers.join(", "),
+                ),
+                (
+                    "access-control-max-age",
+                    self.config.cors.max_age_secs.to_string(),
+                ),
+                ("vary", "origin".into()),
+            ],
+        })
+    }
+
     /// Lets a gRPC call through to its service if its method is public or the caller's token
     /// carries the role, within the rate limits; `Err` is the gRPC status to answer with.
     async fn grpc_gate(
@@ -596,8 +657,19 @@ impl Gateway {
         resp.insert_header("x-frame-options", "DENY")?;
         resp.insert_header("referrer-policy", "no-referrer")?;
         resp.insert_header("cache-control", "no-store")?;
+        let preflight = reply.status == StatusCode::NO_CONTENT;
         for (k, v) in reply.headers {
             resp.insert_header(k, v)?;
+        }
+        if let Some(origin) = &ctx.cors
+            && !preflight
+        {
+            resp.insert_header("access-control-allow-origin", origin.as_str())?;
+            resp.insert_header(
+                "access-control-expose-headers",
+                "x-request-id, retry-after, ratelimit, ratelimit-policy",
+            )?;
+            resp.insert_header("vary", "origin")?;
         }
         let head = session.req_header().method == Method::HEAD;
         session.write_response_header(Box::new(resp), head).await?;
@@ -619,6 +691,7 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             passthrough: None,
             identity: None,
+            cors: None,
         }
     }
 
