@@ -574,7 +574,11 @@ pub async fn gateway(
         shutdown.clone(),
     ));
     println!("ShopVerse {} — gateway", env!("CARGO_PKG_VERSION"));
-    println!("ready: gateway={} admin={admin_addr}", running.addr);
+    let tls = running
+        .tls_addr
+        .map(|t| format!(" gateway-tls={t}"))
+        .unwrap_or_default();
+    println!("ready: gateway={}{tls} admin={admin_addr}", running.addr);
     running.join().await;
     let _ = admin_task.await;
     Ok(())

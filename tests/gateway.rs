@@ -800,3 +800,82 @@ async fn cors_for_configured_origins_only() {
     assert_eq!(r.header("access-control-allow-origin"), None);
     gw.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_tls_1_2_and_1_3_and_http2_by_alpn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (scripts/test installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let env = [
+        ("SHOPVERSE_GATEWAY__TLS__LISTEN", free.to_string()),
+        (
+            "SHOPVERSE_GATEWAY__TLS__CERT_PATH",
+            cert.display().to_string(),
+        ),
+        (
+            "SHOPVERSE_GATEWAY__TLS__KEY_PATH",
+            key.display().to_string(),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = LoneGateway::start(dir.path(), "tls", &env);
+    let curl = |extra: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                "--cacert",
+            ])
+            .arg(&cert)
+            .args(extra)
+            .arg(format!("https://127.0.0.1:{}/v1/categories", free.port()))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The products service is not running: a 503 with the JSON error, over TLS.
+    assert_eq!(curl(&["--http2"]), "2 503", "HTTP/2 negotiated by ALPN");
+    assert_eq!(curl(&["--http1.1"]), "1.1 503");
+    assert_eq!(
+        curl(&["--http2", "--tlsv1.2", "--tls-max", "1.2"]),
+        "2 503",
+        "TLS 1.2"
+    );
+    assert_eq!(curl(&["--http2", "--tlsv1.3"]), "2 503", "TLS 1.3");
+    gw.stop();
+}

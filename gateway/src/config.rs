@@ -45,6 +45,18 @@ pub struct GatewayConfig {
     pub passthrough: Vec<Passthrough>,
     /// Cross-origin requests from browsers.
     pub cors: CorsConfig,
+    /// An HTTPS listener (TLS 1.2 and 1.3 with rustls, HTTP/2 by ALPN, so gRPC over TLS too).
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Empty: no HTTPS listener.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain and private key.
+    pub cert_path: String,
+    pub key_path: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +181,7 @@ impl Default for GatewayConfig {
             ],
             passthrough: Vec::new(),
             cors: CorsConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -231,6 +244,14 @@ impl GatewayConfig {
             return Err(Invalid::new(
                 key("redis_url"),
                 "must be empty or a redis:// URL",
+            ));
+        }
+        if self.tls.listen.is_some()
+            && (self.tls.cert_path.is_empty() || self.tls.key_path.is_empty())
+        {
+            return Err(Invalid::new(
+                key("tls"),
+                "a TLS listener needs cert_path and key_path",
             ));
         }
         for (i, p) in self.passthrough.iter().enumerate() {

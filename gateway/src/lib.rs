@@ -51,6 +51,8 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("gateway: tls: {0}")]
+    Tls(String),
     #[error("gateway: redis_url: {0}")]
     Redis(String),
     #[error("gateway: did not start listening on {0} within 10 s")]
@@ -77,6 +79,8 @@ impl ShutdownSignalWatch for TokenWatch {
 /// A running gateway.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The HTTPS listener, when configured.
+    pub tls_addr: Option<SocketAddr>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -119,6 +123,22 @@ pub async fn start(
     ));
     let addr = concrete(config.listen)?;
     let threads = config.threads;
+    let tls = match config.tls.listen {
+        Some(l) => {
+            for f in [&config.tls.cert_path, &config.tls.key_path] {
+                std::fs::metadata(f).map_err(|e| GatewayError::Tls(format!("{f}: {e}")))?;
+            }
+            let mut settings = pingora::listeners::tls::TlsSettings::intermediate(
+                &config.tls.cert_path,
+                &config.tls.key_path,
+            )
+            .map_err(|e| GatewayError::Tls(e.to_string()))?;
+            settings.enable_h2();
+            Some((concrete(l)?, settings))
+        }
+        None => None,
+    };
+    let tls_addr = tls.as_ref().map(|(a, _)| *a);
     let openapi =
         bytes::Bytes::from(serde_json::to_vec(&openapi::document(&router)).unwrap_or_default());
     let metrics = proxy::Metrics::new(registry);
@@ -164,6 +184,9 @@ pub async fn start(
                 app.server_options = Some(opts);
             }
             service.add_tcp(&addr.to_string());
+            if let Some((tls_addr, settings)) = tls {
+                service.add_tls_with_settings(&tls_addr.to_string(), None, settings);
+            }
             server.add_service(service);
             server.run(RunArgs {
                 shutdown_signal: Box::new(watch),
@@ -172,7 +195,11 @@ pub async fn start(
         .map_err(|source| GatewayError::Listen { addr, source })?;
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(Running { addr, thread });
+            return Ok(Running {
+                addr,
+                tls_addr,
+                thread,
+            });
         }
         if thread.is_finished() {
             break;
