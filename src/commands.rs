@@ -322,6 +322,7 @@ async fn run_services(
             shutdown.clone(),
         )
         .await?;
+        reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());
         started.rows.insert(
             0,
             (
@@ -409,6 +410,40 @@ pub async fn up(
     let admin = admin.unwrap_or(cfg.admin.listen);
     let gateway_addr = gateway_addr.unwrap_or(cfg.gateway.listen);
     run_services(cfg, &services, admin, "appliance", demo, Some(gateway_addr)).await
+}
+
+/// On SIGHUP, reads the configuration again and swaps the gateway's policies; a bad file is
+/// reported and the running policies stay.
+fn reload_on_sighup(
+    source: Option<PathBuf>,
+    reloader: shopverse_gateway::Reloader,
+    shutdown: shopverse_kit::CancellationToken,
+) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            match AppConfig::load(source.as_deref()) {
+                Ok(cfg) => {
+                    let ignored = reloader.reload(cfg.gateway);
+                    tracing::info!(
+                        ?ignored,
+                        "SIGHUP: gateway policies reloaded (listed keys need a restart)"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: configuration not reloaded; keeping the running one")
+                }
+            }
+        }
+    });
 }
 
 /// What the admin listener serves besides metrics and probes when a gateway runs.
@@ -565,6 +600,7 @@ pub async fn gateway(
     let admin_addr = admin.local_addr()?;
     let running =
         shopverse_gateway::start(gcfg, &registry, Arc::new(SystemClock), shutdown.clone()).await?;
+    reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());
     let ready: shopverse_kit::metrics::ReadyCheck = Arc::new(|| true);
     let admin_task = tokio::spawn(shopverse_kit::metrics::serve_admin(
         admin,

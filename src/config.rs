@@ -26,6 +26,9 @@ pub struct AppConfig {
     pub shutdown: ShutdownConfig,
     pub gateway: GatewayConfig,
     pub services: ServicesConfig,
+    /// The file this came from (SIGHUP reads it again).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,10 +155,12 @@ impl Validate for AppConfig {
 impl AppConfig {
     /// Loads `path` (or the built-in defaults when `None`) with environment overrides.
     pub fn load(path: Option<&Path>) -> Result<AppConfig, shopverse_kit::config::ConfigError> {
-        match path {
-            Some(p) => shopverse_kit::config::load(p, std::env::vars()),
-            None => shopverse_kit::config::from_str("", "built-in defaults", std::env::vars()),
-        }
+        let mut cfg: AppConfig = match path {
+            Some(p) => shopverse_kit::config::load(p, std::env::vars())?,
+            None => shopverse_kit::config::from_str("", "built-in defaults", std::env::vars())?,
+        };
+        cfg.source = path.map(Path::to_path_buf);
+        Ok(cfg)
     }
 
     pub fn events_url(&self) -> String {

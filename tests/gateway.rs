@@ -489,6 +489,16 @@ struct LoneGateway {
 
 impl LoneGateway {
     fn start(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> LoneGateway {
+        Self::start_with(dir, name, env, "")
+    }
+
+    /// `extra` is appended to the configuration file.
+    fn start_with(
+        dir: &std::path::Path,
+        name: &str,
+        env: &[(&str, &str)],
+        extra: &str,
+    ) -> LoneGateway {
         let dead = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -496,7 +506,7 @@ impl LoneGateway {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
-            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n[gateway.upstreams]\nusers = [\"http://{dead}\"]\nproducts = [\"http://{dead}\"]\n"),
+            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n[gateway.upstreams]\nusers = [\"http://{dead}\"]\nproducts = [\"http://{dead}\"]\n{extra}"),
         )
         .unwrap();
         #[allow(clippy::zombie_processes)] // `stop` and `Drop` reap it
@@ -877,5 +887,57 @@ async fn https_with_tls_1_2_and_1_3_and_http2_by_alpn() {
         "TLS 1.2"
     );
     assert_eq!(curl(&["--http2", "--tlsv1.3"]), "2 503", "TLS 1.3");
+    gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |burst: u32| {
+        format!(
+            "[[gateway.rate_limits]]\nname = \"login\"\npaths = [\"/v1/auth/\"]\nrequests = {burst}\nper_secs = 3600\nburst = {burst}\nby = \"ip\"\n"
+        )
+    };
+    let gw = LoneGateway::start_with(dir.path(), "hup", &[], &policy(1000));
+    let login = || {
+        http(
+            gw.addr,
+            "POST",
+            "/v1/auth/login",
+            &[],
+            br#"{"email":"a@b.co","password":"whatever pw"}"#,
+        )
+        .status
+    };
+    for _ in 0..5 {
+        assert_eq!(login(), 503, "admitted (users is not running)");
+    }
+    // Tighten the policy in the file and send SIGHUP: no restart, the next requests see it.
+    let cfg = dir.path().join("hup.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&policy(1000), &policy(1));
+    std::fs::write(&cfg, text).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status();
+    let t0 = std::time::Instant::now();
+    loop {
+        if login() == 429 {
+            break;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the reloaded policy never applied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A broken file is refused and the running policy stays.
+    std::fs::write(&cfg, "[gateway\n").unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(login(), 429);
     gw.stop();
 }

@@ -81,7 +81,48 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The HTTPS listener, when configured.
     pub tls_addr: Option<SocketAddr>,
+    live: Arc<arc_swap::ArcSwap<GatewayConfig>>,
     thread: std::thread::JoinHandle<()>,
+}
+
+/// Swaps the policies of a running gateway (see [`Reloader::reload`]).
+#[derive(Clone)]
+pub struct Reloader {
+    live: Arc<arc_swap::ArcSwap<GatewayConfig>>,
+}
+
+impl Running {
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            live: self.live.clone(),
+        }
+    }
+}
+
+impl Reloader {
+    /// Swaps in new policies (rate limits, CORS, size limits, pass-through routes, trusted
+    /// proxies, token claims) for the next requests; open connections carry on. Listeners,
+    /// upstreams and TLS stay as they started: those need a restart (or a graceful upgrade).
+    pub fn reload(&self, new: GatewayConfig) -> Vec<&'static str> {
+        let current = self.live.load_full();
+        let mut ignored = Vec::new();
+        if new.listen != current.listen && new.listen.port() != 0 {
+            ignored.push("listen");
+        }
+        if new.upstreams != current.upstreams {
+            ignored.push("upstreams");
+        }
+        if new.threads != current.threads {
+            ignored.push("threads");
+        }
+        let mut merged = new;
+        merged.listen = current.listen;
+        merged.upstreams = current.upstreams.clone();
+        merged.threads = current.threads;
+        merged.tls = current.tls.clone();
+        self.live.store(Arc::new(merged));
+        ignored
+    }
 }
 
 impl Running {
@@ -155,6 +196,7 @@ pub async fn start(
             tracing::warn!(error = %e, "Redis is not answering; rate limits are per gateway until it does");
         }
     }
+    let live = Arc::new(arc_swap::ArcSwap::from_pointee(config.clone()));
     let gateway = proxy::Gateway {
         router,
         upstreams,
@@ -162,7 +204,7 @@ pub async fn start(
         limiter,
         metrics,
         openapi,
-        config,
+        config: live.clone(),
     };
     let watch = TokenWatch(shutdown);
     let thread = std::thread::Builder::new()
@@ -198,6 +240,7 @@ pub async fn start(
             return Ok(Running {
                 addr,
                 tls_addr,
+                live,
                 thread,
             });
         }

@@ -45,7 +45,8 @@ pub struct Gateway {
     pub(crate) upstreams: Upstreams,
     pub(crate) verifier: Arc<Verifier>,
     pub(crate) limiter: Limiter,
-    pub(crate) config: GatewayConfig,
+    /// Policies and limits; SIGHUP swaps in a new one without touching connections.
+    pub(crate) config: Arc<arc_swap::ArcSwap<GatewayConfig>>,
     pub(crate) metrics: Metrics,
     /// The OpenAPI document, rendered once.
     pub(crate) openapi: Bytes,
@@ -214,7 +215,7 @@ impl Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         if let Some(p) = peer
-            && self.config.trusted_proxies.contains(&p)
+            && self.config.load().trusted_proxies.contains(&p)
             && let Some(xff) = session
                 .req_header()
                 .headers
@@ -301,7 +302,8 @@ impl Gateway {
         identity: Option<&Identity>,
         ip: Option<IpAddr>,
     ) -> Result<Vec<(&'static str, String)>, Reply> {
-        let Some((i, policy)) = self.config.rate_limits.iter().enumerate().find(|(_, p)| {
+        let config = self.config.load();
+        let Some((i, policy)) = config.rate_limits.iter().enumerate().find(|(_, p)| {
             p.paths.is_empty() || p.paths.iter().any(|pre| path.starts_with(pre.as_str()))
         }) else {
             return Ok(Vec::new());
@@ -343,7 +345,7 @@ impl Gateway {
                 Code::InvalidArgument,
                 &format!(
                     "the request body is larger than {} bytes",
-                    self.config.max_body_bytes
+                    self.config.load().max_body_bytes
                 ),
                 serde_json::json!([]),
             )
@@ -354,14 +356,14 @@ impl Gateway {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > self.config.max_body_bytes) {
+        if declared.is_some_and(|n| n > self.config.load().max_body_bytes) {
             return Err(too_big());
         }
         let mut body = Vec::with_capacity(declared.unwrap_or(0));
         loop {
             match session.read_request_body().await {
                 Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > self.config.max_body_bytes {
+                    if body.len() + chunk.len() > self.config.load().max_body_bytes {
                         return Err(too_big());
                     }
                     body.extend_from_slice(&chunk);
@@ -387,14 +389,17 @@ impl Gateway {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum();
-        if headers.len() > self.config.max_headers || header_bytes > self.config.max_header_bytes {
+        if headers.len() > self.config.load().max_headers
+            || header_bytes > self.config.load().max_header_bytes
+        {
             ctx.route = "headers_too_large".into();
             return Reply::error(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 Code::InvalidArgument,
                 &format!(
                     "at most {} request headers of {} bytes in all are accepted",
-                    self.config.max_headers, self.config.max_header_bytes
+                    self.config.load().max_headers,
+                    self.config.load().max_header_bytes
                 ),
                 serde_json::json!([]),
             );
@@ -536,7 +541,7 @@ impl Gateway {
     ) -> Option<Reply> {
         let headers = &session.req_header().headers;
         let origin = headers.get("origin").and_then(|v| v.to_str().ok())?;
-        ctx.cors = self.config.cors.allow(origin);
+        ctx.cors = self.config.load().cors.allow(origin);
         if *method != Method::OPTIONS || !headers.contains_key("access-control-request-method") {
             return None;
         }
@@ -570,11 +575,11 @@ impl Gateway {
                 ("access-control-allow-methods", methods),
                 (
                     "access-control-allow-headers",
-                    self.config.cors.allowed_headers.join(", "),
+                    self.config.load().cors.allowed_headers.join(", "),
                 ),
                 (
                     "access-control-max-age",
-                    self.config.cors.max_age_secs.to_string(),
+                    self.config.load().cors.max_age_secs.to_string(),
                 ),
                 ("vary", "origin".into()),
             ],
@@ -706,8 +711,8 @@ impl ProxyHttp for Gateway {
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let path = session.req_header().uri.path().to_owned();
-        if let Some(p) = self
-            .config
+        let config = self.config.load();
+        if let Some(p) = config
             .passthrough
             .iter()
             .find(|p| path.starts_with(&p.prefix))

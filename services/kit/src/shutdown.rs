@@ -6,6 +6,16 @@ use tokio_util::sync::CancellationToken;
 /// Returns a token cancelled on the first SIGINT or SIGTERM. A second signal exits at once.
 pub fn on_signals() -> CancellationToken {
     let token = CancellationToken::new();
+    // SIGHUP must not end the process (systemd's ExecReload sends it); components that can
+    // reload listen for it themselves.
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::debug!("SIGHUP received");
+            }
+        });
+    }
     let t = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
