@@ -941,3 +941,30 @@ async fn sighup_reloads_policies() {
     assert_eq!(login(), 429);
     gw.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_in_a_pool_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pool = format!(r#"["http://{dead}", "http://{}"]"#, app.products);
+    let users = format!(r#"["http://{}"]"#, app.users);
+    let gw = LoneGateway::start(
+        dir.path(),
+        "pool",
+        &[
+            ("SHOPVERSE_GATEWAY__UPSTREAMS__PRODUCTS", pool.as_str()),
+            ("SHOPVERSE_GATEWAY__UPSTREAMS__USERS", users.as_str()),
+        ],
+    );
+    // Reads are retried on the live endpoint at once, and the dead one is ejected.
+    for _ in 0..20 {
+        let r = http(gw.addr, "GET", "/v1/categories", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    gw.stop();
+    app.stop();
+}

@@ -32,6 +32,8 @@ pub struct GatewayConfig {
     pub max_header_bytes: usize,
     /// Per-call deadline to a service, sent as `grpc-timeout` (504 beyond).
     pub request_timeout_ms: u64,
+    /// How often each upstream endpoint's gRPC health is checked.
+    pub health_check_secs: u64,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
     /// Redis shared by several gateways for rate limits (`redis://host:6379`); empty: limits
@@ -158,6 +160,7 @@ impl Default for GatewayConfig {
             max_headers: 100,
             max_header_bytes: 16 << 10,
             request_timeout_ms: 10_000,
+            health_check_secs: 5,
             trusted_proxies: Vec::new(),
             redis_url: String::new(),
             redis_prefix: "shopverse:ratelimit:".into(),
@@ -221,6 +224,12 @@ impl GatewayConfig {
             return Err(Invalid::new(
                 key("max_headers"),
                 "max_headers must be 8 to 10000 and max_header_bytes 1 KiB to 1 MiB",
+            ));
+        }
+        if !(1..=3600).contains(&self.health_check_secs) {
+            return Err(Invalid::new(
+                key("health_check_secs"),
+                "must be between 1 and 3600",
             ));
         }
         if !(10..=600_000).contains(&self.request_timeout_ms) {

@@ -157,6 +157,10 @@ pub async fn start(
         Duration::from_millis(config.request_timeout_ms),
     )?;
     let users = upstreams.channel("users").ok_or(GatewayError::NoUsers)?;
+    tokio::spawn(upstreams.clone().health_loop(
+        Duration::from_secs(config.health_check_secs),
+        shutdown.clone(),
+    ));
     let verifier = Arc::new(auth::Verifier::new(users, &config, clock.clone()));
     tokio::spawn(verifier.clone().refresh_loop(
         Duration::from_secs(config.jwks_refresh_secs),

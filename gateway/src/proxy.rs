@@ -489,7 +489,13 @@ impl Gateway {
         let service = m.route.service.clone();
         let result = self
             .upstreams
-            .unary(&service, &m.route.grpc_path, msg.encode_to_vec().into(), md)
+            .unary(
+                &service,
+                &m.route.grpc_path,
+                msg.encode_to_vec().into(),
+                md,
+                m.route.http_method == Method::GET,
+            )
             .await;
         let mut reply = match result {
             Ok(bytes) => match response_json(&m.route.method.output(), &bytes) {

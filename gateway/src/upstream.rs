@@ -1,7 +1,9 @@
-//! Calls to the services: one balanced gRPC channel per service, requests and responses as
-//! already-encoded protobuf bytes (the transcoder does the encoding).
+//! Calls to the services: a pool of endpoints per service with health checks, ejection and
+//! retries; requests and responses are already-encoded protobuf bytes (the transcoder encodes).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
@@ -52,14 +54,47 @@ pub struct UpstreamError {
     source: tonic::transport::Error,
 }
 
-/// One channel per service, balanced over its endpoints.
+/// One endpoint of a service.
+struct Member {
+    /// `host:port`, for gRPC pass-through.
+    address: String,
+    channel: Channel,
+    /// Cleared by a failed health check or a failed call; set by a passing health check.
+    healthy: AtomicBool,
+}
+
+struct Pool {
+    members: Vec<Member>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    /// Members to try, healthy ones first, starting round robin. With none healthy, all of
+    /// them: a pool never refuses on stale health alone.
+    fn order(&self) -> Vec<&Member> {
+        let n = self.members.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let rotated = (0..n).map(|i| &self.members[(start + i) % n]);
+        let (mut healthy, sick): (Vec<&Member>, Vec<&Member>) =
+            rotated.partition(|m| m.healthy.load(Ordering::Relaxed));
+        healthy.extend(sick);
+        healthy
+    }
+}
+
+/// The upstream pools: per service, its endpoints with health, round robin over the healthy
+/// ones. A connection failure ejects an endpoint until its next passing health check
+/// (`grpc.health.v1`, every few seconds); idempotent calls (HTTP GET) are retried once on
+/// another endpoint when the first attempt failed before any response.
 #[derive(Clone)]
 pub struct Upstreams {
-    channels: HashMap<String, Channel>,
-    /// `host:port` of each endpoint, for gRPC pass-through.
-    addresses: HashMap<String, Vec<String>>,
-    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pools: Arc<HashMap<String, Pool>>,
     timeout: Duration,
+}
+
+/// The call never reached a service (or no service answered): safe to try elsewhere.
+fn unreachable(s: &Status) -> bool {
+    s.code() == tonic::Code::Unavailable
 }
 
 impl Upstreams {
@@ -68,23 +103,11 @@ impl Upstreams {
         config: &std::collections::BTreeMap<String, Vec<String>>,
         timeout: Duration,
     ) -> Result<Upstreams, UpstreamError> {
-        let mut channels = HashMap::new();
-        let mut addresses = HashMap::new();
+        let mut pools = HashMap::new();
         for (service, urls) in config {
-            addresses.insert(
-                service.clone(),
-                urls.iter()
-                    .map(|u| {
-                        u.trim_start_matches("http://")
-                            .trim_start_matches("https://")
-                            .trim_end_matches('/')
-                            .to_owned()
-                    })
-                    .collect(),
-            );
-            let mut endpoints = Vec::new();
+            let mut members = Vec::new();
             for url in urls {
-                let e = Endpoint::from_shared(url.clone())
+                let channel = Endpoint::from_shared(url.clone())
                     .map_err(|source| UpstreamError {
                         service: service.clone(),
                         url: url.clone(),
@@ -92,57 +115,125 @@ impl Upstreams {
                     })?
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30));
-                endpoints.push(e);
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .connect_lazy();
+                members.push(Member {
+                    address: url
+                        .trim_start_matches("http://")
+                        .trim_start_matches("https://")
+                        .trim_end_matches('/')
+                        .to_owned(),
+                    channel,
+                    healthy: AtomicBool::new(true),
+                });
             }
-            let channel = if endpoints.len() == 1 {
-                endpoints.remove(0).connect_lazy()
-            } else {
-                Channel::balance_list(endpoints.into_iter())
-            };
-            channels.insert(service.clone(), channel);
+            pools.insert(
+                service.clone(),
+                Pool {
+                    members,
+                    next: AtomicUsize::new(0),
+                },
+            );
         }
         Ok(Upstreams {
-            channels,
-            addresses,
-            next: Default::default(),
+            pools: Arc::new(pools),
             timeout,
         })
     }
 
-    /// One endpoint of `service`, round robin.
+    /// One endpoint of `service` for a gRPC pass-through call, round robin over healthy ones.
     pub fn pick_address(&self, service: &str) -> Option<String> {
-        let list = self.addresses.get(service)?;
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        list.get(i % list.len().max(1)).cloned()
+        self.pools
+            .get(service)?
+            .order()
+            .first()
+            .map(|m| m.address.clone())
     }
 
+    /// A channel to `service` (its first healthy endpoint), for the gateway's own calls.
     pub fn channel(&self, service: &str) -> Option<Channel> {
-        self.channels.get(service).cloned()
+        self.pools
+            .get(service)?
+            .order()
+            .first()
+            .map(|m| m.channel.clone())
     }
 
-    /// One unary call of `path` on `service` with an encoded request.
+    /// Checks every endpoint's gRPC health once; returns how many are healthy.
+    pub async fn check_health(&self) -> usize {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::health_client::HealthClient;
+        let mut healthy = 0;
+        for pool in self.pools.values() {
+            for m in &pool.members {
+                let mut client = HealthClient::new(m.channel.clone());
+                let check = client.check(HealthCheckRequest {
+                    service: String::new(),
+                });
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(1), check).await,
+                    Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving
+                );
+                m.healthy.store(ok, Ordering::Relaxed);
+                healthy += usize::from(ok);
+            }
+        }
+        healthy
+    }
+
+    /// Health-checks every `every` until `shutdown`.
+    pub async fn health_loop(self, every: Duration, shutdown: shopverse_kit::CancellationToken) {
+        loop {
+            self.check_health().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// One unary call of `path` on `service` with an encoded request; `idempotent` calls are
+    /// retried once on another endpoint if the first never reached a service.
     pub async fn unary(
         &self,
         service: &str,
         path: &str,
         body: Bytes,
         metadata: MetadataMap,
+        idempotent: bool,
     ) -> Result<Bytes, Status> {
-        let channel = self.channel(service).ok_or_else(|| {
+        let pool = self.pools.get(service).ok_or_else(|| {
             Status::unavailable(format!(
                 "no upstream is configured for the {service} service"
             ))
         })?;
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.map_err(|e| {
-            Status::unavailable(format!("the {service} service is unavailable: {e}"))
-        })?;
-        let mut req = tonic::Request::from_parts(metadata, tonic::Extensions::default(), body);
-        req.set_timeout(self.timeout);
         let path =
             http::uri::PathAndQuery::try_from(path).map_err(|e| Status::internal(e.to_string()))?;
-        let resp = grpc.unary(req, path, RawCodec).await?;
-        Ok(resp.into_inner())
+        let tries = if idempotent { 2 } else { 1 };
+        let mut last = Status::unavailable(format!("the {service} service is unavailable"));
+        for member in pool.order().into_iter().take(tries) {
+            let mut grpc = tonic::client::Grpc::new(member.channel.clone());
+            if let Err(e) = grpc.ready().await {
+                member.healthy.store(false, Ordering::Relaxed);
+                last = Status::unavailable(format!("the {service} service is unavailable: {e}"));
+                continue;
+            }
+            let mut req = tonic::Request::from_parts(
+                metadata.clone(),
+                tonic::Extensions::default(),
+                body.clone(),
+            );
+            req.set_timeout(self.timeout);
+            match grpc.unary(req, path.clone(), RawCodec).await {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(s) if unreachable(&s) => {
+                    member.healthy.store(false, Ordering::Relaxed);
+                    last = s;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last)
     }
 }
