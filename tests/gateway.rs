@@ -968,3 +968,19 @@ async fn a_dead_endpoint_in_a_pool_is_skipped() {
     gw.stop();
     app.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_is_a_408() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let gw = LoneGateway::start(dir.path(), "slow", &[("SHOPVERSE_GATEWAY__CLIENT_BODY_TIMEOUT_MS", "300")]);
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    // Promise 100 bytes, send 10, then stall.
+    s.write_all(b"POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"email\":").unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("DEADLINE_EXCEEDED"), "{resp}");
+    gw.stop();
+}

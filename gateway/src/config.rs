@@ -32,6 +32,8 @@ pub struct GatewayConfig {
     pub max_header_bytes: usize,
     /// Per-call deadline to a service, sent as `grpc-timeout` (504 beyond).
     pub request_timeout_ms: u64,
+    /// How long a client may take to send its request body (408 beyond).
+    pub client_body_timeout_ms: u64,
     /// How often each upstream endpoint's gRPC health is checked.
     pub health_check_secs: u64,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -161,6 +163,7 @@ impl Default for GatewayConfig {
             max_header_bytes: 16 << 10,
             request_timeout_ms: 10_000,
             health_check_secs: 5,
+            client_body_timeout_ms: 10_000,
             trusted_proxies: Vec::new(),
             redis_url: String::new(),
             redis_prefix: "shopverse:ratelimit:".into(),
@@ -224,6 +227,12 @@ impl GatewayConfig {
             return Err(Invalid::new(
                 key("max_headers"),
                 "max_headers must be 8 to 10000 and max_header_bytes 1 KiB to 1 MiB",
+            ));
+        }
+        if !(10..=600_000).contains(&self.client_body_timeout_ms) {
+            return Err(Invalid::new(
+                key("client_body_timeout_ms"),
+                "must be between 10 and 600000",
             ));
         }
         if !(1..=3600).contains(&self.health_check_secs) {

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -360,8 +360,20 @@ impl Gateway {
             return Err(too_big());
         }
         let mut body = Vec::with_capacity(declared.unwrap_or(0));
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.config.load().client_body_timeout_ms);
         loop {
-            match session.read_request_body().await {
+            let Ok(next) = tokio::time::timeout_at(deadline, session.read_request_body()).await
+            else {
+                return Err(Reply::error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Code::DeadlineExceeded,
+                    "the request body did not arrive in time",
+                    serde_json::json!([]),
+                )
+                .with("connection", "close"));
+            };
+            match next {
                 Ok(Some(chunk)) => {
                     if body.len() + chunk.len() > self.config.load().max_body_bytes {
                         return Err(too_big());
