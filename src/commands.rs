@@ -589,6 +589,7 @@ pub async fn gateway(
     cfg: AppConfig,
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
+    take_over: bool,
 ) -> anyhow::Result<()> {
     let shutdown = shopverse_kit::shutdown::on_signals();
     let registry = shopverse_kit::metrics::new_registry();
@@ -596,10 +597,47 @@ pub async fn gateway(
     if let Some(l) = listen {
         gcfg.listen = l;
     }
-    let admin = bind(admin.unwrap_or(cfg.admin.listen), "admin").await?;
+    // SIGQUIT: hand the listening sockets to a process started with --upgrade, then leave.
+    let handover = shopverse_kit::CancellationToken::new();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut quit = signal(SignalKind::quit())?;
+        let h = handover.clone();
+        tokio::spawn(async move {
+            if quit.recv().await.is_some() {
+                tracing::info!("SIGQUIT: handing the listening sockets to the new process");
+                h.cancel();
+            }
+        });
+    }
+    std::fs::create_dir_all(&cfg.data.dir)
+        .with_context(|| format!("creating data dir {}", cfg.data.dir.display()))?;
+    let upgrade = shopverse_gateway::Upgrade {
+        sock: cfg.data.dir.join("gateway-upgrade.sock"),
+        take_over,
+        trigger: handover.clone(),
+    };
+    let admin_wanted = admin.unwrap_or(cfg.admin.listen);
+    // Taking over: the old process holds the admin port until it leaves; wait for it.
+    let mut admin_listener = bind(admin_wanted, "admin").await;
+    for _ in 0..100 {
+        if admin_listener.is_ok() || !take_over {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        admin_listener = bind(admin_wanted, "admin").await;
+    }
+    let admin = admin_listener?;
     let admin_addr = admin.local_addr()?;
-    let running =
-        shopverse_gateway::start(gcfg, &registry, Arc::new(SystemClock), shutdown.clone()).await?;
+    let running = shopverse_gateway::start_with_upgrade(
+        gcfg,
+        &registry,
+        Arc::new(SystemClock),
+        shutdown.clone(),
+        Some(upgrade),
+    )
+    .await?;
     reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());
     let ready: shopverse_kit::metrics::ReadyCheck = Arc::new(|| true);
     let admin_task = tokio::spawn(shopverse_kit::metrics::serve_admin(
@@ -616,6 +654,8 @@ pub async fn gateway(
         .unwrap_or_default();
     println!("ready: gateway={}{tls} admin={admin_addr}", running.addr);
     running.join().await;
+    // Pingora is done (stopped, or handed over): stop the rest too.
+    shutdown.cancel();
     let _ = admin_task.await;
     Ok(())
 }

@@ -49,6 +49,10 @@ enum Command {
         /// Admin HTTP address (/metrics, /healthz, /readyz).
         #[arg(long)]
         admin_addr: Option<SocketAddr>,
+        /// Take over the listening sockets of a running gateway (then send it SIGQUIT): a
+        /// binary upgrade that refuses no connection.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Add the demo catalog (idempotent: only what is missing is added).
     Seed(Common),
@@ -237,7 +241,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             common,
             listen,
             admin_addr,
-        } => gateway(load(&common)?, listen, admin_addr).await?,
+            upgrade,
+        } => gateway(load(&common)?, listen, admin_addr, upgrade).await?,
         Command::Seed(c) => seed(load(&c)?).await?,
         Command::Keys {
             command: KeysCommand::Rotate(c),

@@ -492,12 +492,31 @@ impl LoneGateway {
         Self::start_with(dir, name, env, "")
     }
 
+    fn start_with_args(
+        dir: &std::path::Path,
+        name: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> LoneGateway {
+        Self::start_full(dir, name, env, "", args)
+    }
+
     /// `extra` is appended to the configuration file.
     fn start_with(
         dir: &std::path::Path,
         name: &str,
         env: &[(&str, &str)],
         extra: &str,
+    ) -> LoneGateway {
+        Self::start_full(dir, name, env, extra, &[])
+    }
+
+    fn start_full(
+        dir: &std::path::Path,
+        name: &str,
+        env: &[(&str, &str)],
+        extra: &str,
+        args: &[&str],
     ) -> LoneGateway {
         let dead = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -515,6 +534,7 @@ impl LoneGateway {
             .arg(&cfg)
             .args(["--admin-addr", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
+            .args(args)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
@@ -973,14 +993,75 @@ async fn a_dead_endpoint_in_a_pool_is_skipped() {
 async fn a_slow_body_is_a_408() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let gw = LoneGateway::start(dir.path(), "slow", &[("SHOPVERSE_GATEWAY__CLIENT_BODY_TIMEOUT_MS", "300")]);
+    let gw = LoneGateway::start(
+        dir.path(),
+        "slow",
+        &[("SHOPVERSE_GATEWAY__CLIENT_BODY_TIMEOUT_MS", "300")],
+    );
     let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     // Promise 100 bytes, send 10, then stall.
-    s.write_all(b"POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"email\":").unwrap();
+    s.write_all(
+        b"POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"email\":",
+    )
+    .unwrap();
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("DEADLINE_EXCEEDED"), "{resp}");
     gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_refuses_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let listen = port.to_string();
+    let env = [("SHOPVERSE_GATEWAY__LISTEN", listen.as_str())];
+    let old = LoneGateway::start(dir.path(), "old", &env);
+    assert_eq!(old.addr, port);
+    // Clients keep coming on new connections the whole time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s2, addr) = (stop.clone(), old.addr);
+    let client = std::thread::spawn(move || {
+        let (mut answered, mut refused) = (0, Vec::<String>::new());
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
+            let r = http(addr, "GET", "/v1/categories", &[], b"");
+            // 503: the gateway answered (its services are not running); 429: its rate limit
+            // answered. Anything else (no answer at all) counts as refused.
+            if r.status == 503 || r.status == 429 {
+                answered += 1
+            } else {
+                refused.push(format!("{} {}", r.status, r.body));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        (answered, refused)
+    });
+    // The new binary takes the sockets over; the old one hands them over on SIGQUIT and leaves.
+    let new = LoneGateway::start_with_args(dir.path(), "old", &env, &["--upgrade"]);
+    let _ = std::process::Command::new("kill")
+        .args(["-QUIT", &old.child.id().to_string()])
+        .status();
+    let mut old = old;
+    let status = old.child.wait().unwrap();
+    assert!(status.success(), "the old gateway exits cleanly: {status}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (answered, refused) = client.join().unwrap();
+    assert!(answered > 10, "{answered}");
+    assert!(
+        refused.is_empty(),
+        "refused during the upgrade: {refused:?}"
+    );
+    assert_eq!(
+        http(new.addr, "GET", "/v1/categories", &[], b"").status,
+        503,
+        "the new process serves"
+    );
+    new.stop();
 }

@@ -65,15 +65,33 @@ pub fn openapi_json() -> Result<Vec<u8>, GatewayError> {
     Ok(serde_json::to_vec_pretty(&openapi::document(&router)).unwrap_or_default())
 }
 
-/// Pingora's shutdown, driven by our cancellation token.
-struct TokenWatch(CancellationToken);
+/// Pingora's shutdown, driven by our tokens: `shutdown` stops, `upgrade` hands the listening
+/// sockets to a new process first.
+struct TokenWatch {
+    shutdown: CancellationToken,
+    upgrade: CancellationToken,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for TokenWatch {
     async fn recv(&self) -> ShutdownSignal {
-        self.0.cancelled().await;
-        ShutdownSignal::GracefulTerminate
+        tokio::select! {
+            _ = self.shutdown.cancelled() => ShutdownSignal::GracefulTerminate,
+            _ = self.upgrade.cancelled() => ShutdownSignal::GracefulUpgrade,
+        }
     }
+}
+
+/// Pingora's graceful binary upgrade: the old process, told to (`trigger`), sends its listening
+/// sockets over a Unix socket to a new process started with `take_over`; no connection is
+/// refused in between.
+#[derive(Clone)]
+pub struct Upgrade {
+    pub sock: std::path::PathBuf,
+    /// This process takes the sockets of a running one.
+    pub take_over: bool,
+    /// Cancelled when this process should hand its sockets over and leave.
+    pub trigger: CancellationToken,
 }
 
 /// A running gateway.
@@ -151,6 +169,22 @@ pub async fn start(
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> Result<Running, GatewayError> {
+    start_with_upgrade(config, registry, clock, shutdown, None).await
+}
+
+/// [`start`], able to take over from (or hand over to) another process.
+pub async fn start_with_upgrade(
+    config: GatewayConfig,
+    registry: &prometheus::Registry,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+    upgrade: Option<Upgrade>,
+) -> Result<Running, GatewayError> {
+    if upgrade.as_ref().is_some_and(|u| u.take_over) && config.listen.port() == 0 {
+        return Err(GatewayError::Tls(
+            "an upgrade takes over a fixed port; gateway.listen has port 0".into(),
+        ));
+    }
     let router = router::Router::from_descriptor_set(shopverse_proto::FILE_DESCRIPTOR_SET)?;
     let upstreams = upstream::Upstreams::new(
         &config.upstreams,
@@ -210,17 +244,34 @@ pub async fn start(
         openapi,
         config: live.clone(),
     };
-    let watch = TokenWatch(shutdown);
+    let watch = TokenWatch {
+        shutdown,
+        upgrade: upgrade
+            .as_ref()
+            .map(|u| u.trigger.clone())
+            .unwrap_or_default(),
+    };
+    let opt = pingora::server::configuration::Opt {
+        upgrade: upgrade.as_ref().is_some_and(|u| u.take_over),
+        ..Default::default()
+    };
+    let upgrade_sock = upgrade.as_ref().map(|u| u.sock.display().to_string());
     let thread = std::thread::Builder::new()
         .name("gateway".into())
         .spawn(move || {
-            let conf = ServerConf {
+            let mut conf = ServerConf {
                 threads,
                 grace_period_seconds: Some(0),
                 graceful_shutdown_timeout_seconds: Some(2),
                 ..ServerConf::default()
             };
-            let mut server = Server::new_with_opt_and_conf(None, conf);
+            if let Some(sock) = upgrade_sock {
+                conf.upgrade_sock = sock;
+                // Connections already open get this long to finish on the old process.
+                conf.grace_period_seconds = Some(1);
+                conf.graceful_shutdown_timeout_seconds = Some(5);
+            }
+            let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
             server.bootstrap();
             let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
             if let Some(app) = service.app_logic_mut() {
