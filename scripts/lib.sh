@@ -2,8 +2,9 @@
 # machine cannot hide a missing one.
 
 # Debian packages the build and the tests need: a C toolchain for the bundled SQLite, and the
-# PostgreSQL and Redis clients for the readiness checks; curl and openssl for the HTTPS tests.
-SHOPVERSE_APT_PACKAGES="gcc libc6-dev pkg-config postgresql-client redis-tools curl openssl"
+# PostgreSQL and Redis clients for the readiness checks; curl and openssl for the HTTPS tests;
+# systemd for `systemd-analyze`, which the tests run on the unit files.
+SHOPVERSE_APT_PACKAGES="gcc libc6-dev pkg-config postgresql-client redis-tools curl openssl systemd"
 
 step() { printf '\n==> %s\n' "$*"; }
 

@@ -338,6 +338,7 @@ async fn run_services(
     }
     ready.store(true, Ordering::Relaxed);
     print_table(title, &cfg.data.dir, &started);
+    shopverse_kit::systemd::ready(shutdown.clone(), &started.ready_line.join(" "));
 
     let mut failure: Option<anyhow::Error> = None;
     while let Some(done) = tasks.join_next().await {
@@ -653,6 +654,7 @@ pub async fn gateway(
         .map(|t| format!(" gateway-tls={t}"))
         .unwrap_or_default();
     println!("ready: gateway={}{tls} admin={admin_addr}", running.addr);
+    shopverse_kit::systemd::ready(shutdown.clone(), &format!("gateway={}", running.addr));
     running.join().await;
     // Pingora is done (stopped, or handed over): stop the rest too.
     shutdown.cancel();

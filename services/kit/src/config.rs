@@ -88,13 +88,31 @@ pub fn from_str<T: DeserializeOwned + Validate>(
             // SHOPVERSE_CONFIG, SHOPVERSE_LOG and friends are the binary's, not config keys.
             continue;
         }
-        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
-        set_path(&mut table, &path, parse_env_value(&raw)).map_err(|reason| {
-            ConfigError::Invalid {
-                origin: format!("environment variable {name}"),
-                key: path.join("."),
-                reason,
+        // `…_FILE`: the value is the content of that file (systemd credentials, Docker and
+        // Kubernetes secrets), so secrets never sit in a unit file or the environment.
+        let (rest, value) = match rest.strip_suffix("_FILE") {
+            Some(base) => {
+                let text = std::fs::read_to_string(&raw).map_err(|e| ConfigError::Invalid {
+                    origin: format!("environment variable {name}"),
+                    key: base
+                        .split("__")
+                        .map(|p| p.to_ascii_lowercase())
+                        .collect::<Vec<_>>()
+                        .join("."),
+                    reason: format!("cannot read {raw}: {e}"),
+                })?;
+                (
+                    base,
+                    toml::Value::String(text.trim_end_matches(['\n', '\r']).to_owned()),
+                )
             }
+            None => (rest, parse_env_value(&raw)),
+        };
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        set_path(&mut table, &path, value).map_err(|reason| ConfigError::Invalid {
+            origin: format!("environment variable {name}"),
+            key: path.join("."),
+            reason,
         })?;
         overridden.push((path.join("."), name));
     }
@@ -224,6 +242,37 @@ mod tests {
         .expect("valid");
         assert_eq!(c.server.port, 8081);
         assert_eq!(c.server.name, "edge one");
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("name");
+        std::fs::write(&secret, "from a file\n").expect("write");
+        let c: Cfg = from_str(
+            "[server]\nport = 80\n",
+            "a.toml",
+            [(
+                "SHOPVERSE_SERVER__NAME_FILE".to_string(),
+                secret.display().to_string(),
+            )],
+        )
+        .expect("valid");
+        assert_eq!(c.server.name, "from a file");
+        let e = from_str::<Cfg>(
+            "[server]\nport = 80\n",
+            "a.toml",
+            [(
+                "SHOPVERSE_SERVER__NAME_FILE".to_string(),
+                "/nonexistent/secret".to_string(),
+            )],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("key `server.name`: cannot read /nonexistent/secret"),
+            "{e}"
+        );
     }
 
     #[test]

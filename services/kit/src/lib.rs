@@ -9,6 +9,7 @@
 //! - [`server`]: the tonic bootstrap: gRPC health and reflection next to the service, bound to a
 //!   listener the caller made (port 0 in tests), graceful shutdown with a bounded grace period.
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
+//! - [`systemd`]: `sd_notify` (READY, STOPPING, watchdog) for `Type=notify` units.
 //! - [`db`]: storage through `sqlx` on SQLite (default, WAL, one file per service) or PostgreSQL,
 //!   with the same migrations and queries for both.
 //! - [`identity`]: who is calling, from the gateway's `x-shopverse-user` / `x-shopverse-roles`
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod paging;
 pub mod server;
 pub mod shutdown;
+pub mod systemd;
 pub mod telemetry;
 pub mod testing;
 pub mod validate;
