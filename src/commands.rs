@@ -215,8 +215,8 @@ async fn run_services(
     gateway_addr: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let shutdown = shopverse_kit::shutdown::on_signals();
-    std::fs::create_dir_all(&cfg.data.dir)
-        .with_context(|| format!("creating data dir {}", cfg.data.dir.display()))?;
+    // Held while we run, so `restore` refuses to write under us.
+    let _lock = crate::backup::lock_data_dir(&cfg.data.dir)?;
     let registry = shopverse_kit::metrics::new_registry();
     let registry_for_gateway = registry.clone();
     let platform = platform(&cfg, registry.clone()).await?;

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod backup;
 mod commands;
 mod config;
 
@@ -71,6 +72,22 @@ enum Command {
         /// The files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Take a consistent backup of every database and the signing keys, while ShopVerse runs.
+    Backup {
+        #[command(flatten)]
+        common: Common,
+        /// A new (or empty) folder for the backup.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restore a backup into the data directory (ShopVerse must be stopped).
+    Restore {
+        #[command(flatten)]
+        common: Common,
+        /// The backup folder.
+        #[arg(long)]
+        from: PathBuf,
     },
     /// Inspect the event bus.
     Events {
@@ -257,6 +274,24 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 },
         } => admin_create(load(&common)?, &email, password_stdin, &password_env).await?,
         Command::CheckConfig { files } => return Ok(check_config(&files)),
+        Command::Backup { common, to } => {
+            let cfg = load(&common)?;
+            println!(
+                "backing up {} into {}",
+                cfg.data.dir.display(),
+                to.display()
+            );
+            let m = backup::backup(&cfg, &to).await?;
+            println!(
+                "backup complete: {} files, manifest.json written",
+                m.files.len()
+            );
+        }
+        Command::Restore { common, from } => {
+            let cfg = load(&common)?;
+            let n = backup::restore(&cfg, &from).await?;
+            println!("restored {n} files into {}", cfg.data.dir.display());
+        }
         Command::Events {
             command: EventsCommand::Dlq { command },
         } => match command {

@@ -1,0 +1,272 @@
+//! `shopverse backup` and `shopverse restore`.
+//!
+//! A backup is a folder: one consistent snapshot per SQLite database (`VACUUM INTO`, which reads
+//! in one transaction while the appliance keeps writing), `pg_dump` custom-format archives for
+//! services on PostgreSQL, a copy of the signing keys, and `manifest.json` with a SHA-256 per
+//! file. Each database is consistent in itself; across services the saga's outbox and inbox
+//! make the few in-flight events replay harmlessly after a restore.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::Connection;
+
+use crate::config::AppConfig;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub created_at_ms: i64,
+    pub shopverse_version: String,
+    pub files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Path inside the backup folder.
+    pub name: String,
+    /// `sqlite`, `pg_dump` or `key`.
+    pub kind: String,
+    /// Where it belongs: a database URL (password removed) or a path.
+    pub origin: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// The databases of this configuration: `(name, url)`.
+fn databases(cfg: &AppConfig) -> Vec<(String, String)> {
+    let (s, d) = (&cfg.services, &cfg.data.dir);
+    vec![
+        ("users".into(), s.users.database_url(d)),
+        ("products".into(), s.products.database_url(d)),
+        ("orders".into(), s.orders.database_url(d)),
+        ("payments".into(), s.payments.database_url(d)),
+        ("payment-simulator".into(), s.payments.simulator_url(d)),
+        ("notifications".into(), s.notifications.database_url(d)),
+        ("delivery".into(), s.delivery.database_url(d)),
+        ("events".into(), cfg.events_url()),
+    ]
+}
+
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    Some(PathBuf::from(rest.split('?').next().unwrap_or(rest)))
+}
+
+fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let hex: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((hex, bytes.len() as u64))
+}
+
+/// The data directory's lock: held by a running `up`/`serve`, so `restore` can refuse.
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    let path = dir.join("shopverse.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another shopverse process is using the data dir {}",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
+pub async fn backup(cfg: &AppConfig, to: &Path) -> anyhow::Result<Manifest> {
+    if to.exists()
+        && std::fs::read_dir(to)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    {
+        bail!("{} is not empty; back up into a new folder", to.display());
+    }
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    sqlx::any::install_default_drivers();
+    let mut files = Vec::new();
+    for (name, url) in databases(cfg) {
+        let origin = shopverse_kit::db::redact(&url);
+        if let Some(path) = sqlite_path(&url) {
+            if !path.exists() {
+                println!(
+                    "  {name:<18} skipped (no database yet at {})",
+                    path.display()
+                );
+                continue;
+            }
+            let file = format!("{name}.db");
+            let target = to.join(&file);
+            let mut conn =
+                sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", path.display()))
+                    .await
+                    .with_context(|| format!("opening {}", path.display()))?;
+            // VACUUM INTO writes a consistent copy from one read transaction; writers go on.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "VACUUM INTO '{}'",
+                target.display().to_string().replace('\'', "''")
+            )))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("snapshotting {}", path.display()))?;
+            conn.close().await?;
+            let (sha256, bytes) = digest(&target)?;
+            println!("  {name:<18} {bytes:>10} bytes  sqlite snapshot");
+            files.push(ManifestFile {
+                name: file,
+                kind: "sqlite".into(),
+                origin,
+                sha256,
+                bytes,
+            });
+        } else {
+            let file = format!("{name}.pgdump");
+            let target = to.join(&file);
+            let status = std::process::Command::new("pg_dump")
+                .args(["--format=custom", "--file"])
+                .arg(&target)
+                .arg(&url)
+                .status()
+                .with_context(|| {
+                    format!("running pg_dump for {name} (install the PostgreSQL client)")
+                })?;
+            if !status.success() {
+                bail!("pg_dump of {origin} failed ({status})");
+            }
+            let (sha256, bytes) = digest(&target)?;
+            println!("  {name:<18} {bytes:>10} bytes  pg_dump");
+            files.push(ManifestFile {
+                name: file,
+                kind: "pg_dump".into(),
+                origin,
+                sha256,
+                bytes,
+            });
+        }
+    }
+    let keys = cfg.services.users.keys_dir(&cfg.data.dir);
+    if keys.exists() {
+        std::fs::create_dir_all(to.join("keys"))?;
+        for e in std::fs::read_dir(&keys)?.filter_map(Result::ok) {
+            let p = e.path();
+            if p.is_file() && p.extension().is_none_or(|x| x != "tmp") {
+                let name = format!("keys/{}", e.file_name().to_string_lossy());
+                std::fs::copy(&p, to.join(&name))
+                    .with_context(|| format!("copying {}", p.display()))?;
+                let (sha256, bytes) = digest(&to.join(&name))?;
+                files.push(ManifestFile {
+                    name,
+                    kind: "key".into(),
+                    origin: p.display().to_string(),
+                    sha256,
+                    bytes,
+                });
+            }
+        }
+        println!(
+            "  {:<18} {} files",
+            "keys",
+            files.iter().filter(|f| f.kind == "key").count()
+        );
+    }
+    let manifest = Manifest {
+        format: 1,
+        created_at_ms: shopverse_kit::Clock::now_ms(&shopverse_kit::SystemClock),
+        shopverse_version: env!("CARGO_PKG_VERSION").into(),
+        files,
+    };
+    std::fs::write(
+        to.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    Ok(manifest)
+}
+
+pub async fn restore(cfg: &AppConfig, from: &Path) -> anyhow::Result<usize> {
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(from.join("manifest.json")).with_context(|| {
+            format!("{} has no manifest.json; is it a backup?", from.display())
+        })?)
+        .context("reading manifest.json")?;
+    if manifest.format != 1 {
+        bail!(
+            "backup format {} is not one this version restores",
+            manifest.format
+        );
+    }
+    for f in &manifest.files {
+        let (sha, _) = digest(&from.join(&f.name))?;
+        if sha != f.sha256 {
+            bail!(
+                "{} is damaged (checksum mismatch); nothing was restored",
+                f.name
+            );
+        }
+    }
+    let _lock = lock_data_dir(&cfg.data.dir).context("stop ShopVerse before restoring")?;
+    let urls = databases(cfg);
+    let mut restored = 0;
+    for f in &manifest.files {
+        match f.kind.as_str() {
+            "sqlite" => {
+                let name = f.name.trim_end_matches(".db");
+                let url = urls
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, u)| u.clone())
+                    .with_context(|| format!("no database `{name}` in this configuration"))?;
+                let path = sqlite_path(&url).with_context(|| {
+                    format!("{name} is configured on PostgreSQL, the backup holds SQLite")
+                })?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                for suffix in ["-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+                let tmp = path.with_extension("db.restoring");
+                std::fs::copy(from.join(&f.name), &tmp)?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            "pg_dump" => {
+                let name = f.name.trim_end_matches(".pgdump");
+                let url = urls
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, u)| u.clone())
+                    .with_context(|| format!("no database `{name}` in this configuration"))?;
+                let status = std::process::Command::new("pg_restore")
+                    .args(["--clean", "--if-exists", "--no-owner", "--dbname", &url])
+                    .arg(from.join(&f.name))
+                    .status()
+                    .context("running pg_restore (install the PostgreSQL client)")?;
+                if !status.success() {
+                    bail!("pg_restore of {name} failed ({status})");
+                }
+            }
+            "key" => {
+                let keys = cfg.services.users.keys_dir(&cfg.data.dir);
+                std::fs::create_dir_all(&keys)?;
+                let file = f.name.trim_start_matches("keys/");
+                std::fs::copy(from.join(&f.name), keys.join(file))?;
+            }
+            other => bail!("unknown kind `{other}` in the manifest"),
+        }
+        restored += 1;
+    }
+    Ok(restored)
+}
