@@ -3,8 +3,9 @@
 
 # Debian packages the build and the tests need: a C toolchain for the bundled SQLite, and the
 # PostgreSQL and Redis clients for the readiness checks; curl and openssl for the HTTPS tests;
-# systemd for `systemd-analyze`, which the tests run on the unit files.
-SHOPVERSE_APT_PACKAGES="gcc libc6-dev pkg-config postgresql-client redis-tools curl openssl systemd"
+# systemd for `systemd-analyze`, which the tests run on the unit files; docker-compose to check
+# the Compose file (no Docker engine runs here).
+SHOPVERSE_APT_PACKAGES="gcc libc6-dev pkg-config postgresql-client redis-tools curl openssl systemd docker-compose"
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -30,16 +31,17 @@ ensure_packages() {
 }
 
 # A Python environment with the independent tools the tests use: aiosmtpd (the SMTP server the
-# email tests send to) and openapi-spec-validator (checks the gateway's OpenAPI document).
+# email tests send to), openapi-spec-validator (checks the gateway's OpenAPI document) and
+# kubernetes-validate (checks the manifests offline).
 ensure_test_python() {
   local venv="${SHOPVERSE_CACHE:-$HOME/.cache/shopverse}/venv"
-  if ! "$venv/bin/python" -c 'import aiosmtpd, openapi_spec_validator' 2>/dev/null; then
+  if ! "$venv/bin/python" -c 'import aiosmtpd, openapi_spec_validator, kubernetes_validate' 2>/dev/null; then
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3 python3-venv && python3 -m venv "$venv"; }
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check 'aiosmtpd>=1.4' 'openapi-spec-validator>=0.7'
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check 'aiosmtpd>=1.4' 'openapi-spec-validator>=0.7' 'kubernetes-validate>=1.30'
   fi
-  "$venv/bin/python" -c 'import aiosmtpd, openapi_spec_validator' || { echo "the test tools did not install" >&2; return 1; }
+  "$venv/bin/python" -c 'import aiosmtpd, openapi_spec_validator, kubernetes_validate' || { echo "the test tools did not install" >&2; return 1; }
   export SHOPVERSE_TEST_PYTHON="$venv/bin/python"
-  echo "test tools (aiosmtpd, openapi-spec-validator) in $venv"
+  echo "test tools (aiosmtpd, openapi-spec-validator, kubernetes-validate) in $venv"
 }
 
 pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 -U postgres -t 2 2>/dev/null; }

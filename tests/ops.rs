@@ -296,3 +296,99 @@ async fn online_backup_under_writes_then_restore() {
     assert!(keys_before >= 2, "the key file and the manifest");
     app.stop();
 }
+
+fn python() -> String {
+    std::env::var("SHOPVERSE_TEST_PYTHON")
+        .expect("SHOPVERSE_TEST_PYTHON: scripts/test sets it up (see README)")
+}
+
+#[test]
+fn compose_file_is_accepted_by_docker_compose() {
+    // The secrets the file names, as a deployer would create them (from the examples).
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = dir.path().join("deploy");
+    std::fs::create_dir_all(deploy.join("secrets")).unwrap();
+    std::fs::copy(
+        repo().join("deploy/compose.yaml"),
+        deploy.join("compose.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("deploy/postgres-init.sql"),
+        deploy.join("postgres-init.sql"),
+    )
+    .unwrap();
+    for e in std::fs::read_dir(repo().join("deploy/secrets"))
+        .unwrap()
+        .filter_map(Result::ok)
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(base) = name.strip_suffix(".example") {
+            std::fs::copy(e.path(), deploy.join("secrets").join(base)).unwrap();
+        }
+    }
+    let out = Command::new("docker-compose")
+        .args(["-f"])
+        .arg(deploy.join("compose.yaml"))
+        .args(["config", "-q"])
+        .output()
+        .expect("docker-compose (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kubernetes_manifests_validate_and_their_configs_load() {
+    let dir = repo().join("deploy/kubernetes");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let validator = Path::new(&python()).with_file_name("kubernetes-validate");
+    let out = Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The configuration files inside the ConfigMap pass check-config.
+    let tmp = tempfile::tempdir().unwrap();
+    let script = "import sys, yaml\nfor d in yaml.safe_load_all(open(sys.argv[1])):\n  if d and d.get('kind') == 'ConfigMap':\n    for k, v in d['data'].items():\n      open(sys.argv[2] + '/' + k, 'w').write(v)\n";
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(dir.join("01-config.yaml"))
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let configs: Vec<PathBuf> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(configs.len(), 2);
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .args(&configs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
