@@ -1,11 +1,12 @@
 # Shared steps of the project's scripts. Every step is idempotent and runs every time, so a warm
 # machine cannot hide a missing one.
 
-# Debian packages the build and the tests need: a C toolchain for the bundled SQLite, and the
-# PostgreSQL and Redis clients for the readiness checks; curl and openssl for the HTTPS tests;
-# systemd for `systemd-analyze`, which the tests run on the unit files; docker-compose to check
-# the Compose file (no Docker engine runs here).
-SHOPVERSE_APT_PACKAGES="gcc libc6-dev pkg-config postgresql-client redis-tools curl openssl systemd docker-compose"
+# What building needs: a C toolchain (bundled SQLite) and cmake (Pingora's zlib-ng).
+SHOPVERSE_BUILD_PACKAGES="gcc g++ libc6-dev make cmake pkg-config"
+# What the tests need besides: the PostgreSQL and Redis clients for the readiness checks; curl
+# and openssl for the HTTPS tests; systemd for `systemd-analyze`, which the tests run on the
+# unit files; docker-compose to check the Compose file (no Docker engine runs here).
+SHOPVERSE_APT_PACKAGES="$SHOPVERSE_BUILD_PACKAGES postgresql-client redis-tools curl openssl systemd docker-compose"
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -20,14 +21,15 @@ apt_install() {
     || { as_root apt-get update -q >/dev/null && as_root apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
 }
 
-ensure_packages() {
+ensure_packages() { # [package list; default: everything the tests need]
+  local pkgs="${1:-$SHOPVERSE_APT_PACKAGES}"
   if ! command -v apt-get >/dev/null; then
-    echo "not a Debian-like system: install the equivalents of: $SHOPVERSE_APT_PACKAGES" >&2
+    echo "not a Debian-like system: install the equivalents of: $pkgs" >&2
     return 0
   fi
   # shellcheck disable=SC2086
-  apt_install $SHOPVERSE_APT_PACKAGES
-  echo "installed: $SHOPVERSE_APT_PACKAGES"
+  apt_install $pkgs
+  echo "installed: $pkgs"
 }
 
 # A Python environment with the independent tools the tests use: aiosmtpd (the SMTP server the
