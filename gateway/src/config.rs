@@ -43,6 +43,8 @@ pub struct GatewayConfig {
     pub redis_url: String,
     /// Prefix of the rate-limit keys in Redis.
     pub redis_prefix: String,
+    /// How long a rate-limit decision waits for Redis before it is taken locally.
+    pub redis_timeout_ms: u64,
     /// Rate-limit policies, first match wins; a policy with no `paths` matches everything.
     pub rate_limits: Vec<RateLimitPolicy>,
     /// Path prefixes proxied as they are to a plain HTTP upstream.
@@ -167,6 +169,7 @@ impl Default for GatewayConfig {
             trusted_proxies: Vec::new(),
             redis_url: String::new(),
             redis_prefix: "shopverse:ratelimit:".into(),
+            redis_timeout_ms: 25,
             rate_limits: vec![
                 RateLimitPolicy {
                     name: "login".into(),
@@ -270,6 +273,12 @@ impl GatewayConfig {
             return Err(Invalid::new(
                 key("tls"),
                 "a TLS listener needs cert_path and key_path",
+            ));
+        }
+        if !(1..=10_000).contains(&self.redis_timeout_ms) {
+            return Err(Invalid::new(
+                key("redis_timeout_ms"),
+                "must be between 1 and 10000",
             ));
         }
         for (i, p) in self.passthrough.iter().enumerate() {

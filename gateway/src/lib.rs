@@ -227,6 +227,7 @@ pub async fn start_with_upgrade(
             .shared(
                 &config.redis_url,
                 &config.redis_prefix,
+                Duration::from_millis(config.redis_timeout_ms),
                 metrics.rate_limit_fallbacks.clone(),
             )
             .map_err(|e| GatewayError::Redis(e.to_string()))?;

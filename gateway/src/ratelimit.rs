@@ -45,10 +45,9 @@ redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1
 return {1, 0, math.ceil(new_tat - now)}
 "#;
 
-/// How long a decision may wait for Redis before it is taken locally.
-const SHARED_BUDGET: std::time::Duration = std::time::Duration::from_millis(25);
-
 struct Shared {
+    /// How long a decision may wait for Redis before it is taken locally.
+    budget: std::time::Duration,
     conn: redis::aio::ConnectionManager,
     script: redis::Script,
     prefix: String,
@@ -81,6 +80,7 @@ impl Limiter {
         mut self,
         url: &str,
         prefix: &str,
+        budget: std::time::Duration,
         fallbacks: prometheus::IntCounter,
     ) -> Result<Limiter, redis::RedisError> {
         let client = redis::Client::open(url)?;
@@ -90,6 +90,7 @@ impl Limiter {
             .set_number_of_retries(1);
         let conn = client.get_connection_manager_lazy(config)?;
         self.shared = Some(Shared {
+            budget,
             conn,
             script: redis::Script::new(GCRA_LUA),
             prefix: prefix.to_owned(),
@@ -128,7 +129,7 @@ impl Limiter {
             let mut invocation = shared.script.key(&key);
             invocation.arg(t).arg(tau);
             let call = invocation.invoke_async::<(i64, i64, i64)>(&mut conn);
-            match tokio::time::timeout(SHARED_BUDGET, call).await {
+            match tokio::time::timeout(shared.budget, call).await {
                 Ok(Ok((allowed, retry_ms, tat_ms))) => {
                     let remaining = ((tau - tat_ms as f64) / t).floor() + 1.0;
                     return Decision {
@@ -279,10 +280,10 @@ mod tests {
         let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
         let (fa, fb) = (counter(), counter());
         let a = Limiter::new(clock.clone())
-            .shared(&url, &prefix, fa.clone())
+            .shared(&url, &prefix, std::time::Duration::from_secs(1), fa.clone())
             .unwrap();
         let b = Limiter::new(clock)
-            .shared(&url, &prefix, fb.clone())
+            .shared(&url, &prefix, std::time::Duration::from_secs(1), fb.clone())
             .unwrap();
         a.warm_up()
             .await
@@ -308,7 +309,12 @@ mod tests {
             .unwrap();
         let f = counter();
         let l = Limiter::new(Arc::new(ManualClock::new(0)))
-            .shared(&format!("redis://{dead}"), "x:", f.clone())
+            .shared(
+                &format!("redis://{dead}"),
+                "x:",
+                std::time::Duration::from_millis(50),
+                f.clone(),
+            )
             .unwrap();
         let p = policy(10, 60, 3);
         let admitted = {
