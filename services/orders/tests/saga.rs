@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use shopverse_events::Platform;
 use shopverse_kit::Clock;
-use shopverse_kit::testing::{Spawned, as_user, channel, spawn};
+use shopverse_kit::testing::{PgTestDb, Spawned, as_user, channel, spawn};
 use shopverse_kit::{ManualClock, Role, SystemClock};
 use shopverse_proto::common::v1::{Address, Money};
 use shopverse_proto::delivery::v1::delivery_service_client::DeliveryServiceClient;
@@ -26,6 +26,9 @@ use tonic::transport::Channel;
 type Err = Box<dyn std::error::Error + Send + Sync>;
 
 struct Shop {
+    payments_db: String,
+    /// One database per service on PostgreSQL (empty: SQLite files in `dir`).
+    pg: Vec<PgTestDb>,
     dir: tempfile::TempDir,
     clock: ManualClock,
     platform: Platform,
@@ -38,6 +41,27 @@ struct Shop {
 
 impl Shop {
     async fn start(with_payments: bool) -> Shop {
+        Self::start_on(with_payments, false).await
+    }
+
+    /// With `postgres`, every service gets a fresh database on the local PostgreSQL.
+    async fn start_on(with_payments: bool, postgres: bool) -> Shop {
+        let mut pg = Vec::new();
+        if postgres {
+            for _ in 0..4 {
+                pg.push(
+                    PgTestDb::create()
+                        .await
+                        .expect("PostgreSQL at 127.0.0.1:5432 (see README)"),
+                );
+            }
+        }
+        let url = |i: usize| {
+            pg.get(i)
+                .map(|d: &PgTestDb| d.url.clone())
+                .unwrap_or_default()
+        };
+        let (products_db, orders_db, delivery_db, payments_db) = (url(0), url(1), url(2), url(3));
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(SystemClock.now_ms());
         let (platform, _log) =
@@ -49,7 +73,11 @@ impl Shop {
 
         let (p, d) = (platform.clone(), data.clone());
         let products = spawn(|l, stop| async move {
-            shopverse_products::run(l, Default::default(), &d, p, stop)
+            let cfg = shopverse_products::ProductsConfig {
+                database: products_db,
+                ..Default::default()
+            };
+            shopverse_products::run(l, cfg, &d, p, stop)
                 .await
                 .map_err(Err::from)
         })
@@ -60,6 +88,7 @@ impl Shop {
 
         let (p, d) = (platform.clone(), data.clone());
         let cfg = shopverse_orders::OrdersConfig {
+            database: orders_db,
             products_url: format!("http://{products_addr}"),
             sweep_interval_ms: 20,
             checkout_abandon_secs: 30,
@@ -77,7 +106,11 @@ impl Shop {
 
         let (p, d) = (platform.clone(), data.clone());
         let delivery = spawn(|l, stop| async move {
-            shopverse_delivery::run(l, Default::default(), &d, p, stop)
+            let cfg = shopverse_delivery::DeliveryConfig {
+                database: delivery_db,
+                ..Default::default()
+            };
+            shopverse_delivery::run(l, cfg, &d, p, stop)
                 .await
                 .map_err(Err::from)
         })
@@ -91,6 +124,8 @@ impl Shop {
             orders: OrdersServiceClient::new(channel(orders_addr).await.unwrap()),
             delivery: DeliveryServiceClient::new(channel(delivery_addr).await.unwrap()),
             payments: None,
+            payments_db,
+            pg,
             dir,
             clock,
             platform,
@@ -104,8 +139,12 @@ impl Shop {
 
     async fn start_payments(&mut self) {
         let (p, d) = (self.platform.clone(), self.dir.path().to_owned());
+        let cfg = shopverse_payments::PaymentsConfig {
+            database: self.payments_db.clone(),
+            ..Default::default()
+        };
         let payments = spawn(|l, stop| async move {
-            shopverse_payments::run(l, Default::default(), &d, p, stop)
+            shopverse_payments::run(l, cfg, &d, p, stop)
                 .await
                 .map_err(Err::from)
         })
@@ -120,6 +159,9 @@ impl Shop {
     async fn stop(self) {
         for s in self.servers.into_iter().rev() {
             s.stop().await;
+        }
+        for db in self.pg {
+            db.drop_db().await.expect("drop test database");
         }
     }
 
@@ -262,7 +304,15 @@ fn count(p: &shopverse_proto::payments::v1::Payment, kind: TransactionKind) -> u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_to_delivered() {
-    let mut shop = Shop::start(true).await;
+    happy_path(Shop::start(true).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_to_delivered_on_postgres() {
+    happy_path(Shop::start_on(true, true).await).await;
+}
+
+async fn happy_path(mut shop: Shop) {
     let p = shop.product("HAPPY", 2_500, 10).await;
     let o = shop.buy("ann", &p, 3, "pm_card_ok").await.unwrap();
     assert_eq!(o.status(), OrderStatus::PendingPayment);
@@ -371,7 +421,15 @@ async fn happy_path_to_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declined_flaky_and_cancel_after_payment() {
-    let mut shop = Shop::start(true).await;
+    declined_flaky_and_cancel(Shop::start(true).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declined_flaky_and_cancel_after_payment_on_postgres() {
+    declined_flaky_and_cancel(Shop::start_on(true, true).await).await;
+}
+
+async fn declined_flaky_and_cancel(mut shop: Shop) {
     let p = shop.product("MIX", 1_000, 10).await;
 
     // Declined: cancelled, stock back.
@@ -477,7 +535,15 @@ async fn orders_wait_for_payments_then_time_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_buyers_one_unit() {
-    let mut shop = Shop::start(true).await;
+    last_unit_race(Shop::start(true).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_buyers_one_unit_on_postgres() {
+    last_unit_race(Shop::start_on(true, true).await).await;
+}
+
+async fn last_unit_race(mut shop: Shop) {
     let p = shop.product("LAST", 999, 1).await;
     let mut tasks = Vec::new();
     for i in 0..20 {
