@@ -173,6 +173,19 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn email_and_sms_once_per_event_and_channel_with_retry_and_replay() {
+    once_per_event_and_channel(String::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_and_sms_once_per_event_and_channel_on_postgres() {
+    let pg = shopverse_kit::testing::PgTestDb::create()
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
+    once_per_event_and_channel(pg.url.clone()).await;
+    pg.drop_db().await.expect("drop");
+}
+
+async fn once_per_event_and_channel(database: String) {
     let dir = tempfile::tempdir().unwrap();
     let smtp = Smtp::start(dir.path());
     let sms = Arc::new(Mutex::new(Vec::new()));
@@ -182,6 +195,7 @@ async fn email_and_sms_once_per_event_and_channel_with_retry_and_replay() {
         .await
         .unwrap();
     let config = NotificationsConfig {
+        database,
         smtp_host: "127.0.0.1".into(),
         smtp_port: smtp.port,
         sms_webhook_url: format!("http://{hook}/sms"),
