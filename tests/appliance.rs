@@ -355,3 +355,58 @@ fn every_shipped_config_is_valid_and_bad_ones_are_named() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_one_service_alone() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    #[allow(clippy::zombie_processes)] // killed and reaped below
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "products",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut table = String::new();
+    let products: SocketAddr = loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "no ready line: {table}"
+        );
+        table.push_str(&line);
+        if let Some(rest) = line.trim().strip_prefix("ready: products=") {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    assert!(table.contains("products service"), "{table}");
+    assert!(
+        !table.contains("users"),
+        "only the one service runs: {table}"
+    );
+    let mut c = ProductsServiceClient::new(channel(products).await);
+    let cats = c
+        .list_categories(ListCategoriesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        cats.categories.is_empty(),
+        "a fresh data dir has no catalog"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+}
