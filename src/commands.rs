@@ -461,6 +461,17 @@ pub const DEMO_PASSWORD: &str = "demo password 1234";
 
 /// A demo customer with three orders (two paid, one declined), placed through the services'
 /// own APIs; idempotent: a customer who already has orders gets no more.
+/// `shopverse seed --orders`: the demo customer and orders, through running services.
+pub async fn demo_orders(
+    users: SocketAddr,
+    products: SocketAddr,
+    orders: SocketAddr,
+) -> anyhow::Result<String> {
+    place_demo_orders(users, products, orders)
+        .await
+        .context("placing demo orders (are the services running at those addresses?)")
+}
+
 async fn place_demo_orders(
     users: SocketAddr,
     products: SocketAddr,

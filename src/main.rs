@@ -55,8 +55,9 @@ enum Command {
         #[arg(long)]
         upgrade: bool,
     },
-    /// Add the demo catalog (idempotent: only what is missing is added).
-    Seed(Common),
+    /// Add the demo catalog (idempotent: only what is missing is added); with --orders, also a
+    /// demo customer with a few orders, placed through the running services.
+    Seed(SeedArgs),
     /// Manage the token signing keys.
     Keys {
         #[command(subcommand)]
@@ -145,6 +146,22 @@ struct ServeArgs {
     /// Admin HTTP address (/metrics, /healthz, /readyz).
     #[arg(long)]
     admin_addr: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct SeedArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Also place demo orders through the running system (its services at their configured
+    /// addresses, or the ones given below).
+    #[arg(long)]
+    orders: bool,
+    #[arg(long, requires = "orders")]
+    users_addr: Option<SocketAddr>,
+    #[arg(long, requires = "orders")]
+    products_addr: Option<SocketAddr>,
+    #[arg(long, requires = "orders")]
+    orders_addr: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -260,7 +277,18 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             admin_addr,
             upgrade,
         } => gateway(load(&common)?, listen, admin_addr, upgrade).await?,
-        Command::Seed(c) => seed(load(&c)?).await?,
+        Command::Seed(a) => {
+            let cfg = load(&a.common)?;
+            let addrs = (
+                a.users_addr.unwrap_or(cfg.services.users.listen),
+                a.products_addr.unwrap_or(cfg.services.products.listen),
+                a.orders_addr.unwrap_or(cfg.services.orders.listen),
+            );
+            seed(cfg).await?;
+            if a.orders {
+                println!("{}", demo_orders(addrs.0, addrs.1, addrs.2).await?);
+            }
+        }
         Command::Keys {
             command: KeysCommand::Rotate(c),
         } => keys_rotate(load(&c)?)?,

@@ -410,3 +410,36 @@ async fn serve_runs_one_service_alone() {
         .status();
     assert!(child.wait().unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_places_demo_orders_through_the_running_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &[]);
+    let (u, p, o) = (
+        app.users.to_string(),
+        app.products.to_string(),
+        app.addrs["orders"].to_string(),
+    );
+    let args = [
+        "seed",
+        "--orders",
+        "--users-addr",
+        &u,
+        "--products-addr",
+        &p,
+        "--orders-addr",
+        &o,
+    ];
+    let (ok, out, err) = cli(dir.path(), &args, &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("60 products added"), "{out}");
+    assert!(out.contains("has 3 orders"), "{out}");
+    let (ok, out, _) = cli(dir.path(), &args, &[]);
+    assert!(
+        ok && out.contains("has 3 orders") && out.contains("0 products added"),
+        "idempotent: {out}"
+    );
+    app.stop();
+    let (ok, _, err) = cli(dir.path(), &args, &[]);
+    assert!(!ok && err.contains("are the services running"), "{err}");
+}
