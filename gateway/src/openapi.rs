@@ -63,7 +63,7 @@ pub fn document(router: &Router) -> Value {
     let mut todo: Vec<MessageDescriptor> = Vec::new();
     for r in router.routes() {
         // OpenAPI paths have no custom verbs; `{id}:archive` stays literal in the key.
-        let path = r.template.clone();
+        let path = r.template.to_string();
         let input = r.method.input();
         let mut params = Vec::new();
         let bound: Vec<String> = path

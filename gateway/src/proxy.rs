@@ -25,11 +25,29 @@ use crate::router::{Access, MatchError, Router};
 use crate::transcode::{request_message, response_json};
 use crate::upstream::Upstreams;
 
+/// How a request is named in metrics: a route template shared with the router, or a fixed
+/// label; neither copies on the request path.
+enum Label {
+    Fixed(&'static str),
+    Shared(std::sync::Arc<str>),
+    Owned(String),
+}
+
+impl Label {
+    fn as_str(&self) -> &str {
+        match self {
+            Label::Fixed(s) => s,
+            Label::Shared(s) => s,
+            Label::Owned(s) => s,
+        }
+    }
+}
+
 /// Per-request state.
 pub struct Ctx {
     start: Instant,
-    /// The route template for metrics, or a fixed label (`not_found`, `passthrough`).
-    route: String,
+    /// The route for metrics.
+    route: Label,
     request_id: String,
     /// Where a pass-through request goes, and whether over HTTP/2 (gRPC).
     passthrough: Option<(String, bool)>,
@@ -404,7 +422,7 @@ impl Gateway {
         if headers.len() > self.config.load().max_headers
             || header_bytes > self.config.load().max_header_bytes
         {
-            ctx.route = "headers_too_large".into();
+            ctx.route = Label::Fixed("headers_too_large");
             return Reply::error(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 Code::InvalidArgument,
@@ -423,13 +441,13 @@ impl Gateway {
             return reply;
         }
         if path == "/openapi.json" && (method == Method::GET || method == Method::HEAD) {
-            ctx.route = "/openapi.json".into();
+            ctx.route = Label::Fixed("/openapi.json");
             return Reply::json(StatusCode::OK, self.openapi.to_vec());
         }
         let m = match self.router.find(&method, path) {
             Ok(m) => m,
             Err(MatchError::NotFound) => {
-                ctx.route = "not_found".into();
+                ctx.route = Label::Fixed("not_found");
                 return Reply::error(
                     StatusCode::NOT_FOUND,
                     Code::NotFound,
@@ -438,7 +456,7 @@ impl Gateway {
                 );
             }
             Err(MatchError::MethodNotAllowed(allowed)) => {
-                ctx.route = "method_not_allowed".into();
+                ctx.route = Label::Fixed("method_not_allowed");
                 let allow = allowed
                     .iter()
                     .map(Method::as_str)
@@ -453,7 +471,7 @@ impl Gateway {
                 .with("allow", allow);
             }
         };
-        ctx.route = m.route.template.clone();
+        ctx.route = Label::Shared(m.route.template.clone());
         let identity = match self.authenticate(session, m.route.access).await {
             Ok(id) => id,
             Err(r) => return r,
@@ -563,7 +581,7 @@ impl Gateway {
         if *method != Method::OPTIONS || !headers.contains_key("access-control-request-method") {
             return None;
         }
-        ctx.route = "preflight".into();
+        ctx.route = Label::Fixed("preflight");
         let Some(allow_origin) = ctx.cors.clone() else {
             return Some(Reply::error(
                 StatusCode::FORBIDDEN,
@@ -620,7 +638,7 @@ impl Gateway {
             Code::PermissionDenied,
             "internal methods are not reachable through the gateway".to_owned(),
         ))?;
-        ctx.route = format!("grpc:{path}");
+        ctx.route = Label::Owned(format!("grpc:{path}"));
         let identity = self.authenticate(session, access).await.map_err(|r| {
             let code = if r.status == StatusCode::FORBIDDEN {
                 Code::PermissionDenied
@@ -710,7 +728,7 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
-            route: String::new(),
+            route: Label::Fixed("unrouted"),
             request_id: String::new(),
             passthrough: None,
             identity: None,
@@ -735,7 +753,7 @@ impl ProxyHttp for Gateway {
             .iter()
             .find(|p| path.starts_with(&p.prefix))
         {
-            ctx.route = format!("passthrough:{}", p.prefix);
+            ctx.route = Label::Owned(format!("passthrough:{}", p.prefix));
             ctx.passthrough = Some((p.upstream.clone(), false));
             return Ok(false);
         }
@@ -799,18 +817,16 @@ impl ProxyHttp for Gateway {
 
     /// Request metrics by route, method and status.
     async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
-        let method = session.req_header().method.as_str().to_owned();
+        let status = session.response_written().map(|r| r.status);
+        let status = status.as_ref().map(StatusCode::as_str).unwrap_or("0");
+        let route = ctx.route.as_str();
         self.metrics
             .requests
-            .with_label_values(&[&ctx.route, &method, &status.to_string()])
+            .with_label_values(&[route, session.req_header().method.as_str(), status])
             .inc();
         self.metrics
             .latency
-            .with_label_values(&[&ctx.route])
+            .with_label_values(&[route])
             .observe(ctx.start.elapsed().as_secs_f64());
     }
 }

@@ -31,7 +31,8 @@ pub enum BodyRule {
 #[derive(Debug, Clone)]
 pub struct Route {
     pub http_method: Method,
-    pub template: String,
+    /// Shared, so every request can name its route in metrics without copying it.
+    pub template: std::sync::Arc<str>,
     pub method: MethodDescriptor,
     /// `/shopverse.users.v1.UsersService/Login`
     pub grpc_path: String,
@@ -208,7 +209,7 @@ impl Router {
     ) -> Result<(), RouterError> {
         let bad = |reason: String| RouterError::Template {
             method: m.full_name().to_owned(),
-            template: template.to_owned(),
+            template: template.into(),
             reason,
         };
         let (segs, verb) = parse_template(template).map_err(bad)?;
@@ -237,7 +238,7 @@ impl Router {
         ends.push(id);
         self.routes.push(Route {
             http_method,
-            template: template.to_owned(),
+            template: template.into(),
             method: m.clone(),
             grpc_path: format!("/{}/{}", m.parent_service().full_name(), m.name()),
             service: service.to_owned(),
