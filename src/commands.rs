@@ -478,7 +478,7 @@ async fn place_demo_orders(
     orders: SocketAddr,
 ) -> anyhow::Result<String> {
     use shopverse_kit::Role;
-    use shopverse_kit::testing::as_user;
+    use shopverse_kit::identity::request_as as as_user;
     use shopverse_proto::orders::v1 as o;
     use shopverse_proto::products::v1 as p;
     use shopverse_proto::users::v1 as u;

@@ -99,15 +99,7 @@ pub async fn channel(
 }
 
 /// Adds a verified identity to a request, as the gateway would.
-pub fn as_user<T>(msg: T, user_id: &str, roles: &[crate::Role]) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    crate::Identity {
-        user_id: user_id.to_owned(),
-        roles: roles.to_vec(),
-    }
-    .write_to(req.metadata_mut());
-    req
-}
+pub use crate::identity::request_as as as_user;
 
 /// A server a test started on `127.0.0.1:0`.
 pub struct Spawned<E> {
