@@ -56,10 +56,6 @@ impl EmbeddedLog {
         })
     }
 
-    pub fn db(&self) -> &Db {
-        &self.inner.db
-    }
-
     async fn topic_partitions(
         conn: &mut sqlx::AnyConnection,
         topic: &str,
