@@ -305,6 +305,9 @@ async fn run_services(
     if let Some(addr) = gateway_addr {
         let mut gcfg = cfg.gateway.clone();
         gcfg.listen = addr;
+        if gcfg.cache.dir.is_empty() {
+            gcfg.cache.dir = cfg.data.dir.join("edge-cache").display().to_string();
+        }
         // The gateway talks to the services this process runs.
         for (name, bound) in targets.iter().filter_map(|(a, g)| {
             ALL_SERVICES
@@ -608,6 +611,9 @@ pub async fn gateway(
     let mut gcfg = cfg.gateway.clone();
     if let Some(l) = listen {
         gcfg.listen = l;
+    }
+    if gcfg.cache.dir.is_empty() {
+        gcfg.cache.dir = cfg.data.dir.join("edge-cache").display().to_string();
     }
     // SIGQUIT: hand the listening sockets to a process started with --upgrade, then leave.
     let handover = shopverse_kit::CancellationToken::new();

@@ -1136,3 +1136,133 @@ fn every_rest_route_reaches_its_rpc() {
     assert!(calls >= 30, "{calls} routes");
     app.stop();
 }
+
+fn metric(admin: SocketAddr, needle: &str) -> u64 {
+    let text = http(admin, "GET", "/metrics", &[], b"").body;
+    text.lines()
+        .find(|l| l.starts_with(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_cache_hits_revalidates_and_fetches_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let gw = app.addrs["gateway"];
+    let first = http(gw, "GET", "/v1/categories", &[], b"");
+    assert_eq!((first.status, first.header("x-cache")), (200, Some("MISS")));
+    let second = http(gw, "GET", "/v1/categories", &[], b"");
+    assert_eq!(
+        (second.status, second.header("x-cache")),
+        (200, Some("HIT"))
+    );
+    assert_eq!(first.body, second.body);
+    let etag = second.header("etag").unwrap().to_owned();
+    let r = http(
+        gw,
+        "GET",
+        "/v1/categories",
+        &[("if-none-match", &etag)],
+        b"",
+    );
+    assert_eq!((r.status, r.body.as_str()), (304, ""));
+    assert!(
+        r.header("cache-control")
+            .unwrap()
+            .starts_with("public, max-age=")
+    );
+    let r = http(
+        gw,
+        "GET",
+        "/v1/categories",
+        &[("cache-control", "no-cache")],
+        b"",
+    );
+    assert_eq!(
+        r.header("x-cache"),
+        Some("MISS"),
+        "no-cache goes to the service"
+    );
+    // Signed-in routes are never cached.
+    assert_eq!(http(gw, "GET", "/v1/me", &[], b"").header("x-cache"), None);
+
+    // 100 concurrent misses on one key: one upstream call.
+    let calls = |app: &Appliance| {
+        metric(
+            app.admin,
+            "shopverse_gateway_upstream_calls_total{service=\"products\"}",
+        )
+    };
+    let before = calls(&app);
+    let threads: Vec<_> = (0..100)
+        .map(|_| std::thread::spawn(move || http(gw, "GET", "/v1/products?page_size=7", &[], b"")))
+        .collect();
+    let mut labels = std::collections::HashMap::new();
+    for t in threads {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        *labels
+            .entry(r.header("x-cache").unwrap_or("none").to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        calls(&app) - before,
+        1,
+        "one fetch for 100 concurrent misses: {labels:?}"
+    );
+    assert_eq!(labels.get("MISS"), Some(&1), "{labels:?}");
+    app.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_cache_survives_restarts_and_serves_stale_when_products_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let products = format!(r#"["http://{}"]"#, app.products);
+    let users = format!(r#"["http://{}"]"#, app.users);
+    let up = [
+        ("SHOPVERSE_GATEWAY__UPSTREAMS__PRODUCTS", products.as_str()),
+        ("SHOPVERSE_GATEWAY__UPSTREAMS__USERS", users.as_str()),
+    ];
+
+    // A gateway restarted on the same data: fresh entries are hits without touching the service.
+    let keep = tempfile::tempdir().unwrap();
+    let a = LoneGateway::start(keep.path(), "a", &up);
+    assert_eq!(
+        http(a.addr, "GET", "/v1/categories", &[], b"").header("x-cache"),
+        Some("MISS")
+    );
+    a.stop();
+    let a = LoneGateway::start(keep.path(), "a", &up);
+    let r = http(a.addr, "GET", "/v1/categories", &[], b"");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    a.stop();
+
+    // Short freshness; then the products service goes away.
+    let short = tempfile::tempdir().unwrap();
+    let mut env = up.to_vec();
+    env.push(("SHOPVERSE_GATEWAY__CACHE__TTL_SECS", "1"));
+    env.push(("SHOPVERSE_GATEWAY__CACHE__STALE_WHILE_REVALIDATE_SECS", "0"));
+    let b = LoneGateway::start(short.path(), "b", &env);
+    assert_eq!(
+        http(b.addr, "GET", "/v1/categories", &[], b"").header("x-cache"),
+        Some("MISS")
+    );
+    app.stop();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let r = http(b.addr, "GET", "/v1/categories", &[], b"");
+    assert_eq!(
+        (r.status, r.header("x-cache")),
+        (200, Some("STALE")),
+        "{}",
+        r.body
+    );
+    assert!(r.json()["categories"].as_array().unwrap().len() >= 5);
+    let r = http(b.addr, "GET", "/v1/products?page_size=3", &[], b"");
+    assert_eq!(r.status, 503, "uncached pages get the JSON error");
+    assert_eq!(r.json()["code"], "UNAVAILABLE");
+    b.stop();
+}

@@ -53,6 +53,49 @@ pub struct GatewayConfig {
     pub cors: CorsConfig,
     /// An HTTPS listener (TLS 1.2 and 1.3 with rustls, HTTP/2 by ALPN, so gRPC over TLS too).
     pub tls: TlsConfig,
+    /// The edge cache of public catalog responses.
+    pub cache: EdgeCacheConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeCacheConfig {
+    pub enabled: bool,
+    /// Where entries persist; empty: `<data.dir>/edge-cache`.
+    pub dir: String,
+    pub max_disk_bytes: u64,
+    pub max_memory_bytes: u64,
+    /// The RPCs (by method name) whose public GET responses are cached.
+    pub rpcs: Vec<String>,
+    /// Fresh for this long...
+    pub ttl_secs: u64,
+    /// ...then served stale while refreshed in the background for this long...
+    pub stale_while_revalidate_secs: u64,
+    /// ...and served stale when the service fails for this long.
+    pub stale_if_error_secs: u64,
+}
+
+impl Default for EdgeCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: String::new(),
+            max_disk_bytes: 256 << 20,
+            max_memory_bytes: 32 << 20,
+            rpcs: [
+                "ListProducts",
+                "GetProduct",
+                "GetProductBySku",
+                "ListCategories",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+            ttl_secs: 60,
+            stale_while_revalidate_secs: 30,
+            stale_if_error_secs: 86_400,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -191,6 +234,7 @@ impl Default for GatewayConfig {
             passthrough: Vec::new(),
             cors: CorsConfig::default(),
             tls: TlsConfig::default(),
+            cache: EdgeCacheConfig::default(),
         }
     }
 }

@@ -221,6 +221,28 @@ pub async fn start_with_upgrade(
     let openapi =
         bytes::Bytes::from(serde_json::to_vec(&openapi::document(&router)).unwrap_or_default());
     let metrics = proxy::Metrics::new(registry);
+    let cache = if config.cache.enabled && !config.cache.dir.is_empty() {
+        let opened = shopverse_edge_cache::EdgeCache::open(
+            std::path::Path::new(&config.cache.dir),
+            shopverse_edge_cache::CacheConfig {
+                max_disk_bytes: config.cache.max_disk_bytes,
+                max_memory_bytes: config.cache.max_memory_bytes,
+            },
+            registry,
+        );
+        match opened {
+            Ok(c) => Some(Arc::new(c)),
+            // Another process holds it (during a binary upgrade, the old gateway): serve
+            // uncached rather than not at all.
+            Err(e) => {
+                tracing::error!(error = %e, dir = %config.cache.dir, "the edge cache is not available; serving uncached");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let gateway_clock = clock.clone();
     let mut limiter = ratelimit::Limiter::new(clock);
     if !config.redis_url.is_empty() {
         limiter = limiter
@@ -243,6 +265,9 @@ pub async fn start_with_upgrade(
         limiter,
         metrics,
         openapi,
+        cache,
+        inflight: Default::default(),
+        clock: gateway_clock,
         config: live.clone(),
     };
     let watch = TokenWatch {

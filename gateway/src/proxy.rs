@@ -16,6 +16,7 @@ use prost::Message;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
 
+use shopverse_edge_cache::Freshness;
 use shopverse_kit::{Identity, Role};
 
 use crate::auth::{AuthError, Verifier};
@@ -68,6 +69,12 @@ pub struct Gateway {
     pub(crate) metrics: Metrics,
     /// The OpenAPI document, rendered once.
     pub(crate) openapi: Bytes,
+    /// The edge cache of public catalog responses, and who is fetching which key right now
+    /// (concurrent misses on one key wait for one upstream call).
+    pub(crate) cache: Option<Arc<shopverse_edge_cache::EdgeCache>>,
+    pub(crate) inflight:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) clock: Arc<dyn shopverse_kit::Clock>,
 }
 
 pub struct Metrics {
@@ -76,6 +83,7 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub upstream_errors: IntCounterVec,
+    pub upstream_calls: IntCounterVec,
     pub rate_limit_fallbacks: prometheus::IntCounter,
 }
 
@@ -125,6 +133,13 @@ impl Metrics {
                 "gateway_rate_limit_fallbacks_total",
                 "Rate-limit decisions taken locally because Redis did not answer",
                 &[],
+            ),
+            upstream_calls: int_counter_vec(
+                registry,
+                "gateway_upstream_calls_total",
+                "Calls to a service, by service",
+                &[],
+                &["service"],
             ),
             upstream_errors: int_counter_vec(
                 registry,
@@ -226,7 +241,219 @@ fn rate_headers(
     ]
 }
 
+/// A service call, kept whole so a background refresh can repeat it.
+#[derive(Clone)]
+struct UpstreamCall {
+    service: String,
+    path: String,
+    body: Bytes,
+    md: MetadataMap,
+    output: prost_reflect::MessageDescriptor,
+    tags: Vec<String>,
+}
+
+/// Tags an entry is purged by: a product's id, or `catalog` for lists.
+fn cache_tags(rpc: &str, bindings: &[(String, String)]) -> Vec<String> {
+    match rpc {
+        "GetProduct" => bindings
+            .iter()
+            .filter(|(k, _)| k == "id")
+            .map(|(_, v)| format!("product:{v}"))
+            .collect(),
+        _ => vec!["catalog".to_owned()],
+    }
+}
+
+fn etag_of(body: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(body);
+    format!(
+        "\"{}\"",
+        d.iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
 impl Gateway {
+    /// Calls the service and turns its answer into a cache entry (`Err`: the reply to send).
+    async fn fetch_entry(
+        upstreams: &Upstreams,
+        call: &UpstreamCall,
+        config: &crate::config::EdgeCacheConfig,
+        now: i64,
+    ) -> Result<shopverse_edge_cache::Entry, tonic::Status> {
+        let bytes = upstreams
+            .unary(
+                &call.service,
+                &call.path,
+                call.body.clone(),
+                call.md.clone(),
+                true,
+            )
+            .await?;
+        let json = response_json(&call.output, &bytes).map_err(tonic::Status::internal)?;
+        let mut tags = call.tags.clone();
+        if call.tags.is_empty()
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&json)
+            && let Some(id) = v["id"].as_str()
+        {
+            tags.push(format!("product:{id}"));
+        }
+        Ok(shopverse_edge_cache::Entry {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            etag: Some(etag_of(&json)),
+            body: Bytes::from(json),
+            stored_at_ms: now,
+            ttl_ms: i64::try_from(config.ttl_secs * 1000).unwrap_or(i64::MAX),
+            stale_while_revalidate_ms: i64::try_from(config.stale_while_revalidate_secs * 1000)
+                .unwrap_or(i64::MAX),
+            stale_if_error_ms: i64::try_from(config.stale_if_error_secs * 1000).unwrap_or(i64::MAX),
+            tags,
+        })
+    }
+
+    /// A reply from a cache entry: 304 when the client has it, else the body; `label` is the
+    /// `x-cache` value.
+    fn reply_from_cache(
+        &self,
+        session: &Session,
+        e: &shopverse_edge_cache::Entry,
+        label: &'static str,
+    ) -> Reply {
+        let inm = session
+            .req_header()
+            .headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok());
+        let etag = e.etag.clone().unwrap_or_default();
+        let max_age = (e.ttl_ms - (self.clock.now_ms() - e.stored_at_ms)).max(0) / 1000;
+        let mut reply =
+            if inm.is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
+                Reply {
+                    status: StatusCode::NOT_MODIFIED,
+                    body: Bytes::new(),
+                    headers: Vec::new(),
+                }
+            } else {
+                Reply::json(
+                    StatusCode::from_u16(e.status).unwrap_or(StatusCode::OK),
+                    e.body.to_vec(),
+                )
+            };
+        reply.headers.push(("x-cache", label.to_owned()));
+        reply.headers.push(("etag", etag));
+        reply
+            .headers
+            .push(("cache-control", format!("public, max-age={max_age}")));
+        reply
+    }
+
+    /// The edge cache: fresh entries are served, stale ones served while refreshed, misses
+    /// fetched once however many ask at the same time, and a failing service answered from a
+    /// stale entry while `stale_if_error` allows.
+    async fn cached(
+        &self,
+        cache: &Arc<shopverse_edge_cache::EdgeCache>,
+        session: &Session,
+        key: String,
+        call: UpstreamCall,
+    ) -> Reply {
+        let config = self.config.load().cache.clone();
+        let no_cache = session
+            .req_header()
+            .headers
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
+        let now = self.clock.now_ms();
+        let mut stale = None;
+        if !no_cache && let Ok(Some((e, f))) = cache.get(&key, now) {
+            match f {
+                Freshness::Fresh => return self.reply_from_cache(session, &e, "HIT"),
+                Freshness::Stale => {
+                    // Serve now, refresh behind.
+                    let (cache, upstreams, key, call, clock) = (
+                        cache.clone(),
+                        self.upstreams.clone(),
+                        key.clone(),
+                        call.clone(),
+                        self.clock.clone(),
+                    );
+                    self.metrics
+                        .upstream_calls
+                        .with_label_values(&[&call.service])
+                        .inc();
+                    tokio::spawn(async move {
+                        if let Ok(fresh) =
+                            Self::fetch_entry(&upstreams, &call, &config, clock.now_ms()).await
+                        {
+                            let _ = cache.put(&key, &fresh);
+                        }
+                    });
+                    return self.reply_from_cache(session, &e, "STALE");
+                }
+                Freshness::StaleIfError => stale = Some(e),
+                Freshness::Expired => {}
+            }
+        }
+        let lock = {
+            let Ok(mut inflight) = self.inflight.lock() else {
+                return Reply::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Code::Internal,
+                    "cache lock poisoned",
+                    serde_json::json!([]),
+                );
+            };
+            inflight.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.lock().await;
+        // Someone else may have fetched it while we waited.
+        if !no_cache && let Ok(Some((e, Freshness::Fresh))) = cache.get(&key, self.clock.now_ms()) {
+            return self.reply_from_cache(session, &e, "HIT");
+        }
+        self.metrics
+            .upstream_calls
+            .with_label_values(&[&call.service])
+            .inc();
+        let fetched = Self::fetch_entry(&self.upstreams, &call, &config, self.clock.now_ms()).await;
+        drop(guard);
+        if let Ok(mut inflight) = self.inflight.lock()
+            && inflight
+                .get(&key)
+                .is_some_and(|l| Arc::strong_count(l) <= 2)
+        {
+            inflight.remove(&key);
+        }
+        match fetched {
+            Ok(entry) => {
+                if let Err(e) = cache.put(&key, &entry) {
+                    tracing::warn!(error = %e, "storing in the edge cache failed");
+                }
+                self.reply_from_cache(session, &entry, "MISS")
+            }
+            Err(status) => match stale {
+                Some(e) => self.reply_from_cache(session, &e, "STALE"),
+                None => {
+                    let message = match status.code() {
+                        Code::Unavailable => format!("the {} service is unavailable", call.service),
+                        _ => status.message().to_owned(),
+                    };
+                    Reply::error(
+                        http_status(status.code()),
+                        status.code(),
+                        &message,
+                        serde_json::json!([]),
+                    )
+                    .with("x-cache", "MISS")
+                }
+            },
+        }
+    }
+
     fn client_ip(&self, session: &Session) -> Option<IpAddr> {
         let peer = session
             .client_addr()
@@ -517,6 +744,34 @@ impl Gateway {
             md.insert("traceparent", v);
         }
         let service = m.route.service.clone();
+        if let Some(cache) = self.cache.clone()
+            && (method == Method::GET || method == Method::HEAD)
+            && m.route.access == Access::Public
+            && self
+                .config
+                .load()
+                .cache
+                .rpcs
+                .iter()
+                .any(|r| r == m.route.method.name())
+        {
+            let call = UpstreamCall {
+                service,
+                path: m.route.grpc_path.clone(),
+                body: msg.encode_to_vec().into(),
+                md,
+                output: m.route.method.output(),
+                tags: cache_tags(m.route.method.name(), &m.bindings),
+            };
+            let key = format!("{}?{}", path, uri.query().unwrap_or(""));
+            let mut reply = self.cached(&cache, session, key, call).await;
+            reply.headers.extend(limit_headers);
+            return reply;
+        }
+        self.metrics
+            .upstream_calls
+            .with_label_values(&[&service])
+            .inc();
         let result = self
             .upstreams
             .unary(
@@ -697,7 +952,9 @@ impl Gateway {
         resp.insert_header("x-content-type-options", "nosniff")?;
         resp.insert_header("x-frame-options", "DENY")?;
         resp.insert_header("referrer-policy", "no-referrer")?;
-        resp.insert_header("cache-control", "no-store")?;
+        if !reply.headers.iter().any(|(k, _)| *k == "cache-control") {
+            resp.insert_header("cache-control", "no-store")?;
+        }
         let preflight = reply.status == StatusCode::NO_CONTENT;
         for (k, v) in reply.headers {
             resp.insert_header(k, v)?;
