@@ -318,11 +318,13 @@ async fn run_services(
             gcfg.upstreams
                 .insert(name.to_owned(), vec![format!("http://{bound}")]);
         }
-        let running = shopverse_gateway::start(
+        let running = shopverse_gateway::start_full(
             gcfg,
             &registry_for_gateway,
             Arc::new(SystemClock),
             shutdown.clone(),
+            None,
+            Some(platform.bus.clone()),
         )
         .await?;
         reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());

@@ -1266,3 +1266,63 @@ async fn edge_cache_survives_restarts_and_serves_stale_when_products_is_down() {
     assert_eq!(r.json()["code"], "UNAVAILABLE");
     b.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_is_seen_at_the_edge_within_a_second_and_private_views_bypass() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = cli(
+        dir.path(),
+        &["admin", "create", "--email", "root@example.com"],
+        &[("SHOPVERSE_ADMIN_PASSWORD", "root password 123")],
+    );
+    assert!(ok, "{err}");
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let gw = app.addrs["gateway"];
+    let list = http(gw, "GET", "/v1/products?page_size=1", &[], b"").json();
+    let id = list["products"][0]["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/products/{id}");
+    assert_eq!(
+        http(gw, "GET", &path, &[], b"").header("x-cache"),
+        Some("MISS")
+    );
+    let cached = http(gw, "GET", &path, &[], b"");
+    assert_eq!(cached.header("x-cache"), Some("HIT"));
+    let version = cached.json()["version"].as_str().unwrap().to_owned();
+
+    // A signed-in view bypasses the shared cache.
+    let admin = bearer(&login(gw, "root@example.com", "root password 123"));
+    assert_eq!(
+        http(gw, "GET", &path, &[("authorization", &admin)], b"").header("x-cache"),
+        Some("BYPASS")
+    );
+
+    // An admin edits the price; the product.updated event purges the edge.
+    let body = format!(
+        r#"{{"expectedVersion": "{version}", "price": {{"amountMinor": "12345", "currency": "EUR"}}}}"#
+    );
+    let r = http(
+        gw,
+        "PATCH",
+        &path,
+        &[("authorization", &admin)],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = http(gw, "GET", &path, &[], b"");
+        if r.json()["price"]["amountMinor"] == "12345" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(1),
+            "still the old price after 1 s: {}",
+            r.body
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Lists were purged too.
+    let r = http(gw, "GET", "/v1/products?page_size=1", &[], b"");
+    assert_eq!(r.header("x-cache"), Some("MISS"));
+    app.stop();
+}

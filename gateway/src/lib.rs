@@ -180,6 +180,53 @@ pub async fn start_with_upgrade(
     shutdown: CancellationToken,
     upgrade: Option<Upgrade>,
 ) -> Result<Running, GatewayError> {
+    start_full(config, registry, clock, shutdown, upgrade, None).await
+}
+
+/// Purges cached catalog pages as product events arrive, so an edit shows at the edge at once.
+async fn invalidate_from_events(
+    bus: Arc<dyn shopverse_events::EventBus>,
+    cache: Arc<shopverse_edge_cache::EdgeCache>,
+    shutdown: CancellationToken,
+) {
+    let topics = [shopverse_events::envelope::TOPIC_CATALOG.to_owned()];
+    let mut sub = match bus.subscribe("gateway-edge-cache", &topics).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "the edge cache cannot follow catalog events; entries expire by TTL only");
+            return;
+        }
+    };
+    loop {
+        let records = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = sub.poll(256, Duration::from_secs(1)) => r,
+        };
+        let Ok(records) = records else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        for r in records {
+            if let Ok(env) = shopverse_events::envelope::decode_envelope(&r.payload)
+                && env.r#type.starts_with("product.")
+            {
+                let _ = cache.purge_tag(&format!("product:{}", env.subject));
+                let _ = cache.purge_tag("catalog");
+            }
+            let _ = sub.commit(&r).await;
+        }
+    }
+}
+
+/// [`start_with_upgrade`], with an event bus to follow catalog changes for the edge cache.
+pub async fn start_full(
+    config: GatewayConfig,
+    registry: &prometheus::Registry,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+    upgrade: Option<Upgrade>,
+    events: Option<Arc<dyn shopverse_events::EventBus>>,
+) -> Result<Running, GatewayError> {
     if upgrade.as_ref().is_some_and(|u| u.take_over) && config.listen.port() == 0 {
         return Err(GatewayError::Tls(
             "an upgrade takes over a fixed port; gateway.listen has port 0".into(),
@@ -242,6 +289,9 @@ pub async fn start_with_upgrade(
     } else {
         None
     };
+    if let (Some(bus), Some(c)) = (events, cache.clone()) {
+        tokio::spawn(invalidate_from_events(bus, c, shutdown.clone()));
+    }
     let gateway_clock = clock.clone();
     let mut limiter = ratelimit::Limiter::new(clock);
     if !config.redis_url.is_empty() {

@@ -744,7 +744,7 @@ impl Gateway {
             md.insert("traceparent", v);
         }
         let service = m.route.service.clone();
-        if let Some(cache) = self.cache.clone()
+        let cacheable = self.cache.is_some()
             && (method == Method::GET || method == Method::HEAD)
             && m.route.access == Access::Public
             && self
@@ -753,7 +753,13 @@ impl Gateway {
                 .cache
                 .rpcs
                 .iter()
-                .any(|r| r == m.route.method.name())
+                .any(|r| r == m.route.method.name());
+        // A signed-in caller may see more than the public (an admin sees archived products):
+        // such responses are neither served from nor stored in the shared cache.
+        let bypass = cacheable && identity.is_some();
+        if let Some(cache) = self.cache.clone()
+            && cacheable
+            && !bypass
         {
             let call = UpstreamCall {
                 service,
@@ -818,6 +824,9 @@ impl Gateway {
             }
         };
         reply.headers.extend(limit_headers);
+        if bypass {
+            reply.headers.push(("x-cache", "BYPASS".to_owned()));
+        }
         reply
     }
 
