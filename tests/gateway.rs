@@ -1150,7 +1150,14 @@ fn metric(admin: SocketAddr, needle: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_cache_hits_revalidates_and_fetches_once() {
     let dir = tempfile::tempdir().unwrap();
-    let app = Appliance::start(dir.path(), &["--demo"]);
+    // 100 requests at once from one address: lift the default per-IP limit for this test.
+    let limits =
+        r#"[{name = "default", requests = 100000, per_secs = 1, burst = 100000, by = "ip"}]"#;
+    let app = Appliance::start_with_env(
+        dir.path(),
+        &["--demo"],
+        &[("SHOPVERSE_GATEWAY__RATE_LIMITS", limits)],
+    );
     let gw = app.addrs["gateway"];
     let first = http(gw, "GET", "/v1/categories", &[], b"");
     assert_eq!((first.status, first.header("x-cache")), (200, Some("MISS")));
