@@ -266,8 +266,14 @@ async fn run_services(
     } else {
         Vec::new()
     };
+    // The gateway starts after the admin listener; its cache joins the purge endpoint then.
+    let cache_slot: Arc<std::sync::OnceLock<shopverse_kit::metrics::AdminHandler>> = Arc::default();
+    let slot = cache_slot.clone();
+    let handler: shopverse_kit::metrics::AdminHandler =
+        Arc::new(move |m, p, q| slot.get().and_then(|h| h(m, p, q)));
     tasks.spawn(async move {
-        shopverse_kit::metrics::serve_admin(admin, registry, check, documents, stop).await;
+        shopverse_kit::metrics::serve_admin(admin, registry, check, documents, Some(handler), stop)
+            .await;
         Ok(())
     });
     started.rows.push((
@@ -328,6 +334,9 @@ async fn run_services(
         )
         .await?;
         reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());
+        if let Some(cache) = running.cache.clone() {
+            let _ = cache_slot.set(shopverse_gateway::purge_handler(cache));
+        }
         started.rows.insert(
             0,
             (
@@ -660,11 +669,13 @@ pub async fn gateway(
     .await?;
     reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());
     let ready: shopverse_kit::metrics::ReadyCheck = Arc::new(|| true);
+    let purge = running.cache.clone().map(shopverse_gateway::purge_handler);
     let admin_task = tokio::spawn(shopverse_kit::metrics::serve_admin(
         admin,
         registry,
         ready,
         admin_documents()?,
+        purge,
         shutdown.clone(),
     ));
     println!("ShopVerse {} — gateway", env!("CARGO_PKG_VERSION"));

@@ -1331,5 +1331,61 @@ async fn an_edit_is_seen_at_the_edge_within_a_second_and_private_views_bypass() 
     // Lists were purged too.
     let r = http(gw, "GET", "/v1/products?page_size=1", &[], b"");
     assert_eq!(r.header("x-cache"), Some("MISS"));
+
+    // Purges on the admin listener: by tag, by key, everything.
+    assert_eq!(
+        http(gw, "GET", &path, &[], b"").header("x-cache"),
+        Some("HIT")
+    );
+    let r = http(
+        app.admin,
+        "POST",
+        &format!("/cache/purge?tag=product:{id}"),
+        &[],
+        b"",
+    );
+    assert_eq!(
+        (r.status, r.json()["purged"].as_u64()),
+        (200, Some(1)),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        http(gw, "GET", &path, &[], b"").header("x-cache"),
+        Some("MISS")
+    );
+    let key = format!("{path}?");
+    let r = http(
+        app.admin,
+        "POST",
+        &format!("/cache/purge?key={}", key.replace('?', "%3F")),
+        &[],
+        b"",
+    );
+    assert_eq!(r.json()["purged"], 1, "{}", r.body);
+    http(gw, "GET", "/v1/categories", &[], b"");
+    let r = http(app.admin, "POST", "/cache/purge?all=true", &[], b"");
+    assert!(r.json()["purged"].as_u64().unwrap() >= 1, "{}", r.body);
+    assert_eq!(
+        http(gw, "GET", "/v1/categories", &[], b"").header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(
+        http(app.admin, "GET", "/cache/purge?all=true", &[], b"").status,
+        405
+    );
+    assert_eq!(
+        http(app.admin, "POST", "/cache/purge", &[], b"").status,
+        400
+    );
+    let metrics = http(app.admin, "GET", "/metrics", &[], b"").body;
+    assert!(
+        metrics.contains("shopverse_edge_cache_hits_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shopverse_edge_cache_purged_total"),
+        "{metrics}"
+    );
     app.stop();
 }

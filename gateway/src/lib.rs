@@ -97,6 +97,8 @@ pub struct Upgrade {
 /// A running gateway.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The edge cache, when enabled (for the admin listener's purge endpoint).
+    pub cache: Option<Arc<shopverse_edge_cache::EdgeCache>>,
     /// The HTTPS listener, when configured.
     pub tls_addr: Option<SocketAddr>,
     live: Arc<arc_swap::ArcSwap<GatewayConfig>>,
@@ -181,6 +183,51 @@ pub async fn start_with_upgrade(
     upgrade: Option<Upgrade>,
 ) -> Result<Running, GatewayError> {
     start_full(config, registry, clock, shutdown, upgrade, None).await
+}
+
+/// The admin listener's cache purge: `POST /cache/purge?key=K`, `?tag=T` or `?all=true`.
+pub fn purge_handler(
+    cache: Arc<shopverse_edge_cache::EdgeCache>,
+) -> shopverse_kit::metrics::AdminHandler {
+    Arc::new(move |method, path, query| {
+        if path != "/cache/purge" {
+            return None;
+        }
+        if method != http::Method::POST {
+            return Some((
+                405,
+                r#"{"code":"UNIMPLEMENTED","message":"use POST","details":[]}"#.to_owned(),
+            ));
+        }
+        let params: Vec<(String, String)> = query
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), router::percent_decode(v)))
+            .collect();
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let purged = match (get("key"), get("tag"), get("all")) {
+            (Some(k), _, _) => cache.purge_key(k),
+            (_, Some(t), _) => cache.purge_tag(t),
+            (_, _, Some("true")) => cache.purge_all(),
+            _ => {
+                return Some((400, r#"{"code":"INVALID_ARGUMENT","message":"give key, tag or all=true","details":[]}"#.to_owned()));
+            }
+        };
+        Some(match purged {
+            Ok(n) => (200, format!(r#"{{"purged":{n}}}"#)),
+            Err(e) => (
+                500,
+                serde_json::json!({"code": "INTERNAL", "message": e.to_string(), "details": []})
+                    .to_string(),
+            ),
+        })
+    })
 }
 
 /// Purges cached catalog pages as product events arrive, so an edit shows at the edge at once.
@@ -292,6 +339,7 @@ pub async fn start_full(
     if let (Some(bus), Some(c)) = (events, cache.clone()) {
         tokio::spawn(invalidate_from_events(bus, c, shutdown.clone()));
     }
+    let cache_handle = cache.clone();
     let gateway_clock = clock.clone();
     let mut limiter = ratelimit::Limiter::new(clock);
     if !config.redis_url.is_empty() {
@@ -370,6 +418,7 @@ pub async fn start_full(
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(Running {
                 addr,
+                cache: cache_handle,
                 tls_addr,
                 live,
                 thread,

@@ -84,6 +84,7 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub upstream_calls: IntCounterVec,
+    pub cache_stale: prometheus::IntCounter,
     pub rate_limit_fallbacks: prometheus::IntCounter,
 }
 
@@ -132,6 +133,12 @@ impl Metrics {
                 registry,
                 "gateway_rate_limit_fallbacks_total",
                 "Rate-limit decisions taken locally because Redis did not answer",
+                &[],
+            ),
+            cache_stale: shopverse_kit::metrics::int_counter(
+                registry,
+                "gateway_edge_cache_stale_total",
+                "Stale cache entries served",
                 &[],
             ),
             upstream_calls: int_counter_vec(
@@ -343,6 +350,9 @@ impl Gateway {
                     e.body.to_vec(),
                 )
             };
+        if label == "STALE" {
+            self.metrics.cache_stale.inc();
+        }
         reply.headers.push(("x-cache", label.to_owned()));
         reply.headers.push(("etag", etag));
         reply

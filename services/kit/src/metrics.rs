@@ -32,6 +32,11 @@ pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 /// A fixed document the admin listener serves: `(path, content type, body)`.
 pub type AdminDocument = (String, String, Bytes);
 
+/// Extra admin actions: given the method, path and query, `Some((status, JSON body))` when the
+/// handler owns the path.
+pub type AdminHandler =
+    Arc<dyn Fn(&hyper::Method, &str, Option<&str>) -> Option<(u16, String)> + Send + Sync>;
+
 /// Serves `/metrics`, `/healthz` (the process is up), `/readyz` (it can take traffic) and any
 /// `documents` over HTTP/1.1 until `shutdown`.
 pub async fn serve_admin(
@@ -39,6 +44,7 @@ pub async fn serve_admin(
     registry: Registry,
     ready: ReadyCheck,
     documents: Vec<AdminDocument>,
+    handler: Option<AdminHandler>,
     shutdown: CancellationToken,
 ) {
     let documents = Arc::new(documents);
@@ -56,13 +62,27 @@ pub async fn serve_admin(
         let registry = registry.clone();
         let ready = ready.clone();
         let documents = documents.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let registry = registry.clone();
                 let ready = ready.clone();
                 let documents = documents.clone();
+                let handler = handler.clone();
                 async move {
                     let path = req.uri().path();
+                    if let Some((status, body)) = handler
+                        .as_ref()
+                        .and_then(|h| h(req.method(), path, req.uri().query()))
+                    {
+                        let mut resp = Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() = StatusCode::from_u16(status)
+                            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                        if let Ok(v) = "application/json".parse() {
+                            resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+                        }
+                        return Ok::<_, Infallible>(resp);
+                    }
                     if let Some((_, ctype, body)) = documents.iter().find(|(p, _, _)| p == path) {
                         let mut resp = Response::new(Full::new(body.clone()));
                         if let Ok(v) = ctype.parse() {
