@@ -1059,14 +1059,14 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut Ctx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let Some((addr, h2)) = ctx.passthrough.clone() else {
+        let Some((addr, h2)) = &ctx.passthrough else {
             return Err(pingora::Error::explain(
                 pingora::ErrorType::InternalError,
                 "no upstream for this request",
             ));
         };
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        if h2 {
+        let mut peer = HttpPeer::new(addr.as_str(), false, String::new());
+        if *h2 {
             // gRPC: HTTP/2 with prior knowledge to the service (h2c).
             peer.options.alpn = pingora::protocols::ALPN::H2;
         }

@@ -80,6 +80,20 @@ impl Pool {
         healthy.extend(sick);
         healthy
     }
+
+    /// The first member `order` would give, without building the order: the next healthy
+    /// member round robin, else the next one. On every transcoded request, so no allocation.
+    fn first(&self) -> Option<&Member> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.members[(start + i) % n])
+            .find(|m| m.healthy.load(Ordering::Relaxed))
+            .or(self.members.get(start % n))
+    }
 }
 
 /// The upstream pools: per service, its endpoints with health, round robin over the healthy
@@ -143,20 +157,12 @@ impl Upstreams {
 
     /// One endpoint of `service` for a gRPC pass-through call, round robin over healthy ones.
     pub fn pick_address(&self, service: &str) -> Option<String> {
-        self.pools
-            .get(service)?
-            .order()
-            .first()
-            .map(|m| m.address.clone())
+        self.pools.get(service)?.first().map(|m| m.address.clone())
     }
 
     /// A channel to `service` (its first healthy endpoint), for the gateway's own calls.
     pub fn channel(&self, service: &str) -> Option<Channel> {
-        self.pools
-            .get(service)?
-            .order()
-            .first()
-            .map(|m| m.channel.clone())
+        self.pools.get(service)?.first().map(|m| m.channel.clone())
     }
 
     /// Checks every endpoint's gRPC health once; returns how many are healthy.
@@ -235,5 +241,34 @@ impl Upstreams {
             }
         }
         Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn first_is_the_next_healthy_member_and_agrees_with_order() {
+        let urls: Vec<String> = (1..=3).map(|i| format!("http://127.0.0.{i}:1")).collect();
+        let config = [("svc".to_owned(), urls)].into_iter().collect();
+        let ups = Upstreams::new(&config, Duration::from_secs(1)).expect("pools");
+        let pool = &ups.pools["svc"];
+        pool.members[1].healthy.store(false, Ordering::Relaxed);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..6 {
+            let start = pool.next.load(Ordering::Relaxed);
+            let picked = pool.first().expect("a member").address.clone();
+            pool.next.store(start, Ordering::Relaxed);
+            let ordered = pool.order()[0].address.clone();
+            assert_eq!(picked, ordered);
+            assert_ne!(picked, "127.0.0.2:1", "an ejected member is skipped");
+            seen.insert(picked);
+        }
+        assert_eq!(seen.len(), 2, "round robin over the healthy ones: {seen:?}");
+        for m in &pool.members {
+            m.healthy.store(false, Ordering::Relaxed);
+        }
+        assert!(pool.first().is_some(), "none healthy: still one to try");
     }
 }
