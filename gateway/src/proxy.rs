@@ -206,6 +206,8 @@ struct Reply {
     status: StatusCode,
     body: Bytes,
     headers: Vec<(&'static str, String)>,
+    /// For an error: its gRPC code and message, so a gRPC caller gets the same refusal.
+    grpc: Option<(Code, String)>,
 }
 
 impl Reply {
@@ -214,6 +216,7 @@ impl Reply {
             status,
             body: Bytes::from(body),
             headers: Vec::new(),
+            grpc: None,
         }
     }
 
@@ -221,7 +224,15 @@ impl Reply {
     fn error(status: StatusCode, code: Code, message: &str, details: serde_json::Value) -> Reply {
         let body =
             serde_json::json!({ "code": code_name(code), "message": message, "details": details });
-        Reply::json(status, body.to_string().into_bytes())
+        Reply {
+            grpc: Some((code, message.to_owned())),
+            ..Reply::json(status, body.to_string().into_bytes())
+        }
+    }
+
+    /// The gRPC status of this refusal.
+    fn into_grpc(self) -> (Code, String) {
+        self.grpc.unwrap_or((Code::Unknown, String::new()))
     }
 
     fn with(mut self, name: &'static str, value: impl Into<String>) -> Reply {
@@ -343,6 +354,7 @@ impl Gateway {
                     status: StatusCode::NOT_MODIFIED,
                     body: Bytes::new(),
                     headers: Vec::new(),
+                    grpc: None,
                 }
             } else {
                 Reply::json(
@@ -893,6 +905,7 @@ impl Gateway {
                 ),
                 ("vary", "origin".into()),
             ],
+            grpc: None,
         })
     }
 
@@ -913,27 +926,14 @@ impl Gateway {
             "internal methods are not reachable through the gateway".to_owned(),
         ))?;
         ctx.route = Label::Owned(format!("grpc:{path}"));
-        let identity = self.authenticate(session, access).await.map_err(|r| {
-            let code = if r.status == StatusCode::FORBIDDEN {
-                Code::PermissionDenied
-            } else {
-                Code::Unauthenticated
-            };
-            (
-                code,
-                serde_json::from_slice::<serde_json::Value>(&r.body)
-                    .ok()
-                    .and_then(|v| v["message"].as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-            )
-        })?;
+        let identity = self
+            .authenticate(session, access)
+            .await
+            .map_err(Reply::into_grpc)?;
         let ip = self.client_ip(session);
-        if let Err(r) = self.rate_limit(path, identity.as_ref(), ip).await {
-            let msg = serde_json::from_slice::<serde_json::Value>(&r.body)
-                .ok()
-                .and_then(|v| v["message"].as_str().map(str::to_owned));
-            return Err((Code::ResourceExhausted, msg.unwrap_or_default()));
-        }
+        self.rate_limit(path, identity.as_ref(), ip)
+            .await
+            .map_err(Reply::into_grpc)?;
         let upstream = self.upstreams.pick_address(&service).ok_or_else(|| {
             (
                 Code::Unavailable,
