@@ -182,6 +182,17 @@ pub struct Passthrough {
     pub prefix: String,
     /// `host:port` of the HTTP upstream.
     pub upstream: String,
+    /// The route's metrics label, made on first use and then shared by every request.
+    #[serde(skip)]
+    pub label: std::sync::OnceLock<std::sync::Arc<str>>,
+}
+
+impl Passthrough {
+    pub fn label(&self) -> std::sync::Arc<str> {
+        self.label
+            .get_or_init(|| format!("passthrough:{}", self.prefix).into())
+            .clone()
+    }
 }
 
 impl Default for GatewayConfig {

@@ -1029,7 +1029,7 @@ impl ProxyHttp for Gateway {
             .iter()
             .find(|p| path.starts_with(&p.prefix))
         {
-            ctx.route = Label::Owned(format!("passthrough:{}", p.prefix));
+            ctx.route = Label::Shared(p.label());
             ctx.passthrough = Some((p.upstream.clone(), false));
             return Ok(false);
         }
