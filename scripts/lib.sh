@@ -94,3 +94,59 @@ ensure_redis() {
   redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { echo "Redis is not answering on 127.0.0.1:6379; set SHOPVERSE_TEST_REDIS" >&2; return 1; }
   echo "Redis ready on 127.0.0.1:6379"
 }
+
+# A Kafka-protocol broker on 127.0.0.1:9092 for the Kafka tests: tansu (crates.io, Apache-2.0),
+# built once into the cache (about 20-30 minutes on 2 cores) and reused; its storage is a SQLite
+# file under the cache, so a restarted broker keeps its topics and offsets. With
+# SHOPVERSE_KAFKA_BROKERS set, that cluster is used instead and nothing is installed or started.
+SHOPVERSE_TANSU_VERSION="0.6.0"
+tansu_root() { echo "${SHOPVERSE_CACHE:-$HOME/.cache/shopverse}/tansu-$SHOPVERSE_TANSU_VERSION"; }
+
+port_open() { # host port
+  (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+ensure_tansu() {
+  local root bin
+  root=$(tansu_root)
+  bin="$root/bin/tansu"
+  if [ ! -x "$bin" ]; then
+    echo "building the tansu broker $SHOPVERSE_TANSU_VERSION into $root (once; about 20-30 minutes on 2 cores)"
+    ensure_packages "$SHOPVERSE_BUILD_PACKAGES"
+    cargo install tansu --version "$SHOPVERSE_TANSU_VERSION" --features dynostore,libsql --locked \
+      --root "$root" --target-dir "$root/build" \
+      || { echo "building the tansu broker failed" >&2; return 1; }
+    rm -rf "$root/build"
+  fi
+  "$bin" --version >/dev/null 2>&1 || "$bin" --help >/dev/null 2>&1 \
+    || { echo "the tansu binary at $bin does not run" >&2; return 1; }
+  export SHOPVERSE_TANSU_BIN="$bin"
+}
+
+ensure_kafka() {
+  ensure_tansu || return 1
+  if [ -n "${SHOPVERSE_KAFKA_BROKERS:-}" ]; then
+    local first="${SHOPVERSE_KAFKA_BROKERS%%,*}"
+    port_open "${first%:*}" "${first##*:}" \
+      || { echo "SHOPVERSE_KAFKA_BROKERS=$SHOPVERSE_KAFKA_BROKERS: nothing answers at $first" >&2; return 1; }
+    echo "using the Kafka cluster at SHOPVERSE_KAFKA_BROKERS=$SHOPVERSE_KAFKA_BROKERS"
+    return 0
+  fi
+  local dir
+  dir="${SHOPVERSE_CACHE:-$HOME/.cache/shopverse}/kafka"
+  mkdir -p "$dir"
+  if ! port_open 127.0.0.1 9092; then
+    echo "starting the tansu broker on 127.0.0.1:9092 (storage $dir/tansu.db, log $dir/broker.log)"
+    nohup "$SHOPVERSE_TANSU_BIN" broker \
+      --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
+      --storage-engine "sqlite://$dir/tansu.db" --silent >>"$dir/broker.log" 2>&1 </dev/null &
+    for _ in $(seq 1 60); do port_open 127.0.0.1 9092 && break; sleep 0.5; done
+  fi
+  if ! port_open 127.0.0.1 9092; then
+    echo "the Kafka broker did not start on 127.0.0.1:9092; its log:" >&2
+    tail -n 30 "$dir/broker.log" >&2 || true
+    return 1
+  fi
+  export SHOPVERSE_KAFKA_BROKERS=127.0.0.1:9092
+  echo "Kafka (tansu) ready on 127.0.0.1:9092"
+}

@@ -38,7 +38,7 @@ pub struct ManifestFile {
 /// The databases of this configuration: `(name, url)`.
 fn databases(cfg: &AppConfig) -> Vec<(String, String)> {
     let (s, d) = (&cfg.services, &cfg.data.dir);
-    vec![
+    let mut all = vec![
         ("users".into(), s.users.database_url(d)),
         ("products".into(), s.products.database_url(d)),
         ("orders".into(), s.orders.database_url(d)),
@@ -46,8 +46,13 @@ fn databases(cfg: &AppConfig) -> Vec<(String, String)> {
         ("payment-simulator".into(), s.payments.simulator_url(d)),
         ("notifications".into(), s.notifications.database_url(d)),
         ("delivery".into(), s.delivery.database_url(d)),
-        ("events".into(), cfg.events_url()),
-    ]
+    ];
+    // Kafka keeps its own log (back it up with the cluster's own tools); the outboxes hold
+    // whatever was not yet published.
+    if cfg.events.backend == "embedded" {
+        all.push(("events".into(), cfg.events_url()));
+    }
+    all
 }
 
 fn sqlite_path(url: &str) -> Option<PathBuf> {

@@ -10,8 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::task::JoinSet;
 
-use shopverse_events::Platform;
 use shopverse_events::embedded::EmbeddedLog;
+use shopverse_events::envelope::{ALL_TOPICS, dlq_topic};
+use shopverse_events::kafka::KafkaBus;
+use shopverse_events::{EventBus, Platform};
 use shopverse_kit::{Clock, SystemClock};
 
 use crate::config::AppConfig;
@@ -127,26 +129,129 @@ async fn open_log(cfg: &AppConfig) -> anyhow::Result<EmbeddedLog> {
         .with_context(|| format!("opening the event log {url}"))
 }
 
-/// The event log for commands that only read it: it must already exist.
-async fn existing_log(cfg: &AppConfig) -> anyhow::Result<EmbeddedLog> {
-    let url = cfg.events_url();
-    let path = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:");
-    if !Path::new(path).exists() {
-        bail!("no event log at {path}; is --data-dir (or --config) the one the system runs with?");
+/// The event bus the configuration names: the embedded log, or Kafka.
+async fn open_bus(
+    cfg: &AppConfig,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Arc<dyn EventBus>> {
+    match cfg.events.backend.as_str() {
+        "kafka" => Ok(Arc::new(KafkaBus::new(
+            cfg.events.kafka.clone(),
+            cfg.events.partitions,
+            registry,
+        )?)),
+        _ => Ok(Arc::new(open_log(cfg).await?)),
     }
-    open_log(cfg).await
+}
+
+/// The event bus for commands that only inspect it: an embedded log must already exist, a
+/// Kafka cluster must answer.
+async fn existing_bus(cfg: &AppConfig) -> anyhow::Result<Arc<dyn EventBus>> {
+    if cfg.events.backend == "embedded" {
+        let url = cfg.events_url();
+        let path = url
+            .trim_start_matches("sqlite://")
+            .trim_start_matches("sqlite:");
+        if !Path::new(path).exists() {
+            bail!(
+                "no event log at {path}; is --data-dir (or --config) the one the system runs with?"
+            );
+        }
+    }
+    let bus = open_bus(cfg, &prometheus::Registry::new()).await?;
+    bus.check()
+        .await
+        .with_context(|| format!("the event bus ({}) does not answer", bus.describe()))?;
+    Ok(bus)
 }
 
 async fn platform(cfg: &AppConfig, registry: prometheus::Registry) -> anyhow::Result<Platform> {
-    let log = open_log(cfg).await?;
+    let bus = open_bus(cfg, &registry).await?;
     Ok(Platform {
-        bus: Arc::new(log),
+        bus,
         registry,
         clock: Arc::new(SystemClock),
         grace: Duration::from_secs(cfg.shutdown.grace_secs),
     })
+}
+
+/// Creates the topics (and their dead-letter topics) if missing. A bus that does not answer yet
+/// is not fatal: publishing and subscribing create what they need once it does.
+async fn provision_topics(bus: &dyn EventBus) {
+    let dlqs: Vec<String> = ALL_TOPICS.iter().map(|t| dlq_topic(t)).collect();
+    let mut all: Vec<&str> = ALL_TOPICS.to_vec();
+    all.extend(dlqs.iter().map(String::as_str));
+    if let Err(e) = bus.ensure_topics(&all).await {
+        tracing::warn!(bus = %bus.describe(), error = %e, "topics not provisioned yet; the bus does not answer (writes go on into the outboxes)");
+    }
+}
+
+/// Watches the bus: `shopverse_events_bus_up` and readiness follow whether it answers; every
+/// half minute, how many dead-lettered events wait per topic.
+fn watch_bus(
+    bus: Arc<dyn EventBus>,
+    registry: &prometheus::Registry,
+    up: Arc<AtomicBool>,
+    stop: shopverse_kit::CancellationToken,
+) {
+    let gauge = shopverse_kit::metrics::int_gauge(
+        registry,
+        "events_bus_up",
+        "Whether the event bus answered the last check (1) or not (0)",
+        &[],
+    );
+    #[allow(clippy::expect_used)]
+    let waiting = shopverse_kit::metrics::register(
+        registry,
+        prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "events_dlq_waiting",
+                "Dead-lettered events not yet replayed, by original topic",
+            ),
+            &["topic"],
+        )
+        .expect("valid metric name"),
+    );
+    tokio::spawn(async move {
+        let mut last_dlq = tokio::time::Instant::now() - Duration::from_secs(60);
+        loop {
+            let ok = bus.check().await;
+            if let Err(e) = &ok
+                && up.load(Ordering::Relaxed)
+            {
+                tracing::warn!(bus = %bus.describe(), error = %e, "the event bus does not answer; not ready (writes go on into the outboxes)");
+            }
+            up.store(ok.is_ok(), Ordering::Relaxed);
+            gauge.set(i64::from(ok.is_ok()));
+            if ok.is_ok() && last_dlq.elapsed() >= Duration::from_secs(30) {
+                last_dlq = tokio::time::Instant::now();
+                for t in ALL_TOPICS {
+                    if let Ok(n) = dlq_waiting(bus.as_ref(), t).await {
+                        waiting.with_label_values(&[t]).set(n);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    });
+}
+
+async fn dlq_waiting(bus: &dyn EventBus, topic: &str) -> Result<i64, shopverse_events::BusError> {
+    let dlq = dlq_topic(topic);
+    let mut n = 0;
+    for p in 0..bus.partitions(&dlq).await? {
+        let end = bus.end_offset(&dlq, p).await?;
+        if end > 0 {
+            n += end
+                - bus
+                    .committed(shopverse_events::dlq::REPLAYER_GROUP, &dlq, p)
+                    .await?;
+        }
+    }
+    Ok(n)
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -220,7 +325,15 @@ async fn run_services(
     let registry = shopverse_kit::metrics::new_registry();
     let registry_for_gateway = registry.clone();
     let platform = platform(&cfg, registry.clone()).await?;
+    provision_topics(platform.bus.as_ref()).await;
     let ready = Arc::new(AtomicBool::new(false));
+    let bus_up = Arc::new(AtomicBool::new(true));
+    watch_bus(
+        platform.bus.clone(),
+        &registry,
+        bus_up.clone(),
+        shutdown.clone(),
+    );
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     let mut started = Started {
         rows: Vec::new(),
@@ -259,7 +372,9 @@ async fn run_services(
     let admin = bind(admin_addr, "admin").await?;
     let admin_bound = admin.local_addr()?;
     let r = ready.clone();
-    let check: shopverse_kit::metrics::ReadyCheck = Arc::new(move || r.load(Ordering::Relaxed));
+    let b = bus_up.clone();
+    let check: shopverse_kit::metrics::ReadyCheck =
+        Arc::new(move || r.load(Ordering::Relaxed) && b.load(Ordering::Relaxed));
     let stop = shutdown.clone();
     let documents = if gateway_addr.is_some() {
         admin_documents()?
@@ -282,9 +397,13 @@ async fn run_services(
         "HTTP  /metrics /healthz /readyz".into(),
     ));
     started.ready_line.push(format!("admin={admin_bound}"));
+    let events_detail = match cfg.events.backend.as_str() {
+        "kafka" => platform.bus.describe(),
+        _ => cfg.events_url(),
+    };
     started
         .rows
-        .push(("events".into(), "embedded".into(), cfg.events_url()));
+        .push(("events".into(), cfg.events.backend.clone(), events_detail));
 
     wait_serving(&targets, &mut tasks).await?;
     if demo_orders {
@@ -369,6 +488,7 @@ async fn run_services(
     if let Some(g) = gateway {
         g.join().await;
     }
+    platform.bus.flush().await;
     match failure {
         Some(e) => Err(e),
         None => {
@@ -778,8 +898,8 @@ pub fn check_config(files: &[PathBuf]) -> std::process::ExitCode {
 }
 
 pub async fn dlq_list(cfg: AppConfig, topic: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let log = existing_log(&cfg).await?;
-    let parked = shopverse_events::dlq::list(&log, topic).await?;
+    let bus = existing_bus(&cfg).await?;
+    let parked = shopverse_events::dlq::list(bus.as_ref(), topic).await?;
     let mut out = std::io::stdout().lock();
     if json {
         for d in &parked {
@@ -819,8 +939,8 @@ pub async fn dlq_replay(
     topic: Option<&str>,
     event: Option<&str>,
 ) -> anyhow::Result<()> {
-    let log = existing_log(&cfg).await?;
-    let replayed = shopverse_events::dlq::replay(&log, topic, event).await?;
+    let bus = existing_bus(&cfg).await?;
+    let replayed = shopverse_events::dlq::replay(bus.as_ref(), topic, event).await?;
     if let (Some(id), true) = (event, replayed.is_empty()) {
         bail!("no dead-lettered event with id {id}");
     }

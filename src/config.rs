@@ -49,12 +49,14 @@ impl Default for DataConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
-    /// `embedded` (the appliance's log in one SQLite file). Kafka is not in this build yet.
+    /// `embedded` (the appliance's log in one SQLite file) or `kafka` (`[events.kafka]`).
     pub backend: String,
     /// The embedded log's file; empty: `<data.dir>/events.db`.
     pub path: String,
     /// Partitions of each new topic.
     pub partitions: i32,
+    /// The Kafka cluster, with `backend = "kafka"`.
+    pub kafka: shopverse_events::kafka::KafkaConfig,
 }
 
 impl Default for EventsConfig {
@@ -63,6 +65,7 @@ impl Default for EventsConfig {
             backend: "embedded".into(),
             path: String::new(),
             partitions: 4,
+            kafka: Default::default(),
         }
     }
 }
@@ -114,16 +117,15 @@ impl Validate for AppConfig {
         }
         match self.events.backend.as_str() {
             "embedded" => {}
-            "kafka" => {
-                return Err(Invalid::new(
-                    "events.backend",
-                    "`kafka` is not available in this build yet; use `embedded`",
-                ));
-            }
+            "kafka" => self
+                .events
+                .kafka
+                .check("events.kafka")
+                .map_err(|(key, why)| Invalid::new(key, why))?,
             other => {
                 return Err(Invalid::new(
                     "events.backend",
-                    format!("unknown backend `{other}`; use `embedded`"),
+                    format!("unknown backend `{other}`; use `embedded` or `kafka`"),
                 ));
             }
         }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
+pub mod saga;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_shopverse");
 
 /// A running `shopverse up`; killed if the test fails before stopping it.
@@ -29,17 +31,23 @@ impl Appliance {
     }
 
     pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Appliance {
+        let mut args: Vec<std::ffi::OsString> = vec!["up".into(), "--data-dir".into()];
+        args.push(data_dir.into());
+        args.extend(["--any-ports-on", "127.0.0.1"].map(Into::into));
+        args.extend(extra.iter().map(Into::into));
+        Self::spawn(&args, env)
+    }
+
+    /// Runs `shopverse ARGS` and waits for its `ready:` line.
+    pub fn spawn<A: AsRef<std::ffi::OsStr>>(args: &[A], env: &[(&str, &str)]) -> Appliance {
         let mut child = Command::new(BIN)
-            .args(["up", "--data-dir"])
-            .arg(data_dir)
-            .args(["--any-ports-on", "127.0.0.1"])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start shopverse up");
+            .expect("start shopverse");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -81,6 +89,10 @@ impl Appliance {
                 return app;
             }
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
     /// SIGKILL: no chance to clean up.

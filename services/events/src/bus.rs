@@ -88,6 +88,23 @@ pub trait EventBus: Send + Sync + 'static {
         partition: i32,
         next_offset: i64,
     ) -> Result<(), BusError>;
+
+    /// The offset the next record appended to a partition will get (0 for an empty or missing
+    /// partition): with [`EventBus::committed`], how far a group is behind.
+    async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, BusError>;
+
+    /// Whether the bus answers now (readiness).
+    async fn check(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    /// What this bus is, for start-up output (`embedded sqlite://…`, `kafka host:port`).
+    fn describe(&self) -> String {
+        "event bus".into()
+    }
+
+    /// Waits (briefly) for records still on their way to the bus; called at shutdown.
+    async fn flush(&self) {}
 }
 
 /// One member of a consumer group.
@@ -98,6 +115,11 @@ pub trait Subscription: Send {
 
     /// Marks `record` and everything before it in its partition as done for this group.
     async fn commit(&mut self, record: &Record) -> Result<(), BusError>;
+
+    /// Records waiting in this member's partitions after what it has read, when known.
+    async fn lag(&mut self) -> Option<i64> {
+        None
+    }
 }
 
 /// The partition for `key`: FNV-1a, stable across processes and versions.

@@ -13,16 +13,34 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prometheus::{IntCounter, Registry};
+use prometheus::{IntCounter, IntGauge, Registry};
 use tokio_util::sync::CancellationToken;
 
 use shopverse_kit::clock::{Clock, SystemClock};
 use shopverse_kit::db::Db;
 use shopverse_kit::error::BoxError;
-use shopverse_kit::metrics::int_counter;
+use shopverse_kit::metrics::{int_counter, int_gauge};
 
 use crate::bus::{BusError, EventBus, OutRecord, Record};
-use crate::envelope::{Envelope, decode_envelope, dlq_topic};
+use crate::envelope::{DecodeError, Envelope, decode_envelope, dlq_topic, event_type};
+
+/// Whether `env` is of a type and schema version this build understands.
+fn check_known(env: &Envelope) -> Result<(), DecodeError> {
+    let Some(known) = event_type(&env.r#type) else {
+        return Err(DecodeError::UnknownType {
+            event_id: env.id.clone(),
+            event_type: env.r#type.clone(),
+        });
+    };
+    if env.schema_version > known.schema_version {
+        return Err(DecodeError::UnknownVersion {
+            event_id: env.id.clone(),
+            event_type: env.r#type.clone(),
+            version: env.schema_version,
+        });
+    }
+    Ok(())
+}
 
 /// Why a handler did not apply an event.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +86,9 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<(), HandlerError>;
 }
 
+/// How often the consumer measures its lag.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
@@ -101,6 +122,7 @@ struct ConsumerMetrics {
     duplicates: IntCounter,
     retries: IntCounter,
     dead_lettered: IntCounter,
+    lag: IntGauge,
 }
 
 pub struct Consumer<H: Handler> {
@@ -153,6 +175,12 @@ impl<H: Handler> Consumer<H> {
                 "Events parked on a dead-letter topic",
                 &l,
             ),
+            lag: int_gauge(
+                registry,
+                "events_consumer_lag",
+                "Records waiting in this consumer's partitions",
+                &l,
+            ),
         };
         Self {
             handler,
@@ -181,12 +209,34 @@ impl<H: Handler> Consumer<H> {
             consumer: name.clone(),
             source,
         };
-        let mut sub = self
-            .bus
-            .subscribe(self.handler.name(), &self.handler.topics())
-            .await
-            .map_err(bus_err)?;
+        // A bus that is not there yet (a broker still starting) is waited for, not fatal.
+        let mut backoff = Duration::from_millis(200);
+        let mut sub = loop {
+            match self
+                .bus
+                .subscribe(self.handler.name(), &self.handler.topics())
+                .await
+            {
+                Ok(sub) => break sub,
+                Err(e @ BusError::GroupBusy(_)) => return Err(bus_err(e)),
+                Err(e) => {
+                    tracing::warn!(consumer = %name, error = %e, "subscribing failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let mut lag_measured = tokio::time::Instant::now() - LAG_EVERY;
         loop {
+            if lag_measured.elapsed() >= LAG_EVERY {
+                lag_measured = tokio::time::Instant::now();
+                if let Some(lag) = sub.lag().await {
+                    self.metrics.lag.set(lag);
+                }
+            }
             let records = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = sub.poll(64, Duration::from_secs(1)) => r,
@@ -226,6 +276,11 @@ impl<H: Handler> Consumer<H> {
             Ok(env) => env,
             Err(e) => return self.dead_letter(record, &e.to_string(), 1, shutdown).await,
         };
+        // An event of a type or schema version this build does not know is poison for every
+        // consumer: park it with the reason instead of guessing.
+        if let Err(e) = check_known(&env) {
+            return self.dead_letter(record, &e.to_string(), 1, shutdown).await;
+        }
         if !self.handler.wants(&env.r#type) {
             return Outcome::Skipped;
         }

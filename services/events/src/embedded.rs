@@ -256,6 +256,20 @@ impl EventBus for EmbeddedLog {
         .await?;
         Ok(())
     }
+
+    async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, BusError> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT COALESCE(MAX(offs) + 1, 0) FROM records WHERE topic = $1 AND part = $2",
+        )
+        .bind(topic)
+        .bind(i64::from(partition))
+        .fetch_one(self.inner.db.pool())
+        .await?)
+    }
+
+    fn describe(&self) -> String {
+        "embedded".into()
+    }
 }
 
 struct EmbeddedSubscription {
@@ -315,6 +329,14 @@ impl Subscription for EmbeddedSubscription {
                 _ = tokio::time::sleep(nap) => {}
             }
         }
+    }
+
+    async fn lag(&mut self) -> Option<i64> {
+        let mut lag = 0;
+        for ((topic, p), pos) in &self.positions {
+            lag += (self.log.end_offset(topic, *p).await.ok()? - pos).max(0);
+        }
+        Some(lag)
     }
 
     async fn commit(&mut self, record: &Record) -> Result<(), BusError> {

@@ -6,7 +6,8 @@
 //! - [`bus`]: the [`EventBus`] trait, shaped like Kafka: topics split into partitions, records
 //!   keyed by aggregate id so one aggregate's events stay in order, consumer groups that commit
 //!   offsets. [`embedded::EmbeddedLog`] is the first backend: a durable log in one SQLite file
-//!   (`events.db`), for the appliance. Kafka comes later behind the same trait.
+//!   (`events.db`), for the appliance; [`kafka::KafkaBus`] is the second, for the distributed
+//!   deployment.
 //! - [`outbox`]: a service writes its state change and its events in one transaction
 //!   ([`outbox::enqueue`]); the [`outbox::Relay`] publishes pending rows and then marks them sent.
 //!   A crash between the two republishes: delivery is at least once.
@@ -23,6 +24,7 @@ pub mod consumer;
 pub mod dlq;
 pub mod embedded;
 pub mod envelope;
+pub mod kafka;
 pub mod outbox;
 
 pub use bus::{BusError, EventBus, OutRecord, Record, Subscription};

@@ -12,6 +12,7 @@ use shopverse_events::bus::{BusError, EventBus, OutRecord, Record, Subscription}
 use shopverse_events::consumer::{Consumer, Handler, HandlerError, Outcome, RetryPolicy};
 use shopverse_events::embedded::EmbeddedLog;
 use shopverse_events::envelope::{Envelope, USER_REGISTERED, new_envelope};
+use shopverse_events::kafka::{KafkaBus, KafkaConfig};
 use shopverse_events::outbox::{Relay, enqueue};
 use shopverse_events::{MIGRATIONS, dlq};
 use shopverse_kit::CancellationToken;
@@ -27,7 +28,7 @@ const APP_MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[(
 
 /// Publishes the first `publish_first` records of a batch, then fails: a relay that dies mid-batch.
 struct DiesMidBatch {
-    inner: EmbeddedLog,
+    inner: Arc<dyn EventBus>,
     publish_first: usize,
 }
 
@@ -58,6 +59,9 @@ impl EventBus for DiesMidBatch {
     }
     async fn commit_offset(&self, g: &str, t: &str, p: i32, o: i64) -> Result<(), BusError> {
         self.inner.commit_offset(g, t, p, o).await
+    }
+    async fn end_offset(&self, t: &str, p: i32) -> Result<i64, BusError> {
+        self.inner.end_offset(t, p).await
     }
 }
 
@@ -143,26 +147,52 @@ async fn write_things(db: &Db, n: usize) -> Vec<String> {
     ids
 }
 
-async fn log_len(log: &EmbeddedLog, topic: &str) -> i64 {
+/// Records in `topic`, counted by reading them all.
+async fn log_len(log: &dyn EventBus, topic: &str) -> i64 {
     let mut n = 0;
     for p in 0..log.partitions(topic).await.expect("partitions") {
-        n += log.fetch(topic, p, 0, 10_000).await.expect("fetch").len() as i64;
+        let mut from = 0;
+        loop {
+            let got = log.fetch(topic, p, from, 500).await.expect("fetch");
+            let Some(last) = got.last() else { break };
+            from = last.offset + 1;
+            n += got.len() as i64;
+        }
     }
     n
 }
 
-async fn relay_crash_then_exactly_once(db_url: &str) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.path().display()), 3)
-        .await
-        .expect("log");
+async fn embedded(dir: &std::path::Path, partitions: i32) -> Arc<dyn EventBus> {
+    Arc::new(
+        EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.display()), partitions)
+            .await
+            .expect("log"),
+    )
+}
+
+/// A Kafka bus on the broker the test run provides, in a namespace of its own.
+fn kafka(partitions: i32) -> Arc<dyn EventBus> {
+    let brokers = std::env::var("SHOPVERSE_KAFKA_BROKERS").expect(
+        "SHOPVERSE_KAFKA_BROKERS must name the Kafka broker for these tests (scripts/test starts one)",
+    );
+    let cfg = KafkaConfig {
+        brokers,
+        namespace: format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        session_timeout_ms: 6_000,
+        ..Default::default()
+    };
+    Arc::new(KafkaBus::new(cfg, partitions, &prometheus::Registry::new()).expect("kafka bus"))
+}
+
+async fn relay_crash_then_exactly_once(bus: Arc<dyn EventBus>, db_url: &str) {
+    let log = bus.as_ref();
     let db = service_db(db_url).await;
     let registry = prometheus::Registry::new();
     write_things(&db, 50).await;
 
     // The relay dies after 30 of a 50-row batch reached the log, before marking any row sent.
     let dying: Arc<dyn EventBus> = Arc::new(DiesMidBatch {
-        inner: log.clone(),
+        inner: bus.clone(),
         publish_first: 30,
     });
     let relay = Relay::new(db.clone(), dying, "test", &registry).with_batch_size(50);
@@ -172,10 +202,9 @@ async fn relay_crash_then_exactly_once(db_url: &str) {
         50,
         "nothing marked sent"
     );
-    assert_eq!(log_len(&log, USER_REGISTERED.topic).await, 30);
+    assert_eq!(log_len(log, USER_REGISTERED.topic).await, 30);
 
     // Restarted, it publishes every row (the first 30 a second time).
-    let bus: Arc<dyn EventBus> = Arc::new(log.clone());
     let relay = Relay::new(db.clone(), bus.clone(), "test", &registry).with_batch_size(20);
     let mut total = 0;
     loop {
@@ -187,7 +216,7 @@ async fn relay_crash_then_exactly_once(db_url: &str) {
     }
     assert_eq!(total, 50);
     assert_eq!(relay.backlog().await.expect("backlog"), 0);
-    assert_eq!(log_len(&log, USER_REGISTERED.topic).await, 80);
+    assert_eq!(log_len(log, USER_REGISTERED.topic).await, 80);
 
     // The consumer sees 80 records and applies 50 effects, one per event.
     let handler = Arc::new(Recorder {
@@ -199,7 +228,7 @@ async fn relay_crash_then_exactly_once(db_url: &str) {
     let consumer = Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry);
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
-    wait_until_caught_up(&log, "recorder", USER_REGISTERED.topic).await;
+    wait_until_caught_up(log, "recorder", USER_REGISTERED.topic).await;
     stop.cancel();
     task.await.expect("join").expect("consumer");
 
@@ -217,12 +246,12 @@ async fn relay_crash_then_exactly_once(db_url: &str) {
     db.close().await;
 }
 
-async fn wait_until_caught_up(log: &EmbeddedLog, group: &str, topic: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+async fn wait_until_caught_up(log: &dyn EventBus, group: &str, topic: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let mut behind = 0;
         for p in 0..log.partitions(topic).await.expect("partitions") {
-            let end = log.fetch(topic, p, 0, 100_000).await.expect("fetch").len() as i64;
+            let end = log.end_offset(topic, p).await.expect("end offset");
             behind += end - log.committed(group, topic, p).await.expect("committed");
         }
         if behind == 0 {
@@ -239,39 +268,84 @@ async fn wait_until_caught_up(log: &EmbeddedLog, group: &str, topic: &str) {
 #[tokio::test]
 async fn relay_stopped_mid_batch_then_each_event_applied_once_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");
-    relay_crash_then_exactly_once(&format!("sqlite://{}/svc.db", dir.path().display())).await;
+    relay_crash_then_exactly_once(
+        embedded(dir.path(), 3).await,
+        &format!("sqlite://{}/svc.db", dir.path().display()),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn relay_stopped_mid_batch_then_each_event_applied_once_postgres() {
+    let dir = tempfile::tempdir().expect("tempdir");
     let pg = PgTestDb::create()
         .await
         .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
-    relay_crash_then_exactly_once(&pg.url).await;
+    relay_crash_then_exactly_once(embedded(dir.path(), 3).await, &pg.url).await;
     pg.drop_db().await.expect("drop test database");
 }
 
 #[tokio::test]
-async fn failures_retry_then_dead_letter_and_replay() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.path().display()), 2)
+async fn relay_stopped_mid_batch_then_each_event_applied_once_kafka_postgres() {
+    let pg = PgTestDb::create()
         .await
-        .expect("log");
-    let db = service_db(&format!("sqlite://{}/svc.db", dir.path().display())).await;
+        .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
+    relay_crash_then_exactly_once(kafka(3), &pg.url).await;
+    pg.drop_db().await.expect("drop test database");
+}
+
+#[tokio::test]
+async fn failures_retry_then_dead_letter_and_replay_embedded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dead_letters_and_replay(embedded(dir.path(), 2).await, dir.path()).await;
+}
+
+#[tokio::test]
+async fn failures_retry_then_dead_letter_and_replay_kafka() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dead_letters_and_replay(kafka(2), dir.path()).await;
+}
+
+/// An envelope of a type, or a schema version, this build does not know.
+fn unknown_event(kind: &str, version: u32) -> OutRecord {
+    let mut env = new_envelope(
+        &USER_REGISTERED,
+        "users",
+        "user-x",
+        1_700_000_000_000,
+        None,
+        &UserRegistered::default(),
+    );
+    env.r#type = kind.into();
+    env.schema_version = version;
+    OutRecord {
+        topic: USER_REGISTERED.topic.into(),
+        key: format!("{kind}-{version}"),
+        headers: vec![],
+        payload: prost::Message::encode_to_vec(&env),
+    }
+}
+
+async fn dead_letters_and_replay(bus: Arc<dyn EventBus>, dir: &std::path::Path) {
+    let log = bus.as_ref();
+    let db = service_db(&format!("sqlite://{}/svc.db", dir.display())).await;
     let registry = prometheus::Registry::new();
-    let bus: Arc<dyn EventBus> = Arc::new(log.clone());
     write_things(&db, 3).await;
     Relay::new(db.clone(), bus.clone(), "t", &registry)
         .publish_batch()
         .await
         .expect("publish");
-    // And one record nobody can decode.
-    log.publish(&[OutRecord {
-        topic: USER_REGISTERED.topic.into(),
-        key: "junk".into(),
-        headers: vec![],
-        payload: vec![0xff, 0xff, 0xff],
-    }])
+    // And one record nobody can decode, one of an unknown type, one of a future schema.
+    log.publish(&[
+        OutRecord {
+            topic: USER_REGISTERED.topic.into(),
+            key: "junk".into(),
+            headers: vec![],
+            payload: vec![0xff, 0xff, 0xff],
+        },
+        unknown_event("user.teleported", 1),
+        unknown_event(USER_REGISTERED.name, 99),
+    ])
     .await
     .expect("publish junk");
 
@@ -291,14 +365,27 @@ async fn failures_retry_then_dead_letter_and_replay() {
         .with_retry(retry.clone());
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
-    wait_until_caught_up(&log, "flaky", USER_REGISTERED.topic).await;
+    wait_until_caught_up(log, "flaky", USER_REGISTERED.topic).await;
     stop.cancel();
     task.await.expect("join").expect("consumer");
-    // user-0 and user-2: 3 attempts each; user-1: once (permanent); junk: never reaches the handler.
+    // user-0 and user-2: 3 attempts each; user-1: once (permanent); the junk and the unknown
+    // never reach the handler.
     assert_eq!(handler.calls.load(Ordering::SeqCst), 7);
 
-    let parked = dlq::list(&log, None).await.expect("list");
-    assert_eq!(parked.len(), 4, "{parked:?}");
+    let parked = dlq::list(log, None).await.expect("list");
+    assert_eq!(parked.len(), 6, "{parked:?}");
+    assert!(
+        parked
+            .iter()
+            .any(|d| d.event_type == "user.teleported" && d.reason.contains("not one we know")),
+        "{parked:?}"
+    );
+    assert!(
+        parked
+            .iter()
+            .any(|d| d.reason.contains("schema version 99")),
+        "{parked:?}"
+    );
     assert!(
         parked
             .iter()
@@ -324,19 +411,19 @@ async fn failures_retry_then_dead_letter_and_replay() {
 
     // Fixed downstream; replay everything parked: the two retryable ones now apply.
     broken.store(false, Ordering::SeqCst);
-    let replayed = dlq::replay(&log, Some("shopverse.users"), None)
+    let replayed = dlq::replay(log, Some("shopverse.users"), None)
         .await
         .expect("replay");
-    assert_eq!(replayed.len(), 4);
+    assert_eq!(replayed.len(), 6);
     assert!(
-        dlq::list(&log, None)
+        dlq::list(log, None)
             .await
             .expect("list")
             .iter()
             .all(|d| d.replayed)
     );
     assert!(
-        dlq::replay(&log, None, None)
+        dlq::replay(log, None, None)
             .await
             .expect("replay again")
             .is_empty(),
@@ -347,7 +434,7 @@ async fn failures_retry_then_dead_letter_and_replay() {
         Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry).with_retry(retry);
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
-    wait_until_caught_up(&log, "flaky", USER_REGISTERED.topic).await;
+    wait_until_caught_up(log, "flaky", USER_REGISTERED.topic).await;
     stop.cancel();
     task.await.expect("join").expect("consumer");
     let subjects: Vec<String> = sqlx::query_scalar("SELECT subject FROM effects ORDER BY subject")
@@ -355,8 +442,8 @@ async fn failures_retry_then_dead_letter_and_replay() {
         .await
         .expect("effects");
     assert_eq!(subjects, vec!["user-0".to_owned(), "user-2".to_owned()]);
-    // The poison and the junk are parked again, each once more.
-    assert_eq!(dlq::list(&log, None).await.expect("list").len(), 6);
+    // The poison, the junk and the two unknown ones are parked again, each once more.
+    assert_eq!(dlq::list(log, None).await.expect("list").len(), 10);
 }
 
 #[tokio::test]

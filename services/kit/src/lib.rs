@@ -17,6 +17,7 @@
 //! - [`error`]: the domain error every service returns, mapped to `tonic::Status` in one place.
 //! - [`paging`]: cursor pagination by id (page size checks, opaque tokens).
 //! - [`clock`]: time as a dependency, so tests can drive token expiry and lockouts.
+//! - [`upstream`]: a channel to another service's replicas, balanced over the healthy ones.
 //! - [`validate`]: input rules several services share (text, postal addresses).
 //! - [`testing`]: helpers for tests (a fresh PostgreSQL database per run).
 
@@ -34,6 +35,7 @@ pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
 pub mod testing;
+pub mod upstream;
 pub mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -13,7 +13,8 @@ pub struct OrdersConfig {
     pub listen: SocketAddr,
     /// `sqlite://…` or `postgres://…`; empty: `<data_dir>/orders.db`.
     pub database: String,
-    /// Where the products service answers (prices, stock reservations).
+    /// Where the products service answers (prices, stock reservations): one URL, or a comma
+    /// separated list of replicas, balanced over those that pass their gRPC health check.
     pub products_url: String,
     /// An order unpaid this long after checkout is cancelled and its stock released.
     pub payment_deadline_secs: i64,
@@ -45,13 +46,8 @@ impl Default for OrdersConfig {
 impl OrdersConfig {
     pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
         let key = |k: &str| format!("{prefix}.{k}");
-        if !(self.products_url.starts_with("http://") || self.products_url.starts_with("https://"))
-        {
-            return Err(Invalid::new(
-                key("products_url"),
-                "must be an http:// or https:// URL",
-            ));
-        }
+        shopverse_kit::upstream::parse_list(&self.products_url)
+            .map_err(|e| Invalid::new(key("products_url"), e.to_string()))?;
         if !(1..=7 * 86_400).contains(&self.payment_deadline_secs) {
             return Err(Invalid::new(
                 key("payment_deadline_secs"),

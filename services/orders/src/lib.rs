@@ -54,7 +54,7 @@ pub enum RunError {
     Endpoint {
         url: String,
         #[source]
-        source: tonic::transport::Error,
+        source: shopverse_kit::upstream::UpstreamError,
     },
     #[error("orders gRPC server: {0}")]
     Serve(#[from] shopverse_kit::server::ServeError),
@@ -73,14 +73,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let db = open_db(&config, data_dir).await?;
-    let products = tonic::transport::Endpoint::from_shared(config.products_url.clone())
-        .map_err(|source| RunError::Endpoint {
-            url: config.products_url.clone(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy();
+    let products = shopverse_kit::upstream::balanced(
+        &config.products_url,
+        shopverse_proto::products::v1::products_service_server::SERVICE_NAME,
+        Duration::from_secs(10),
+        shutdown.clone(),
+    )
+    .map_err(|source| RunError::Endpoint {
+        url: config.products_url.clone(),
+        source,
+    })?;
     let relay = Relay::new(
         db.clone(),
         platform.bus.clone(),
