@@ -137,9 +137,10 @@ ensure_kafka() {
   mkdir -p "$dir"
   if ! port_open 127.0.0.1 9092; then
     echo "starting the tansu broker on 127.0.0.1:9092 (storage $dir/tansu.db, log $dir/broker.log)"
-    nohup "$SHOPVERSE_TANSU_BIN" broker \
+    # tansu opens a sqlite:// storage path relative to its working directory.
+    (cd "$dir" && nohup "$SHOPVERSE_TANSU_BIN" broker \
       --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
-      --storage-engine "sqlite://$dir/tansu.db" --silent >>"$dir/broker.log" 2>&1 </dev/null &
+      --storage-engine "sqlite:///tansu.db" --silent >>"$dir/broker.log" 2>&1 </dev/null &)
     for _ in $(seq 1 60); do port_open 127.0.0.1 9092 && break; sleep 0.5; done
   fi
   if ! port_open 127.0.0.1 9092; then

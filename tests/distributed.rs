@@ -83,8 +83,9 @@ impl OwnBroker {
                 "--advertised-listener-url",
                 &url,
             ])
-            .arg("--storage-engine")
-            .arg(format!("sqlite://{}/tansu.db", self.dir.display()))
+            // tansu opens a sqlite:// path relative to its working directory.
+            .args(["--storage-engine", "sqlite:///tansu.db"])
+            .current_dir(&self.dir)
             .arg("--silent")
             .stdout(Stdio::null())
             .stderr(log)

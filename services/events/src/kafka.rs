@@ -351,9 +351,13 @@ impl KafkaBus {
         let mut c = self.inner.cfg.client();
         c.set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false");
-        if let Some(g) = group {
-            c.set("group.id", self.full(g));
-        }
+        // librdkafka wants a group even for assign-only reading; a reader's is its own and
+        // never commits.
+        let g = match group {
+            Some(g) => self.full(g),
+            None => self.full(&format!("shopverse-reader-{}", uuid::Uuid::new_v4().simple())),
+        };
+        c.set("group.id", g);
         c.create_with_context(Logging).map_err(unavailable)
     }
 
@@ -785,7 +789,7 @@ impl Subscription for KafkaSubscription {
             .iter()
             .cloned()
             .collect();
-        let timeout = self.bus.timeout().min(Duration::from_secs(2));
+        let timeout = Duration::from_millis(500);
         tokio::task::spawn_blocking(move || {
             let positions = consumer.position().ok()?;
             let mut lag = 0;
