@@ -337,7 +337,7 @@ pub async fn reconcile(dbs: &Dbs, initial: &HashMap<String, i64>) -> usize {
         let available: i64 = r.try_get("available").expect("available");
         let reserved: i64 = r.try_get("reserved").expect("reserved");
         let committed: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_lines l JOIN reservations r ON r.order_id = l.order_id \
+            "SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_lines l JOIN reservations r ON r.order_id = l.order_id \
              WHERE l.product_id = $1 AND r.state = 'COMMITTED'",
         )
         .bind(p)
@@ -345,7 +345,7 @@ pub async fn reconcile(dbs: &Dbs, initial: &HashMap<String, i64>) -> usize {
         .await
         .expect("committed");
         let sold: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(l.quantity), 0) FROM order_lines l JOIN orders o ON o.id = l.order_id \
+            "SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM order_lines l JOIN orders o ON o.id = l.order_id \
              WHERE l.product_id = $1 AND o.status = 'CONFIRMED'",
         )
         .bind(p)

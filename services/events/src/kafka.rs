@@ -195,6 +195,9 @@ impl ConsumerContext for Logging {}
 struct Member {
     group: String,
     assigned: Arc<Mutex<HashSet<(String, i32)>>>,
+    /// Records waiting after this member's positions, from librdkafka's statistics (which it
+    /// computes from the fetcher's high watermarks, with no extra requests); -1: not known yet.
+    lag: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl ClientContext for Member {
@@ -203,6 +206,18 @@ impl ClientContext for Member {
     }
     fn error(&self, error: KafkaError, reason: &str) {
         Logging.error(error, reason)
+    }
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lag = 0;
+        for (topic, t) in &statistics.topics {
+            for (p, part) in &t.partitions {
+                if assigned.contains(&(topic.clone(), *p)) && part.consumer_lag > 0 {
+                    lag += part.consumer_lag;
+                }
+            }
+        }
+        self.lag.store(lag, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -559,6 +574,7 @@ impl EventBus for KafkaBus {
         let member = Member {
             group: self.full(group),
             assigned: Arc::default(),
+            lag: Arc::new(std::sync::atomic::AtomicI64::new(-1)),
         };
         let consumer: StreamConsumer<Member> = cfg
             .client()
@@ -568,6 +584,7 @@ impl EventBus for KafkaBus {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", "5000")
             .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
             .set(
                 "heartbeat.interval.ms",
@@ -780,37 +797,7 @@ impl Subscription for KafkaSubscription {
     }
 
     async fn lag(&mut self) -> Option<i64> {
-        let consumer = self.consumer.clone();
-        let assigned: Vec<(String, i32)> = self
-            .member
-            .assigned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
-        let timeout = Duration::from_millis(500);
-        tokio::task::spawn_blocking(move || {
-            let positions = consumer.position().ok()?;
-            let mut lag = 0;
-            for (topic, p) in assigned {
-                let (_, high) = consumer.fetch_watermarks(&topic, p, timeout).ok()?;
-                let pos = positions
-                    .find_partition(&topic, p)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    });
-                // No position yet: nothing read, so everything up to the end is waiting (from
-                // the committed offset, which we do not know here; count from the end's view).
-                if let Some(pos) = pos {
-                    lag += (high - pos).max(0);
-                }
-            }
-            Some(lag)
-        })
-        .await
-        .ok()
-        .flatten()
+        let lag = self.member.lag.load(std::sync::atomic::Ordering::Relaxed);
+        (lag >= 0).then_some(lag)
     }
 }

@@ -82,7 +82,7 @@ pub fn balanced(
             .into_iter()
             .zip(endpoints)
             .map(|(u, e)| {
-                let probe = e.clone().timeout(Duration::from_secs(1)).connect_lazy();
+                let probe = e.clone().timeout(Duration::from_secs(2)).connect_lazy();
                 (u, e, probe, false)
             })
             .collect();
