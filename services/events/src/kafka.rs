@@ -370,7 +370,10 @@ impl KafkaBus {
         // never commits.
         let g = match group {
             Some(g) => self.full(g),
-            None => self.full(&format!("shopverse-reader-{}", uuid::Uuid::new_v4().simple())),
+            None => self.full(&format!(
+                "shopverse-reader-{}",
+                uuid::Uuid::new_v4().simple()
+            )),
         };
         c.set("group.id", g);
         c.create_with_context(Logging).map_err(unavailable)
