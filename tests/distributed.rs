@@ -294,13 +294,25 @@ async fn shipments_match(c: &Cluster, dbs: &Dbs) {
             .fetch_all(&dbs.orders)
             .await
             .unwrap();
+    // Delivery may still be catching up on its partitions: wait for it.
+    let t0 = Instant::now();
     for id in &confirmed {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM shipments WHERE order_id = $1")
-            .bind(id)
-            .fetch_one(&delivery)
-            .await
-            .unwrap();
-        assert_eq!(n, 1, "order {id}: one shipment");
+        loop {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM shipments WHERE order_id = $1")
+                .bind(id)
+                .fetch_one(&delivery)
+                .await
+                .unwrap();
+            assert!(n <= 1, "order {id}: {n} shipments");
+            if n == 1 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "order {id}: no shipment"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
     delivery.close().await;
 }
