@@ -29,6 +29,9 @@ mod common;
 use common::saga::{Dbs, Outcome, drive, jobs, placed, reconcile, run_job, settle, stock_of};
 use common::*;
 
+/// The two deployments of this file would share two cores: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn brokers() -> String {
     std::env::var("SHOPVERSE_KAFKA_BROKERS").expect(
         "SHOPVERSE_KAFKA_BROKERS must name the Kafka broker for these tests (scripts/test starts one)",
@@ -319,6 +322,7 @@ async fn shipments_match(c: &Cluster, dbs: &Dbs) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saga_across_processes_survives_killed_replicas() {
+    let _one_at_a_time = SERIAL.lock().await;
     let mut c = Cluster::new(&brokers()).await;
     let (ok, out, err) = c.cli(&["seed"]);
     assert!(ok, "seed: {out}{err}");
@@ -457,6 +461,7 @@ async fn saga_across_processes_survives_killed_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_for_20s_mid_checkouts_then_everything_completes() {
+    let _one_at_a_time = SERIAL.lock().await;
     let broker_dir = tempfile::tempdir().unwrap();
     let mut broker = OwnBroker::start(broker_dir.path());
     let mut c = Cluster::new(&broker.addr()).await;

@@ -213,6 +213,14 @@ pub async fn in_flight(dbs: &Dbs) -> i64 {
             "SELECT COUNT(*) FROM reservations WHERE state = 'HELD'",
         )
         .await
+        // Orders whose order.placed notice has not arrived yet.
+        + (scalar(&dbs.orders, "SELECT COUNT(*) FROM orders").await
+            - scalar(
+                &dbs.notifications,
+                "SELECT COUNT(*) FROM inbox_items WHERE event_type = 'order.placed'",
+            )
+            .await)
+            .max(0)
 }
 
 /// Waits until nothing is in flight.
