@@ -22,25 +22,7 @@ use shopverse_kit::error::BoxError;
 use shopverse_kit::metrics::{int_counter, int_gauge};
 
 use crate::bus::{BusError, EventBus, OutRecord, Record};
-use crate::envelope::{DecodeError, Envelope, decode_envelope, dlq_topic, event_type};
-
-/// Whether `env` is of a type and schema version this build understands.
-fn check_known(env: &Envelope) -> Result<(), DecodeError> {
-    let Some(known) = event_type(&env.r#type) else {
-        return Err(DecodeError::UnknownType {
-            event_id: env.id.clone(),
-            event_type: env.r#type.clone(),
-        });
-    };
-    if env.schema_version > known.schema_version {
-        return Err(DecodeError::UnknownVersion {
-            event_id: env.id.clone(),
-            event_type: env.r#type.clone(),
-            version: env.schema_version,
-        });
-    }
-    Ok(())
-}
+use crate::envelope::{Envelope, check_known, decode_envelope, dlq_topic};
 
 /// Why a handler did not apply an event.
 #[derive(Debug, thiserror::Error)]

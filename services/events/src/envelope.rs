@@ -124,8 +124,8 @@ pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     Envelope::decode(bytes).map_err(DecodeError::Envelope)
 }
 
-/// Decodes the payload of `env` as `M`, checking that its type and version are known.
-pub fn decode_payload<M: Message + Default>(env: &Envelope) -> Result<M, DecodeError> {
+/// The catalogue entry of `env`'s type, if this build knows the type and the schema version.
+pub fn check_known(env: &Envelope) -> Result<&'static EventType, DecodeError> {
     let known = event_type(&env.r#type).ok_or_else(|| DecodeError::UnknownType {
         event_id: env.id.clone(),
         event_type: env.r#type.clone(),
@@ -137,6 +137,12 @@ pub fn decode_payload<M: Message + Default>(env: &Envelope) -> Result<M, DecodeE
             version: env.schema_version,
         });
     }
+    Ok(known)
+}
+
+/// Decodes the payload of `env` as `M`, checking that its type and version are known.
+pub fn decode_payload<M: Message + Default>(env: &Envelope) -> Result<M, DecodeError> {
+    check_known(env)?;
     M::decode(env.payload.as_slice()).map_err(|source| DecodeError::Payload {
         event_id: env.id.clone(),
         payload_type: env.payload_type.clone(),
