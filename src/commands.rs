@@ -265,9 +265,6 @@ async fn wait_serving(
     targets: &[(SocketAddr, &'static str)],
     tasks: &mut JoinSet<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for (addr, name) in targets {
         loop {
@@ -278,20 +275,16 @@ async fn wait_serving(
                     Err(e) => bail!("a service crashed during start-up: {e}"),
                 }
             }
-            let ok = async {
-                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                    .connect_timeout(Duration::from_secs(1))
-                    .connect()
-                    .await?;
-                let resp = HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: (*name).to_owned(),
-                    })
-                    .await?;
-                anyhow::Ok(resp.into_inner().status() == ServingStatus::Serving)
-            }
-            .await
-            .unwrap_or(false);
+            let ok = match tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+            {
+                Ok(channel) => {
+                    shopverse_kit::upstream::is_serving(channel, name, Duration::from_secs(2)).await
+                }
+                Err(_) => false,
+            };
             if ok {
                 break;
             }

@@ -167,20 +167,15 @@ impl Upstreams {
 
     /// Checks every endpoint's gRPC health once; returns how many are healthy.
     pub async fn check_health(&self) -> usize {
-        use tonic_health::pb::HealthCheckRequest;
-        use tonic_health::pb::health_check_response::ServingStatus;
-        use tonic_health::pb::health_client::HealthClient;
         let mut healthy = 0;
         for pool in self.pools.values() {
             for m in &pool.members {
-                let mut client = HealthClient::new(m.channel.clone());
-                let check = client.check(HealthCheckRequest {
-                    service: String::new(),
-                });
-                let ok = matches!(
-                    tokio::time::timeout(Duration::from_secs(1), check).await,
-                    Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving
-                );
+                let ok = shopverse_kit::upstream::is_serving(
+                    m.channel.clone(),
+                    "",
+                    Duration::from_secs(1),
+                )
+                .await;
                 m.healthy.store(ok, Ordering::Relaxed);
                 healthy += usize::from(ok);
             }

@@ -13,6 +13,8 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// How often each replica's health is checked.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a replica has to answer its health check.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -20,6 +22,19 @@ pub enum UpstreamError {
     Empty,
     #[error("`{url}` is not a valid endpoint: {reason}")]
     Invalid { url: String, reason: String },
+}
+
+/// Whether `service` on `channel` answers SERVING to a gRPC health check (`grpc.health.v1`)
+/// within `timeout`; an empty `service` asks about the server as a whole.
+pub async fn is_serving(channel: Channel, service: &str, timeout: Duration) -> bool {
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    matches!(
+        tokio::time::timeout(timeout, check).await,
+        Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving
+    )
 }
 
 /// The URLs of a comma-separated list, checked.
@@ -82,7 +97,7 @@ pub fn balanced(
             .into_iter()
             .zip(endpoints)
             .map(|(u, e)| {
-                let probe = e.clone().timeout(Duration::from_secs(2)).connect_lazy();
+                let probe = e.clone().connect_lazy();
                 (u, e, probe, false)
             })
             .collect();
@@ -96,13 +111,7 @@ pub fn balanced(
             for i in 0..probes.len() {
                 let others_inside = probes.iter().enumerate().any(|(j, p)| j != i && p.3);
                 let (url, ep, probe, inside) = &mut probes[i];
-                let healthy = HealthClient::new(probe.clone())
-                    .check(HealthCheckRequest {
-                        service: service.to_owned(),
-                    })
-                    .await
-                    .map(|r| r.into_inner().status() == ServingStatus::Serving)
-                    .unwrap_or(false);
+                let healthy = is_serving(probe.clone(), service, PROBE_TIMEOUT).await;
                 let change = match (healthy, *inside) {
                     (true, false) => {
                         tracing::info!(upstream = %url, service, "replica healthy again; back in the pool");
