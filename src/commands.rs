@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use tokio::task::JoinSet;
 
 use shopverse_events::embedded::EmbeddedLog;
-use shopverse_events::envelope::{ALL_TOPICS, dlq_topic};
+use shopverse_events::envelope::ALL_TOPICS;
 use shopverse_events::kafka::KafkaBus;
 use shopverse_events::{EventBus, Platform};
 use shopverse_kit::{Clock, SystemClock};
@@ -178,10 +178,7 @@ async fn platform(cfg: &AppConfig, registry: prometheus::Registry) -> anyhow::Re
 /// Creates the topics (and their dead-letter topics) if missing. A bus that does not answer yet
 /// is not fatal: publishing and subscribing create what they need once it does.
 async fn provision_topics(bus: &dyn EventBus) {
-    let dlqs: Vec<String> = ALL_TOPICS.iter().map(|t| dlq_topic(t)).collect();
-    let mut all: Vec<&str> = ALL_TOPICS.to_vec();
-    all.extend(dlqs.iter().map(String::as_str));
-    if let Err(e) = bus.ensure_topics(&all).await {
+    if let Err(e) = shopverse_events::provision_topics(bus).await {
         tracing::warn!(bus = %bus.describe(), error = %e, "topics not provisioned yet; the bus does not answer (writes go on into the outboxes)");
     }
 }
@@ -200,17 +197,12 @@ fn watch_bus(
         "Whether the event bus answered the last check (1) or not (0)",
         &[],
     );
-    #[allow(clippy::expect_used)]
-    let waiting = shopverse_kit::metrics::register(
+    let waiting = shopverse_kit::metrics::int_gauge_vec(
         registry,
-        prometheus::IntGaugeVec::new(
-            prometheus::Opts::new(
-                "events_dlq_waiting",
-                "Dead-lettered events not yet replayed, by original topic",
-            ),
-            &["topic"],
-        )
-        .expect("valid metric name"),
+        "events_dlq_waiting",
+        "Dead-lettered events not yet replayed, by original topic",
+        &[],
+        &["topic"],
     );
     tokio::spawn(async move {
         let mut last_dlq = tokio::time::Instant::now() - Duration::from_secs(60);
@@ -226,7 +218,7 @@ fn watch_bus(
             if ok.is_ok() && last_dlq.elapsed() >= Duration::from_secs(30) {
                 last_dlq = tokio::time::Instant::now();
                 for t in ALL_TOPICS {
-                    if let Ok(n) = dlq_waiting(bus.as_ref(), t).await {
+                    if let Ok(n) = shopverse_events::dlq::waiting(bus.as_ref(), t).await {
                         waiting.with_label_values(&[t]).set(n);
                     }
                 }
@@ -237,21 +229,6 @@ fn watch_bus(
             }
         }
     });
-}
-
-async fn dlq_waiting(bus: &dyn EventBus, topic: &str) -> Result<i64, shopverse_events::BusError> {
-    let dlq = dlq_topic(topic);
-    let mut n = 0;
-    for p in 0..bus.partitions(&dlq).await? {
-        let end = bus.end_offset(&dlq, p).await?;
-        if end > 0 {
-            n += end
-                - bus
-                    .committed(shopverse_events::dlq::REPLAYER_GROUP, &dlq, p)
-                    .await?;
-        }
-    }
-    Ok(n)
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -390,13 +367,11 @@ async fn run_services(
         "HTTP  /metrics /healthz /readyz".into(),
     ));
     started.ready_line.push(format!("admin={admin_bound}"));
-    let events_detail = match cfg.events.backend.as_str() {
-        "kafka" => platform.bus.describe(),
-        _ => cfg.events_url(),
-    };
-    started
-        .rows
-        .push(("events".into(), cfg.events.backend.clone(), events_detail));
+    started.rows.push((
+        "events".into(),
+        cfg.events.backend.clone(),
+        platform.bus.describe(),
+    ));
 
     wait_serving(&targets, &mut tasks).await?;
     if demo_orders {

@@ -98,7 +98,8 @@ pub trait EventBus: Send + Sync + 'static {
         Ok(())
     }
 
-    /// What this bus is, for start-up output (`embedded sqlite://…`, `kafka host:port`).
+    /// Where this bus is, for start-up output and messages (`sqlite://…/events.db`,
+    /// `host:port,host:port`).
     fn describe(&self) -> String {
         "event bus".into()
     }

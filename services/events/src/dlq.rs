@@ -6,7 +6,7 @@
 //! parked it gets another go.
 
 use crate::bus::{BusError, EventBus, OutRecord, Record};
-use crate::envelope::decode_envelope;
+use crate::envelope::{decode_envelope, dlq_topic};
 
 pub const REPLAYER_GROUP: &str = "shopverse-dlq-replayer";
 
@@ -98,6 +98,19 @@ pub async fn list(bus: &dyn EventBus, topic: Option<&str>) -> Result<Vec<DeadLet
         }
     }
     Ok(out)
+}
+
+/// How many events parked from `topic` (the original topic) are not yet replayed.
+pub async fn waiting(bus: &dyn EventBus, topic: &str) -> Result<i64, BusError> {
+    let dlq = dlq_topic(topic);
+    let mut n = 0;
+    for p in 0..bus.partitions(&dlq).await? {
+        let end = bus.end_offset(&dlq, p).await?;
+        if end > 0 {
+            n += end - bus.committed(REPLAYER_GROUP, &dlq, p).await?;
+        }
+    }
+    Ok(n)
 }
 
 /// Replays parked events to their original topics: every one not yet replayed, or with

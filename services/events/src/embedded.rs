@@ -35,6 +35,7 @@ pub struct EmbeddedLog {
 
 struct Inner {
     db: Db,
+    url: String,
     partitions: i32,
     appended: Notify,
     active_groups: Mutex<HashSet<String>>,
@@ -49,6 +50,7 @@ impl EmbeddedLog {
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
                 db,
+                url: shopverse_kit::db::redact(url),
                 partitions: partitions.max(1),
                 appended: Notify::new(),
                 active_groups: Mutex::new(HashSet::new()),
@@ -268,7 +270,7 @@ impl EventBus for EmbeddedLog {
     }
 
     fn describe(&self) -> String {
-        "embedded".into()
+        self.inner.url.clone()
     }
 }
 

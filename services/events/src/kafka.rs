@@ -334,10 +334,6 @@ impl KafkaBus {
         })
     }
 
-    pub fn config(&self) -> &KafkaConfig {
-        &self.inner.cfg
-    }
-
     /// The full (namespaced) name of `topic` or group.
     fn full(&self, name: &str) -> String {
         if self.inner.cfg.namespace.is_empty() {
@@ -739,9 +735,9 @@ impl EventBus for KafkaBus {
     fn describe(&self) -> String {
         let ns = &self.inner.cfg.namespace;
         if ns.is_empty() {
-            format!("kafka {}", self.inner.cfg.brokers)
+            self.inner.cfg.brokers.clone()
         } else {
-            format!("kafka {} (namespace {ns})", self.inner.cfg.brokers)
+            format!("{} (namespace {ns})", self.inner.cfg.brokers)
         }
     }
 

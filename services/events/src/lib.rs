@@ -60,6 +60,17 @@ pub async fn open_service_db(
     Ok(db)
 }
 
+/// Creates every topic of the system and its dead-letter topic, where missing.
+pub async fn provision_topics(bus: &dyn EventBus) -> Result<(), BusError> {
+    let dlqs: Vec<String> = envelope::ALL_TOPICS
+        .iter()
+        .map(|t| envelope::dlq_topic(t))
+        .collect();
+    let mut all: Vec<&str> = envelope::ALL_TOPICS.to_vec();
+    all.extend(dlqs.iter().map(String::as_str));
+    bus.ensure_topics(&all).await
+}
+
 /// What [`run_service`] runs: a service's gRPC routes, its database, its outbox relay and its
 /// background tasks (consumers, sweepers).
 pub struct ServiceParts {

@@ -178,3 +178,17 @@ pub fn int_counter_vec(
         .expect("valid metric name");
     register(registry, c)
 }
+
+/// Builds and registers a gauge with variable labels (see [`int_counter`]).
+pub fn int_gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    const_labels: &[(&str, &str)],
+    var_labels: &[&str],
+) -> prometheus::IntGaugeVec {
+    #[allow(clippy::expect_used)]
+    let g = prometheus::IntGaugeVec::new(opts(name, help, const_labels), var_labels)
+        .expect("valid metric name");
+    register(registry, g)
+}
