@@ -12,8 +12,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shopverse_events::EventBus;
@@ -22,11 +20,11 @@ use shopverse_events::envelope::TOPIC_ORDERS;
 use shopverse_events::kafka::{KafkaBus, KafkaConfig};
 use shopverse_kit::testing::PgTestDb;
 use shopverse_proto::orders::v1::orders_service_client::OrdersServiceClient;
-use shopverse_proto::products::v1::ListProductsRequest;
-use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
 
 mod common;
-use common::saga::{Dbs, Outcome, drive, jobs, placed, reconcile, run_job, settle, stock_of};
+use common::saga::{
+    Checkouts, Dbs, Outcome, five_products, jobs, placed, reconcile, run_job, settle, stock_of,
+};
 use common::*;
 
 /// The two deployments of this file would share two cores: one at a time.
@@ -254,37 +252,24 @@ fn addr(p: &Appliance, service: &str) -> std::net::SocketAddr {
     p.addrs[service]
 }
 
-/// Five products of the seeded catalog, with their starting stock.
+/// Five products of the seeded catalog, with their starting stock (no checkout has run yet).
 async fn pick_products(
     c: &Cluster,
     at: std::net::SocketAddr,
 ) -> (Vec<String>, HashMap<String, i64>) {
-    let mut catalog = ProductsServiceClient::new(channel(at).await);
-    let listed = catalog
-        .list_products(ListProductsRequest {
-            page_size: 5,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let products: Vec<String> = listed.products.iter().map(|p| p.id.clone()).collect();
-    assert_eq!(products.len(), 5);
+    let products = five_products(at).await;
     let dbs = c.dbs().await;
     let initial = stock_of(&dbs.products, &products).await;
     dbs.close().await;
     (products, initial)
 }
 
-async fn wait_for(next: &AtomicUsize, n: usize) {
-    let t0 = Instant::now();
-    while next.load(Ordering::SeqCst) < n {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "checkouts too slow"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Waits until the group session of a member killed at `killed` has expired (6 s, and a
+/// margin). tansu gives a member that joins before a dead member's session expired no
+/// partitions, and does not rebalance again once it does expire; Kafka does. A restarted
+/// consumer is started after that point.
+async fn session_expired(killed: Instant) {
+    tokio::time::sleep_until((killed + Duration::from_secs(8)).into()).await;
 }
 
 /// Every confirmed order has exactly one shipment.
@@ -348,32 +333,30 @@ async fn saga_across_processes_survives_killed_replicas() {
     let delivery = c.serve("delivery", &[]);
     let (products, initial) = pick_products(&c, addr(&products_a, "products")).await;
 
-    let jobs = Arc::new(jobs(120, &products, "dist"));
-    let results = Arc::new(Mutex::new(HashMap::new()));
-    let next = Arc::new(AtomicUsize::new(0));
     let orders_addr = addr(&orders, "orders");
-    let driver = tokio::spawn(drive(
+    let mut run = Checkouts::start(
         orders_addr,
-        jobs.clone(),
-        next.clone(),
-        results.clone(),
-        120,
+        jobs(120, &products, "dist"),
         Duration::from_millis(150),
-    ));
+    );
     // A payments replica dies mid-stream (SIGKILL). Kafka hands its partitions to the other
     // replica once its session expires; tansu only at the next join, which its restart below
     // is. Either way nothing it had not committed is lost, and nothing is applied twice.
-    wait_for(&next, 30).await;
+    run.wait_handed_out(30, Duration::from_secs(120)).await;
     payments_a.kill9();
+    let payments_killed = Instant::now();
     // The only delivery consumer dies mid-stream, and comes back a little later.
-    wait_for(&next, 50).await;
+    run.wait_handed_out(50, Duration::from_secs(120)).await;
     delivery.kill9();
+    let delivery_killed = Instant::now();
     // A notifications replica is stopped the polite way: it leaves the group at once.
-    wait_for(&next, 70).await;
+    run.wait_handed_out(70, Duration::from_secs(120)).await;
     notifications_a.stop();
-    wait_for(&next, 90).await;
+    run.wait_handed_out(90, Duration::from_secs(120)).await;
+    session_expired(delivery_killed).await;
     let delivery = c.serve("delivery", &[]);
-    driver.await.unwrap();
+    run.finish().await;
+    session_expired(payments_killed).await;
     let payments_a = c.serve("payments", &[]);
 
     // One products replica goes away: orders stops sending it calls once its health check
@@ -391,7 +374,7 @@ async fn saga_across_processes_survives_killed_replicas() {
         );
     }
 
-    let placed = placed(&results);
+    let placed = placed(&run.results);
     assert!(placed.len() > 40, "only {} orders placed", placed.len());
     let dbs = c.dbs().await;
     settle(&dbs, Duration::from_secs(120)).await;
@@ -483,22 +466,16 @@ async fn broker_down_for_20s_mid_checkouts_then_everything_completes() {
     let (products, initial) = pick_products(&c, addr(&products_svc, "products")).await;
 
     // 200 checkouts at about 5 a second, so the outage falls in the middle of them.
-    let jobs = Arc::new(jobs(200, &products, "outage"));
-    let results = Arc::new(Mutex::new(HashMap::new()));
-    let next = Arc::new(AtomicUsize::new(0));
     let orders_addr = addr(&orders, "orders");
-    let driver = tokio::spawn(drive(
+    let mut run = Checkouts::start(
         orders_addr,
-        jobs.clone(),
-        next.clone(),
-        results.clone(),
-        200,
+        jobs(200, &products, "outage"),
         Duration::from_millis(1200),
-    ));
-    wait_for(&next, 60).await;
+    );
+    run.wait_handed_out(60, Duration::from_secs(120)).await;
     broker.down();
     let down_at = Instant::now();
-    let placed_before = placed(&results).len();
+    let placed_before = placed(&run.results).len();
     let dbs = c.dbs().await;
     let mut max_backlog = 0;
     while down_at.elapsed() < Duration::from_secs(20) {
@@ -510,7 +487,7 @@ async fn broker_down_for_20s_mid_checkouts_then_everything_completes() {
         max_backlog = max_backlog.max(backlog);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let placed_during = placed(&results).len() - placed_before;
+    let placed_during = placed(&run.results).len() - placed_before;
     broker.up();
     assert!(
         placed_during >= 20,
@@ -520,9 +497,10 @@ async fn broker_down_for_20s_mid_checkouts_then_everything_completes() {
         max_backlog > 0,
         "the orders outbox never grew while the broker was down"
     );
-    driver.await.unwrap();
-    let all_placed = placed(&results);
-    let interrupted = results
+    run.finish().await;
+    let all_placed = placed(&run.results);
+    let interrupted = run
+        .results
         .lock()
         .unwrap()
         .values()

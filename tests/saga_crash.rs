@@ -8,17 +8,16 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use shopverse_proto::orders::v1::orders_service_client::OrdersServiceClient;
-use shopverse_proto::products::v1::ListProductsRequest;
-use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
 use sqlx::Row;
 
 mod common;
-use common::saga::{Dbs, Outcome, drive, jobs, placed, reconcile, run_job, settle};
+use common::saga::{
+    Checkouts, Dbs, Outcome, drive, five_products, jobs, placed, reconcile, run_job, settle,
+};
 use common::*;
 
 const CHECKOUTS: usize = 200;
@@ -37,36 +36,23 @@ async fn sigkill_mid_checkouts_then_everything_reconciles() {
     ];
     let app = Appliance::start_with_env(dir.path(), &["--demo"], &env);
     // Five products with little stock, so some checkouts are refused for stock too.
-    let mut catalog = ProductsServiceClient::new(channel(app.products).await);
-    let listed = catalog
-        .list_products(ListProductsRequest {
-            page_size: 5,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let products: Vec<String> = listed.products.iter().map(|p| p.id.clone()).collect();
-    let jobs = Arc::new(jobs(CHECKOUTS, &products, "crash"));
-    let results = Arc::new(Mutex::new(HashMap::new()));
-    let next = Arc::new(AtomicUsize::new(0));
-
+    let products = five_products(app.products).await;
     // Phase 1: checkouts until KILL_AFTER have been handed out, then SIGKILL mid-flight.
-    let driver = tokio::spawn(drive(
+    let mut run = Checkouts::start(
         app.addrs["orders"],
-        jobs.clone(),
-        next.clone(),
-        results.clone(),
-        CHECKOUTS,
+        jobs(CHECKOUTS, &products, "crash"),
         Duration::ZERO,
-    ));
-    let t0 = Instant::now();
-    while next.load(Ordering::SeqCst) < KILL_AFTER {
-        assert!(t0.elapsed() < Duration::from_secs(60), "checkouts too slow");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    );
+    run.wait_handed_out(KILL_AFTER, Duration::from_secs(60))
+        .await;
     app.kill9();
-    driver.await.unwrap();
+    run.finish().await;
+    let Checkouts {
+        jobs,
+        next,
+        results,
+        ..
+    } = run;
     let handed_out = next.load(Ordering::SeqCst).min(CHECKOUTS);
 
     // Phase 2: restart on the same data. Clients retry half the interrupted checkouts with the

@@ -35,6 +35,23 @@ pub struct Job {
     pub key: String,
 }
 
+/// The first five products of the catalog at `products` (the services' products address).
+pub async fn five_products(products: SocketAddr) -> Vec<String> {
+    use shopverse_proto::products::v1::ListProductsRequest;
+    use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
+    let listed = ProductsServiceClient::new(channel(products).await)
+        .list_products(ListProductsRequest {
+            page_size: 5,
+            ..Default::default()
+        })
+        .await
+        .expect("list products")
+        .into_inner();
+    let ids: Vec<String> = listed.products.into_iter().map(|p| p.id).collect();
+    assert_eq!(ids.len(), 5, "the seeded catalog has five products");
+    ids
+}
+
 /// `n` checkouts over `products` by 25 customers: 10% declined cards, 20% flaky ones.
 pub fn jobs(n: usize, products: &[String], tag: &str) -> Vec<Job> {
     (0..n)
@@ -129,6 +146,52 @@ pub async fn drive(
     }
     for w in workers {
         w.await.expect("worker");
+    }
+}
+
+/// Checkouts running in the background through [`drive`].
+pub struct Checkouts {
+    pub jobs: Arc<Vec<Job>>,
+    pub next: Arc<AtomicUsize>,
+    pub results: Arc<Mutex<HashMap<usize, Outcome>>>,
+    pub driver: tokio::task::JoinHandle<()>,
+}
+
+impl Checkouts {
+    /// Starts every job of `jobs` against the orders service at `orders`.
+    pub fn start(orders: SocketAddr, jobs: Vec<Job>, pace: Duration) -> Checkouts {
+        let n = jobs.len();
+        let jobs = Arc::new(jobs);
+        let next = Arc::new(AtomicUsize::new(0));
+        let results = Arc::new(Mutex::new(HashMap::new()));
+        let driver = tokio::spawn(drive(
+            orders,
+            jobs.clone(),
+            next.clone(),
+            results.clone(),
+            n,
+            pace,
+        ));
+        Checkouts {
+            jobs,
+            next,
+            results,
+            driver,
+        }
+    }
+
+    /// Waits until `n` jobs have been handed out, failing the test after `within`.
+    pub async fn wait_handed_out(&self, n: usize, within: Duration) {
+        let t0 = Instant::now();
+        while self.next.load(Ordering::SeqCst) < n {
+            assert!(t0.elapsed() < within, "checkouts too slow");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits for the driver to finish.
+    pub async fn finish(&mut self) {
+        (&mut self.driver).await.expect("checkout driver");
     }
 }
 
