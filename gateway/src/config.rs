@@ -185,12 +185,22 @@ pub struct Passthrough {
     /// The route's metrics label, made on first use and then shared by every request.
     #[serde(skip)]
     pub label: std::sync::OnceLock<std::sync::Arc<str>>,
+    /// `upstream` parsed, on first use.
+    #[serde(skip)]
+    pub target: std::sync::OnceLock<crate::upstream::Target>,
 }
 
 impl Passthrough {
     pub fn label(&self) -> std::sync::Arc<str> {
         self.label
             .get_or_init(|| format!("passthrough:{}", self.prefix).into())
+            .clone()
+    }
+
+    /// Where requests go (validation made sure `upstream` is an IP address and port).
+    pub fn target(&self) -> crate::upstream::Target {
+        self.target
+            .get_or_init(|| crate::upstream::Target::new(&self.upstream))
             .clone()
     }
 }

@@ -24,7 +24,7 @@ use crate::config::{GatewayConfig, LimitBy};
 use crate::ratelimit::{Decision, Limiter};
 use crate::router::{Access, MatchError, Router};
 use crate::transcode::{request_message, response_json};
-use crate::upstream::Upstreams;
+use crate::upstream::{Target, Upstreams};
 
 /// How a request is named in metrics: a route template shared with the router, or a fixed
 /// label; neither copies on the request path.
@@ -51,7 +51,7 @@ pub struct Ctx {
     route: Label,
     request_id: String,
     /// Where a pass-through request goes, and whether over HTTP/2 (gRPC).
-    passthrough: Option<(String, bool)>,
+    passthrough: Option<(Target, bool)>,
     /// The verified caller of a gRPC pass-through request.
     identity: Option<Identity>,
     /// `Access-Control-Allow-Origin` for a cross-origin request from an allowed origin.
@@ -1022,17 +1022,17 @@ impl ProxyHttp for Gateway {
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let path = session.req_header().uri.path().to_owned();
         let config = self.config.load();
         if let Some(p) = config
             .passthrough
             .iter()
-            .find(|p| path.starts_with(&p.prefix))
+            .find(|p| session.req_header().uri.path().starts_with(&p.prefix))
         {
             ctx.route = Label::Shared(p.label());
-            ctx.passthrough = Some((p.upstream.clone(), false));
+            ctx.passthrough = Some((p.target(), false));
             return Ok(false);
         }
+        let path = session.req_header().uri.path().to_owned();
         let grpc = session
             .req_header()
             .headers
@@ -1059,13 +1059,21 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut Ctx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let Some((addr, h2)) = &ctx.passthrough else {
+        let Some((target, h2)) = &ctx.passthrough else {
             return Err(pingora::Error::explain(
                 pingora::ErrorType::InternalError,
                 "no upstream for this request",
             ));
         };
-        let mut peer = HttpPeer::new(addr.as_str(), false, String::new());
+        // A socket address, not a string: `HttpPeer::new` would parse (or resolve, blocking
+        // the thread, and panic on failure) a string on every request.
+        let addr = target.resolve().await.map_err(|e| {
+            pingora::Error::explain(
+                pingora::ErrorType::ConnectNoRoute,
+                format!("upstream address: {e}"),
+            )
+        })?;
+        let mut peer = HttpPeer::new(addr, false, String::new());
         if *h2 {
             // gRPC: HTTP/2 with prior knowledge to the service (h2c).
             peer.options.alpn = pingora::protocols::ALPN::H2;

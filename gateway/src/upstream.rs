@@ -54,10 +54,38 @@ pub struct UpstreamError {
     source: tonic::transport::Error,
 }
 
+/// Where a pass-through request goes: an address known at configuration time, or a host name
+/// resolved (asynchronously) when the request is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Addr(std::net::SocketAddr),
+    Name(Arc<str>),
+}
+
+impl Target {
+    /// `host:port` as configured: parsed once here when it is an IP address.
+    pub fn new(host_port: &str) -> Target {
+        match host_port.parse() {
+            Ok(a) => Target::Addr(a),
+            Err(_) => Target::Name(host_port.into()),
+        }
+    }
+
+    /// The socket address to connect to; a name is looked up without blocking the thread.
+    pub async fn resolve(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self {
+            Target::Addr(a) => Ok(*a),
+            Target::Name(n) => tokio::net::lookup_host(&**n).await?.next().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, format!("{n}: no address"))
+            }),
+        }
+    }
+}
+
 /// One endpoint of a service.
 struct Member {
     /// `host:port`, for gRPC pass-through.
-    address: String,
+    address: Target,
     channel: Channel,
     /// Cleared by a failed health check or a failed call; set by a passing health check.
     healthy: AtomicBool,
@@ -132,11 +160,11 @@ impl Upstreams {
                     .http2_keep_alive_interval(Duration::from_secs(30))
                     .connect_lazy();
                 members.push(Member {
-                    address: url
-                        .trim_start_matches("http://")
-                        .trim_start_matches("https://")
-                        .trim_end_matches('/')
-                        .to_owned(),
+                    address: Target::new(
+                        url.trim_start_matches("http://")
+                            .trim_start_matches("https://")
+                            .trim_end_matches('/'),
+                    ),
                     channel,
                     healthy: AtomicBool::new(true),
                 });
@@ -156,7 +184,7 @@ impl Upstreams {
     }
 
     /// One endpoint of `service` for a gRPC pass-through call, round robin over healthy ones.
-    pub fn pick_address(&self, service: &str) -> Option<String> {
+    pub fn pick_address(&self, service: &str) -> Option<Target> {
         self.pools.get(service)?.first().map(|m| m.address.clone())
     }
 
@@ -257,7 +285,11 @@ mod tests {
             pool.next.store(start, Ordering::Relaxed);
             let ordered = pool.order()[0].address.clone();
             assert_eq!(picked, ordered);
-            assert_ne!(picked, "127.0.0.2:1", "an ejected member is skipped");
+            assert_ne!(
+                picked,
+                Target::new("127.0.0.2:1"),
+                "an ejected member is skipped"
+            );
             seen.insert(picked);
         }
         assert_eq!(seen.len(), 2, "round robin over the healthy ones: {seen:?}");
