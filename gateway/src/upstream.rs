@@ -134,9 +134,21 @@ pub struct Upstreams {
     timeout: Duration,
 }
 
-/// The call never reached a service (or no service answered): safe to try elsewhere.
+/// The call never reached a service, or its connection failed before the answer: safe to
+/// try elsewhere. tonic reports a connection that breaks under a call (a service stopping or
+/// crashing) as `Unknown` with the transport error as its source, not as `Unavailable`.
 fn unreachable(s: &Status) -> bool {
-    s.code() == tonic::Code::Unavailable
+    if s.code() == tonic::Code::Unavailable {
+        return true;
+    }
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 impl Upstreams {
@@ -258,7 +270,14 @@ impl Upstreams {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(s) if unreachable(&s) => {
                     member.healthy.store(false, Ordering::Relaxed);
-                    last = s;
+                    last = if s.code() == tonic::Code::Unavailable {
+                        s
+                    } else {
+                        Status::unavailable(format!(
+                            "the {service} service is unavailable: {}",
+                            s.message()
+                        ))
+                    };
                 }
                 Err(s) => return Err(s),
             }
@@ -270,6 +289,34 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that takes the connection and the HTTP/2 preface, then drops it: the call fails
+    /// under way, as when a service is stopped or crashes mid-call. That is a service that is
+    /// not there (503), not an error of the gateway's (500).
+    #[tokio::test]
+    async fn a_connection_dropped_mid_call_is_unavailable() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 64];
+                let _ = sock.read(&mut buf).await;
+                drop(sock);
+            }
+        });
+        let config = [("svc".to_owned(), vec![format!("http://{addr}")])]
+            .into_iter()
+            .collect();
+        let ups = Upstreams::new(&config, Duration::from_secs(2)).expect("pools");
+        let err = ups
+            .unary("svc", "/x.Y/Z", Bytes::new(), MetadataMap::new(), true)
+            .await
+            .expect_err("nothing answers");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    }
 
     #[tokio::test]
     async fn first_is_the_next_healthy_member_and_agrees_with_order() {
