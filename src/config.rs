@@ -117,11 +117,7 @@ impl Validate for AppConfig {
         }
         match self.events.backend.as_str() {
             "embedded" => {}
-            "kafka" => self
-                .events
-                .kafka
-                .check("events.kafka")
-                .map_err(|(key, why)| Invalid::new(key, why))?,
+            "kafka" => self.events.kafka.validate("events.kafka")?,
             other => {
                 return Err(Invalid::new(
                     "events.backend",

@@ -33,6 +33,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
+use shopverse_kit::config::Invalid;
 use shopverse_kit::metrics::int_counter_vec;
 
 use crate::bus::{BusError, EventBus, OutRecord, Record, Subscription};
@@ -86,9 +87,9 @@ const RESERVED: &[&str] = &[
 ];
 
 impl KafkaConfig {
-    /// Checks the section; `key` is its path for messages (`events.kafka`).
-    pub fn check(&self, key: &str) -> Result<(), (String, String)> {
-        let bad = |k: &str, why: String| Err((format!("{key}.{k}"), why));
+    /// Checks the section; `prefix` is its path for messages (`events.kafka`).
+    pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
+        let bad = |k: &str, why: String| Err(Invalid::new(format!("{prefix}.{k}"), why));
         if self.brokers.split(',').all(|b| b.trim().is_empty()) {
             return bad("brokers", "must name at least one host:port".into());
         }
@@ -163,7 +164,7 @@ impl KafkaConfig {
 pub enum KafkaSetupError {
     #[error("kafka client configuration: {0}")]
     Client(#[from] KafkaError),
-    #[error("events.kafka: {0}")]
+    #[error("{0}")]
     Config(String),
 }
 
@@ -305,8 +306,8 @@ impl KafkaBus {
         partitions: i32,
         registry: &Registry,
     ) -> Result<KafkaBus, KafkaSetupError> {
-        cfg.check("events.kafka")
-            .map_err(|(k, why)| KafkaSetupError::Config(format!("{k}: {why}")))?;
+        cfg.validate("events.kafka")
+            .map_err(|i| KafkaSetupError::Config(format!("{}: {}", i.key, i.reason)))?;
         let producer: FutureProducer<Logging> = cfg
             .client()
             .set("enable.idempotence", "true")
@@ -388,9 +389,14 @@ impl KafkaBus {
         let meta = self.inner.meta.clone();
         let timeout = self.timeout();
         Self::blocking(move || {
-            let md = meta
-                .fetch_metadata(topic.as_deref(), timeout)
-                .map_err(unavailable)?;
+            let md = match meta.fetch_metadata(topic.as_deref(), timeout) {
+                Ok(md) => md,
+                // Asked about one topic that does not exist.
+                Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                    return Ok(Vec::new());
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
             Ok(md
                 .topics()
                 .iter()
@@ -617,8 +623,7 @@ impl EventBus for KafkaBus {
         let full = self.full(topic);
         Ok(self
             .metadata(Some(full.clone()))
-            .await
-            .unwrap_or_default()
+            .await?
             .into_iter()
             .find(|(t, _)| *t == full)
             .map(|(_, n)| n)
