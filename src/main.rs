@@ -222,6 +222,10 @@ enum DlqCommand {
     },
 }
 
+/// mimalloc: see the workspace manifest and bench/README.md for the measurement behind it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -125,10 +125,24 @@ impl Verifier {
             }
         }
         let n = keys.len();
-        if let Ok(mut w) = self.keys.write() {
-            *w = keys;
-        }
+        self.install_keys(keys);
         Ok(n)
+    }
+
+    /// Replaces the key set. Tokens verified with a key that is no longer in it are forgotten,
+    /// so a withdrawn key stops admitting its tokens at once, not when they expire.
+    pub fn install_keys(&self, keys: HashMap<String, DecodingKey>) {
+        let withdrawn = match self.keys.write() {
+            Ok(mut w) => {
+                let withdrawn = w.keys().any(|kid| !keys.contains_key(kid));
+                *w = keys;
+                withdrawn
+            }
+            Err(_) => true,
+        };
+        if withdrawn && let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
     }
 
     /// Refreshes every `every` until `shutdown`.

@@ -49,6 +49,9 @@ pub struct GatewayConfig {
     pub rate_limits: Vec<RateLimitPolicy>,
     /// Path prefixes proxied as they are to a plain HTTP upstream.
     pub passthrough: Vec<Passthrough>,
+    /// `passthrough` as a trie, built on first use.
+    #[serde(skip)]
+    pub passthrough_index: std::sync::OnceLock<crate::prefix::PrefixIndex>,
     /// Cross-origin requests from browsers.
     pub cors: CorsConfig,
     /// An HTTPS listener (TLS 1.2 and 1.3 with rustls, HTTP/2 by ALPN, so gRPC over TLS too).
@@ -182,12 +185,28 @@ pub struct Passthrough {
     pub prefix: String,
     /// `host:port` of the HTTP upstream.
     pub upstream: String,
+    /// Who may call it: `public` (the default), `customer` or `admin`. A token sent to a public
+    /// route is verified all the same, and the caller's identity is forwarded.
+    #[serde(default)]
+    pub access: crate::router::Access,
     /// The route's metrics label, made on first use and then shared by every request.
     #[serde(skip)]
     pub label: std::sync::OnceLock<std::sync::Arc<str>>,
     /// `upstream` parsed, on first use.
     #[serde(skip)]
     pub target: std::sync::OnceLock<crate::upstream::Target>,
+}
+
+impl GatewayConfig {
+    /// The pass-through route of `path`: the first listed prefix it starts with.
+    pub fn passthrough_for(&self, path: &str) -> Option<&Passthrough> {
+        let index = self.passthrough_index.get_or_init(|| {
+            crate::prefix::PrefixIndex::new(self.passthrough.iter().map(|p| p.prefix.as_str()))
+        });
+        index
+            .first_match(path)
+            .and_then(|i| self.passthrough.get(i))
+    }
 }
 
 impl Passthrough {
@@ -253,6 +272,7 @@ impl Default for GatewayConfig {
                 },
             ],
             passthrough: Vec::new(),
+            passthrough_index: std::sync::OnceLock::new(),
             cors: CorsConfig::default(),
             tls: TlsConfig::default(),
             cache: EdgeCacheConfig::default(),

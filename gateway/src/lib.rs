@@ -19,6 +19,7 @@
 pub mod auth;
 pub mod config;
 pub mod openapi;
+pub mod prefix;
 pub mod proxy;
 pub mod ratelimit;
 pub mod router;
@@ -365,6 +366,7 @@ pub async fn start_full(
         openapi,
         cache,
         inflight: Default::default(),
+        request_ids: proxy::RequestIds::new(),
         clock: gateway_clock,
         config: live.clone(),
     };
@@ -385,6 +387,10 @@ pub async fn start_full(
         .spawn(move || {
             let mut conf = ServerConf {
                 threads,
+                // One single-threaded runtime per thread (connections stay on the thread that
+                // accepted them): no work-stealing queues, wake-ups or cross-thread atomics on
+                // the request path. Measured in bench/README.md.
+                work_stealing: false,
                 grace_period_seconds: Some(0),
                 graceful_shutdown_timeout_seconds: Some(2),
                 ..ServerConf::default()

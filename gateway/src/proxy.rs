@@ -52,8 +52,10 @@ pub struct Ctx {
     request_id: String,
     /// Where a pass-through request goes, and whether over HTTP/2 (gRPC).
     passthrough: Option<(Target, bool)>,
-    /// The verified caller of a gRPC pass-through request.
+    /// The verified caller of a pass-through request.
     identity: Option<Identity>,
+    /// The rate limit's headers, for a pass-through response.
+    rate_headers: Vec<(&'static str, String)>,
     /// `Access-Control-Allow-Origin` for a cross-origin request from an allowed origin.
     cors: Option<String>,
 }
@@ -75,6 +77,35 @@ pub struct Gateway {
     pub(crate) inflight:
         std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) clock: Arc<dyn shopverse_kit::Clock>,
+    pub(crate) request_ids: RequestIds,
+}
+
+/// Request ids for requests that came without one: 32 hex digits, a random 64-bit prefix per
+/// gateway process and a counter. Unique across gateways without a system call per request
+/// (a random UUID was one `getrandom` each).
+pub struct RequestIds {
+    prefix: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> RequestIds {
+        RequestIds {
+            prefix: uuid::Uuid::new_v4().as_u64_pair().0,
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn next(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{:016x}{n:016x}", self.prefix)
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 pub struct Metrics {
@@ -575,12 +606,10 @@ impl Gateway {
         }) else {
             return Ok(Vec::new());
         };
-        let ip = ip
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| "unknown".into());
-        let consumer = match (&policy.by, identity) {
-            (LimitBy::User, Some(id)) => format!("user:{}", id.user_id),
-            _ => format!("ip:{ip}"),
+        let consumer = match (&policy.by, identity, ip) {
+            (LimitBy::User, Some(id), _) => format!("user:{}", id.user_id),
+            (_, _, Some(ip)) => format!("ip:{ip}"),
+            (_, _, None) => "ip:unknown".to_owned(),
         };
         let d = self.limiter.check(i, policy, &consumer).await;
         let headers = rate_headers(&policy.name, policy.burst, policy.per_secs, &d);
@@ -911,6 +940,22 @@ impl Gateway {
 
     /// Lets a gRPC call through to its service if its method is public or the caller's token
     /// carries the role, within the rate limits; `Err` is the gRPC status to answer with.
+    /// The route's access rule and the rate limits, for a plain HTTP pass-through request.
+    async fn admit_passthrough(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        access: Access,
+    ) -> Result<(), Reply> {
+        let identity = self.authenticate(session, access).await?;
+        let ip = self.client_ip(session);
+        ctx.rate_headers = self
+            .rate_limit(session.req_header().uri.path(), identity.as_ref(), ip)
+            .await?;
+        ctx.identity = identity;
+        Ok(())
+    }
+
     async fn grpc_gate(
         &self,
         session: &Session,
@@ -1008,6 +1053,7 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             passthrough: None,
             identity: None,
+            rate_headers: Vec::new(),
             cors: None,
         }
     }
@@ -1021,16 +1067,22 @@ impl ProxyHttp for Gateway {
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let config = self.config.load();
-        if let Some(p) = config
-            .passthrough
-            .iter()
-            .find(|p| session.req_header().uri.path().starts_with(&p.prefix))
-        {
-            ctx.route = Label::Shared(p.label());
-            ctx.passthrough = Some((p.target(), false));
-            return Ok(false);
+            .unwrap_or_else(|| self.request_ids.next());
+        let pass = self
+            .config
+            .load()
+            .passthrough_for(session.req_header().uri.path())
+            .map(|p| (p.label(), p.target(), p.access));
+        if let Some((label, target, access)) = pass {
+            ctx.route = Label::Shared(label);
+            ctx.passthrough = Some((target, false));
+            return match self.admit_passthrough(session, ctx, access).await {
+                Ok(()) => Ok(false),
+                Err(reply) => {
+                    self.write(session, ctx, reply).await?;
+                    Ok(true)
+                }
+            };
         }
         let path = session.req_header().uri.path().to_owned();
         let grpc = session
@@ -1051,6 +1103,19 @@ impl ProxyHttp for Gateway {
         let reply = self.handle(session, ctx).await;
         self.write(session, ctx, reply).await?;
         Ok(true)
+    }
+
+    /// A pass-through response carries the rate limit's headers, as every other one does.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        for (name, value) in std::mem::take(&mut ctx.rate_headers) {
+            upstream.insert_header(name, value)?;
+        }
+        Ok(())
     }
 
     /// The upstream of a pass-through request: a plain HTTP one, or a service for gRPC.

@@ -11,8 +11,10 @@ use http::Method;
 use prost_reflect::{DescriptorPool, MethodDescriptor, Value};
 
 /// Who may call a route (the `shopverse.api.v1.access` option of its RPC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Access {
+    #[default]
     Public,
     Customer,
     Admin,
