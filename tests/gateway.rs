@@ -663,6 +663,85 @@ async fn passthrough_routes_reach_a_plain_http_upstream_without_spoofed_identity
     app.stop();
 }
 
+/// Pass-through prefixes are not a way around the edge: a route may require a signed-in
+/// customer, the caller's verified identity (never a spoofed one) reaches the upstream, and the
+/// rate limits apply to it with the same 429 and headers as everywhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_routes_take_access_rules_and_rate_limits() {
+    use std::io::{Read, Write};
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for stream in upstream.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut buf = vec![0u8; 16 << 10];
+            let n = s.read(&mut buf).unwrap_or(0);
+            seen2
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    // A table where an earlier, longer prefix must win over a later catch-all.
+    let passthrough = format!(
+        "[{{prefix = \"/private/\", upstream = \"{up_addr}\", access = \"customer\"}}, \
+          {{prefix = \"/static/\", upstream = \"{up_addr}\"}}, \
+          {{prefix = \"/\", upstream = \"{up_addr}\", access = \"admin\"}}]"
+    );
+    let limits = r#"[{name = "assets", paths = ["/static/"], requests = 1, per_secs = 60, burst = 2, by = "ip"}]"#;
+    let app = Appliance::start_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough),
+            ("SHOPVERSE_GATEWAY__RATE_LIMITS", limits),
+        ],
+    );
+    let gw = app.addrs["gateway"];
+
+    // Access: no token, a spoofed identity header, then a real customer.
+    let r = http(gw, "GET", "/private/report.txt", &[("x-shopverse-user", "admin")], b"");
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["code"], "UNAUTHENTICATED", "{}", r.body);
+    assert!(seen.lock().unwrap().is_empty(), "a refused request reached the upstream");
+    http(
+        gw,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"pt@example.com","password":"a long password"}"#,
+    );
+    let token = bearer(&login(gw, "pt@example.com", "a long password"));
+    let r = http(gw, "GET", "/private/report.txt", &[("authorization", &token), ("x-shopverse-user", "admin")], b"");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+    let req = seen.lock().unwrap().pop().unwrap().to_lowercase();
+    assert!(req.starts_with("get /private/report.txt"), "{req}");
+    assert!(!req.contains("x-shopverse-user: admin"), "spoofed identity reached the upstream: {req}");
+    assert!(req.contains("x-shopverse-user: "), "the customer's identity is missing: {req}");
+    assert!(req.contains("x-shopverse-roles: customer"), "{req}");
+    // The catch-all is for admins only; a customer is refused with 403.
+    let r = http(gw, "GET", "/elsewhere", &[("authorization", &token)], b"");
+    assert_eq!(r.status, 403, "{}", r.body);
+
+    // Rate limits: a burst of 2, then 429 with Retry-After; headers on the admitted ones too.
+    for _ in 0..2 {
+        let r = http(gw, "GET", "/static/logo.png", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.header("ratelimit-policy").is_some_and(|v| v.starts_with("\"assets\"")), "{:?}", r.header("ratelimit-policy"));
+    }
+    let r = http(gw, "GET", "/static/logo.png", &[], b"");
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().unwrap() >= 1));
+    // Another route under no policy is not limited.
+    let r = http(gw, "GET", "/private/report.txt", &[("authorization", &token)], b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    app.stop();
+}
+
 #[test]
 fn the_openapi_document_is_valid_openapi_3_1() {
     let dir = tempfile::tempdir().unwrap();

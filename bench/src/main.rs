@@ -4,11 +4,12 @@
 //! channel for gRPC) and makes one call at a time.
 //!
 //! - **Open loop** (`--rate R`): request *i* is due at `start + i / R`, whatever happened to
-//!   the ones before it. A free worker takes the next due request. Latency is counted from when
-//!   the request was *due*, not from when it was sent. So a stalled server is charged for every
-//!   request it kept waiting, and no measurement is lost to coordinated omission (the wrk2
-//!   model). A worker that was idle and slept until the due time counts from the actual send,
-//!   so the timer's own millisecond of slack is not charged to the server.
+//!   the ones before it. A pacer thread releases one permit per request as it falls due (it
+//!   checks every 100 µs; tokio's 1 ms timer would send in bursts), and a free worker takes it.
+//!   Latency is counted from when the request was *due*, not from when it was sent. So a
+//!   stalled server is charged for every request it kept waiting, and no measurement is lost to
+//!   coordinated omission (the wrk2 model). The pacer's own lateness (~0.1 ms) is charged
+//!   too, alike for every target.
 //! - **Closed loop** (`--rate 0`): every worker sends again as soon as its answer is in; this
 //!   measures peak throughput, and its latencies are those of a saturated server.
 //!
@@ -17,6 +18,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -339,25 +341,48 @@ where
     let next = Rc::new(Cell::new(0u64));
     let tally = Rc::new(RefCell::new(Tally::default()));
     let rate = load.rate;
+    let total = (Duration::from_secs_f64(load.warmup + load.seconds).as_secs_f64() * rate as f64) as u64;
+    // Open loop: a pacer thread hands out one permit per request as it falls due, checking
+    // every 100 µs (tokio's timer has 1 ms ticks, which would send in bursts of rate/1000).
+    let permits = Arc::new(tokio::sync::Semaphore::new(0));
+    if rate > 0 {
+        let permits = permits.clone();
+        std::thread::spawn(move || {
+            let mut released = 0u64;
+            while released < total {
+                let now = Instant::now();
+                if now >= give_up {
+                    break;
+                }
+                let due = (((now - start).as_secs_f64() * rate as f64) as u64 + 1).min(total);
+                if due > released {
+                    permits.add_permits((due - released) as usize);
+                    released = due;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            permits.close();
+        });
+    }
     let runs = workers.into_iter().map(|mut worker: Worker| {
         let next = next.clone();
         let tally = tally.clone();
+        let permits = permits.clone();
         async move {
             loop {
                 let (from, recorded) = if rate > 0 {
+                    let Ok(permit) = permits.acquire().await else {
+                        break;
+                    };
+                    permit.forget();
                     let i = next.get();
-                    let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
-                    if due >= end || Instant::now() >= give_up {
+                    next.set(i + 1);
+                    if i >= total || Instant::now() >= give_up {
                         break;
                     }
-                    next.set(i + 1);
-                    let from = if Instant::now() < due {
-                        tokio::time::sleep_until(due.into()).await;
-                        Instant::now()
-                    } else {
-                        due
-                    };
-                    (from, due >= measure_from)
+                    // Counted from when it fell due, however long it waited for a free worker.
+                    let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+                    (due, due >= measure_from)
                 } else {
                     let now = Instant::now();
                     if now >= end {
