@@ -229,10 +229,13 @@ if co:
     md += ["## 5. Checkout mix through the appliance (goose: browse 70%, cart 20%, checkout 10%)", "",
            "| | value |", "|---|---:|"]
     for k in ("users", "seconds", "requests", "requests_per_second", "errors", "error_rate", "orders", "orders_per_second",
-              "p50_ms", "p99_ms", "checkout_p50_ms", "checkout_p99_ms"):
+              "checkout_p50_ms", "checkout_p99_ms"):
         if k in c:
             v = c[k]
             md.append(f"| {k} | {v:,.3f} |" if isinstance(v, float) else f"| {k} | {v:,} |")
+    md += ["", "| request | ok | failed | p50 ms | p99 ms | statuses |", "|---|---:|---:|---:|---:|---|"]
+    for name, m in sorted(c.get("by_request", {}).items()):
+        md.append(f"| {name} | {m['ok']:,} | {m['failed']:,} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['statuses']} |")
     md.append("")
     check("appliance checkout orders/s with zero errors", f"{c.get('orders_per_second', 0):,.1f}/s, {c.get('errors', 0)} errors",
           ">= 500/s, 0 errors", c.get("orders_per_second", 0) >= 500 and c.get("errors", 1) == 0)

@@ -682,7 +682,8 @@ async fn passthrough_routes_take_access_rules_and_rate_limits() {
                 .lock()
                 .unwrap()
                 .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
         }
     });
     let dir = tempfile::tempdir().unwrap();
@@ -704,10 +705,19 @@ async fn passthrough_routes_take_access_rules_and_rate_limits() {
     let gw = app.addrs["gateway"];
 
     // Access: no token, a spoofed identity header, then a real customer.
-    let r = http(gw, "GET", "/private/report.txt", &[("x-shopverse-user", "admin")], b"");
+    let r = http(
+        gw,
+        "GET",
+        "/private/report.txt",
+        &[("x-shopverse-user", "admin")],
+        b"",
+    );
     assert_eq!(r.status, 401, "{}", r.body);
     assert_eq!(r.json()["code"], "UNAUTHENTICATED", "{}", r.body);
-    assert!(seen.lock().unwrap().is_empty(), "a refused request reached the upstream");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a refused request reached the upstream"
+    );
     http(
         gw,
         "POST",
@@ -716,12 +726,24 @@ async fn passthrough_routes_take_access_rules_and_rate_limits() {
         br#"{"email":"pt@example.com","password":"a long password"}"#,
     );
     let token = bearer(&login(gw, "pt@example.com", "a long password"));
-    let r = http(gw, "GET", "/private/report.txt", &[("authorization", &token), ("x-shopverse-user", "admin")], b"");
+    let r = http(
+        gw,
+        "GET",
+        "/private/report.txt",
+        &[("authorization", &token), ("x-shopverse-user", "admin")],
+        b"",
+    );
     assert_eq!((r.status, r.body.as_str()), (200, "ok"));
     let req = seen.lock().unwrap().pop().unwrap().to_lowercase();
     assert!(req.starts_with("get /private/report.txt"), "{req}");
-    assert!(!req.contains("x-shopverse-user: admin"), "spoofed identity reached the upstream: {req}");
-    assert!(req.contains("x-shopverse-user: "), "the customer's identity is missing: {req}");
+    assert!(
+        !req.contains("x-shopverse-user: admin"),
+        "spoofed identity reached the upstream: {req}"
+    );
+    assert!(
+        req.contains("x-shopverse-user: "),
+        "the customer's identity is missing: {req}"
+    );
     assert!(req.contains("x-shopverse-roles: customer"), "{req}");
     // The catch-all is for admins only; a customer is refused with 403.
     let r = http(gw, "GET", "/elsewhere", &[("authorization", &token)], b"");
@@ -731,13 +753,27 @@ async fn passthrough_routes_take_access_rules_and_rate_limits() {
     for _ in 0..2 {
         let r = http(gw, "GET", "/static/logo.png", &[], b"");
         assert_eq!(r.status, 200, "{}", r.body);
-        assert!(r.header("ratelimit-policy").is_some_and(|v| v.starts_with("\"assets\"")), "{:?}", r.header("ratelimit-policy"));
+        assert!(
+            r.header("ratelimit-policy")
+                .is_some_and(|v| v.starts_with("\"assets\"")),
+            "{:?}",
+            r.header("ratelimit-policy")
+        );
     }
     let r = http(gw, "GET", "/static/logo.png", &[], b"");
     assert_eq!(r.status, 429, "{}", r.body);
-    assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().unwrap() >= 1));
+    assert!(
+        r.header("retry-after")
+            .is_some_and(|v| v.parse::<u64>().unwrap() >= 1)
+    );
     // Another route under no policy is not limited.
-    let r = http(gw, "GET", "/private/report.txt", &[("authorization", &token)], b"");
+    let r = http(
+        gw,
+        "GET",
+        "/private/report.txt",
+        &[("authorization", &token)],
+        b"",
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     app.stop();
 }

@@ -341,7 +341,8 @@ where
     let next = Rc::new(Cell::new(0u64));
     let tally = Rc::new(RefCell::new(Tally::default()));
     let rate = load.rate;
-    let total = (Duration::from_secs_f64(load.warmup + load.seconds).as_secs_f64() * rate as f64) as u64;
+    let total =
+        (Duration::from_secs_f64(load.warmup + load.seconds).as_secs_f64() * rate as f64) as u64;
     // Open loop: a pacer thread hands out one permit per request as it falls due, checking
     // every 100 µs (tokio's timer has 1 ms ticks, which would send in bursts of rate/1000).
     let permits = Arc::new(tokio::sync::Semaphore::new(0));

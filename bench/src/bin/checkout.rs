@@ -1,0 +1,718 @@
+//! `shopverse-checkout`: scenario 5 of the benchmarks, the checkout mix through the gateway,
+//! driven by goose, and the reconciliation check after it.
+//!
+//! - `run`: signs in an administrator, gives every product `--stock` units, then runs goose
+//!   users that each register and sign in once and then browse (weight 7: the catalog list or
+//!   one product), add to the cart (2) or check out (1: with an item added first if the cart
+//!   is empty). Writes one JSON report.
+//! - `reconcile`: once nothing is in flight, checks the databases of the appliance against each
+//!   other (the saga's reconciliation): every order's reservation and payments match its fate,
+//!   no unit of stock is lost or made up, one `order.placed` notice per order. Writes one JSON
+//!   report and fails when the check does not hold.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use goose::config::GooseConfiguration;
+use goose::prelude::*;
+use sqlx::Row;
+
+#[derive(Parser)]
+#[command(
+    name = "shopverse-checkout",
+    about = "The checkout mix (goose) and the reconciliation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Run {
+        /// The gateway, `http://host:port`.
+        #[arg(long)]
+        host: String,
+        /// An administrator's email and password (to set the stock).
+        #[arg(long)]
+        admin_email: String,
+        #[arg(long, env = "SHOPVERSE_ADMIN_PASSWORD")]
+        admin_password: String,
+        /// Units of stock every product gets before the run.
+        #[arg(long, default_value_t = 1_000_000)]
+        stock: i64,
+        /// Concurrent goose users.
+        #[arg(long, default_value_t = 64)]
+        users: usize,
+        /// Seconds of load, after every user has started.
+        #[arg(long, default_value_t = 30)]
+        seconds: usize,
+        /// The appliance's data directory: after the stock is set, each product's baseline (its
+        /// stock plus what earlier orders already committed) goes into the report for
+        /// `reconcile`.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where the JSON report goes.
+        #[arg(long)]
+        report: PathBuf,
+        /// `key=value` copied into the report; repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    Reconcile {
+        /// The appliance's data directory (its SQLite databases).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The report of `run`, with each product's baseline.
+        #[arg(long)]
+        baseline_from: PathBuf,
+        /// How long to wait for what is in flight to settle.
+        #[arg(long, default_value_t = 120)]
+        within_secs: u64,
+        #[arg(long)]
+        report: PathBuf,
+    },
+}
+
+/// Product ids of the catalog, shared by every user.
+static PRODUCTS: OnceLock<Vec<String>> = OnceLock::new();
+static NEXT: AtomicU64 = AtomicU64::new(0);
+/// A run id, so repeated runs on one appliance make new customers and new idempotency keys.
+static RUN: OnceLock<u64> = OnceLock::new();
+
+#[derive(Clone)]
+struct Shopper {
+    auth: String,
+    cart_items: u32,
+    n: u64,
+}
+
+fn pick(n: u64) -> &'static str {
+    let products = PRODUCTS.get().map(Vec::as_slice).unwrap_or_default();
+    if products.is_empty() {
+        return "";
+    }
+    &products[(n as usize * 7919) % products.len()]
+}
+
+async fn sign_in(user: &mut GooseUser) -> TransactionResult {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let run = RUN.get().copied().unwrap_or(0);
+    let email = format!("shopper-{run}-{n}@bench.example");
+    let password = "bench-password-123";
+    let body = serde_json::json!({"email": email, "password": password, "displayName": "Shopper"});
+    user.post_json("/v1/auth/register", &body).await?;
+    let r = user
+        .post_json(
+            "/v1/auth/login",
+            &serde_json::json!({"email": email, "password": password}),
+        )
+        .await?;
+    let token = match r.response {
+        Ok(resp) => resp
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["accessToken"].as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    user.set_session_data(Shopper {
+        auth: format!("Bearer {token}"),
+        cart_items: 0,
+        n: n * 1_000_003,
+    });
+    Ok(())
+}
+
+async fn browse(user: &mut GooseUser) -> TransactionResult {
+    let n = next(user);
+    if n % 2 == 0 {
+        let req = GooseRequest::builder()
+            .path("/v1/products?pageSize=20")
+            .name("browse: list")
+            .build();
+        user.request(req).await?;
+    } else {
+        let path = format!("/v1/products/{}", pick(n));
+        let req = GooseRequest::builder()
+            .path(path.as_str())
+            .name("browse: product")
+            .build();
+        user.request(req).await?;
+    }
+    Ok(())
+}
+
+fn next(user: &mut GooseUser) -> u64 {
+    match user.get_session_data_mut::<Shopper>() {
+        Some(s) => {
+            s.n += 1;
+            s.n
+        }
+        None => 0,
+    }
+}
+
+async fn add_to_cart(user: &mut GooseUser) -> TransactionResult {
+    let n = next(user);
+    let auth = user
+        .get_session_data::<Shopper>()
+        .map(|s| s.auth.clone())
+        .unwrap_or_default();
+    let body = serde_json::json!({"productId": pick(n), "quantity": 1});
+    let rb = user
+        .get_request_builder(&GooseMethod::Post, "/v1/cart/items")?
+        .header("authorization", auth)
+        .json(&body);
+    let req = GooseRequest::builder()
+        .method(GooseMethod::Post)
+        .path("/v1/cart/items")
+        .name("cart: add")
+        .set_request_builder(rb)
+        .build();
+    let r = user.request(req).await?;
+    if r.response.as_ref().is_ok_and(|r| r.status().is_success())
+        && let Some(s) = user.get_session_data_mut::<Shopper>()
+    {
+        s.cart_items += 1;
+    }
+    Ok(())
+}
+
+async fn checkout(user: &mut GooseUser) -> TransactionResult {
+    if user
+        .get_session_data::<Shopper>()
+        .is_some_and(|s| s.cart_items == 0)
+    {
+        add_to_cart(user).await?;
+    }
+    let n = next(user);
+    let auth = user
+        .get_session_data::<Shopper>()
+        .map(|s| s.auth.clone())
+        .unwrap_or_default();
+    let run = RUN.get().copied().unwrap_or(0);
+    let body = serde_json::json!({
+        "idempotencyKey": format!("bench-{run}-{n}"),
+        "paymentMethodToken": "pm_card_ok",
+        "shippingAddress": {"recipient": "Bench Shopper", "line1": "1 Main St", "city": "Berlin",
+                            "postalCode": "10115", "country": "DE"},
+    });
+    let rb = user
+        .get_request_builder(&GooseMethod::Post, "/v1/checkout")?
+        .header("authorization", auth)
+        .json(&body);
+    let req = GooseRequest::builder()
+        .method(GooseMethod::Post)
+        .path("/v1/checkout")
+        .name("checkout")
+        .set_request_builder(rb)
+        .build();
+    user.request(req).await?;
+    if let Some(s) = user.get_session_data_mut::<Shopper>() {
+        s.cart_items = 0;
+    }
+    Ok(())
+}
+
+/// Signs the administrator in, lists the catalog and sets every product's stock.
+async fn prepare(host: &str, email: &str, password: &str, stock: i64) -> Result<Vec<String>> {
+    let http = reqwest::Client::new();
+    let login: serde_json::Value = http
+        .post(format!("{host}/v1/auth/login"))
+        .json(&serde_json::json!({"email": email, "password": password}))
+        .send()
+        .await?
+        .error_for_status()
+        .context("signing the administrator in")?
+        .json()
+        .await?;
+    let token = login["accessToken"]
+        .as_str()
+        .context("no accessToken in the sign-in answer")?;
+    let mut ids = Vec::new();
+    let mut page = String::new();
+    loop {
+        let list: serde_json::Value = http
+            .get(format!("{host}/v1/products?pageSize=100&pageToken={page}"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        for p in list["products"].as_array().into_iter().flatten() {
+            if let Some(id) = p["id"].as_str() {
+                ids.push(id.to_owned());
+            }
+        }
+        match list["nextPageToken"].as_str() {
+            Some(t) if !t.is_empty() => page = t.to_owned(),
+            _ => break,
+        }
+    }
+    if ids.is_empty() {
+        bail!("the catalog is empty: start the appliance with --demo");
+    }
+    for id in &ids {
+        http.put(format!("{host}/v1/products/{id}/stock"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"available": stock}))
+            .send()
+            .await?
+            .error_for_status()
+            .with_context(|| format!("setting the stock of {id}"))?;
+    }
+    Ok(ids)
+}
+
+struct RunArgs {
+    host: String,
+    admin: (String, String),
+    stock: i64,
+    users: usize,
+    seconds: usize,
+    data_dir: PathBuf,
+    report: PathBuf,
+    tags: Vec<String>,
+}
+
+async fn open_dbs(data_dir: &std::path::Path) -> Result<Dbs> {
+    sqlx::any::install_default_drivers();
+    let open = |name: &str| {
+        let url = format!(
+            "sqlite://{}?mode=ro",
+            data_dir.join(format!("{name}.db")).display()
+        );
+        async move {
+            sqlx::pool::PoolOptions::<sqlx::Any>::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .with_context(|| format!("opening {url}"))
+        }
+    };
+    Ok(Dbs {
+        orders: open("orders").await?,
+        products: open("products").await?,
+        payments: open("payments").await?,
+        notifications: open("notifications").await?,
+    })
+}
+
+/// Units committed so far for `product`.
+async fn committed(products: &sqlx::AnyPool, product: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_lines l JOIN reservations r ON r.order_id = l.order_id \
+         WHERE l.product_id = $1 AND r.state = 'COMMITTED'",
+    )
+    .bind(product)
+    .fetch_one(products)
+    .await?)
+}
+
+async fn run(a: RunArgs) -> Result<()> {
+    let RunArgs {
+        host,
+        admin,
+        stock,
+        users,
+        seconds,
+        data_dir,
+        report,
+        tags,
+    } = a;
+    let ids = prepare(&host, &admin.0, &admin.1, stock).await?;
+    // What every product must add up to afterwards: its stock now plus what was committed
+    // before (the demo orders), since available + committed stays constant.
+    let dbs = open_dbs(&data_dir).await?;
+    let mut baseline = serde_json::Map::new();
+    for id in &ids {
+        baseline.insert(
+            id.clone(),
+            (stock + committed(&dbs.products, id).await?).into(),
+        );
+    }
+    eprintln!(
+        "{} products, {stock} units each; {users} users for {seconds} s",
+        ids.len()
+    );
+    let _ = PRODUCTS.set(ids);
+    let _ = RUN.set(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    );
+    let config = GooseConfiguration::parse_args_default(&[
+        "--host".to_owned(),
+        host,
+        "--users".into(),
+        users.to_string(),
+        "--increase-rate".into(),
+        users.to_string(),
+        "--run-time".into(),
+        format!("{seconds}s"),
+        "--quiet".into(),
+        "--no-error-summary".into(),
+        "--running-metrics".into(),
+        "10".into(),
+    ])
+    .context("goose's configuration")?;
+    let started = Instant::now();
+    let metrics = GooseAttack::initialize_with_config(config)?
+        .register_scenario(
+            scenario!("Shopper")
+                .register_transaction(transaction!(sign_in).set_on_start())
+                .register_transaction(transaction!(browse).set_weight(7)?)
+                .register_transaction(transaction!(add_to_cart).set_weight(2)?)
+                .register_transaction(transaction!(checkout).set_weight(1)?),
+        )
+        .execute()
+        .await?;
+    let secs = (metrics.duration as f64).max(1.0);
+    let mut requests = 0usize;
+    let mut errors = 0usize;
+    let mut by = serde_json::Map::new();
+    for (name, m) in &metrics.requests {
+        requests += m.success_count + m.fail_count;
+        errors += m.fail_count;
+        by.insert(
+            name.clone(),
+            serde_json::json!({
+                "ok": m.success_count, "failed": m.fail_count,
+                "p50_ms": m.raw_data.percentile_us(0.5) as f64 / 1e3,
+                "p99_ms": m.raw_data.percentile_us(0.99) as f64 / 1e3,
+                "statuses": m.status_code_counts,
+            }),
+        );
+    }
+    let co = metrics
+        .requests
+        .iter()
+        .find(|(k, _)| k.contains("checkout"))
+        .map(|(_, m)| m);
+    let orders = co.map(|m| m.success_count).unwrap_or(0);
+    let mut out = serde_json::json!({
+        "users": users,
+        "seconds": secs,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "requests": requests,
+        "requests_per_second": requests as f64 / secs,
+        "errors": errors,
+        "error_rate": if requests > 0 { errors as f64 / requests as f64 } else { 0.0 },
+        "orders": orders,
+        "orders_per_second": orders as f64 / secs,
+        "checkout_p50_ms": co.map(|m| m.raw_data.percentile_us(0.5) as f64 / 1e3).unwrap_or(0.0),
+        "checkout_p99_ms": co.map(|m| m.raw_data.percentile_us(0.99) as f64 / 1e3).unwrap_or(0.0),
+        "by_request": by,
+        "baseline": baseline,
+    });
+    for tag in &tags {
+        let (k, v) = tag
+            .split_once('=')
+            .with_context(|| format!("--tag `{tag}`: expected key=value"))?;
+        out[k] = serde_json::Value::String(v.to_owned());
+    }
+    std::fs::write(&report, serde_json::to_vec_pretty(&out)?)?;
+    eprintln!(
+        "{requests} requests ({:.0}/s), {errors} errors, {orders} orders ({:.1}/s)",
+        requests as f64 / secs,
+        orders as f64 / secs
+    );
+    Ok(())
+}
+
+async fn scalar(pool: &sqlx::AnyPool, sql: &'static str) -> Result<i64> {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .with_context(|| sql.to_owned())
+}
+
+struct Dbs {
+    orders: sqlx::AnyPool,
+    products: sqlx::AnyPool,
+    payments: sqlx::AnyPool,
+    notifications: sqlx::AnyPool,
+}
+
+async fn in_flight(d: &Dbs) -> Result<i64> {
+    Ok(scalar(
+        &d.orders,
+        "SELECT COUNT(*) FROM orders WHERE status = 'PENDING_PAYMENT'",
+    )
+    .await?
+        + scalar(
+            &d.orders,
+            "SELECT COUNT(*) FROM checkouts WHERE state IN ('RESERVING', 'ABANDONING')",
+        )
+        .await?
+        + scalar(
+            &d.orders,
+            "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
+        )
+        .await?
+        + scalar(
+            &d.payments,
+            "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
+        )
+        .await?
+        + scalar(
+            &d.products,
+            "SELECT COUNT(*) FROM reservations WHERE state = 'HELD'",
+        )
+        .await?
+        + (scalar(&d.orders, "SELECT COUNT(*) FROM orders").await?
+            - scalar(
+                &d.notifications,
+                "SELECT COUNT(*) FROM inbox_items WHERE event_type = 'order.placed'",
+            )
+            .await?)
+            .max(0))
+}
+
+/// The saga's reconciliation (tests/common/saga.rs), as a list of what does not hold.
+async fn violations(
+    d: &Dbs,
+    baseline: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(Vec<String>, serde_json::Value)> {
+    let mut bad = Vec::new();
+    let rows = sqlx::query("SELECT id, status, paid, refunded, total_minor FROM orders")
+        .fetch_all(&d.orders)
+        .await?;
+    let (mut confirmed, mut cancelled) = (0, 0);
+    for r in &rows {
+        let id: String = r.try_get("id")?;
+        let status: String = r.try_get("status")?;
+        let paid = r.try_get::<i64, _>("paid")? != 0;
+        let refunded = r.try_get::<i64, _>("refunded")? != 0;
+        let total: i64 = r.try_get("total_minor")?;
+        let reservation: Option<String> =
+            sqlx::query_scalar("SELECT state FROM reservations WHERE order_id = $1")
+                .bind(&id)
+                .fetch_optional(&d.products)
+                .await?;
+        let captures: Vec<i64> = sqlx::query_scalar(
+            "SELECT amount_minor FROM transactions WHERE order_id = $1 AND kind = 'CAPTURE'",
+        )
+        .bind(&id)
+        .fetch_all(&d.payments)
+        .await?;
+        let refunds: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM transactions WHERE order_id = $1 AND kind = 'REFUND'",
+        )
+        .bind(&id)
+        .fetch_one(&d.payments)
+        .await?;
+        match status.as_str() {
+            "CONFIRMED" => {
+                confirmed += 1;
+                if reservation.as_deref() != Some("COMMITTED") {
+                    bad.push(format!(
+                        "order {id}: confirmed, reservation {reservation:?}"
+                    ));
+                }
+                if captures != vec![total] || refunds != 0 {
+                    bad.push(format!(
+                        "order {id}: confirmed, captures {captures:?} of {total}, {refunds} refunds"
+                    ));
+                }
+            }
+            "CANCELLED" => {
+                cancelled += 1;
+                if reservation.as_deref() != Some("RELEASED")
+                    || captures.len() > 1
+                    || refunds != captures.len() as i64
+                    || paid == captures.is_empty()
+                    || refunded != (refunds == 1)
+                {
+                    bad.push(format!("order {id}: cancelled, reservation {reservation:?}, captures {captures:?}, {refunds} refunds"));
+                }
+            }
+            other => bad.push(format!("order {id} ended {other}")),
+        }
+    }
+    let abandoned: Vec<String> =
+        sqlx::query_scalar("SELECT order_id FROM checkouts WHERE state IN ('ABANDONED', 'FAILED')")
+            .fetch_all(&d.orders)
+            .await?;
+    for id in &abandoned {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM reservations WHERE order_id = $1")
+                .bind(id)
+                .fetch_optional(&d.products)
+                .await?;
+        if !matches!(state.as_deref(), None | Some("RELEASED")) {
+            bad.push(format!("checkout {id} left stock {state:?}"));
+        }
+    }
+    let stock_rows = sqlx::query("SELECT product_id, available, reserved FROM stock")
+        .fetch_all(&d.products)
+        .await?;
+    let mut checked = 0;
+    for r in &stock_rows {
+        let p: String = r.try_get("product_id")?;
+        let Some(expected) = baseline.get(&p).and_then(serde_json::Value::as_i64) else {
+            continue;
+        };
+        checked += 1;
+        let available: i64 = r.try_get("available")?;
+        let reserved: i64 = r.try_get("reserved")?;
+        let committed = committed(&d.products, &p).await?;
+        let sold: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM order_lines l JOIN orders o ON o.id = l.order_id \
+             WHERE l.product_id = $1 AND o.status = 'CONFIRMED'",
+        )
+        .bind(&p)
+        .fetch_one(&d.orders)
+        .await?;
+        if reserved != 0 || committed != sold || available + committed != expected {
+            bad.push(format!(
+                "product {p}: available {available} + committed {committed} (sold {sold}, reserved {reserved}) is not {expected}"
+            ));
+        }
+    }
+    if checked != baseline.len() {
+        bad.push(format!(
+            "{} of {} products have no stock row",
+            baseline.len() - checked,
+            baseline.len()
+        ));
+    }
+    let dupes = scalar(
+        &d.notifications,
+        "SELECT COUNT(*) FROM (SELECT event_id FROM inbox_items GROUP BY event_id HAVING COUNT(*) > 1) d",
+    )
+    .await?;
+    if dupes != 0 {
+        bad.push(format!("{dupes} events notified twice"));
+    }
+    let placed = scalar(
+        &d.notifications,
+        "SELECT COUNT(*) FROM inbox_items WHERE event_type = 'order.placed'",
+    )
+    .await?;
+    if placed != rows.len() as i64 {
+        bad.push(format!(
+            "{placed} order.placed notices for {} orders",
+            rows.len()
+        ));
+    }
+    Ok((
+        bad,
+        serde_json::json!({"orders": rows.len(), "confirmed": confirmed, "cancelled": cancelled,
+                           "abandoned_checkouts": abandoned.len(), "products": checked}),
+    ))
+}
+
+async fn reconcile(
+    data_dir: PathBuf,
+    baseline_from: PathBuf,
+    within: Duration,
+    report: PathBuf,
+) -> Result<bool> {
+    let run: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&baseline_from)
+            .with_context(|| format!("reading {}", baseline_from.display()))?,
+    )?;
+    let baseline = run["baseline"]
+        .as_object()
+        .with_context(|| {
+            format!(
+                "{}: no baseline (a report of `run`?)",
+                baseline_from.display()
+            )
+        })?
+        .clone();
+    let d = open_dbs(&data_dir).await?;
+    let t0 = Instant::now();
+    let mut pending = in_flight(&d).await?;
+    while pending > 0 && t0.elapsed() < within {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pending = in_flight(&d).await?;
+    }
+    let (mut bad, counts) = violations(&d, &baseline).await?;
+    if pending > 0 {
+        bad.insert(
+            0,
+            format!("{pending} things still in flight after {within:?}"),
+        );
+    }
+    let ok = bad.is_empty();
+    let summary = format!(
+        "{} orders ({} confirmed, {} cancelled), {} products checked, settled in {:.1} s; {} violations",
+        counts["orders"],
+        counts["confirmed"],
+        counts["cancelled"],
+        counts["products"],
+        t0.elapsed().as_secs_f64(),
+        bad.len()
+    );
+    eprintln!("reconciliation: {summary}");
+    for v in bad.iter().take(20) {
+        eprintln!("  {v}");
+    }
+    let out = serde_json::json!({"ok": ok, "summary": summary, "counts": counts,
+                                 "violations": bad.iter().take(100).collect::<Vec<_>>()});
+    std::fs::write(&report, serde_json::to_vec_pretty(&out)?)?;
+    Ok(ok)
+}
+
+fn main() -> Result<std::process::ExitCode> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cli.cmd {
+            Cmd::Run {
+                host,
+                admin_email,
+                admin_password,
+                stock,
+                users,
+                seconds,
+                data_dir,
+                report,
+                tags,
+            } => {
+                run(RunArgs {
+                    host,
+                    admin: (admin_email, admin_password),
+                    stock,
+                    users,
+                    seconds,
+                    data_dir,
+                    report,
+                    tags,
+                })
+                .await?;
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Cmd::Reconcile {
+                data_dir,
+                baseline_from,
+                within_secs,
+                report,
+            } => {
+                let ok = reconcile(
+                    data_dir,
+                    baseline_from,
+                    Duration::from_secs(within_secs),
+                    report,
+                )
+                .await?;
+                Ok(if ok {
+                    std::process::ExitCode::SUCCESS
+                } else {
+                    std::process::ExitCode::FAILURE
+                })
+            }
+        }
+    })
+}
