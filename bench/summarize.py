@@ -128,8 +128,10 @@ def svg_plot(path, title, series, xlabel, ylabel):
     for i in range(6):
         x = x0 + (x1 - x0) * i / 5
         o.append(f'<text x="{X(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:,.0f}</text>')
+    targets = sorted({name.rsplit(" ", 1)[0] for name in series})
     for i, (name, s) in enumerate(series.items()):
-        c = colors[i % len(colors)]
+        # One colour per target; p50 dashed, p99 solid.
+        c = colors[targets.index(name.rsplit(" ", 1)[0]) % len(colors)]
         dash = ' stroke-dasharray="5,3"' if "p50" in name else ""
         s = sorted(p for p in s if p[1] > 0)
         o.append(f'<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="'

@@ -228,3 +228,65 @@ impl Verifier {
         Ok(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    /// A token signed with the Ed25519 key of `seed`, and that key's public half.
+    fn signed(
+        seed: [u8; 32],
+        kid: &str,
+        config: &crate::config::GatewayConfig,
+    ) -> (String, DecodingKey) {
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&seed);
+        let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes();
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public);
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.into());
+        let now = shopverse_kit::SystemClock.now_secs();
+        let claims = serde_json::json!({"sub": "u1", "roles": ["customer"], "iss": config.issuer,
+            "aud": config.audience, "exp": now + 600});
+        let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_der(&der))
+            .expect("signed");
+        (
+            token,
+            DecodingKey::from_ed_components(&x).expect("public key"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_key_stops_admitting_its_cached_tokens() {
+        let config = crate::config::GatewayConfig::default();
+        // Nothing listens on port 9: a refetch of the key set fails at once.
+        let channel = Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        let v = Verifier::new(channel, &config, Arc::new(shopverse_kit::SystemClock));
+        let (token, k1) = signed([1; 32], "k1", &config);
+        let (_, k2) = signed([2; 32], "k2", &config);
+        v.install_keys(HashMap::from([("k1".to_owned(), k1.clone())]));
+        assert_eq!(
+            v.verify(&token).await.map(|id| id.user_id),
+            Ok("u1".to_owned())
+        );
+        // Adding a key keeps what was verified.
+        v.install_keys(HashMap::from([
+            ("k1".to_owned(), k1),
+            ("k2".to_owned(), k2.clone()),
+        ]));
+        assert!(v.verify(&token).await.is_ok());
+        // Withdrawing k1: its token is refused now, not when it expires.
+        v.install_keys(HashMap::from([("k2".to_owned(), k2)]));
+        assert_eq!(
+            v.verify(&token).await.map(|id| id.user_id),
+            Err(AuthError::UnknownKey)
+        );
+    }
+}

@@ -1179,3 +1179,20 @@ impl ProxyHttp for Gateway {
             .observe(ctx.start.elapsed().as_secs_f64());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RequestIds;
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_differ_within_and_across_gateways() {
+        let (a, b) = (RequestIds::new(), RequestIds::new());
+        let ids = [a.next(), a.next(), b.next()];
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        assert_ne!(ids[0], ids[1]);
+        assert_ne!(ids[0], ids[2], "two gateways made the same id");
+    }
+}
