@@ -614,12 +614,13 @@ async fn two_gateways_sharing_redis_admit_what_one_would() {
     b.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn passthrough_routes_reach_a_plain_http_upstream_without_spoofed_identity() {
+/// A plain HTTP upstream that answers every request with `reply` and records what it was sent.
+fn recording_upstream(
+    reply: &'static [u8],
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
-    // A plain HTTP upstream that records what it was sent.
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let up_addr = upstream.local_addr().unwrap();
+    let addr = upstream.local_addr().unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen2 = seen.clone();
     std::thread::spawn(move || {
@@ -631,9 +632,17 @@ async fn passthrough_routes_reach_a_plain_http_upstream_without_spoofed_identity
                 .lock()
                 .unwrap()
                 .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello");
+            let _ = s.write_all(reply);
         }
     });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_routes_reach_a_plain_http_upstream_without_spoofed_identity() {
+    let (up_addr, seen) = recording_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+    );
     let dir = tempfile::tempdir().unwrap();
     let passthrough = format!("[{{prefix = \"/static/\", upstream = \"{up_addr}\"}}]");
     let app = Appliance::start_with_env(
@@ -668,30 +677,15 @@ async fn passthrough_routes_reach_a_plain_http_upstream_without_spoofed_identity
 /// rate limits apply to it with the same 429 and headers as everywhere else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_routes_take_access_rules_and_rate_limits() {
-    use std::io::{Read, Write};
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let up_addr = upstream.local_addr().unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen2 = seen.clone();
-    std::thread::spawn(move || {
-        for stream in upstream.incoming() {
-            let Ok(mut s) = stream else { return };
-            let mut buf = vec![0u8; 16 << 10];
-            let n = s.read(&mut buf).unwrap_or(0);
-            seen2
-                .lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            let _ =
-                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
-        }
-    });
+    let (up_addr, seen) =
+        recording_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
     let dir = tempfile::tempdir().unwrap();
-    // A table where an earlier, longer prefix must win over a later catch-all.
+    // `/private/...` matches both `/private/` and the later `/p`: the first listed must win.
+    // (Pass-through prefixes come before the REST routes, so none may cover `/v1/`.)
     let passthrough = format!(
         "[{{prefix = \"/private/\", upstream = \"{up_addr}\", access = \"customer\"}}, \
           {{prefix = \"/static/\", upstream = \"{up_addr}\"}}, \
-          {{prefix = \"/\", upstream = \"{up_addr}\", access = \"admin\"}}]"
+          {{prefix = \"/p\", upstream = \"{up_addr}\", access = \"admin\"}}]"
     );
     let limits = r#"[{name = "assets", paths = ["/static/"], requests = 1, per_secs = 60, burst = 2, by = "ip"}]"#;
     let app = Appliance::start_with_env(
@@ -745,8 +739,8 @@ async fn passthrough_routes_take_access_rules_and_rate_limits() {
         "the customer's identity is missing: {req}"
     );
     assert!(req.contains("x-shopverse-roles: customer"), "{req}");
-    // The catch-all is for admins only; a customer is refused with 403.
-    let r = http(gw, "GET", "/elsewhere", &[("authorization", &token)], b"");
+    // `/p...` is for admins only; a customer is refused with 403.
+    let r = http(gw, "GET", "/pub/x", &[("authorization", &token)], b"");
     assert_eq!(r.status, 403, "{}", r.body);
 
     // Rate limits: a burst of 2, then 429 with Retry-After; headers on the admitted ones too.

@@ -414,7 +414,8 @@ impl Gateway {
         key: String,
         call: UpstreamCall,
     ) -> Reply {
-        let config = self.config.load().cache.clone();
+        // The live configuration, shared (not its cache section copied per request).
+        let config = self.config.load_full();
         let no_cache = session
             .req_header()
             .headers
@@ -441,7 +442,8 @@ impl Gateway {
                         .inc();
                     tokio::spawn(async move {
                         if let Ok(fresh) =
-                            Self::fetch_entry(&upstreams, &call, &config, clock.now_ms()).await
+                            Self::fetch_entry(&upstreams, &call, &config.cache, clock.now_ms())
+                                .await
                         {
                             let _ = cache.put(&key, &fresh);
                         }
@@ -472,7 +474,8 @@ impl Gateway {
             .upstream_calls
             .with_label_values(&[&call.service])
             .inc();
-        let fetched = Self::fetch_entry(&self.upstreams, &call, &config, self.clock.now_ms()).await;
+        let fetched =
+            Self::fetch_entry(&self.upstreams, &call, &config.cache, self.clock.now_ms()).await;
         drop(guard);
         if let Ok(mut inflight) = self.inflight.lock()
             && inflight

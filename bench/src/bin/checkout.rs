@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use goose::config::GooseConfiguration;
+use goose::goose::GooseResponse;
 use goose::prelude::*;
 use sqlx::Row;
 
@@ -158,24 +159,34 @@ fn next(user: &mut GooseUser) -> u64 {
     }
 }
 
-async fn add_to_cart(user: &mut GooseUser) -> TransactionResult {
-    let n = next(user);
+/// POSTs `body` as JSON with the shopper's token, recorded under `name`.
+async fn post_signed_in(
+    user: &mut GooseUser,
+    path: &str,
+    name: &str,
+    body: &serde_json::Value,
+) -> Result<GooseResponse, Box<TransactionError>> {
     let auth = user
         .get_session_data::<Shopper>()
         .map(|s| s.auth.clone())
         .unwrap_or_default();
-    let body = serde_json::json!({"productId": pick(n), "quantity": 1});
     let rb = user
-        .get_request_builder(&GooseMethod::Post, "/v1/cart/items")?
+        .get_request_builder(&GooseMethod::Post, path)?
         .header("authorization", auth)
-        .json(&body);
+        .json(body);
     let req = GooseRequest::builder()
         .method(GooseMethod::Post)
-        .path("/v1/cart/items")
-        .name("cart: add")
+        .path(path)
+        .name(name)
         .set_request_builder(rb)
         .build();
-    let r = user.request(req).await?;
+    user.request(req).await
+}
+
+async fn add_to_cart(user: &mut GooseUser) -> TransactionResult {
+    let n = next(user);
+    let body = serde_json::json!({"productId": pick(n), "quantity": 1});
+    let r = post_signed_in(user, "/v1/cart/items", "cart: add", &body).await?;
     if r.response.as_ref().is_ok_and(|r| r.status().is_success())
         && let Some(s) = user.get_session_data_mut::<Shopper>()
     {
@@ -192,10 +203,6 @@ async fn checkout(user: &mut GooseUser) -> TransactionResult {
         add_to_cart(user).await?;
     }
     let n = next(user);
-    let auth = user
-        .get_session_data::<Shopper>()
-        .map(|s| s.auth.clone())
-        .unwrap_or_default();
     let run = RUN.get().copied().unwrap_or(0);
     let body = serde_json::json!({
         "idempotencyKey": format!("bench-{run}-{n}"),
@@ -203,17 +210,7 @@ async fn checkout(user: &mut GooseUser) -> TransactionResult {
         "shippingAddress": {"recipient": "Bench Shopper", "line1": "1 Main St", "city": "Berlin",
                             "postalCode": "10115", "country": "DE"},
     });
-    let rb = user
-        .get_request_builder(&GooseMethod::Post, "/v1/checkout")?
-        .header("authorization", auth)
-        .json(&body);
-    let req = GooseRequest::builder()
-        .method(GooseMethod::Post)
-        .path("/v1/checkout")
-        .name("checkout")
-        .set_request_builder(rb)
-        .build();
-    user.request(req).await?;
+    post_signed_in(user, "/v1/checkout", "checkout", &body).await?;
     if let Some(s) = user.get_session_data_mut::<Shopper>() {
         s.cart_items = 0;
     }
