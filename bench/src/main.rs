@@ -326,7 +326,7 @@ where
     if load.connections == 0 {
         bail!("--connections must be at least 1");
     }
-    if !(load.seconds > 0.0) || load.warmup < 0.0 {
+    if load.seconds.is_nan() || load.seconds <= 0.0 || load.warmup.is_nan() || load.warmup < 0.0 {
         bail!("--seconds must be positive and --warmup not negative");
     }
     let mut workers = Vec::with_capacity(load.connections);

@@ -301,6 +301,16 @@ struct UpstreamCall {
     tags: Vec<String>,
 }
 
+/// The client asked for a response from the service, not from a cache.
+fn wants_fresh(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get("cache-control")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"))
+}
+
 /// Tags an entry is purged by: a product's id, or `catalog` for lists.
 fn cache_tags(rpc: &str, bindings: &[(String, String)]) -> Vec<String> {
     match rpc {
@@ -416,12 +426,7 @@ impl Gateway {
     ) -> Reply {
         // The live configuration, shared (not its cache section copied per request).
         let config = self.config.load_full();
-        let no_cache = session
-            .req_header()
-            .headers
-            .get("cache-control")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
+        let no_cache = wants_fresh(session);
         let now = self.clock.now_ms();
         let mut stale = None;
         if !no_cache && let Ok(Some((e, f))) = cache.get(&key, now) {
@@ -762,6 +767,31 @@ impl Gateway {
             Ok(h) => h,
             Err(r) => return r,
         };
+        let cacheable = self.cache.is_some()
+            && (method == Method::GET || method == Method::HEAD)
+            && m.route.access == Access::Public
+            && self
+                .config
+                .load()
+                .cache
+                .rpcs
+                .iter()
+                .any(|r| r == m.route.method.name());
+        // A signed-in caller may see more than the public (an admin sees archived products):
+        // such responses are neither served from nor stored in the shared cache.
+        let bypass = cacheable && identity.is_some();
+        let cache_key =
+            (cacheable && !bypass).then(|| format!("{}?{}", path, uri.query().unwrap_or("")));
+        // A fresh hit is answered before the request is transcoded: an entry exists only for
+        // a request (the same path and query) that was valid and answered before.
+        if let (Some(cache), Some(key)) = (&self.cache, &cache_key)
+            && !wants_fresh(session)
+            && let Ok(Some((e, Freshness::Fresh))) = cache.get(key, self.clock.now_ms())
+        {
+            let mut reply = self.reply_from_cache(session, &e, "HIT");
+            reply.headers.extend(limit_headers);
+            return reply;
+        }
         let body = match self.read_body(session).await {
             Ok(b) => b,
             Err(r) => return r,
@@ -798,22 +828,8 @@ impl Gateway {
             md.insert("traceparent", v);
         }
         let service = m.route.service.clone();
-        let cacheable = self.cache.is_some()
-            && (method == Method::GET || method == Method::HEAD)
-            && m.route.access == Access::Public
-            && self
-                .config
-                .load()
-                .cache
-                .rpcs
-                .iter()
-                .any(|r| r == m.route.method.name());
-        // A signed-in caller may see more than the public (an admin sees archived products):
-        // such responses are neither served from nor stored in the shared cache.
-        let bypass = cacheable && identity.is_some();
         if let Some(cache) = self.cache.clone()
-            && cacheable
-            && !bypass
+            && let Some(key) = cache_key
         {
             let call = UpstreamCall {
                 service,
@@ -823,7 +839,6 @@ impl Gateway {
                 output: m.route.method.output(),
                 tags: cache_tags(m.route.method.name(), &m.bindings),
             };
-            let key = format!("{}?{}", path, uri.query().unwrap_or(""));
             let mut reply = self.cached(&cache, session, key, call).await;
             reply.headers.extend(limit_headers);
             return reply;

@@ -132,7 +132,7 @@ async fn sign_in(user: &mut GooseUser) -> TransactionResult {
 
 async fn browse(user: &mut GooseUser) -> TransactionResult {
     let n = next(user);
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         let req = GooseRequest::builder()
             .path("/v1/products?pageSize=20")
             .name("browse: list")
