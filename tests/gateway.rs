@@ -1268,6 +1268,22 @@ async fn edge_cache_hits_revalidates_and_fetches_once() {
         &[("SHOPVERSE_GATEWAY__RATE_LIMITS", limits)],
     );
     let gw = app.addrs["gateway"];
+    // The demo catalog's product events purge catalog entries as the gateway consumes them.
+    // Wait until an entry outlives a poll interval of that consumer, then start from empty.
+    let t0 = std::time::Instant::now();
+    loop {
+        http(gw, "GET", "/v1/categories", &[], b"");
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        if http(gw, "GET", "/v1/categories", &[], b"").header("x-cache") == Some("HIT") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the seed's catalog events never settled"
+        );
+    }
+    let r = http(app.admin, "POST", "/cache/purge?all=true", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.body);
     let first = http(gw, "GET", "/v1/categories", &[], b"");
     assert_eq!((first.status, first.header("x-cache")), (200, Some("MISS")));
     let second = http(gw, "GET", "/v1/categories", &[], b"");

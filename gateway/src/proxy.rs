@@ -481,6 +481,13 @@ impl Gateway {
             .inc();
         let fetched =
             Self::fetch_entry(&self.upstreams, &call, &config.cache, self.clock.now_ms()).await;
+        // Stored before the lock is released: a request that takes the lock next (or a new
+        // one, once the lock is gone) must find the entry, not fetch it again.
+        if let Ok(entry) = &fetched
+            && let Err(e) = cache.put(&key, entry)
+        {
+            tracing::warn!(error = %e, "storing in the edge cache failed");
+        }
         drop(guard);
         if let Ok(mut inflight) = self.inflight.lock()
             && inflight
@@ -490,12 +497,7 @@ impl Gateway {
             inflight.remove(&key);
         }
         match fetched {
-            Ok(entry) => {
-                if let Err(e) = cache.put(&key, &entry) {
-                    tracing::warn!(error = %e, "storing in the edge cache failed");
-                }
-                self.reply_from_cache(session, &entry, "MISS")
-            }
+            Ok(entry) => self.reply_from_cache(session, &entry, "MISS"),
             Err(status) => match stale {
                 Some(e) => self.reply_from_cache(session, &e, "STALE"),
                 None => {
