@@ -1173,8 +1173,13 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
-        upstream.remove_header(shopverse_kit::identity::USER_HEADER);
-        upstream.remove_header(shopverse_kit::identity::ROLES_HEADER);
+        // Parsed header names: a `&str` would be parsed again on every request.
+        static USER: http::HeaderName =
+            http::HeaderName::from_static(shopverse_kit::identity::USER_HEADER);
+        static ROLES: http::HeaderName =
+            http::HeaderName::from_static(shopverse_kit::identity::ROLES_HEADER);
+        upstream.remove_header(&USER);
+        upstream.remove_header(&ROLES);
         upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(id) = &ctx.identity {
             upstream.insert_header(shopverse_kit::identity::USER_HEADER, id.user_id.as_str())?;
