@@ -422,14 +422,15 @@ impl Gateway {
         cache: &Arc<shopverse_edge_cache::EdgeCache>,
         session: &Session,
         key: String,
+        // What the caller found under `key` (None: nothing, or the client wants it fresh).
+        looked_up: Option<(shopverse_edge_cache::Entry, Freshness)>,
         call: UpstreamCall,
     ) -> Reply {
         // The live configuration, shared (not its cache section copied per request).
         let config = self.config.load_full();
         let no_cache = wants_fresh(session);
-        let now = self.clock.now_ms();
         let mut stale = None;
-        if !no_cache && let Ok(Some((e, f))) = cache.get(&key, now) {
+        if let Some((e, f)) = looked_up {
             match f {
                 Freshness::Fresh => return self.reply_from_cache(session, &e, "HIT"),
                 Freshness::Stale => {
@@ -786,11 +787,15 @@ impl Gateway {
             (cacheable && !bypass).then(|| format!("{}?{}", path, uri.query().unwrap_or("")));
         // A fresh hit is answered before the request is transcoded: an entry exists only for
         // a request (the same path and query) that was valid and answered before.
-        if let (Some(cache), Some(key)) = (&self.cache, &cache_key)
-            && !wants_fresh(session)
-            && let Ok(Some((e, Freshness::Fresh))) = cache.get(key, self.clock.now_ms())
-        {
-            let mut reply = self.reply_from_cache(session, &e, "HIT");
+        // The one lookup of this request; `cached` goes on from it on a miss.
+        let looked_up = match (&self.cache, &cache_key) {
+            (Some(cache), Some(key)) if !wants_fresh(session) => {
+                cache.get(key, self.clock.now_ms()).ok().flatten()
+            }
+            _ => None,
+        };
+        if let Some((e, Freshness::Fresh)) = &looked_up {
+            let mut reply = self.reply_from_cache(session, e, "HIT");
             reply.headers.extend(limit_headers);
             return reply;
         }
@@ -841,7 +846,7 @@ impl Gateway {
                 output: m.route.method.output(),
                 tags: cache_tags(m.route.method.name(), &m.bindings),
             };
-            let mut reply = self.cached(&cache, session, key, call).await;
+            let mut reply = self.cached(&cache, session, key, looked_up, call).await;
             reply.headers.extend(limit_headers);
             return reply;
         }
