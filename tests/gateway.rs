@@ -1130,7 +1130,12 @@ async fn graceful_upgrade_refuses_no_connection() {
         .local_addr()
         .unwrap();
     let listen = port.to_string();
-    let env = [("SHOPVERSE_GATEWAY__LISTEN", listen.as_str())];
+    // No rate limit: the client's steady requests would otherwise use up the per-IP burst, and
+    // the last check would get 429 rather than the new process's own 503.
+    let env = [
+        ("SHOPVERSE_GATEWAY__LISTEN", listen.as_str()),
+        ("SHOPVERSE_GATEWAY__RATE_LIMITS", "[]"),
+    ];
     let old = LoneGateway::start(dir.path(), "old", &env);
     assert_eq!(old.addr, port);
     // Clients keep coming on new connections the whole time.
