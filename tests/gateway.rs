@@ -1519,3 +1519,129 @@ async fn an_edit_is_seen_at_the_edge_within_a_second_and_private_views_bypass() 
     );
     app.stop();
 }
+
+/// A keep-alive HTTP/1.1 upstream: answers `GET /ka/chunked` with a chunked body, echoes the
+/// body of `POST /ka/echo`, and closes its side after `GET /ka/bye` (as an upstream whose idle
+/// timeout ran out would). Counts the connections it accepted.
+fn keepalive_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::Ordering;
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in upstream.incoming() {
+            let Ok(s) = stream else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.to_lowercase());
+                    }
+                    let len = head
+                        .iter()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    let reply = if head[0].starts_with("get /ka/chunked") {
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nkeep-alive: timeout=60\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n".to_vec()
+                    } else if head[0].starts_with("post /ka/echo") {
+                        let mut v =
+                            format!("HTTP/1.1 201 Created\r\ncontent-length: {len}\r\n\r\n")
+                                .into_bytes();
+                        v.extend_from_slice(&body);
+                        v
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye".to_vec()
+                    };
+                    if w.write_all(&reply).is_err() {
+                        return;
+                    }
+                    if head[0].starts_with("get /ka/bye") {
+                        return; // closes without saying so
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A chunked HTTP/1.1 body, decoded.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = &tail[n + 2..];
+    }
+    out
+}
+
+/// The gateway keeps its connections to a pass-through upstream alive across requests,
+/// streams chunked answers and request bodies, survives the upstream closing an idle
+/// connection, and answers 502 in the JSON error shape when the upstream is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_reuses_upstream_connections_and_frames_bodies() {
+    let (up_addr, accepted) = keepalive_upstream();
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone_addr = gone.local_addr().unwrap();
+    drop(gone);
+    let dir = tempfile::tempdir().unwrap();
+    let passthrough = format!(
+        "[{{prefix = \"/ka/\", upstream = \"{up_addr}\"}}, {{prefix = \"/gone/\", upstream = \"{gone_addr}\"}}]"
+    );
+    let app = Appliance::start_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough),
+            ("SHOPVERSE_GATEWAY__RATE_LIMITS", "[]"),
+        ],
+    );
+    let gw = app.addrs["gateway"];
+    for i in 0..10 {
+        let r = http(gw, "GET", "/ka/chunked", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(dechunk(&r.body), "hello", "request {i}: {:?}", r.body);
+        assert!(
+            r.header("keep-alive").is_none(),
+            "the upstream's hop-by-hop header leaked"
+        );
+        let payload = format!("order {i}");
+        let r = http(gw, "POST", "/ka/echo", &[], payload.as_bytes());
+        assert_eq!((r.status, r.body.as_str()), (201, payload.as_str()));
+    }
+    let opened = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    // One per gateway thread at most (each thread keeps its own idle connections).
+    assert!(
+        (1..=2).contains(&opened),
+        "20 sequential requests opened {opened} upstream connections"
+    );
+    // The upstream closes after each of these; the next request must not fail on the dead
+    // connection.
+    for _ in 0..4 {
+        let r = http(gw, "GET", "/ka/bye", &[], b"");
+        assert_eq!((r.status, r.body.as_str()), (200, "bye"));
+    }
+    let r = http(gw, "GET", "/gone/x", &[], b"");
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.json()["code"], "UNAVAILABLE", "{}", r.body);
+    app.stop();
+}

@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod config;
+mod direct;
 pub mod openapi;
 pub mod prefix;
 pub mod proxy;

@@ -21,6 +21,7 @@ use shopverse_kit::{Identity, Role};
 
 use crate::auth::{AuthError, Verifier};
 use crate::config::{GatewayConfig, LimitBy};
+use crate::direct;
 use crate::ratelimit::{Decision, Limiter};
 use crate::router::{Access, MatchError, Router};
 use crate::transcode::{request_message, response_json};
@@ -963,8 +964,66 @@ impl Gateway {
         })
     }
 
-    /// Lets a gRPC call through to its service if its method is public or the caller's token
-    /// carries the role, within the rate limits; `Err` is the gRPC status to answer with.
+    /// A plain pass-through request, proxied here rather than by Pingora's proxy loop
+    /// (see [`direct`]); a failure before the response started is answered as JSON.
+    async fn forward_direct(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<()> {
+        let Some((target, _)) = &ctx.passthrough else {
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::InternalError,
+                "no upstream for this request",
+            ));
+        };
+        let reply = match target.resolve().await {
+            Err(e) => Reply::error(
+                StatusCode::BAD_GATEWAY,
+                Code::Unavailable,
+                &format!("upstream address: {e}"),
+                serde_json::json!([]),
+            ),
+            Ok(addr) => {
+                let limits = {
+                    let config = self.config.load();
+                    direct::Limits {
+                        upstream: Duration::from_millis(config.request_timeout_ms),
+                        client_body: Duration::from_millis(config.client_body_timeout_ms),
+                    }
+                };
+                let extra = std::mem::take(&mut ctx.rate_headers);
+                let prepare = |req: &mut RequestHeader| gateway_headers(req, ctx);
+                match direct::forward(session, addr, limits, prepare, extra).await {
+                    Ok(()) => return Ok(()),
+                    Err(direct::Failure::Midway(e) | direct::Failure::Client(e)) => return Err(e),
+                    Err(e @ direct::Failure::Unavailable { .. }) => {
+                        tracing::warn!(route = ctx.route.as_str(), "{e}");
+                        Reply::error(
+                            StatusCode::BAD_GATEWAY,
+                            Code::Unavailable,
+                            "the upstream is unavailable",
+                            serde_json::json!([]),
+                        )
+                    }
+                    Err(e @ direct::Failure::Timeout { .. }) => {
+                        tracing::warn!(route = ctx.route.as_str(), "{e}");
+                        Reply::error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            Code::DeadlineExceeded,
+                            "the upstream did not answer in time",
+                            serde_json::json!([]),
+                        )
+                    }
+                    Err(direct::Failure::ClientTimeout) => Reply::error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        Code::DeadlineExceeded,
+                        "the request body did not arrive in time",
+                        serde_json::json!([]),
+                    )
+                    .with("connection", "close"),
+                }
+            }
+        };
+        self.write(session, ctx, reply).await
+    }
+
     /// The route's access rule and the rate limits, for a plain HTTP pass-through request.
     async fn admit_passthrough(
         &self,
@@ -981,6 +1040,8 @@ impl Gateway {
         Ok(())
     }
 
+    /// Lets a gRPC call through to its service if its method is public or the caller's token
+    /// carries the role, within the rate limits; `Err` is the gRPC status to answer with.
     async fn grpc_gate(
         &self,
         session: &Session,
@@ -1101,13 +1162,14 @@ impl ProxyHttp for Gateway {
         if let Some((label, target, access)) = pass {
             ctx.route = Label::Shared(label);
             ctx.passthrough = Some((target, false));
-            return match self.admit_passthrough(session, ctx, access).await {
-                Ok(()) => Ok(false),
-                Err(reply) => {
-                    self.write(session, ctx, reply).await?;
-                    Ok(true)
-                }
-            };
+            if let Err(reply) = self.admit_passthrough(session, ctx, access).await {
+                self.write(session, ctx, reply).await?;
+                return Ok(true);
+            }
+            if !direct::eligible(session) {
+                return Ok(false);
+            }
+            return self.forward_direct(session, ctx).await.map(|()| true);
         }
         let path = session.req_header().uri.path().to_owned();
         let grpc = session
@@ -1178,20 +1240,7 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
-        // Parsed header names: a `&str` would be parsed again on every request.
-        static USER: http::HeaderName =
-            http::HeaderName::from_static(shopverse_kit::identity::USER_HEADER);
-        static ROLES: http::HeaderName =
-            http::HeaderName::from_static(shopverse_kit::identity::ROLES_HEADER);
-        upstream.remove_header(&USER);
-        upstream.remove_header(&ROLES);
-        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(id) = &ctx.identity {
-            upstream.insert_header(shopverse_kit::identity::USER_HEADER, id.user_id.as_str())?;
-            let roles: Vec<&str> = id.roles.iter().map(|r| r.as_str()).collect();
-            upstream.insert_header(shopverse_kit::identity::ROLES_HEADER, roles.join(","))?;
-        }
-        Ok(())
+        gateway_headers(upstream, ctx)
     }
 
     /// Request metrics by route, method and status.
@@ -1208,6 +1257,25 @@ impl ProxyHttp for Gateway {
             .with_label_values(&[route])
             .observe(ctx.start.elapsed().as_secs_f64());
     }
+}
+
+/// Identity headers a client sent never reach an upstream: the verified caller's do, and the
+/// request id.
+fn gateway_headers(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<()> {
+    // Parsed header names: a `&str` would be parsed again on every request.
+    static USER: http::HeaderName =
+        http::HeaderName::from_static(shopverse_kit::identity::USER_HEADER);
+    static ROLES: http::HeaderName =
+        http::HeaderName::from_static(shopverse_kit::identity::ROLES_HEADER);
+    upstream.remove_header(&USER);
+    upstream.remove_header(&ROLES);
+    upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+    if let Some(id) = &ctx.identity {
+        upstream.insert_header(shopverse_kit::identity::USER_HEADER, id.user_id.as_str())?;
+        let roles: Vec<&str> = id.roles.iter().map(|r| r.as_str()).collect();
+        upstream.insert_header(shopverse_kit::identity::ROLES_HEADER, roles.join(","))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
