@@ -341,8 +341,28 @@ fn any_of(headers: &http::HeaderMap, names: &[&HeaderName]) -> bool {
     headers.keys().any(|k| names.contains(&k))
 }
 
+/// `Connection: keep-alive` or `close` is the only one of `hop` present.
+fn plain_connection_only(headers: &http::HeaderMap, hop: &[&HeaderName]) -> bool {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    let plain = match (values.next(), values.next()) {
+        (Some(v), None) => {
+            v.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+                || v.as_bytes().eq_ignore_ascii_case(b"close")
+        }
+        _ => false,
+    };
+    plain
+        && !headers
+            .keys()
+            .any(|k| *k != header::CONNECTION && hop.contains(&k))
+}
+
 fn strip_request_hop_by_hop(req: &mut RequestHeader) {
     if !any_of(&req.headers, &REQUEST_HOP) {
+        return;
+    }
+    if plain_connection_only(&req.headers, &REQUEST_HOP) {
+        req.remove_header(&header::CONNECTION);
         return;
     }
     for name in nominated(&req.headers) {
@@ -357,6 +377,11 @@ fn strip_request_hop_by_hop(req: &mut RequestHeader) {
 /// `Connection` itself.
 fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
     if !any_of(&resp.headers, &RESPONSE_HOP) {
+        return;
+    }
+    if plain_connection_only(&resp.headers, &RESPONSE_HOP) {
+        // The usual case, `Connection: keep-alive` and nothing else: one removal.
+        resp.remove_header(&header::CONNECTION);
         return;
     }
     for name in nominated(&resp.headers) {
@@ -394,5 +419,21 @@ mod tests {
         strip_response_hop_by_hop(&mut resp);
         let names: Vec<&str> = resp.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["transfer-encoding"]);
+
+        // The shortcut for a lone `Connection: keep-alive` leaves the rest alone...
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("connection", "keep-alive").unwrap();
+        resp.insert_header("content-length", "2").unwrap();
+        strip_response_hop_by_hop(&mut resp);
+        let names: Vec<&str> = resp.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
+        // ...and is not taken when another hop-by-hop header is there too.
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("connection", "close").unwrap();
+        req.insert_header("te", "trailers").unwrap();
+        req.insert_header("proxy-authorization", "Basic eA==")
+            .unwrap();
+        strip_request_hop_by_hop(&mut req);
+        assert!(req.headers.is_empty(), "{:?}", req.headers);
     }
 }
