@@ -246,7 +246,7 @@ impl EventBus for EmbeddedLog {
         partition: i32,
         next_offset: i64,
     ) -> Result<(), BusError> {
-        sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO group_offsets (group_id, topic, part, next_offset) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (group_id, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
         )
@@ -254,8 +254,9 @@ impl EventBus for EmbeddedLog {
         .bind(topic)
         .bind(i64::from(partition))
         .bind(next_offset)
-        .execute(self.inner.db.pool())
-        .await?;
+        .execute(self.inner.db.pool());
+        let _turn = self.inner.db.write_lock().await?;
+        q.await?;
         Ok(())
     }
 

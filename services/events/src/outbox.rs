@@ -147,7 +147,7 @@ impl Relay {
                 .bind(i64::try_from(self.batch_size).unwrap_or(200))
                 .fetch_all(&mut *tx)
                 .await?;
-                let n = self.publish_rows(&mut tx, &rows).await?;
+                let n = self.publish_rows(Some(&mut tx), &rows).await?;
                 tx.commit().await?;
                 Ok(n)
             }
@@ -161,16 +161,16 @@ impl Relay {
                 .bind(i64::try_from(self.batch_size).unwrap_or(200))
                 .fetch_all(self.db.pool())
                 .await?;
-                let mut conn = self.db.pool().acquire().await?;
-                self.publish_rows(&mut conn, &rows).await
+                self.publish_rows(None, &rows).await
             }
         }
     }
 
-    /// Publishes `rows`, then stamps them sent on `conn`.
+    /// Publishes `rows`, then stamps them sent on `conn`, or (SQLite) on a pooled connection
+    /// in the file's writer turn: the turn first, then the connection, as everywhere.
     async fn publish_rows(
         &self,
-        conn: &mut sqlx::AnyConnection,
+        conn: Option<&mut sqlx::AnyConnection>,
         rows: &[sqlx::any::AnyRow],
     ) -> Result<usize, RelayError> {
         if rows.is_empty() {
@@ -206,7 +206,14 @@ impl Relay {
         for id in &ids {
             q = q.bind(id);
         }
-        q.execute(conn).await?;
+        match conn {
+            Some(conn) => q.execute(conn).await?,
+            None => {
+                let _turn = self.db.write_lock().await?;
+                let mut conn = self.db.pool().acquire().await?;
+                q.execute(&mut *conn).await?
+            }
+        };
         self.metrics.published.inc_by(ids.len() as u64);
         Ok(ids.len())
     }
@@ -250,13 +257,17 @@ impl Relay {
                 last_prune = tokio::time::Instant::now();
                 let cutoff =
                     SystemClock.now_ms() - i64::try_from(self.retention.as_millis()).unwrap_or(0);
-                if let Err(e) = sqlx::query(
+                let turn = self.db.write_lock().await;
+                let pruned = sqlx::query(
                     "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1",
                 )
                 .bind(cutoff)
-                .execute(self.db.pool())
-                .await
-                {
+                .execute(self.db.pool());
+                let pruned = match turn {
+                    Ok(_turn) => pruned.await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = pruned {
                     tracing::warn!(error = %e, "pruning published outbox rows failed");
                 }
             }

@@ -6,10 +6,20 @@
 //! per dialect. Writes that read before they write open with [`Db::begin_write`], which on SQLite
 //! takes the write lock up front (`BEGIN IMMEDIATE`): a deferred transaction that read first
 //! cannot upgrade once another connection has committed, even with a busy timeout.
+//!
+//! SQLite has one writer at a time. Left to itself, a connection that finds the file locked
+//! sleeps in its busy handler (1, 2, 5, ... 100 ms) and tries again: under load the writers
+//! spent their time asleep while the core idled. So on SQLite the writers of one file queue
+//! in the process instead, on an async lock ([`Db::begin_write`], [`Db::write_lock`]), and
+//! each goes as soon as the one before it commits.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use tokio::sync::OwnedMutexGuard;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -53,13 +63,61 @@ pub struct Db {
     pool: AnyPool,
     kind: DbKind,
     url: String,
+    /// SQLite: the file's writer queue, shared by every `Db` of this process on that file.
+    writers: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// How long a writer waits for its turn: SQLite's busy timeout, as before the queue.
+const WRITE_WAIT: Duration = Duration::from_secs(10);
+
+/// The writer queue of one SQLite file (by its path as configured).
+fn writer_queue(file: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static QUEUES: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    let path = std::fs::canonicalize(file)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| file.to_owned());
+    let mut queues = QUEUES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    queues.entry(path).or_default().clone()
+}
+
+/// A write transaction; on SQLite it holds the file's writer turn until it ends. It derefs to
+/// the connection, as a `sqlx` transaction does (`&mut *tx` is the executor).
+pub struct WriteTx {
+    tx: Transaction<'static, Any>,
+    _turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
 }
 
 impl Db {
     /// Connects, creating the SQLite file (and its folder) when missing.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
         install_default_drivers();
-        let (kind, url) = if let Some(path) = url
+        let (kind, url, file) = if let Some(path) = url
             .strip_prefix("sqlite://")
             .or(url.strip_prefix("sqlite:"))
         {
@@ -78,9 +136,13 @@ impl Db {
             } else {
                 query.to_owned()
             };
-            (DbKind::Sqlite, format!("sqlite://{file}?{query}"))
+            (
+                DbKind::Sqlite,
+                format!("sqlite://{file}?{query}"),
+                Some(file.to_owned()),
+            )
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (DbKind::Postgres, url.to_owned())
+            (DbKind::Postgres, url.to_owned(), None)
         } else {
             return Err(DbError::UnknownScheme(redact(url)));
         };
@@ -107,7 +169,18 @@ impl Db {
                 url: redact(&url),
                 source,
             })?;
-        Ok(Db { pool, kind, url })
+        let writers = match (&file, kind) {
+            (Some(f), DbKind::Sqlite) if f != ":memory:" => Some(writer_queue(f)),
+            // Each in-memory database is its own.
+            (_, DbKind::Sqlite) => Some(Arc::default()),
+            _ => None,
+        };
+        Ok(Db {
+            pool,
+            kind,
+            url,
+            writers,
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -154,11 +227,30 @@ impl Db {
     }
 
     /// A transaction that will write. See the module docs for why SQLite needs this.
-    pub async fn begin_write(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
-        match self.kind {
-            DbKind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            DbKind::Postgres => self.pool.begin().await,
-        }
+    pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
+        let turn = self.write_lock().await?;
+        let tx = match self.kind {
+            DbKind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            DbKind::Postgres => self.pool.begin().await?,
+        };
+        Ok(WriteTx { tx, _turn: turn })
+    }
+
+    /// On SQLite, this file's writer turn, for a write outside [`Db::begin_write`] (a single
+    /// statement); hold it until the statement is done. `None` on PostgreSQL. Waiting longer
+    /// than SQLite's busy timeout is the same `PoolTimedOut` a busy pool gives.
+    ///
+    /// Take it *before* a pooled connection, never while holding one: the pool is small, and
+    /// tasks holding its connections while they wait for the turn would leave the turn's
+    /// holder no connection to write on.
+    pub async fn write_lock(&self) -> Result<Option<OwnedMutexGuard<()>>, sqlx::Error> {
+        let Some(q) = &self.writers else {
+            return Ok(None);
+        };
+        tokio::time::timeout(WRITE_WAIT, q.clone().lock_owned())
+            .await
+            .map(Some)
+            .map_err(|_| sqlx::Error::PoolTimedOut)
     }
 
     pub async fn close(&self) {

@@ -137,7 +137,7 @@ impl Notifications {
         recipient: &str,
         error: Option<&str>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO deliveries (event_id, channel, recipient, status, attempts, last_error, updated_at) \
              VALUES ($1, $2, $3, $4, 1, $5, $6) \
              ON CONFLICT (event_id, channel) DO UPDATE SET status = excluded.status, \
@@ -149,8 +149,9 @@ impl Notifications {
         .bind(if error.is_some() { "FAILED" } else { "SENT" })
         .bind(error.unwrap_or_default())
         .bind(self.clock.now_ms())
-        .execute(self.db.pool())
-        .await?;
+        .execute(self.db.pool());
+        let _turn = self.db.write_lock().await?;
+        q.await?;
         Ok(())
     }
 

@@ -320,6 +320,7 @@ impl Orders {
         if product_id.is_empty() {
             return Err(ServiceError::invalid("product_id", "is required"));
         }
+        let turn = self.store().db.write_lock().await?;
         let mut conn = self.store().db.pool().acquire().await?;
         if self
             .store()
@@ -330,10 +331,12 @@ impl Orders {
             return Err(ServiceError::not_found("cart line for product", product_id));
         }
         drop(conn);
+        drop(turn);
         self.cart(user_id).await
     }
 
     pub async fn clear(&self, user_id: &str) -> Result<Cart, ServiceError> {
+        let _turn = self.store().db.write_lock().await?;
         let mut conn = self.store().db.pool().acquire().await?;
         self.store().clear_cart(&mut conn, user_id).await?;
         Ok(Cart::default())
@@ -347,6 +350,8 @@ impl Orders {
         hash: &str,
     ) -> Result<CheckoutRow, ServiceError> {
         for _ in 0..3 {
+            // The writer turn before the connection (see `Db::write_lock`).
+            let turn = self.store().db.write_lock().await?;
             let mut conn = self.store().db.pool().acquire().await?;
             if let Some(c) = self.store().checkout(&mut conn, user_id, key).await? {
                 if c.request_hash != hash {
@@ -367,11 +372,12 @@ impl Orders {
                 lines,
                 error: None,
             };
-            match self
+            let inserted = self
                 .store()
                 .insert_checkout(&mut conn, user_id, key, &attempt, self.now())
-                .await
-            {
+                .await;
+            drop(turn);
+            match inserted {
                 Ok(()) => return Ok(attempt),
                 // The same key, concurrently: read what the other request wrote.
                 Err(e) if is_unique_violation(&e) => continue,
@@ -384,6 +390,7 @@ impl Orders {
     }
 
     async fn refuse(&self, order_id: &str, message: String) -> Result<OrderRow, ServiceError> {
+        let _turn = self.store().db.write_lock().await?;
         let mut conn = self.store().db.pool().acquire().await?;
         self.store()
             .move_checkout(

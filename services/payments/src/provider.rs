@@ -110,7 +110,7 @@ impl Simulator {
         attempts: i64,
     ) -> Result<String, sqlx::Error> {
         let reference = format!("sim_{}", &uuid::Uuid::now_v7().simple().to_string()[..20]);
-        sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO simulator_operations (idempotency_key, kind, amount_minor, currency, outcome, reference, reason, attempts, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (idempotency_key) DO UPDATE SET outcome = excluded.outcome, reference = excluded.reference, \
@@ -125,8 +125,9 @@ impl Simulator {
         .bind(reason)
         .bind(attempts)
         .bind(SystemClock.now_ms())
-        .execute(self.db.pool())
-        .await?;
+        .execute(self.db.pool());
+        let _turn = self.db.write_lock().await?;
+        q.await?;
         Ok(reference)
     }
 }

@@ -153,14 +153,15 @@ impl Repo {
     }
 
     pub async fn insert_category(&self, c: &CategoryRow, now: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO categories (id, name, slug, parent_id, created_at) VALUES ($1, $2, $3, $4, $5)")
+        let q = sqlx::query("INSERT INTO categories (id, name, slug, parent_id, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(&c.id)
             .bind(&c.name)
             .bind(&c.slug)
             .bind(c.parent_id.as_deref())
             .bind(now)
-            .execute(self.db.pool())
-            .await?;
+            .execute(self.db.pool());
+        let _turn = self.db.write_lock().await?;
+        q.await?;
         Ok(())
     }
 

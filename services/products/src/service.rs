@@ -604,7 +604,7 @@ impl Products {
 
     async fn save(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        mut tx: shopverse_kit::db::WriteTx,
         mut p: ProductRow,
         expected: i64,
         kind: &EventType,

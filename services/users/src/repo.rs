@@ -183,6 +183,7 @@ impl Repo {
     }
 
     pub async fn clear_login_failures(&self, email: &str) -> Result<(), sqlx::Error> {
+        let _turn = self.db.write_lock().await?;
         sqlx::query("DELETE FROM login_failures WHERE email = $1")
             .bind(email)
             .execute(self.db.pool())
