@@ -302,6 +302,58 @@ mod tests {
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
     }
 
+    /// Many writers on a two-connection pool, in transactions and as single statements, all
+    /// land: each waits for the file's writer turn before it takes a connection, so none of
+    /// them holds a connection the turn's holder needs (that ordering ran the pool dry once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_writers_queue_without_starving_the_pool() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/w.db", dir.path().display());
+        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE t (id BIGINT PRIMARY KEY);")];
+        let db = Db::connect(&url, 2).await.expect("connect");
+        db.migrate(&[m]).await.expect("migrate");
+        // A second `Db` on the same file shares the queue.
+        let other = Db::connect(&url, 2).await.expect("connect again");
+        let mut tasks = Vec::new();
+        for i in 0..60i64 {
+            let db = if i % 3 == 0 {
+                other.clone()
+            } else {
+                db.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    let mut tx = db.begin_write().await?;
+                    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    sqlx::query("INSERT INTO t (id) VALUES ($1)")
+                        .bind(i)
+                        .execute(&mut *tx)
+                        .await?;
+                    tokio::task::yield_now().await;
+                    tx.commit().await?;
+                    Ok::<i64, sqlx::Error>(n)
+                } else {
+                    let _turn = db.write_lock().await?;
+                    sqlx::query("INSERT INTO t (id) VALUES ($1)")
+                        .bind(i)
+                        .execute(db.pool())
+                        .await?;
+                    Ok(0)
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join").expect("a writer failed");
+        }
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(db.pool())
+            .await
+            .expect("count");
+        assert_eq!(n, 60);
+    }
+
     #[tokio::test]
     async fn sqlite_migrates_once_and_stores_blobs() {
         let dir = tempfile::tempdir().expect("tempdir");
