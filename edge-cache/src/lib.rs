@@ -481,7 +481,19 @@ mod tests {
             );
             c.flush().unwrap();
         }
-        let c = EdgeCache::open(dir.path(), CacheConfig::default(), &Registry::new()).unwrap();
+        // sled's background flusher holds the file lock a moment after the cache is dropped
+        // (this failed once on a loaded machine with "could not acquire lock"): wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let c = loop {
+            match EdgeCache::open(dir.path(), CacheConfig::default(), &Registry::new()) {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("reopening: {e}; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("reopening the cache: {e}"),
+            }
+        };
         let (e, f) = c.get("b", 1_000).unwrap().unwrap();
         assert_eq!(
             (e.body, f),
