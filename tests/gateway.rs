@@ -518,10 +518,9 @@ impl LoneGateway {
         extra: &str,
         args: &[&str],
     ) -> LoneGateway {
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Port 1: nothing listens there, and no test's port-0 server can be given it (a port
+        // bound and released here could be, and then "down" answered).
+        let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
@@ -1075,10 +1074,8 @@ async fn sighup_reloads_policies() {
 async fn a_dead_endpoint_in_a_pool_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let app = Appliance::start(dir.path(), &["--demo"]);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Nothing listens on port 1, and no other test's server can be given it.
+    let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let pool = format!(r#"["http://{dead}", "http://{}"]"#, app.products);
     let users = format!(r#"["http://{}"]"#, app.users);
     let gw = LoneGateway::start(
@@ -1600,9 +1597,8 @@ fn dechunk(body: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_reuses_upstream_connections_and_frames_bodies() {
     let (up_addr, accepted) = keepalive_upstream();
-    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let gone_addr = gone.local_addr().unwrap();
-    drop(gone);
+    // Nothing listens on port 1, and no other test's server can be given it.
+    let gone_addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let passthrough = format!(
         "[{{prefix = \"/ka/\", upstream = \"{up_addr}\"}}, {{prefix = \"/gone/\", upstream = \"{gone_addr}\"}}]"

@@ -177,6 +177,17 @@ pub struct RateLimitPolicy {
     /// ...with bursts of up to this many.
     pub burst: u32,
     pub by: LimitBy,
+    /// Its `RateLimit-Policy` header value, made on first use.
+    #[serde(skip)]
+    pub policy_header: std::sync::OnceLock<String>,
+}
+
+impl RateLimitPolicy {
+    /// `"name";q=burst;w=per_secs`, the same on every response this policy covers.
+    pub fn policy_header(&self) -> &str {
+        self.policy_header
+            .get_or_init(|| format!("\"{}\";q={};w={}", self.name, self.burst, self.per_secs))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +272,7 @@ impl Default for GatewayConfig {
                     per_secs: 60,
                     burst: 10,
                     by: LimitBy::Ip,
+                    policy_header: Default::default(),
                 },
                 RateLimitPolicy {
                     name: "default".into(),
@@ -269,6 +281,7 @@ impl Default for GatewayConfig {
                     per_secs: 1,
                     burst: 100,
                     by: LimitBy::User,
+                    policy_header: Default::default(),
                 },
             ],
             passthrough: Vec::new(),

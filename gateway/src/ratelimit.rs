@@ -225,6 +225,7 @@ mod tests {
             per_secs,
             burst,
             by: LimitBy::Ip,
+            policy_header: Default::default(),
         }
     }
 
