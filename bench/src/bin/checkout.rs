@@ -207,21 +207,33 @@ async fn checkout(user: &mut GooseUser) -> TransactionResult {
     Ok(())
 }
 
-/// Signs the administrator in, lists the catalog and sets every product's stock.
-async fn prepare(host: &str, email: &str, password: &str, stock: i64) -> Result<Vec<String>> {
-    let http = reqwest::Client::new();
+/// Signs `email` in; the bearer token.
+async fn sign_in_token(
+    http: &reqwest::Client,
+    host: &str,
+    email: &str,
+    password: &str,
+) -> Result<String> {
     let login: serde_json::Value = http
         .post(format!("{host}/v1/auth/login"))
         .json(&serde_json::json!({"email": email, "password": password}))
         .send()
         .await?
         .error_for_status()
-        .context("signing the administrator in")?
+        .with_context(|| format!("signing {email} in"))?
         .json()
         .await?;
-    let token = login["accessToken"]
+    login["accessToken"]
         .as_str()
-        .context("no accessToken in the sign-in answer")?;
+        .map(str::to_owned)
+        .context("no accessToken in the sign-in answer")
+}
+
+/// Signs the administrator in, lists the catalog and sets every product's stock.
+async fn prepare(host: &str, email: &str, password: &str, stock: i64) -> Result<Vec<String>> {
+    let http = reqwest::Client::new();
+    let token = sign_in_token(&http, host, email, password).await?;
+    let token = token.as_str();
     let mut ids = Vec::new();
     let mut page = String::new();
     loop {
@@ -277,19 +289,7 @@ async fn sign_up(host: &str, run: u64, n: usize) -> Result<(Vec<String>, Duratio
                         .await?
                         .error_for_status()
                         .with_context(|| format!("registering {email}"))?;
-                    let login: serde_json::Value = http
-                        .post(format!("{host}/v1/auth/login"))
-                        .json(&serde_json::json!({"email": email, "password": password}))
-                        .send()
-                        .await?
-                        .error_for_status()
-                        .with_context(|| format!("signing {email} in"))?
-                        .json()
-                        .await?;
-                    login["accessToken"]
-                        .as_str()
-                        .map(str::to_owned)
-                        .context("no accessToken in the sign-in answer")
+                    sign_in_token(&http, &host, &email, password).await
                 }
             })
             .collect();
