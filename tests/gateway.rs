@@ -1552,7 +1552,14 @@ fn keepalive_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::Atomic
                         .map_or(0, |v| v.trim().parse::<usize>().unwrap());
                     let mut body = vec![0; len];
                     r.read_exact(&mut body).unwrap();
-                    let reply = if head[0].starts_with("get /ka/chunked") {
+                    let reply = if head[0].starts_with("head ") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec()
+                    } else if head[0].starts_with("get /ka/close") {
+                        // An HTTP/1.0-style answer: the body ends when the connection does.
+                        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nstream");
+                        let _ = w.write_all(b"ed");
+                        return;
+                    } else if head[0].starts_with("get /ka/chunked") {
                         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nkeep-alive: timeout=60\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n".to_vec()
                     } else if head[0].starts_with("post /ka/echo") {
                         let mut v =
@@ -1639,5 +1646,163 @@ async fn passthrough_reuses_upstream_connections_and_frames_bodies() {
     let r = http(gw, "GET", "/gone/x", &[], b"");
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(r.json()["code"], "UNAVAILABLE", "{}", r.body);
+    app.stop();
+}
+
+/// One response read off a kept-alive connection: status, lower-cased headers, body (chunked
+/// bodies decoded).
+fn read_response(
+    r: &mut std::io::BufReader<std::net::TcpStream>,
+    head_request: bool,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        let (k, v) = line.split_once(':').unwrap();
+        headers.push((k.trim().to_lowercase(), v.trim().to_owned()));
+    }
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if head_request {
+    } else if get("transfer-encoding").is_some_and(|v| v.ends_with("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = get("content-length") {
+        body.resize(n.parse().unwrap(), 0);
+        r.read_exact(&mut body).unwrap();
+    }
+    (status, headers, body)
+}
+
+/// The HTTP/1 front serves many requests on one client connection (pipelined too), relays
+/// each framing an upstream uses, and hands a request it does not serve (REST, here) to
+/// Pingora's server mid-connection without losing a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_connection_carries_pass_through_and_rest_requests() {
+    use std::io::{Read, Write};
+    let (up_addr, _) = keepalive_upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let passthrough = format!("[{{prefix = \"/ka/\", upstream = \"{up_addr}\"}}]");
+    let app = Appliance::start_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough),
+            ("SHOPVERSE_GATEWAY__RATE_LIMITS", "[]"),
+        ],
+    );
+    let gw = app.addrs["gateway"];
+    let s = std::net::TcpStream::connect(gw).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let host = format!("Host: {gw}\r\n");
+
+    for _ in 0..3 {
+        write!(w, "GET /ka/chunked HTTP/1.1\r\n{host}\r\n").unwrap();
+        let (status, headers, body) = read_response(&mut r, false);
+        assert_eq!((status, body.as_slice()), (200, &b"hello"[..]));
+        assert!(
+            !headers.iter().any(|(k, _)| k == "keep-alive"),
+            "{headers:?}"
+        );
+    }
+    // Two requests in one write: answered in order.
+    write!(
+        w,
+        "GET /ka/chunked HTTP/1.1\r\n{host}\r\nPOST /ka/echo HTTP/1.1\r\n{host}content-length: 4\r\n\r\nping"
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut r, false).2, b"hello");
+    let (status, _, body) = read_response(&mut r, false);
+    assert_eq!((status, body.as_slice()), (201, &b"ping"[..]));
+    // A body far larger than one read, sent after the head.
+    let big: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    write!(
+        w,
+        "POST /ka/echo HTTP/1.1\r\n{host}content-length: {}\r\n\r\n",
+        big.len()
+    )
+    .unwrap();
+    w.write_all(&big).unwrap();
+    let (status, _, body) = read_response(&mut r, false);
+    assert_eq!(status, 201);
+    assert!(
+        body == big,
+        "the echoed body differs ({} bytes)",
+        body.len()
+    );
+    // HEAD: a length, no body; the connection stays in step.
+    write!(w, "HEAD /ka/x HTTP/1.1\r\n{host}\r\n").unwrap();
+    let (status, headers, _) = read_response(&mut r, true);
+    assert_eq!(status, 200);
+    assert!(
+        headers.contains(&("content-length".into(), "5".into())),
+        "{headers:?}"
+    );
+    // A body delimited by the upstream closing reaches the client chunked.
+    write!(w, "GET /ka/close HTTP/1.1\r\n{host}\r\n").unwrap();
+    let (status, headers, body) = read_response(&mut r, false);
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, &b"streamed"[..]),
+        "{headers:?}"
+    );
+    assert!(
+        !headers.iter().any(|(k, _)| k == "connection"),
+        "{headers:?}"
+    );
+    // A REST request: Pingora's server takes the connection from here...
+    write!(w, "GET /openapi.json HTTP/1.1\r\n{host}\r\n").unwrap();
+    let (status, _, body) = read_response(&mut r, false);
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    // ...and still proxies pass-through requests on it.
+    write!(
+        w,
+        "POST /ka/echo HTTP/1.1\r\n{host}content-length: 4\r\n\r\npong"
+    )
+    .unwrap();
+    let (status, _, body) = read_response(&mut r, false);
+    assert_eq!((status, body.as_slice()), (201, &b"pong"[..]));
+
+    // `Connection: close` is honoured: the answer says so, then the connection ends.
+    let s = std::net::TcpStream::connect(gw).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    write!(
+        w,
+        "GET /ka/chunked HTTP/1.1\r\n{host}connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let (status, headers, body) = read_response(&mut r, false);
+    assert_eq!((status, body.as_slice()), (200, &b"hello"[..]));
+    assert!(
+        headers.contains(&("connection".into(), "close".into())),
+        "{headers:?}"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(r.read_to_end(&mut rest).unwrap(), 0, "{rest:?}");
     app.stop();
 }

@@ -215,16 +215,33 @@ fn classify(addr: SocketAddr, e: Box<pingora::Error>) -> Failure {
 
 /// A pooled connection that still looks open, or a new one; `true` when pooled.
 async fn connect(addr: SocketAddr, limits: Limits) -> Result<(HttpSession, bool), Failure> {
-    while let Some(mut stream) = take(addr) {
-        if idle_and_open(&mut stream) {
-            return Ok((session_for(stream, limits), true));
-        }
-    }
-    fresh(addr, limits).await
+    let (stream, reused) = pooled_or_dial(addr, limits.upstream).await?;
+    Ok((session_for(stream, limits), reused))
 }
 
 async fn fresh(addr: SocketAddr, limits: Limits) -> Result<(HttpSession, bool), Failure> {
-    let tcp = tokio::time::timeout(limits.upstream, tokio::net::TcpStream::connect(addr))
+    Ok((
+        session_for(dial(addr, limits.upstream).await?, limits),
+        false,
+    ))
+}
+
+/// A pooled connection to `addr` that still looks open (`true`), or a new one.
+pub(crate) async fn pooled_or_dial(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(Stream, bool), Failure> {
+    while let Some(mut stream) = take(addr) {
+        if idle_and_open(&mut stream) {
+            return Ok((stream, true));
+        }
+    }
+    Ok((dial(addr, timeout).await?, false))
+}
+
+/// A new connection to `addr`.
+pub(crate) async fn dial(addr: SocketAddr, timeout: Duration) -> Result<Stream, Failure> {
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| Failure::Timeout { addr })?
         .map_err(|e| Failure::Unavailable {
@@ -233,8 +250,7 @@ async fn fresh(addr: SocketAddr, limits: Limits) -> Result<(HttpSession, bool), 
         })?;
     // Small requests and answers: Nagle would hold each for the peer's delayed ACK.
     let _ = tcp.set_nodelay(true);
-    let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
-    Ok((session_for(stream, limits), false))
+    Ok(Box::new(pingora::protocols::l4::stream::Stream::from(tcp)))
 }
 
 fn session_for(stream: Stream, limits: Limits) -> HttpSession {
@@ -260,7 +276,8 @@ fn take(addr: SocketAddr) -> Option<Stream> {
     })
 }
 
-fn release(addr: SocketAddr, stream: Stream) {
+/// Keeps an upstream connection for the next request to `addr`.
+pub(crate) fn release(addr: SocketAddr, stream: Stream) {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.entry(addr).or_default();

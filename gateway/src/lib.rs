@@ -10,6 +10,7 @@
 //! - [`upstream`]: one balanced gRPC channel per service; calls carry encoded bytes.
 //! - [`openapi`]: the OpenAPI 3.1 document derived from the same routes.
 //! - [`proxy`]: the Pingora `ProxyHttp` tying them together.
+//! - [`front`]: the HTTP/1 front ahead of Pingora's server, which serves pass-through routes.
 //!
 //! [`start`] runs Pingora on a thread of its own (it builds its own runtimes), stopped by the
 //! same cancellation token as the rest of the process.
@@ -19,6 +20,7 @@
 pub mod auth;
 pub mod config;
 mod direct;
+pub mod front;
 pub mod openapi;
 pub mod prefix;
 pub mod proxy;
@@ -404,13 +406,18 @@ pub async fn start_full(
             }
             let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
             server.bootstrap();
-            let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
-            if let Some(app) = service.app_logic_mut() {
-                // gRPC clients speak HTTP/2 in cleartext (h2c); HTTP/1.1 clients are unaffected.
-                let mut opts = pingora::apps::HttpServerOptions::default();
-                opts.h2c = true;
-                app.server_options = Some(opts);
-            }
+            let gateway = Arc::new(gateway);
+            let mut proxy =
+                pingora::proxy::http_proxy(&server.configuration, proxy::Shared(gateway.clone()));
+            // gRPC clients speak HTTP/2 in cleartext (h2c); HTTP/1.1 clients are unaffected.
+            let mut opts = pingora::apps::HttpServerOptions::default();
+            opts.h2c = true;
+            proxy.server_options = Some(opts);
+            // Pass-through requests are served by the front; the rest by Pingora's proxy.
+            let mut service = pingora::services::listening::Service::new(
+                "ShopVerse gateway".to_owned(),
+                front::Front::new(gateway, proxy),
+            );
             service.add_tcp(&addr.to_string());
             if let Some((tls_addr, settings)) = tls {
                 service.add_tls_with_settings(&tls_addr.to_string(), None, settings);

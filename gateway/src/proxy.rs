@@ -242,10 +242,10 @@ fn code_name(code: Code) -> &'static str {
 }
 
 /// A response the gateway writes itself.
-struct Reply {
-    status: StatusCode,
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
     body: Bytes,
-    headers: Vec<(&'static str, String)>,
+    pub(crate) headers: Vec<(&'static str, String)>,
     /// For an error: its gRPC code and message, so a gRPC caller gets the same refusal.
     grpc: Option<(Code, String)>,
 }
@@ -261,7 +261,12 @@ impl Reply {
     }
 
     /// The one error shape: `{"code", "message", "details"}`.
-    fn error(status: StatusCode, code: Code, message: &str, details: serde_json::Value) -> Reply {
+    pub(crate) fn error(
+        status: StatusCode,
+        code: Code,
+        message: &str,
+        details: serde_json::Value,
+    ) -> Reply {
         let body =
             serde_json::json!({ "code": code_name(code), "message": message, "details": details });
         Reply {
@@ -278,6 +283,37 @@ impl Reply {
     fn with(mut self, name: &'static str, value: impl Into<String>) -> Reply {
         self.headers.push((name, value.into()));
         self
+    }
+
+    /// Status, headers and body as they go out, on either HTTP/1 path.
+    pub(crate) fn into_response(
+        self,
+        request_id: &str,
+        cors: Option<&str>,
+    ) -> (StatusCode, Vec<(&'static str, String)>, Bytes) {
+        let mut headers = Vec::with_capacity(10 + self.headers.len());
+        headers.push(("content-type", "application/json".to_owned()));
+        headers.push(("content-length", self.body.len().to_string()));
+        headers.push(("x-request-id", request_id.to_owned()));
+        headers.push(("x-content-type-options", "nosniff".to_owned()));
+        headers.push(("x-frame-options", "DENY".to_owned()));
+        headers.push(("referrer-policy", "no-referrer".to_owned()));
+        if !self.headers.iter().any(|(k, _)| *k == "cache-control") {
+            headers.push(("cache-control", "no-store".to_owned()));
+        }
+        let preflight = self.status == StatusCode::NO_CONTENT;
+        headers.extend(self.headers);
+        if let Some(origin) = cors
+            && !preflight
+        {
+            headers.push(("access-control-allow-origin", origin.to_owned()));
+            headers.push((
+                "access-control-expose-headers",
+                "x-request-id, retry-after, ratelimit, ratelimit-policy".to_owned(),
+            ));
+            headers.push(("vary", "origin".to_owned()));
+        }
+        (self.status, headers, self.body)
     }
 }
 
@@ -413,6 +449,16 @@ impl Gateway {
             .headers
             .get("if-none-match")
             .and_then(|v| v.to_str().ok());
+        self.reply_from_entry(inm, e, label)
+    }
+
+    /// [`Self::reply_from_cache`] for a request with this `If-None-Match`.
+    pub(crate) fn reply_from_entry(
+        &self,
+        inm: Option<&str>,
+        e: &shopverse_edge_cache::Entry,
+        label: &'static str,
+    ) -> Reply {
         let etag = e.etag.clone().unwrap_or_default();
         let max_age = (e.ttl_ms - (self.clock.now_ms() - e.stored_at_ms)).max(0) / 1000;
         let mut reply =
@@ -549,13 +595,20 @@ impl Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        let xff = session
+            .req_header()
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        self.client_ip_of(peer, xff)
+    }
+
+    /// The caller's address: the peer's, or the right-most `X-Forwarded-For` entry when the
+    /// peer is a trusted proxy.
+    pub(crate) fn client_ip_of(&self, peer: Option<IpAddr>, xff: Option<&str>) -> Option<IpAddr> {
         if let Some(p) = peer
+            && let Some(xff) = xff
             && self.config.load().trusted_proxies.contains(&p)
-            && let Some(xff) = session
-                .req_header()
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
             && let Some(first) = xff
                 .split(',')
                 .next_back()
@@ -577,6 +630,15 @@ impl Gateway {
             .headers
             .get("authorization")
             .and_then(|v| v.to_str().ok());
+        self.authorize(header, access).await
+    }
+
+    /// The caller of a request with this `Authorization` header, if `access` lets it in.
+    pub(crate) async fn authorize(
+        &self,
+        header: Option<&str>,
+        access: Access,
+    ) -> Result<Option<Identity>, Reply> {
         let token = match header {
             Some(h) if h.len() > 7 && h[..7].eq_ignore_ascii_case("bearer ") => Some(h[7..].trim()),
             Some(_) => return Err(self.unauthorized(AuthError::Malformed)),
@@ -796,16 +858,7 @@ impl Gateway {
             Ok(h) => h,
             Err(r) => return r,
         };
-        let cacheable = self.cache.is_some()
-            && (method == Method::GET || method == Method::HEAD)
-            && m.route.access == Access::Public
-            && self
-                .config
-                .load()
-                .cache
-                .rpcs
-                .iter()
-                .any(|r| r == m.route.method.name());
+        let cacheable = self.cacheable(&method, m.route);
         // A signed-in caller may see more than the public (an admin sees archived products):
         // such responses are neither served from nor stored in the shared cache.
         let bypass = cacheable && identity.is_some();
@@ -930,6 +983,20 @@ impl Gateway {
             reply.headers.push(("x-cache", "BYPASS".to_owned()));
         }
         reply
+    }
+
+    /// Whether answers to `method` on `route` are kept in the edge cache.
+    pub(crate) fn cacheable(&self, method: &Method, route: &crate::router::Route) -> bool {
+        self.cache.is_some()
+            && (*method == Method::GET || *method == Method::HEAD)
+            && route.access == Access::Public
+            && self
+                .config
+                .load()
+                .cache
+                .rpcs
+                .iter()
+                .any(|r| r == route.method.name())
     }
 
     /// Notes the CORS origin of the request and answers a preflight (`OPTIONS` with
@@ -1065,6 +1132,20 @@ impl Gateway {
         Ok(())
     }
 
+    /// [`Self::admit_passthrough`] for a request the HTTP/1 front parsed itself: the caller
+    /// and the rate limit's headers.
+    pub(crate) async fn admit(
+        &self,
+        path: &str,
+        access: Access,
+        authorization: Option<&str>,
+        ip: Option<IpAddr>,
+    ) -> Result<(Option<Identity>, Vec<(&'static str, String)>), Reply> {
+        let identity = self.authorize(authorization, access).await?;
+        let headers = self.rate_limit(path, identity.as_ref(), ip).await?;
+        Ok((identity, headers))
+    }
+
     /// Lets a gRPC call through to its service if its method is public or the caller's token
     /// carries the role, within the rate limits; `Err` is the gRPC status to answer with.
     async fn grpc_gate(
@@ -1120,41 +1201,45 @@ impl Gateway {
     }
 
     async fn write(&self, session: &mut Session, ctx: &Ctx, reply: Reply) -> pingora::Result<()> {
-        let mut resp = ResponseHeader::build(reply.status, Some(8 + reply.headers.len()))?;
-        resp.insert_header("content-type", "application/json")?;
-        resp.insert_header("content-length", reply.body.len().to_string())?;
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        resp.insert_header("x-content-type-options", "nosniff")?;
-        resp.insert_header("x-frame-options", "DENY")?;
-        resp.insert_header("referrer-policy", "no-referrer")?;
-        if !reply.headers.iter().any(|(k, _)| *k == "cache-control") {
-            resp.insert_header("cache-control", "no-store")?;
-        }
-        let preflight = reply.status == StatusCode::NO_CONTENT;
-        for (k, v) in reply.headers {
+        let (status, headers, body) = reply.into_response(&ctx.request_id, ctx.cors.as_deref());
+        let mut resp = ResponseHeader::build(status, Some(headers.len()))?;
+        for (k, v) in headers {
             resp.insert_header(k, v)?;
-        }
-        if let Some(origin) = &ctx.cors
-            && !preflight
-        {
-            resp.insert_header("access-control-allow-origin", origin.as_str())?;
-            resp.insert_header(
-                "access-control-expose-headers",
-                "x-request-id, retry-after, ratelimit, ratelimit-policy",
-            )?;
-            resp.insert_header("vary", "origin")?;
         }
         let head = session.req_header().method == Method::HEAD;
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
-            session.write_response_body(Some(reply.body), true).await?;
+            session.write_response_body(Some(body), true).await?;
         }
         Ok(())
+    }
+
+    /// Counts a finished request and its latency under its route.
+    pub(crate) fn record(&self, route: &str, method: &str, status: &str, start: Instant) {
+        self.metrics
+            .requests
+            .with_label_values(&[route, method, status])
+            .inc();
+        self.metrics
+            .latency
+            .with_label_values(&[route])
+            .observe(start.elapsed().as_secs_f64());
+    }
+}
+
+/// The gateway as Pingora's proxy holds it; the HTTP/1 front ([`crate::front`]) shares it.
+pub struct Shared(pub Arc<Gateway>);
+
+impl std::ops::Deref for Shared {
+    type Target = Gateway;
+
+    fn deref(&self) -> &Gateway {
+        &self.0
     }
 }
 
 #[async_trait]
-impl ProxyHttp for Gateway {
+impl ProxyHttp for Shared {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
@@ -1272,15 +1357,12 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
         let status = session.response_written().map(|r| r.status);
         let status = status.as_ref().map(StatusCode::as_str).unwrap_or("0");
-        let route = ctx.route.as_str();
-        self.metrics
-            .requests
-            .with_label_values(&[route, session.req_header().method.as_str(), status])
-            .inc();
-        self.metrics
-            .latency
-            .with_label_values(&[route])
-            .observe(ctx.start.elapsed().as_secs_f64());
+        self.record(
+            ctx.route.as_str(),
+            session.req_header().method.as_str(),
+            status,
+            ctx.start,
+        );
     }
 }
 

@@ -1,0 +1,1158 @@
+//! The gateway's HTTP/1 front: pass-through requests are parsed and proxied here, ahead of
+//! Pingora's HTTP server.
+//!
+//! Profiles put most of a plain proxied request's user time in Pingora's HTTP/1 server (see
+//! bench/README.md): header maps, with a second map for the original header case, built for
+//! every request and response; a session, with its cache, module and subrequest state, built
+//! for every request; a future of several kilobytes boxed for every request. For the
+//! pass-through routes none of that is needed. This front parses the request head where it
+//! lies in the read buffer (`httparse`), admits it with the gateway's own code (the route's
+//! access rule, the rate limit), writes the upstream request from the parsed head, and relays
+//! the response as it arrives, framed as the upstream framed it.
+//!
+//! Anything else (REST and gRPC routes, HTTP/1.0, upgrades, `Expect`, chunked request bodies,
+//! malformed requests, TLS, HTTP/2) goes to Pingora's server with the bytes already read put
+//! back in front of the stream; the connection is Pingora's from then on.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::{GetSocketDigest, Stream};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use crate::direct;
+use crate::proxy::{Gateway, Reply, Shared};
+
+/// Request heads longer than this, or with more headers than [`MAX_HEADERS`], are left to
+/// Pingora (which applies its own limits).
+const MAX_HEAD: usize = 16 * 1024;
+/// At most this many request or response headers on this path (a bit per header below).
+const MAX_HEADERS: usize = 64;
+/// How long a client connection may sit idle between requests (Pingora's default too).
+const KEEPALIVE: Duration = Duration::from_secs(60);
+const BUF: usize = 8 * 1024;
+
+/// The listening service's application: this front, with Pingora's proxy behind it.
+pub struct Front {
+    gateway: Arc<Gateway>,
+    proxy: Arc<pingora::proxy::HttpProxy<Shared>>,
+}
+
+impl Front {
+    pub(crate) fn new(gateway: Arc<Gateway>, proxy: pingora::proxy::HttpProxy<Shared>) -> Front {
+        Front {
+            gateway,
+            proxy: Arc::new(proxy),
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for Front {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // TLS (and anything that is not a plain TCP stream) is Pingora's.
+        if stream.get_ssl_digest().is_some() || !stream.as_any().is::<L4Stream>() {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let Ok(io) = stream.into_any().downcast::<L4Stream>() else {
+            return None;
+        };
+        let (mut io, unread) = self.serve(io, shutdown).await?;
+        io.rewind(&unread);
+        ServerApp::process_new(&self.proxy, io, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(&*self.proxy).await;
+    }
+}
+
+/// What became of one request.
+enum Step {
+    /// The head is not complete yet.
+    Partial,
+    /// Answered; `consumed` bytes of the buffer were this request's.
+    Done { consumed: usize, keep_alive: bool },
+    /// Not a request for this path: Pingora's server takes the connection.
+    HandOff,
+}
+
+/// A pass-through request's facts, from one pass over its headers.
+#[derive(Default)]
+struct Facts<'a> {
+    content_length: Option<u64>,
+    close: bool,
+    authorization: Option<&'a str>,
+    forwarded_for: Option<&'a str>,
+    request_id: Option<&'a str>,
+    if_none_match: Option<&'a str>,
+    /// An `Origin` header (CORS, which Pingora's path answers).
+    origin: bool,
+    /// `Cache-Control: no-cache` or `no-store`.
+    no_cache: bool,
+    /// Names and values, as the gateway's header limit counts them.
+    header_bytes: usize,
+    /// Headers not forwarded upstream, a bit each.
+    dropped: u64,
+}
+
+/// Why the request head is not for this path.
+struct NotOurs;
+
+/// Reads the headers once: framing, connection handling, what the gateway needs, and which
+/// ones stay behind (hop-by-hop, RFC 9110 7.6.1; identities the client claims; the request id,
+/// which the gateway sets).
+fn facts<'a>(headers: &[httparse::Header<'a>]) -> Result<Facts<'a>, NotOurs> {
+    let mut f = Facts::default();
+    for (i, h) in headers.iter().enumerate() {
+        let name = h.name.as_bytes();
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        f.header_bytes += name.len() + h.value.len() + 4;
+        let drop = match name.len() {
+            2 if is("te") => true,
+            6 if is("expect") => return Err(NotOurs),
+            6 if is("origin") => {
+                f.origin = true;
+                false
+            }
+            13 if is("cache-control") => {
+                f.no_cache |= visible(h.value)
+                    .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
+                false
+            }
+            13 if is("if-none-match") => {
+                f.if_none_match = visible(h.value);
+                false
+            }
+            7 if is("upgrade") => return Err(NotOurs),
+            7 if is("trailer") => true,
+            10 if is("connection") => {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        f.close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                        // It names headers to remove as well: rare, and Pingora's path does it.
+                        return Err(NotOurs);
+                    }
+                }
+                true
+            }
+            10 if is("keep-alive") => true,
+            12 if is("x-request-id") => {
+                f.request_id = visible(h.value).filter(|v| !v.is_empty() && v.len() <= 128);
+                true
+            }
+            13 if is("authorization") => {
+                f.authorization = Some(visible(h.value).ok_or(NotOurs)?);
+                false
+            }
+            14 if is("content-length") => {
+                let n = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or(NotOurs)?;
+                if f.content_length.is_some_and(|m| m != n) {
+                    return Err(NotOurs);
+                }
+                f.content_length = Some(n);
+                false
+            }
+            15 if is("x-forwarded-for") => {
+                f.forwarded_for = visible(h.value);
+                false
+            }
+            16 if is("proxy-connection") || is(shopverse_kit::identity::USER_HEADER) => true,
+            17 if is("transfer-encoding") => return Err(NotOurs),
+            17 if is(shopverse_kit::identity::ROLES_HEADER) => true,
+            19 if is("proxy-authorization") => true,
+            _ => false,
+        };
+        if drop {
+            f.dropped |= 1 << i;
+        }
+    }
+    Ok(f)
+}
+
+/// A header value as text, when it is visible ASCII (what `HeaderValue::to_str` accepts).
+fn visible(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
+}
+
+/// Reusable buffers of one client connection.
+struct Buffers {
+    /// The request head as sent upstream, then the response head as sent to the client.
+    out: Vec<u8>,
+    /// What the upstream sent.
+    up: BytesMut,
+}
+
+impl Front {
+    /// Serves requests on a plain TCP connection until it closes (`None`) or a request needs
+    /// Pingora's server (`Some`: the stream, and the bytes read from it but not used).
+    async fn serve(
+        &self,
+        mut io: Box<L4Stream>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<(Box<L4Stream>, BytesMut)> {
+        let peer = io
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let mut watch = shutdown.clone();
+        let mut buf = BytesMut::with_capacity(BUF);
+        let mut bufs = Buffers {
+            out: Vec::with_capacity(1024),
+            up: BytesMut::with_capacity(BUF),
+        };
+        loop {
+            if !buf.is_empty() {
+                match self.one(&mut io, &buf, peer, shutdown, &mut bufs).await {
+                    Step::Partial if buf.len() < MAX_HEAD => {}
+                    Step::Partial | Step::HandOff => return Some((io, buf)),
+                    Step::Done {
+                        consumed,
+                        keep_alive,
+                    } => {
+                        buf.advance(consumed);
+                        if !keep_alive {
+                            let _ = io.shutdown().await;
+                            return None;
+                        }
+                        if !buf.is_empty() {
+                            // A pipelined request is already here.
+                            continue;
+                        }
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(BUF);
+            }
+            let read = tokio::select! {
+                r = pingora::time::timeout(KEEPALIVE, io.read_buf(&mut buf)) => r,
+                // Idle between requests when the server stops: close now.
+                _ = watch.changed(), if buf.is_empty() => return None,
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                // Closed, failed, or idle too long.
+                _ => return None,
+            }
+        }
+    }
+
+    /// One request from the head at the start of `buf`.
+    async fn one(
+        &self,
+        io: &mut L4Stream,
+        buf: &[u8],
+        peer: Option<IpAddr>,
+        shutdown: &ShutdownWatch,
+        bufs: &mut Buffers,
+    ) -> Step {
+        let start = Instant::now();
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Step::Partial,
+            // Malformed, too many headers, or not HTTP/1 (an HTTP/2 preface): Pingora answers.
+            Err(_) => return Step::HandOff,
+        };
+        let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+            return Step::HandOff;
+        };
+        if method == "CONNECT" || !target.starts_with('/') {
+            return Step::HandOff;
+        }
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
+        let (label, upstream, access, limits) = {
+            let config = self.gateway.config.load();
+            let Some(pass) = config.passthrough_for(path) else {
+                drop(config);
+                return self
+                    .cache_hit(
+                        io,
+                        (method, target, head_len),
+                        req.headers,
+                        peer,
+                        shutdown,
+                        bufs,
+                    )
+                    .await;
+            };
+            let limits = direct::Limits {
+                upstream: Duration::from_millis(config.request_timeout_ms),
+                client_body: Duration::from_millis(config.client_body_timeout_ms),
+            };
+            (pass.label(), pass.target(), pass.access, limits)
+        };
+        let Ok(facts) = facts(req.headers) else {
+            return Step::HandOff;
+        };
+        let body_len = facts.content_length.unwrap_or(0);
+        let request_id = match facts.request_id {
+            Some(id) => id.to_owned(),
+            None => self.gateway.request_ids.next(),
+        };
+        let keep_alive = !facts.close && !*shutdown.borrow();
+        let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
+        let exchange = Exchange {
+            method,
+            target,
+            headers: req.headers,
+            facts: &facts,
+            request_id: &request_id,
+            body_len,
+            buffered_body: &buf[head_len..],
+            limits,
+            keep_alive,
+        };
+        let admitted = self
+            .gateway
+            .admit(path, access, facts.authorization, ip)
+            .await;
+        let outcome = match admitted {
+            Err(reply) => Err(reply),
+            Ok((identity, rate_headers)) => match upstream.resolve().await {
+                Err(e) => Err(Reply::error(
+                    StatusCode::BAD_GATEWAY,
+                    Code::Unavailable,
+                    &format!("upstream address: {e}"),
+                    serde_json::json!([]),
+                )),
+                Ok(addr) => {
+                    exchange
+                        .run(io, addr, identity.as_ref(), &rate_headers, bufs)
+                        .await
+                }
+            },
+        };
+        let (status, body_consumed, keep_alive) = match outcome {
+            Ok(done) => (
+                done.status,
+                done.body_consumed,
+                keep_alive && done.keep_alive,
+            ),
+            Err(reply) => {
+                // The request body, if any, was not read: the connection cannot go on.
+                let keep = keep_alive && body_len == 0;
+                let status = reply.status;
+                let head = method == "HEAD";
+                if write_reply(io, reply, &request_id, keep, head, &mut bufs.out)
+                    .await
+                    .is_err()
+                {
+                    return Step::Done {
+                        consumed: 0,
+                        keep_alive: false,
+                    };
+                }
+                (status.as_u16(), 0, keep)
+            }
+        };
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        self.gateway.record(&label, method, status.as_str(), start);
+        Step::Done {
+            consumed: head_len + body_consumed,
+            keep_alive,
+        }
+    }
+}
+
+impl Front {
+    /// A fresh edge-cache hit, answered here: a public GET or HEAD of a cached route, from a
+    /// caller that is not signed in and sent no `Origin`. Anything else, a miss included, is
+    /// left to Pingora's path, before it counts against a rate limit.
+    async fn cache_hit(
+        &self,
+        io: &mut L4Stream,
+        (method, target, head_len): (&str, &str, usize),
+        headers: &[httparse::Header<'_>],
+        peer: Option<IpAddr>,
+        shutdown: &ShutdownWatch,
+        bufs: &mut Buffers,
+    ) -> Step {
+        let start = Instant::now();
+        let Some(cache) = &self.gateway.cache else {
+            return Step::HandOff;
+        };
+        let verb = match method {
+            "GET" => http::Method::GET,
+            "HEAD" => http::Method::HEAD,
+            _ => return Step::HandOff,
+        };
+        let Ok(facts) = facts(headers) else {
+            return Step::HandOff;
+        };
+        let (max_headers, max_header_bytes) = {
+            let config = self.gateway.config.load();
+            (config.max_headers, config.max_header_bytes)
+        };
+        if facts.authorization.is_some()
+            || facts.origin
+            || facts.no_cache
+            || facts.content_length.is_some_and(|n| n > 0)
+            || headers.len() > max_headers
+            || facts.header_bytes > max_header_bytes
+        {
+            return Step::HandOff;
+        }
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let Ok(m) = self.gateway.router.find(&verb, path) else {
+            return Step::HandOff;
+        };
+        if !self.gateway.cacheable(&verb, m.route) {
+            return Step::HandOff;
+        }
+        let mut key = String::with_capacity(path.len() + 1 + query.len());
+        key.push_str(path);
+        key.push('?');
+        key.push_str(query);
+        let Ok(Some((entry, shopverse_edge_cache::Freshness::Fresh))) =
+            cache.get(&key, self.gateway.clock.now_ms())
+        else {
+            return Step::HandOff;
+        };
+        let request_id = match facts.request_id {
+            Some(id) => id.to_owned(),
+            None => self.gateway.request_ids.next(),
+        };
+        let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
+        let reply = match self
+            .gateway
+            .admit(path, crate::router::Access::Public, None, ip)
+            .await
+        {
+            Ok((_, limit_headers)) => {
+                let mut reply = self
+                    .gateway
+                    .reply_from_entry(facts.if_none_match, &entry, "HIT");
+                reply.headers.extend(limit_headers);
+                reply
+            }
+            Err(refused) => refused,
+        };
+        let keep_alive = !facts.close && !*shutdown.borrow();
+        let status = reply.status;
+        let written = write_reply(
+            io,
+            reply,
+            &request_id,
+            keep_alive,
+            verb == http::Method::HEAD,
+            &mut bufs.out,
+        )
+        .await;
+        self.gateway
+            .record(&m.route.template, method, status.as_str(), start);
+        Step::Done {
+            consumed: head_len,
+            keep_alive: keep_alive && written.is_ok(),
+        }
+    }
+}
+
+/// One request on its way upstream.
+struct Exchange<'a> {
+    method: &'a str,
+    target: &'a str,
+    headers: &'a [httparse::Header<'a>],
+    facts: &'a Facts<'a>,
+    request_id: &'a str,
+    body_len: u64,
+    /// What follows the head in the client's read buffer.
+    buffered_body: &'a [u8],
+    limits: direct::Limits,
+    keep_alive: bool,
+}
+
+/// How a relayed request ended.
+struct Relayed {
+    status: u16,
+    /// Bytes of the request body taken from the client's read buffer.
+    body_consumed: usize,
+    /// Whether the client connection can take another request.
+    keep_alive: bool,
+}
+
+/// How the response body is delimited.
+enum Framing {
+    None,
+    Length(u64),
+    Chunked(Chunks),
+    /// Until the upstream closes; re-framed as chunked for the client.
+    Close,
+}
+
+impl Exchange<'_> {
+    /// Sends the request and relays the answer. `Err` is a reply for the client, when nothing
+    /// was sent to it yet; a failure after that closes the connection (`keep_alive: false`).
+    async fn run(
+        &self,
+        io: &mut L4Stream,
+        addr: SocketAddr,
+        identity: Option<&shopverse_kit::Identity>,
+        rate_headers: &[(&'static str, String)],
+        bufs: &mut Buffers,
+    ) -> Result<Relayed, Reply> {
+        self.request_head(identity, &mut bufs.out);
+        let in_buffer = usize::try_from(self.body_len)
+            .unwrap_or(usize::MAX)
+            .min(self.buffered_body.len());
+        bufs.out.extend_from_slice(&self.buffered_body[..in_buffer]);
+        let rest = self.body_len - in_buffer as u64;
+
+        let (mut up, reused) = direct::pooled_or_dial(addr, self.limits.upstream)
+            .await
+            .map_err(failure_reply)?;
+        let sent = pingora::time::timeout(
+            self.limits.upstream,
+            send(
+                &mut up,
+                addr,
+                &bufs.out,
+                rest,
+                io,
+                self.limits.client_body,
+                &mut bufs.up,
+            ),
+        )
+        .await;
+        let sent = match sent {
+            Ok(r) => r,
+            Err(_) => Err(direct::Failure::Timeout { addr }),
+        };
+        let head_len = match sent {
+            Ok(n) => n,
+            // A pooled connection the upstream closed meanwhile: once more on a new one, when
+            // the request had no body to read again.
+            Err(direct::Failure::Unavailable { .. }) if reused && self.body_len == 0 => {
+                up = direct::dial(addr, self.limits.upstream)
+                    .await
+                    .map_err(failure_reply)?;
+                pingora::time::timeout(
+                    self.limits.upstream,
+                    send(
+                        &mut up,
+                        addr,
+                        &bufs.out,
+                        0,
+                        io,
+                        self.limits.client_body,
+                        &mut bufs.up,
+                    ),
+                )
+                .await
+                .unwrap_or(Err(direct::Failure::Timeout { addr }))
+                .map_err(failure_reply)?
+            }
+            Err(e) => return Err(failure_reply(e)),
+        };
+
+        // The response head, for the client.
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = resp.parse(&bufs.up[..head_len]) else {
+            return Err(failure_reply(malformed(addr)));
+        };
+        let status = resp.code.unwrap_or(502);
+        // First the headers that decide the framing and the connection.
+        let mut upstream_close = resp.version == Some(0);
+        let mut nominated: Vec<&[u8]> = Vec::new();
+        let (mut length, mut encoded, mut chunked) = (None, false, false);
+        for h in resp.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.len() == 10 && name.eq_ignore_ascii_case(b"connection") {
+                for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        upstream_close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        upstream_close &= resp.version != Some(0);
+                    } else if !token.is_empty() {
+                        nominated.push(token);
+                    }
+                }
+            } else if name.len() == 17 && name.eq_ignore_ascii_case(b"transfer-encoding") {
+                encoded = true;
+                chunked = h
+                    .value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name.len() == 14 && name.eq_ignore_ascii_case(b"content-length") {
+                let n = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| failure_reply(malformed(addr)))?;
+                if length.is_some_and(|m| m != n) {
+                    return Err(failure_reply(malformed(addr)));
+                }
+                length = Some(n);
+            }
+        }
+        let mut framing = if self.method == "HEAD" || matches!(status, 204 | 304) {
+            Framing::None
+        } else if chunked {
+            Framing::Chunked(Chunks::default())
+        } else if encoded {
+            Framing::Close
+        } else {
+            match length {
+                Some(n) => Framing::Length(n),
+                None => Framing::Close,
+            }
+        };
+        let out = &mut bufs.out;
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        push_decimal(out, u64::from(status));
+        out.push(b' ');
+        out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for h in resp.headers.iter() {
+            let name = h.name.as_bytes();
+            let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+            let hop = match name.len() {
+                7 => is("upgrade") || is("trailer"),
+                10 => is("connection") || is("keep-alive"),
+                // With a transfer coding, a length says nothing (RFC 9112 6.3).
+                14 => encoded && is("content-length"),
+                16 => is("proxy-connection"),
+                18 => is("proxy-authenticate"),
+                _ => false,
+            };
+            let named = !nominated.is_empty()
+                && nominated.iter().any(|n| name.eq_ignore_ascii_case(n))
+                && !is("transfer-encoding");
+            if !hop && !named {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        for (name, value) in rate_headers {
+            push_header(out, name, value);
+        }
+        if !self.keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        if matches!(framing, Framing::Close) {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            upstream_close = true;
+        }
+        out.extend_from_slice(b"\r\n");
+        bufs.up.advance(head_len);
+
+        let in_buffer = usize::try_from(self.body_len).unwrap_or(usize::MAX);
+        let relayed = Relayed {
+            status,
+            body_consumed: in_buffer.min(self.buffered_body.len()),
+            keep_alive: self.keep_alive,
+        };
+        let body = relay_body(
+            &mut up,
+            io,
+            &mut framing,
+            out,
+            &mut bufs.up,
+            self.limits.upstream,
+        )
+        .await;
+        match body {
+            Ok(clean) => {
+                if clean && !upstream_close {
+                    direct::release(addr, up);
+                }
+                Ok(relayed)
+            }
+            Err(e) => {
+                tracing::warn!(upstream = %addr, "pass-through response cut short: {e}");
+                Ok(Relayed {
+                    keep_alive: false,
+                    ..relayed
+                })
+            }
+        }
+    }
+
+    /// The request line and headers as the upstream gets them.
+    fn request_head(&self, identity: Option<&shopverse_kit::Identity>, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(self.method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (i, h) in self.headers.iter().enumerate() {
+            if self.facts.dropped & (1 << i) == 0 {
+                out.extend_from_slice(h.name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        push_header(out, "x-request-id", self.request_id);
+        if let Some(id) = identity {
+            push_header(out, shopverse_kit::identity::USER_HEADER, &id.user_id);
+            out.extend_from_slice(shopverse_kit::identity::ROLES_HEADER.as_bytes());
+            out.extend_from_slice(b": ");
+            for (i, role) in id.roles.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(role.as_str().as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Writes the request (`head`, with the body bytes the client already sent, then `rest` more
+/// read from the client) and reads up to the end of the final response head into `up`.
+/// Returns the head's length.
+async fn send(
+    upstream: &mut Stream,
+    addr: SocketAddr,
+    head: &[u8],
+    mut rest: u64,
+    client: &mut L4Stream,
+    client_body: Duration,
+    up: &mut BytesMut,
+) -> Result<usize, direct::Failure> {
+    let io = |e: std::io::Error| direct::Failure::Unavailable {
+        addr,
+        source: pingora::Error::because(pingora::ErrorType::WriteError, "upstream", e),
+    };
+    upstream.write_all(head).await.map_err(io)?;
+    if rest > 0 {
+        let mut chunk = vec![0u8; BUF];
+        let deadline = Instant::now() + client_body;
+        while rest > 0 {
+            let want = usize::try_from(rest).unwrap_or(usize::MAX).min(chunk.len());
+            let left = deadline.saturating_duration_since(Instant::now());
+            let n = match pingora::time::timeout(left, client.read(&mut chunk[..want])).await {
+                Err(_) => return Err(direct::Failure::ClientTimeout),
+                Ok(Ok(0)) => {
+                    return Err(direct::Failure::Client(pingora::Error::explain(
+                        pingora::ErrorType::ReadError,
+                        "the client closed during the request body",
+                    )));
+                }
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    return Err(direct::Failure::Client(pingora::Error::because(
+                        pingora::ErrorType::ReadError,
+                        "request body",
+                        e,
+                    )));
+                }
+            };
+            upstream.write_all(&chunk[..n]).await.map_err(io)?;
+            rest -= n as u64;
+        }
+    }
+    upstream.flush().await.map_err(io)?;
+    up.clear();
+    loop {
+        if up.capacity() - up.len() < 1024 {
+            up.reserve(BUF);
+        }
+        let n = upstream.read_buf(up).await.map_err(io)?;
+        if n == 0 {
+            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(up) {
+                Ok(httparse::Status::Complete(len)) => match resp.code {
+                    // Interim answers (100 Continue and the like) are the upstream's business.
+                    Some(c) if (100..200).contains(&c) && c != 101 => up.advance(len),
+                    Some(101) | None => return Err(io(std::io::ErrorKind::InvalidData.into())),
+                    Some(_) => return Ok(len),
+                },
+                Ok(httparse::Status::Partial) if up.len() < MAX_HEAD => break,
+                _ => return Err(io(std::io::ErrorKind::InvalidData.into())),
+            }
+            if up.is_empty() {
+                break;
+            }
+        }
+    }
+}
+
+/// Relays the response body after the head in `out` (already built), starting with what is
+/// in `up`. `Ok(true)`: the body ended exactly, so the upstream connection can be reused.
+async fn relay_body(
+    upstream: &mut Stream,
+    client: &mut L4Stream,
+    framing: &mut Framing,
+    out: &mut Vec<u8>,
+    up: &mut BytesMut,
+    timeout: Duration,
+) -> std::io::Result<bool> {
+    loop {
+        // Take what belongs to this response from `up`; `done` when the body is complete.
+        let (take, done) = match framing {
+            Framing::None => (0, true),
+            Framing::Length(left) => {
+                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(up.len());
+                *left -= take as u64;
+                (take, *left == 0)
+            }
+            Framing::Chunked(chunks) => match chunks.scan(up)? {
+                Some(end) => (end, true),
+                None => (up.len(), false),
+            },
+            Framing::Close => (up.len(), false),
+        };
+        if matches!(framing, Framing::Close) {
+            if take > 0 {
+                push_hex(out, take);
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&up[..take]);
+                out.extend_from_slice(b"\r\n");
+            }
+        } else {
+            out.extend_from_slice(&up[..take]);
+        }
+        up.advance(take);
+        if !out.is_empty() {
+            client.write_all(out).await?;
+            client.flush().await?;
+            out.clear();
+        }
+        if done {
+            // Bytes past the end: the upstream is out of step; do not reuse it.
+            return Ok(up.is_empty());
+        }
+        up.clear();
+        if up.capacity() < BUF {
+            up.reserve(BUF);
+        }
+        let n = pingora::time::timeout(timeout, upstream.read_buf(up))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if n == 0 {
+            if matches!(framing, Framing::Close) {
+                client.write_all(b"0\r\n\r\n").await?;
+                client.flush().await?;
+                return Ok(false);
+            }
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Finds the end of a chunked body (RFC 9112 7.1) across the reads it arrives in.
+#[derive(Default, Debug)]
+struct Chunks {
+    state: ChunkState,
+    /// Bytes left in the current chunk's data.
+    left: u64,
+}
+
+#[derive(Default, Debug, PartialEq, Eq, Clone, Copy)]
+enum ChunkState {
+    /// In the chunk-size digits.
+    #[default]
+    Size,
+    /// In extensions, up to the line's LF.
+    SizeLine,
+    Data,
+    /// The CR LF after a chunk's data.
+    DataEnd,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    /// In a trailer line, up to its LF.
+    TrailerLine,
+    /// The final empty line's LF.
+    LastLf,
+}
+
+impl Chunks {
+    /// How far into `data` the body ends, or `None` if it goes on past it.
+    fn scan(&mut self, data: &[u8]) -> std::io::Result<Option<usize>> {
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunked framing");
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.state {
+                ChunkState::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = u64::from((b as char).to_digit(16).ok_or_else(bad)?);
+                        self.left = self
+                            .left
+                            .checked_mul(16)
+                            .and_then(|v| v.checked_add(digit))
+                            .ok_or_else(bad)?;
+                    }
+                    b';' | b' ' | b'\t' | b'\r' => self.state = ChunkState::SizeLine,
+                    b'\n' => self.state = self.after_size(),
+                    _ => return Err(bad()),
+                },
+                ChunkState::SizeLine => {
+                    if b == b'\n' {
+                        self.state = self.after_size();
+                    }
+                }
+                ChunkState::Data => {
+                    let n = usize::try_from(self.left)
+                        .unwrap_or(usize::MAX)
+                        .min(data.len() - i);
+                    self.left -= n as u64;
+                    i += n;
+                    if self.left == 0 {
+                        self.state = ChunkState::DataEnd;
+                    }
+                    continue;
+                }
+                ChunkState::DataEnd => match b {
+                    b'\r' => {}
+                    b'\n' => self.state = ChunkState::Size,
+                    _ => return Err(bad()),
+                },
+                ChunkState::TrailerStart => match b {
+                    b'\r' => self.state = ChunkState::LastLf,
+                    b'\n' => return Ok(Some(i + 1)),
+                    _ => self.state = ChunkState::TrailerLine,
+                },
+                ChunkState::TrailerLine => {
+                    if b == b'\n' {
+                        self.state = ChunkState::TrailerStart;
+                    }
+                }
+                ChunkState::LastLf => {
+                    if b == b'\n' {
+                        return Ok(Some(i + 1));
+                    }
+                    return Err(bad());
+                }
+            }
+            i += 1;
+        }
+        Ok(None)
+    }
+
+    fn after_size(&mut self) -> ChunkState {
+        if self.left == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        }
+    }
+}
+
+/// A reply of the gateway's own (a refusal, an upstream failure), in the JSON error shape.
+async fn write_reply(
+    io: &mut L4Stream,
+    reply: Reply,
+    request_id: &str,
+    keep_alive: bool,
+    head_only: bool,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let (status, headers, body) = reply.into_response(request_id, None);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(status.as_u16()));
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (i, (name, value)) in headers.iter().enumerate() {
+        // A later header of the same name replaces an earlier one.
+        if !headers[i + 1..].iter().any(|(n, _)| n == name) {
+            push_header(out, name, value);
+        }
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(&body);
+    }
+    io.write_all(out).await?;
+    io.flush().await
+}
+
+fn malformed(addr: SocketAddr) -> direct::Failure {
+    direct::Failure::Unavailable {
+        addr,
+        source: pingora::Error::explain(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "malformed response head",
+        ),
+    }
+}
+
+fn failure_reply(e: direct::Failure) -> Reply {
+    match e {
+        direct::Failure::Timeout { .. } => {
+            tracing::warn!("{e}");
+            Reply::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                Code::DeadlineExceeded,
+                "the upstream did not answer in time",
+                serde_json::json!([]),
+            )
+        }
+        direct::Failure::ClientTimeout => Reply::error(
+            StatusCode::REQUEST_TIMEOUT,
+            Code::DeadlineExceeded,
+            "the request body did not arrive in time",
+            serde_json::json!([]),
+        ),
+        direct::Failure::Client(e) => Reply::error(
+            StatusCode::BAD_REQUEST,
+            Code::InvalidArgument,
+            &format!("reading the request body: {e}"),
+            serde_json::json!([]),
+        ),
+        e => {
+            tracing::warn!("{e}");
+            Reply::error(
+                StatusCode::BAD_GATEWAY,
+                Code::Unavailable,
+                "the upstream is unavailable",
+                serde_json::json!([]),
+            )
+        }
+    }
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_end_where_the_last_chunk_and_trailers_end() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        // In one piece...
+        assert_eq!(Chunks::default().scan(body).unwrap(), Some(end));
+        // ...and split at every byte.
+        for cut in 0..body.len() {
+            let mut c = Chunks::default();
+            let (a, b) = body.split_at(cut);
+            match c.scan(a).unwrap() {
+                Some(e) => assert_eq!(e, end, "cut at {cut}"),
+                None => assert_eq!(c.scan(b).unwrap().map(|e| e + cut), Some(end), "cut {cut}"),
+            }
+        }
+        assert_eq!(Chunks::default().scan(b"0\r\n\r\n").unwrap(), Some(5));
+        assert_eq!(Chunks::default().scan(b"3\r\nab").unwrap(), None);
+        assert!(Chunks::default().scan(b"zz\r\n").is_err());
+        assert!(Chunks::default().scan(b"2\r\nabX").is_err());
+    }
+
+    #[test]
+    fn headers_that_stay_behind_and_requests_left_to_pingora() {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut req = httparse::Request::new(&mut headers);
+        let raw = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, close\r\n\
+            Keep-Alive: 5\r\nX-Shopverse-User: mallory\r\nX-Request-Id: abc\r\n\
+            Authorization: Bearer t\r\nContent-Length: 3\r\nTE: trailers\r\n\r\n";
+        req.parse(raw).unwrap();
+        let f = facts(req.headers).map_err(|_| "not ours").unwrap();
+        assert!(f.close);
+        assert_eq!(f.content_length, Some(3));
+        assert_eq!(f.request_id, Some("abc"));
+        assert_eq!(f.authorization, Some("Bearer t"));
+        let kept: Vec<&str> = req
+            .headers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| f.dropped & (1 << i) == 0)
+            .map(|(_, h)| h.name)
+            .collect();
+        assert_eq!(kept, ["Host", "Authorization", "Content-Length"]);
+
+        for raw in [
+            &b"GET /x HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nConnection: x-secret\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        ] {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut req = httparse::Request::new(&mut headers);
+            req.parse(raw).unwrap();
+            assert!(
+                facts(req.headers).is_err(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_as_text() {
+        let mut out = Vec::new();
+        push_decimal(&mut out, 0);
+        out.push(b' ');
+        push_decimal(&mut out, 18_446_744_073_709_551_615);
+        out.push(b' ');
+        push_hex(&mut out, 0);
+        out.push(b' ');
+        push_hex(&mut out, 0x1f40);
+        assert_eq!(out, b"0 18446744073709551615 0 1f40");
+    }
+}
