@@ -10,9 +10,11 @@
 //! access rule, the rate limit), writes the upstream request from the parsed head, and relays
 //! the response as it arrives, framed as the upstream framed it.
 //!
-//! Anything else (REST and gRPC routes, HTTP/1.0, upgrades, `Expect`, chunked request bodies,
-//! malformed requests, TLS, HTTP/2) goes to Pingora's server with the bytes already read put
-//! back in front of the stream; the connection is Pingora's from then on.
+//! Fresh edge-cache hits are answered here too. Any other request (REST and gRPC routes,
+//! HTTP/1.0, upgrades, `Expect`, chunked request bodies, malformed requests) is handed to
+//! Pingora's HTTP/1 server with the bytes already read put back in front of the stream, and
+//! the connection comes back after that request. TLS and HTTP/2 connections are Pingora's
+//! throughout.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,7 +23,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, Stream};
 use pingora::server::ShutdownWatch;
@@ -225,7 +228,13 @@ impl Front {
             if !buf.is_empty() {
                 match self.one(&mut io, &buf, peer, shutdown, &mut bufs).await {
                     Step::Partial if buf.len() < MAX_HEAD => {}
-                    Step::Partial | Step::HandOff => return Some((io, buf)),
+                    // HTTP/2 with prior knowledge (h2c): the connection is Pingora's.
+                    Step::HandOff if buf.starts_with(b"PRI * HTTP/2") => return Some((io, buf)),
+                    Step::Partial | Step::HandOff => {
+                        // This request is Pingora's; the connection comes back after it.
+                        io = self.by_pingora(io, buf.split(), shutdown).await?;
+                        continue;
+                    }
                     Step::Done {
                         consumed,
                         keep_alive,
@@ -256,6 +265,22 @@ impl Front {
                 _ => return None,
             }
         }
+    }
+
+    /// Lets Pingora's server answer one request, from the bytes read so far (`unread`) on;
+    /// the connection again when it can take another request.
+    async fn by_pingora(
+        &self,
+        mut io: Box<L4Stream>,
+        unread: BytesMut,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Box<L4Stream>> {
+        io.rewind(&unread);
+        let mut session = ServerSession::new_http1(io);
+        session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE.as_secs()));
+        let reused = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await?;
+        let (stream, _) = reused.consume();
+        stream.into_any().downcast::<L4Stream>().ok()
     }
 
     /// One request from the head at the start of `buf`.
