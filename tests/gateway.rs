@@ -1698,14 +1698,26 @@ fn read_response(
 async fn one_client_connection_carries_pass_through_and_rest_requests() {
     use std::io::{Read, Write};
     let (up_addr, _) = keepalive_upstream();
+    // Takes connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming() {
+            held.push(s);
+        }
+    });
     let dir = tempfile::tempdir().unwrap();
-    let passthrough = format!("[{{prefix = \"/ka/\", upstream = \"{up_addr}\"}}]");
+    let passthrough = format!(
+        "[{{prefix = \"/ka/\", upstream = \"{up_addr}\"}}, {{prefix = \"/silent/\", upstream = \"{silent_addr}\"}}]"
+    );
     let app = Appliance::start_with_env(
         dir.path(),
         &[],
         &[
             ("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough),
             ("SHOPVERSE_GATEWAY__RATE_LIMITS", "[]"),
+            ("SHOPVERSE_GATEWAY__REQUEST_TIMEOUT_MS", "1500"),
         ],
     );
     let gw = app.addrs["gateway"];
@@ -1770,6 +1782,15 @@ async fn one_client_connection_carries_pass_through_and_rest_requests() {
         !headers.iter().any(|(k, _)| k == "connection"),
         "{headers:?}"
     );
+    // An upstream that does not answer in time: 504 in the JSON error shape, and the client's
+    // connection goes on.
+    write!(w, "GET /silent/x HTTP/1.1\r\n{host}\r\n").unwrap();
+    let (status, _, body) = read_response(&mut r, false);
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["code"], "DEADLINE_EXCEEDED");
+    write!(w, "GET /ka/chunked HTTP/1.1\r\n{host}\r\n").unwrap();
+    assert_eq!(read_response(&mut r, false).2, b"hello");
     // A REST request is Pingora's server's to answer...
     write!(w, "GET /openapi.json HTTP/1.1\r\n{host}\r\n").unwrap();
     let (status, _, body) = read_response(&mut r, false);

@@ -199,12 +199,70 @@ fn visible(v: &[u8]) -> Option<&str> {
     }
 }
 
-/// Reusable buffers of one client connection.
+/// Reusable buffers and timers of one client connection.
 struct Buffers {
     /// The request head as sent upstream, then the response head as sent to the client.
     out: Vec<u8>,
     /// What the upstream sent.
     up: BytesMut,
+    /// Waiting for the client's next request.
+    idle: Deadline,
+    /// Waiting for the upstream.
+    upstream: Deadline,
+}
+
+/// The time limit elapsed.
+struct Elapsed;
+
+/// A time limit that costs little to move later, as every request does: the timer is set
+/// again only when it fires before the limit (which moved since), or the limit moves before
+/// it. A timer per request cost more than parsing the request.
+struct Deadline {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// When the timer fires.
+    armed: tokio::time::Instant,
+    /// The limit.
+    at: tokio::time::Instant,
+}
+
+impl Deadline {
+    fn new() -> Deadline {
+        // Not registered with the runtime's timers until first polled.
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        Deadline {
+            sleep: Box::pin(tokio::time::sleep_until(far)),
+            armed: far,
+            at: far,
+        }
+    }
+
+    /// `fut`, unless it takes longer than `limit`.
+    async fn within<F: std::future::Future>(
+        &mut self,
+        limit: Duration,
+        fut: F,
+    ) -> Result<F::Output, Elapsed> {
+        self.at = tokio::time::Instant::now() + limit;
+        if self.at < self.armed {
+            self.armed = self.at;
+            self.sleep.as_mut().reset(self.at);
+        }
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return std::task::Poll::Ready(Ok(v));
+            }
+            while self.sleep.as_mut().poll(cx).is_ready() {
+                if self.armed >= self.at {
+                    return std::task::Poll::Ready(Err(Elapsed));
+                }
+                self.armed = self.at;
+                self.sleep.as_mut().reset(self.at);
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
 }
 
 impl Front {
@@ -223,6 +281,8 @@ impl Front {
         let mut bufs = Buffers {
             out: Vec::with_capacity(1024),
             up: BytesMut::with_capacity(BUF),
+            idle: Deadline::new(),
+            upstream: Deadline::new(),
         };
         loop {
             if !buf.is_empty() {
@@ -255,7 +315,7 @@ impl Front {
                 buf.reserve(BUF);
             }
             let read = tokio::select! {
-                r = pingora::time::timeout(KEEPALIVE, io.read_buf(&mut buf)) => r,
+                r = bufs.idle.within(KEEPALIVE, io.read_buf(&mut buf)) => r,
                 // Idle between requests when the server stops: close now.
                 _ = watch.changed(), if buf.is_empty() => return None,
             };
@@ -293,9 +353,10 @@ impl Front {
         bufs: &mut Buffers,
     ) -> Step {
         let start = Instant::now();
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let head_len = match req.parse(buf) {
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Step::Partial,
             // Malformed, too many headers, or not HTTP/1 (an HTTP/2 preface): Pingora answers.
@@ -548,19 +609,21 @@ impl Exchange<'_> {
         let (mut up, reused) = direct::pooled_or_dial(addr, self.limits.upstream)
             .await
             .map_err(failure_reply)?;
-        let sent = pingora::time::timeout(
-            self.limits.upstream,
-            send(
-                &mut up,
-                addr,
-                &bufs.out,
-                rest,
-                io,
-                self.limits.client_body,
-                &mut bufs.up,
-            ),
-        )
-        .await;
+        let sent = bufs
+            .upstream
+            .within(
+                self.limits.upstream,
+                send(
+                    &mut up,
+                    addr,
+                    &bufs.out,
+                    rest,
+                    io,
+                    self.limits.client_body,
+                    &mut bufs.up,
+                ),
+            )
+            .await;
         let sent = match sent {
             Ok(r) => r,
             Err(_) => Err(direct::Failure::Timeout { addr }),
@@ -573,21 +636,22 @@ impl Exchange<'_> {
                 up = direct::dial(addr, self.limits.upstream)
                     .await
                     .map_err(failure_reply)?;
-                pingora::time::timeout(
-                    self.limits.upstream,
-                    send(
-                        &mut up,
-                        addr,
-                        &bufs.out,
-                        0,
-                        io,
-                        self.limits.client_body,
-                        &mut bufs.up,
-                    ),
-                )
-                .await
-                .unwrap_or(Err(direct::Failure::Timeout { addr }))
-                .map_err(failure_reply)?
+                bufs.upstream
+                    .within(
+                        self.limits.upstream,
+                        send(
+                            &mut up,
+                            addr,
+                            &bufs.out,
+                            0,
+                            io,
+                            self.limits.client_body,
+                            &mut bufs.up,
+                        ),
+                    )
+                    .await
+                    .unwrap_or(Err(direct::Failure::Timeout { addr }))
+                    .map_err(failure_reply)?
             }
             Err(e) => return Err(failure_reply(e)),
         };
@@ -699,7 +763,7 @@ impl Exchange<'_> {
             &mut framing,
             out,
             &mut bufs.up,
-            self.limits.upstream,
+            (&mut bufs.upstream, self.limits.upstream),
         )
         .await;
         match body {
@@ -805,23 +869,45 @@ async fn send(
         if n == 0 {
             return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(up) {
-                Ok(httparse::Status::Complete(len)) => match resp.code {
-                    // Interim answers (100 Continue and the like) are the upstream's business.
-                    Some(c) if (100..200).contains(&c) && c != 101 => up.advance(len),
-                    Some(101) | None => return Err(io(std::io::ErrorKind::InvalidData.into())),
-                    Some(_) => return Ok(len),
-                },
-                Ok(httparse::Status::Partial) if up.len() < MAX_HEAD => break,
-                _ => return Err(io(std::io::ErrorKind::InvalidData.into())),
-            }
-            if up.is_empty() {
-                break;
+        // Only where the head ends, and its status: the caller parses it, once.
+        while let Some(len) = head_end(up) {
+            match status_of(up) {
+                // Interim answers (100 Continue and the like) are the upstream's business.
+                Some(c) if (100..200).contains(&c) && c != 101 => up.advance(len),
+                Some(101) => return Err(io(std::io::ErrorKind::InvalidData.into())),
+                _ => return Ok(len),
             }
         }
+        if up.len() >= MAX_HEAD {
+            return Err(io(std::io::ErrorKind::InvalidData.into()));
+        }
+    }
+}
+
+/// The length of the head at the start of `buf`, up to its empty line, if it is all there.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(p) = buf[from..].iter().position(|&b| b == b'\n') {
+        let lf = from + p;
+        match buf.get(lf + 1..lf + 3) {
+            Some([b'\r', b'\n']) => return Some(lf + 3),
+            Some([b'\n', _]) => return Some(lf + 2),
+            None if buf.get(lf + 1) == Some(&b'\n') => return Some(lf + 2),
+            _ => from = lf + 1,
+        }
+    }
+    None
+}
+
+/// The status code of a response head (`HTTP/1.x NNN`), if it has one.
+fn status_of(head: &[u8]) -> Option<u16> {
+    match head.get(..12)? {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', _, b' ', d @ ..]
+            if d.iter().all(u8::is_ascii_digit) =>
+        {
+            Some(d.iter().fold(0, |n, b| n * 10 + u16::from(b - b'0')))
+        }
+        _ => None,
     }
 }
 
@@ -833,7 +919,7 @@ async fn relay_body(
     framing: &mut Framing,
     out: &mut Vec<u8>,
     up: &mut BytesMut,
-    timeout: Duration,
+    (deadline, timeout): (&mut Deadline, Duration),
 ) -> std::io::Result<bool> {
     loop {
         // Take what belongs to this response from `up`; `done` when the body is complete.
@@ -874,7 +960,8 @@ async fn relay_body(
         if up.capacity() < BUF {
             up.reserve(BUF);
         }
-        let n = pingora::time::timeout(timeout, upstream.read_buf(up))
+        let n = deadline
+            .within(timeout, upstream.read_buf(up))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         if n == 0 {
@@ -1166,6 +1253,39 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+    }
+
+    #[test]
+    fn response_heads_end_at_their_empty_line() {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        assert_eq!(head_end(head), Some(head.len() - 2));
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\nx: 1\n\nok"), Some(22));
+        for cut in 0..head.len() - 2 {
+            assert_eq!(head_end(&head[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(status_of(b"HTTP/1.1 100 Continue\r\n"), Some(100));
+        assert_eq!(status_of(b"HTTP/1.0 404 Not Found\r\n"), Some(404));
+        assert_eq!(status_of(b"HTTP/1.1 2x0 OK\r\n"), None);
+        assert_eq!(status_of(b"HTTP/1.1 20"), None);
+    }
+
+    #[tokio::test]
+    async fn a_deadline_moved_later_still_fires_at_the_latest_limit() {
+        let mut d = Deadline::new();
+        let quick = tokio::time::sleep(Duration::from_millis(1));
+        assert!(d.within(Duration::from_millis(20), quick).await.is_ok());
+        // The timer is still set for the first limit: it fires early here and is set again.
+        let slower = tokio::time::sleep(Duration::from_millis(60));
+        assert!(d.within(Duration::from_secs(5), slower).await.is_ok());
+        let never = std::future::pending::<()>();
+        let started = Instant::now();
+        assert!(d.within(Duration::from_millis(50), never).await.is_err());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // An earlier limit than the timer's sets it sooner.
+        let mut d = Deadline::new();
+        let never = std::future::pending::<()>();
+        assert!(d.within(Duration::from_secs(3600), async {}).await.is_ok());
+        assert!(d.within(Duration::from_millis(30), never).await.is_err());
     }
 
     #[test]
