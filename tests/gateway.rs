@@ -1718,6 +1718,7 @@ async fn one_client_connection_carries_pass_through_and_rest_requests() {
             ("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough),
             ("SHOPVERSE_GATEWAY__RATE_LIMITS", "[]"),
             ("SHOPVERSE_GATEWAY__REQUEST_TIMEOUT_MS", "1500"),
+            ("SHOPVERSE_GATEWAY__CLIENT_BODY_TIMEOUT_MS", "1500"),
         ],
     );
     let gw = app.addrs["gateway"];
@@ -1807,6 +1808,22 @@ async fn one_client_connection_carries_pass_through_and_rest_requests() {
     let (status, _, body) = read_response(&mut r, false);
     assert_eq!((status, body.as_slice()), (201, &b"pong"[..]));
     assert_eq!(read_response(&mut r, false).2, b"hello");
+
+    // A head that stops half way: the connection is closed once the client timeout is up
+    // (well before the socket's own 30 s read timeout).
+    let mut slow = std::net::TcpStream::connect(gw).unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    write!(slow, "GET /ka/chunked HTTP/1.1\r\n{host}").unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let ended = slow.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "a half-sent head held the connection for {:?} ({ended:?})",
+        started.elapsed()
+    );
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 
     // `Connection: close` is honoured: the answer says so, then the connection ends.
     let s = std::net::TcpStream::connect(gw).unwrap();

@@ -284,6 +284,9 @@ impl Front {
             idle: Deadline::new(),
             upstream: Deadline::new(),
         };
+        // When the head being read began to arrive: it must be complete within the client
+        // timeout of that, so a client trickling a head cannot hold the connection for long.
+        let mut head_since: Option<Instant> = None;
         loop {
             if !buf.is_empty() {
                 match self.one(&mut io, &buf, peer, shutdown, &mut bufs).await {
@@ -293,6 +296,7 @@ impl Front {
                     Step::Partial | Step::HandOff => {
                         // This request is Pingora's; the connection comes back after it.
                         io = self.by_pingora(io, buf.split(), shutdown).await?;
+                        head_since = None;
                         continue;
                     }
                     Step::Done {
@@ -300,6 +304,7 @@ impl Front {
                         keep_alive,
                     } => {
                         buf.advance(consumed);
+                        head_since = None;
                         if !keep_alive {
                             let _ = io.shutdown().await;
                             return None;
@@ -314,8 +319,20 @@ impl Front {
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(BUF);
             }
+            let limit = if buf.is_empty() {
+                KEEPALIVE
+            } else {
+                let since = *head_since.get_or_insert_with(Instant::now);
+                let total =
+                    Duration::from_millis(self.gateway.config.load().client_body_timeout_ms);
+                match total.checked_sub(since.elapsed()) {
+                    Some(left) if !left.is_zero() => left,
+                    // Too slow: close, as Pingora's server does.
+                    _ => return None,
+                }
+            };
             let read = tokio::select! {
-                r = bufs.idle.within(KEEPALIVE, io.read_buf(&mut buf)) => r,
+                r = bufs.idle.within(limit, io.read_buf(&mut buf)) => r,
                 // Idle between requests when the server stops: close now.
                 _ = watch.changed(), if buf.is_empty() => return None,
             };
