@@ -626,26 +626,7 @@ impl Exchange<'_> {
         let (mut up, reused) = direct::pooled_or_dial(addr, self.limits.upstream)
             .await
             .map_err(failure_reply)?;
-        let sent = bufs
-            .upstream
-            .within(
-                self.limits.upstream,
-                send(
-                    &mut up,
-                    addr,
-                    &bufs.out,
-                    rest,
-                    io,
-                    self.limits.client_body,
-                    &mut bufs.up,
-                ),
-            )
-            .await;
-        let sent = match sent {
-            Ok(r) => r,
-            Err(_) => Err(direct::Failure::Timeout { addr }),
-        };
-        let head_len = match sent {
+        let head_len = match self.attempt(&mut up, addr, rest, io, bufs).await {
             Ok(n) => n,
             // A pooled connection the upstream closed meanwhile: once more on a new one, when
             // the request had no body to read again.
@@ -653,21 +634,8 @@ impl Exchange<'_> {
                 up = direct::dial(addr, self.limits.upstream)
                     .await
                     .map_err(failure_reply)?;
-                bufs.upstream
-                    .within(
-                        self.limits.upstream,
-                        send(
-                            &mut up,
-                            addr,
-                            &bufs.out,
-                            0,
-                            io,
-                            self.limits.client_body,
-                            &mut bufs.up,
-                        ),
-                    )
+                self.attempt(&mut up, addr, 0, io, bufs)
                     .await
-                    .unwrap_or(Err(direct::Failure::Timeout { addr }))
                     .map_err(failure_reply)?
             }
             Err(e) => return Err(failure_reply(e)),
@@ -798,6 +766,30 @@ impl Exchange<'_> {
                 })
             }
         }
+    }
+
+    /// One try of [`send`] on `up`, within the upstream time limit.
+    async fn attempt(
+        &self,
+        up: &mut Stream,
+        addr: SocketAddr,
+        rest: u64,
+        io: &mut L4Stream,
+        bufs: &mut Buffers,
+    ) -> Result<usize, direct::Failure> {
+        let sending = send(
+            up,
+            addr,
+            &bufs.out,
+            rest,
+            io,
+            self.limits.client_body,
+            &mut bufs.up,
+        );
+        bufs.upstream
+            .within(self.limits.upstream, sending)
+            .await
+            .unwrap_or(Err(direct::Failure::Timeout { addr }))
     }
 
     /// The request line and headers as the upstream gets them.
@@ -1177,18 +1169,7 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
 }
 
 fn push_decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(crate::proxy::decimal(n, &mut [0; 20]));
 }
 
 fn push_hex(out: &mut Vec<u8>, n: usize) {

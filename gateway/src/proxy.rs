@@ -362,8 +362,14 @@ fn consumer_key(by: &LimitBy, identity: Option<&Identity>, ip: Option<IpAddr>) -
     }
 }
 
-fn push_decimal(s: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
+fn push_decimal(s: &mut String, n: u64) {
+    for &d in decimal(n, &mut [0; 20]) {
+        s.push(char::from(d));
+    }
+}
+
+/// `n`'s decimal digits, written into the end of `digits`.
+pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -373,9 +379,7 @@ fn push_decimal(s: &mut String, mut n: u64) {
             break;
         }
     }
-    for &d in &digits[i..] {
-        s.push(char::from(d));
-    }
+    &digits[i..]
 }
 
 /// A service call, kept whole so a background refresh can repeat it.
