@@ -68,7 +68,8 @@ pub struct Verifier {
     users: UsersServiceClient<Channel>,
     keys: RwLock<HashMap<String, DecodingKey>>,
     validation: Validation,
-    cache: Mutex<HashMap<String, (Identity, i64)>>,
+    /// Shared identities: a hit hands out a reference count, not a copy of the caller.
+    cache: Mutex<HashMap<String, (Arc<Identity>, i64)>>,
     last_fetch: Mutex<Option<Instant>>,
     /// Unknown `kid`s refetch the key set at most this often.
     refetch_every: Duration,
@@ -167,7 +168,7 @@ impl Verifier {
     }
 
     /// Verifies `token` (without the `Bearer ` prefix).
-    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, AuthError> {
         let now = self.clock.now_secs();
         if let Ok(cache) = self.cache.lock()
             && let Some((id, exp)) = cache.get(token)
@@ -207,7 +208,7 @@ impl Verifier {
                 _ => AuthError::Malformed,
             }
         })?;
-        let id = Identity {
+        let id = Arc::new(Identity {
             user_id: data.claims.sub,
             roles: data
                 .claims
@@ -215,7 +216,7 @@ impl Verifier {
                 .iter()
                 .filter_map(|r| Role::parse(r))
                 .collect(),
-        };
+        });
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_MAX {
                 cache.retain(|_, (_, exp)| *exp > now);
@@ -273,7 +274,7 @@ mod tests {
         let (_, k2) = signed([2; 32], "k2", &config);
         v.install_keys(HashMap::from([("k1".to_owned(), k1.clone())]));
         assert_eq!(
-            v.verify(&token).await.map(|id| id.user_id),
+            v.verify(&token).await.map(|id| id.user_id.clone()),
             Ok("u1".to_owned())
         );
         // Adding a key keeps what was verified.
@@ -285,7 +286,7 @@ mod tests {
         // Withdrawing k1: its token is refused now, not when it expires.
         v.install_keys(HashMap::from([("k2".to_owned(), k2)]));
         assert_eq!(
-            v.verify(&token).await.map(|id| id.user_id),
+            v.verify(&token).await.map(|id| id.user_id.clone()),
             Err(AuthError::UnknownKey)
         );
     }

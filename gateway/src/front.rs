@@ -443,7 +443,7 @@ impl Front {
                 )),
                 Ok(addr) => {
                     exchange
-                        .run(io, addr, identity.as_ref(), &rate_headers, bufs)
+                        .run(io, addr, identity.as_deref(), &rate_headers, bufs)
                         .await
                 }
             },

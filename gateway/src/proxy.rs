@@ -54,7 +54,7 @@ pub struct Ctx {
     /// Where a pass-through request goes, and whether over HTTP/2 (gRPC).
     passthrough: Option<(Target, bool)>,
     /// The verified caller of a pass-through request.
-    identity: Option<Identity>,
+    identity: Option<Arc<Identity>>,
     /// The rate limit's headers, for a pass-through response.
     rate_headers: Vec<(&'static str, String)>,
     /// `Access-Control-Allow-Origin` for a cross-origin request from an allowed origin.
@@ -658,7 +658,7 @@ impl Gateway {
         &self,
         session: &Session,
         access: Access,
-    ) -> Result<Option<Identity>, Reply> {
+    ) -> Result<Option<Arc<Identity>>, Reply> {
         let header = session
             .req_header()
             .headers
@@ -672,7 +672,7 @@ impl Gateway {
         &self,
         header: Option<&str>,
         access: Access,
-    ) -> Result<Option<Identity>, Reply> {
+    ) -> Result<Option<Arc<Identity>>, Reply> {
         let token = match header {
             Some(h) if h.len() > 7 && h[..7].eq_ignore_ascii_case("bearer ") => Some(h[7..].trim()),
             Some(_) => return Err(self.unauthorized(AuthError::Malformed)),
@@ -884,7 +884,7 @@ impl Gateway {
             Err(r) => return r,
         };
         let ip = self.client_ip(session);
-        let limit_headers = match self.rate_limit(path, identity.as_ref(), ip).await {
+        let limit_headers = match self.rate_limit(path, identity.as_deref(), ip).await {
             Ok(h) => h,
             Err(r) => return r,
         };
@@ -1156,7 +1156,7 @@ impl Gateway {
         let identity = self.authenticate(session, access).await?;
         let ip = self.client_ip(session);
         ctx.rate_headers = self
-            .rate_limit(session.req_header().uri.path(), identity.as_ref(), ip)
+            .rate_limit(session.req_header().uri.path(), identity.as_deref(), ip)
             .await?;
         ctx.identity = identity;
         Ok(())
@@ -1170,9 +1170,9 @@ impl Gateway {
         access: Access,
         authorization: Option<&str>,
         ip: Option<IpAddr>,
-    ) -> Result<(Option<Identity>, Vec<(&'static str, String)>), Reply> {
+    ) -> Result<(Option<Arc<Identity>>, Vec<(&'static str, String)>), Reply> {
         let identity = self.authorize(authorization, access).await?;
-        let headers = self.rate_limit(path, identity.as_ref(), ip).await?;
+        let headers = self.rate_limit(path, identity.as_deref(), ip).await?;
         Ok((identity, headers))
     }
 
@@ -1198,7 +1198,7 @@ impl Gateway {
             .await
             .map_err(Reply::into_grpc)?;
         let ip = self.client_ip(session);
-        self.rate_limit(path, identity.as_ref(), ip)
+        self.rate_limit(path, identity.as_deref(), ip)
             .await
             .map_err(Reply::into_grpc)?;
         let upstream = self.upstreams.pick_address(&service).ok_or_else(|| {
