@@ -69,7 +69,9 @@ pub struct Verifier {
     keys: RwLock<HashMap<String, DecodingKey>>,
     validation: Validation,
     /// Shared identities: a hit hands out a reference count, not a copy of the caller.
-    cache: Mutex<HashMap<String, (Arc<Identity>, i64)>>,
+    /// Keyed by the token, hashed with aHash: SipHash of a ~400-byte token was the largest
+    /// part of a cached check. Seeded at random per process.
+    cache: Mutex<HashMap<String, (Arc<Identity>, i64), ahash::RandomState>>,
     last_fetch: Mutex<Option<Instant>>,
     /// Unknown `kid`s refetch the key set at most this often.
     refetch_every: Duration,
@@ -97,7 +99,11 @@ impl Verifier {
             users: UsersServiceClient::new(users),
             keys: RwLock::new(HashMap::new()),
             validation,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::with_hasher({
+                let (a, b) = uuid::Uuid::new_v4().as_u64_pair();
+                let (c, d) = uuid::Uuid::new_v4().as_u64_pair();
+                ahash::RandomState::with_seeds(a, b, c, d)
+            })),
             last_fetch: Mutex::new(None),
             refetch_every: Duration::from_secs(config.jwks_refetch_min_secs),
             clock,
