@@ -1846,3 +1846,49 @@ async fn one_client_connection_carries_pass_through_and_rest_requests() {
     assert_eq!(r.read_to_end(&mut rest).unwrap(), 0, "{rest:?}");
     app.stop();
 }
+
+/// An idle upstream connection the upstream has closed is closed by the gateway too, without
+/// waiting for the next request to that upstream (no connections left in CLOSE_WAIT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_the_upstream_closed_are_closed() {
+    use std::io::{Read, Write};
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = upstream.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .unwrap();
+        // Done with the connection: our side closes, and we wait for the gateway's end.
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(25)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let ended = s.read_to_end(&mut rest);
+        let _ = tx.send((ended.is_ok(), started.elapsed()));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let passthrough = format!("[{{prefix = \"/up/\", upstream = \"{up_addr}\"}}]");
+    let app = Appliance::start_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough),
+            ("SHOPVERSE_GATEWAY__RATE_LIMITS", "[]"),
+        ],
+    );
+    let r = http(app.addrs["gateway"], "GET", "/up/x", &[], b"");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+    let (closed, after) = rx.recv_timeout(std::time::Duration::from_secs(40)).unwrap();
+    assert!(
+        closed,
+        "the gateway kept the closed upstream connection open for {after:?}"
+    );
+    app.stop();
+}

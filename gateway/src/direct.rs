@@ -35,7 +35,13 @@ thread_local! {
     /// Idle upstream connections of this thread, newest last. Pingora runs each thread's
     /// connections on that thread's own runtime, so a pool per thread needs no lock.
     static IDLE: RefCell<IdlePool> = RefCell::new(IdlePool::default());
+    /// Whether this thread's pool has a sweeper running.
+    static SWEEPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
+
+/// How often a thread's idle connections are looked over, so that one the upstream closed (or
+/// idle for too long) is closed here too rather than kept until the next request.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Keyed by configured upstream addresses, not by anything a client sends: a fast hash
 /// (SipHash was a tenth of the pool's cost per request).
@@ -290,6 +296,33 @@ pub(crate) fn release(addr: SocketAddr, stream: Stream) {
         }
         list.push((stream, Instant::now()));
     });
+    if !SWEEPING.replace(true) {
+        // Spawned on this thread's runtime (each Pingora thread runs its own), so it sweeps
+        // this thread's pool.
+        tokio::spawn(sweep());
+    }
+}
+
+/// Closes idle connections the upstream closed, and those idle too long; ends when the pool
+/// is empty (the next release starts another).
+async fn sweep() {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let any_left = IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            for list in idle.values_mut() {
+                list.retain_mut(|(stream, since)| {
+                    since.elapsed() < IDLE_TIMEOUT && idle_and_open(stream)
+                });
+            }
+            idle.retain(|_, list| !list.is_empty());
+            !idle.is_empty()
+        });
+        if !any_left {
+            SWEEPING.set(false);
+            return;
+        }
+    }
 }
 
 /// An idle connection has nothing to read: data or end of stream means it cannot be reused.
