@@ -1559,6 +1559,14 @@ fn keepalive_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::Atomic
                         let _ = w.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nstream");
                         let _ = w.write_all(b"ed");
                         return;
+                    } else if head[0].starts_with("get /ka/many") {
+                        // More response headers than the front's first parse has room for.
+                        let mut v = b"HTTP/1.1 200 OK\r\n".to_vec();
+                        for i in 0..100 {
+                            v.extend_from_slice(format!("x-h{i}: {i}\r\n").as_bytes());
+                        }
+                        v.extend_from_slice(b"content-length: 4\r\n\r\nmany");
+                        v
                     } else if head[0].starts_with("get /ka/chunked") {
                         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nkeep-alive: timeout=60\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n".to_vec()
                     } else if head[0].starts_with("post /ka/echo") {
@@ -1782,6 +1790,15 @@ async fn one_client_connection_carries_pass_through_and_rest_requests() {
     assert!(
         !headers.iter().any(|(k, _)| k == "connection"),
         "{headers:?}"
+    );
+    // An answer with a hundred headers.
+    write!(w, "GET /ka/many HTTP/1.1\r\n{host}\r\n").unwrap();
+    let (status, headers, body) = read_response(&mut r, false);
+    assert_eq!((status, body.as_slice()), (200, &b"many"[..]));
+    assert!(
+        headers.contains(&("x-h99".into(), "99".into())),
+        "{}",
+        headers.len()
     );
     // An upstream that does not answer in time: 504 in the JSON error shape, and the client's
     // connection goes on.

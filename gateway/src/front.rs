@@ -39,6 +39,11 @@ use crate::proxy::{Gateway, Reply, Shared};
 const MAX_HEAD: usize = 16 * 1024;
 /// At most this many request or response headers on this path (a bit per header below).
 const MAX_HEADERS: usize = 64;
+/// At most this many upstream response headers (there is no Pingora path to fall back to
+/// once the request went upstream); more is a 502.
+const MAX_RESPONSE_HEADERS: usize = 256;
+/// The longest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// How long a client connection may sit idle between requests (Pingora's default too).
 const KEEPALIVE: Duration = Duration::from_secs(60);
 const BUF: usize = 8 * 1024;
@@ -642,10 +647,22 @@ impl Exchange<'_> {
         };
 
         // The response head, for the client.
+        let head = &bufs.up[..head_len];
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut many;
         let mut resp = httparse::Response::new(&mut headers);
-        let Ok(httparse::Status::Complete(_)) = resp.parse(&bufs.up[..head_len]) else {
-            return Err(failure_reply(malformed(addr)));
+        let resp = match resp.parse(head) {
+            Ok(httparse::Status::Complete(_)) => resp,
+            // Rare: a second try with room for more, rather than a refusal.
+            Err(httparse::Error::TooManyHeaders) => {
+                many = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+                let mut resp = httparse::Response::new(&mut many);
+                match resp.parse(head) {
+                    Ok(httparse::Status::Complete(_)) => resp,
+                    _ => return Err(failure_reply(malformed(addr))),
+                }
+            }
+            _ => return Err(failure_reply(malformed(addr))),
         };
         let status = resp.code.unwrap_or(502);
         // First the headers that decide the framing and the connection.
@@ -887,7 +904,7 @@ async fn send(
                 _ => return Ok(len),
             }
         }
-        if up.len() >= MAX_HEAD {
+        if up.len() >= MAX_RESPONSE_HEAD {
             return Err(io(std::io::ErrorKind::InvalidData.into()));
         }
     }
