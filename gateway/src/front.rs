@@ -423,6 +423,7 @@ impl Front {
         let keep_alive = !facts.close && !*shutdown.borrow();
         let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
         let exchange = Exchange {
+            label: &label,
             method,
             target,
             headers: req.headers,
@@ -580,6 +581,8 @@ impl Front {
 
 /// One request on its way upstream.
 struct Exchange<'a> {
+    /// The route, for logs.
+    label: &'a str,
     method: &'a str,
     target: &'a str,
     headers: &'a [httparse::Header<'a>],
@@ -630,7 +633,7 @@ impl Exchange<'_> {
 
         let (mut up, reused) = direct::pooled_or_dial(addr, self.limits.upstream)
             .await
-            .map_err(failure_reply)?;
+            .map_err(|e| Reply::for_failure(e, self.label))?;
         let head_len = match self.attempt(&mut up, addr, rest, io, bufs).await {
             Ok(n) => n,
             // A pooled connection the upstream closed meanwhile: once more on a new one, when
@@ -638,12 +641,12 @@ impl Exchange<'_> {
             Err(direct::Failure::Unavailable { .. }) if reused && self.body_len == 0 => {
                 up = direct::dial(addr, self.limits.upstream)
                     .await
-                    .map_err(failure_reply)?;
+                    .map_err(|e| Reply::for_failure(e, self.label))?;
                 self.attempt(&mut up, addr, 0, io, bufs)
                     .await
-                    .map_err(failure_reply)?
+                    .map_err(|e| Reply::for_failure(e, self.label))?
             }
-            Err(e) => return Err(failure_reply(e)),
+            Err(e) => return Err(Reply::for_failure(e, self.label)),
         };
 
         // The response head, for the client.
@@ -659,10 +662,10 @@ impl Exchange<'_> {
                 let mut resp = httparse::Response::new(&mut many);
                 match resp.parse(head) {
                     Ok(httparse::Status::Complete(_)) => resp,
-                    _ => return Err(failure_reply(malformed(addr))),
+                    _ => return Err(Reply::for_failure(malformed(addr), self.label)),
                 }
             }
-            _ => return Err(failure_reply(malformed(addr))),
+            _ => return Err(Reply::for_failure(malformed(addr), self.label)),
         };
         let status = resp.code.unwrap_or(502);
         // First the headers that decide the framing and the connection.
@@ -692,9 +695,9 @@ impl Exchange<'_> {
                 let n = std::str::from_utf8(h.value)
                     .ok()
                     .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or_else(|| failure_reply(malformed(addr)))?;
+                    .ok_or_else(|| Reply::for_failure(malformed(addr), self.label))?;
                 if length.is_some_and(|m| m != n) {
-                    return Err(failure_reply(malformed(addr)));
+                    return Err(Reply::for_failure(malformed(addr), self.label));
                 }
                 length = Some(n);
             }
@@ -1122,7 +1125,7 @@ async fn write_reply(
             push_header(out, name, value);
         }
     }
-    if !keep_alive {
+    if !keep_alive && !headers.iter().any(|(n, _)| *n == "connection") {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -1140,41 +1143,6 @@ fn malformed(addr: SocketAddr) -> direct::Failure {
             pingora::ErrorType::InvalidHTTPHeader,
             "malformed response head",
         ),
-    }
-}
-
-fn failure_reply(e: direct::Failure) -> Reply {
-    match e {
-        direct::Failure::Timeout { .. } => {
-            tracing::warn!("{e}");
-            Reply::error(
-                StatusCode::GATEWAY_TIMEOUT,
-                Code::DeadlineExceeded,
-                "the upstream did not answer in time",
-                serde_json::json!([]),
-            )
-        }
-        direct::Failure::ClientTimeout => Reply::error(
-            StatusCode::REQUEST_TIMEOUT,
-            Code::DeadlineExceeded,
-            "the request body did not arrive in time",
-            serde_json::json!([]),
-        ),
-        direct::Failure::Client(e) => Reply::error(
-            StatusCode::BAD_REQUEST,
-            Code::InvalidArgument,
-            &format!("reading the request body: {e}"),
-            serde_json::json!([]),
-        ),
-        e => {
-            tracing::warn!("{e}");
-            Reply::error(
-                StatusCode::BAD_GATEWAY,
-                Code::Unavailable,
-                "the upstream is unavailable",
-                serde_json::json!([]),
-            )
-        }
     }
 }
 

@@ -285,6 +285,44 @@ impl Reply {
         self
     }
 
+    /// The answer to a pass-through request that failed before its response began, on
+    /// either HTTP/1 path.
+    pub(crate) fn for_failure(e: direct::Failure, route: &str) -> Reply {
+        match e {
+            direct::Failure::Timeout { .. } => {
+                tracing::warn!(route, "{e}");
+                Reply::error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Code::DeadlineExceeded,
+                    "the upstream did not answer in time",
+                    serde_json::json!([]),
+                )
+            }
+            direct::Failure::ClientTimeout => Reply::error(
+                StatusCode::REQUEST_TIMEOUT,
+                Code::DeadlineExceeded,
+                "the request body did not arrive in time",
+                serde_json::json!([]),
+            )
+            .with("connection", "close"),
+            direct::Failure::Client(e) => Reply::error(
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                &format!("reading the request body: {e}"),
+                serde_json::json!([]),
+            ),
+            e => {
+                tracing::warn!(route, "{e}");
+                Reply::error(
+                    StatusCode::BAD_GATEWAY,
+                    Code::Unavailable,
+                    "the upstream is unavailable",
+                    serde_json::json!([]),
+                )
+            }
+        }
+    }
+
     /// Status, headers and body as they go out, on either HTTP/1 path.
     pub(crate) fn into_response(
         self,
@@ -1115,31 +1153,7 @@ impl Gateway {
                 match direct::forward(session, addr, limits, prepare, extra).await {
                     Ok(()) => return Ok(()),
                     Err(direct::Failure::Midway(e) | direct::Failure::Client(e)) => return Err(e),
-                    Err(e @ direct::Failure::Unavailable { .. }) => {
-                        tracing::warn!(route = ctx.route.as_str(), "{e}");
-                        Reply::error(
-                            StatusCode::BAD_GATEWAY,
-                            Code::Unavailable,
-                            "the upstream is unavailable",
-                            serde_json::json!([]),
-                        )
-                    }
-                    Err(e @ direct::Failure::Timeout { .. }) => {
-                        tracing::warn!(route = ctx.route.as_str(), "{e}");
-                        Reply::error(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            Code::DeadlineExceeded,
-                            "the upstream did not answer in time",
-                            serde_json::json!([]),
-                        )
-                    }
-                    Err(direct::Failure::ClientTimeout) => Reply::error(
-                        StatusCode::REQUEST_TIMEOUT,
-                        Code::DeadlineExceeded,
-                        "the request body did not arrive in time",
-                        serde_json::json!([]),
-                    )
-                    .with("connection", "close"),
+                    Err(e) => Reply::for_failure(e, ctx.route.as_str()),
                 }
             }
         };
@@ -1153,12 +1167,17 @@ impl Gateway {
         ctx: &mut Ctx,
         access: Access,
     ) -> Result<(), Reply> {
-        let identity = self.authenticate(session, access).await?;
+        let authorization = session
+            .req_header()
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
         let ip = self.client_ip(session);
-        ctx.rate_headers = self
-            .rate_limit(session.req_header().uri.path(), identity.as_deref(), ip)
+        let (identity, rate_headers) = self
+            .admit(session.req_header().uri.path(), access, authorization, ip)
             .await?;
         ctx.identity = identity;
+        ctx.rate_headers = rate_headers;
         Ok(())
     }
 
