@@ -310,6 +310,11 @@ impl Handler for DeliveryHandler {
     fn topics(&self) -> Vec<String> {
         vec![TOPIC_ORDERS.to_owned()]
     }
+    /// No effects outside this database: the inbox insert alone refuses a redelivery.
+    fn prepares(&self) -> bool {
+        false
+    }
+
     fn wants(&self, t: &str) -> bool {
         t == ORDER_CONFIRMED.name || t == ORDER_CANCELLED.name
     }

@@ -117,6 +117,15 @@ pub trait Subscription: Send {
     /// Marks `record` and everything before it in its partition as done for this group.
     async fn commit(&mut self, record: &Record) -> Result<(), BusError>;
 
+    /// [`Subscription::commit`] for each of `last` (at most one record per partition: the
+    /// last one done there), in one write where the bus can.
+    async fn commit_all(&mut self, last: &[Record]) -> Result<(), BusError> {
+        for r in last {
+            self.commit(r).await?;
+        }
+        Ok(())
+    }
+
     /// Records waiting in this member's partitions after what it has read, when known.
     async fn lag(&mut self) -> Option<i64> {
         None

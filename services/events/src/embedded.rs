@@ -39,6 +39,36 @@ struct Inner {
     partitions: i32,
     appended: Notify,
     active_groups: Mutex<HashSet<String>>,
+    /// Each partition's end offset as far as this process knows it (what it appended, or read
+    /// up to): a member woken by a publish reads only the partitions that grew.
+    ends: Mutex<HashMap<String, Vec<i64>>>,
+    /// Partitions per topic, for topics known to exist (a topic's count never changes).
+    parts: Mutex<HashMap<String, i32>>,
+}
+
+impl Inner {
+    fn known_parts(&self, topic: &str) -> Option<i32> {
+        self.parts.lock().ok()?.get(topic).copied()
+    }
+
+    fn known_end(&self, topic: &str, part: i32) -> Option<i64> {
+        let ends = self.ends.lock().ok()?;
+        ends.get(topic)?
+            .get(usize::try_from(part).ok()?)
+            .copied()
+            .filter(|e| *e >= 0)
+    }
+
+    fn saw_end(&self, topic: &str, part: i32, end: i64) {
+        let (Ok(mut ends), Ok(i)) = (self.ends.lock(), usize::try_from(part)) else {
+            return;
+        };
+        let slots = ends.entry(topic.to_owned()).or_default();
+        if slots.len() <= i {
+            slots.resize(i + 1, -1);
+        }
+        slots[i] = slots[i].max(end);
+    }
 }
 
 impl EmbeddedLog {
@@ -54,6 +84,8 @@ impl EmbeddedLog {
                 partitions: partitions.max(1),
                 appended: Notify::new(),
                 active_groups: Mutex::new(HashSet::new()),
+                ends: Mutex::default(),
+                parts: Mutex::default(),
             }),
         })
     }
@@ -124,8 +156,12 @@ impl EventBus for EmbeddedLog {
         let mut next: HashMap<(String, i32), i64> = HashMap::new();
         let mut parts: HashMap<String, i32> = HashMap::new();
         for r in records {
-            let n = match parts.get(&r.topic) {
-                Some(n) => *n,
+            let n = match parts
+                .get(&r.topic)
+                .copied()
+                .or_else(|| self.inner.known_parts(&r.topic))
+            {
+                Some(n) => n,
                 None => {
                     let n =
                         Self::topic_partitions(&mut tx, &r.topic, self.inner.partitions).await?;
@@ -134,34 +170,31 @@ impl EventBus for EmbeddedLog {
                 }
             };
             let part = partition_for(&r.key, n);
-            let slot = (r.topic.clone(), part);
-            let offset = match next.get(&slot) {
-                Some(o) => *o,
-                None => sqlx::query_scalar::<_, i64>(
-                    "SELECT COALESCE(MAX(offs) + 1, 0) FROM records WHERE topic = $1 AND part = $2",
-                )
-                .bind(&r.topic)
-                .bind(i64::from(part))
-                .fetch_one(&mut *tx)
-                .await?,
-            };
             let headers = serde_json::to_string(&r.headers).unwrap_or_else(|_| "[]".into());
-            sqlx::query(
+            // The next offset of the partition, found and taken in one statement (the write
+            // transaction holds the file's lock, so no other writer appends meanwhile).
+            let offset: i64 = sqlx::query_scalar(
                 "INSERT INTO records (topic, part, offs, record_key, headers, payload, appended_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                 SELECT $1, $2, COALESCE(MAX(offs) + 1, 0), $3, $4, $5, $6 FROM records \
+                 WHERE topic = $1 AND part = $2 RETURNING offs",
             )
             .bind(&r.topic)
             .bind(i64::from(part))
-            .bind(offset)
             .bind(&r.key)
             .bind(headers)
             .bind(r.payload.clone())
             .bind(now)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
-            next.insert(slot, offset + 1);
+            next.insert((r.topic.clone(), part), offset + 1);
         }
         tx.commit().await?;
+        if let Ok(mut known) = self.inner.parts.lock() {
+            known.extend(parts);
+        }
+        for ((topic, part), end) in &next {
+            self.inner.saw_end(topic, *part, *end);
+        }
         self.inner.appended.notify_waiters();
         Ok(())
     }
@@ -188,6 +221,7 @@ impl EventBus for EmbeddedLog {
             group: group.to_owned(),
             topics: topics.to_vec(),
             positions: HashMap::new(),
+            last_full: None,
         }))
     }
 
@@ -246,15 +280,7 @@ impl EventBus for EmbeddedLog {
         partition: i32,
         next_offset: i64,
     ) -> Result<(), BusError> {
-        let q = sqlx::query(
-            "INSERT INTO group_offsets (group_id, topic, part, next_offset) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (group_id, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
-        )
-        .bind(group)
-        .bind(topic)
-        .bind(i64::from(partition))
-        .bind(next_offset)
-        .execute(self.inner.db.pool());
+        let q = upsert_offset(group, topic, partition, next_offset).execute(self.inner.db.pool());
         let _turn = self.inner.db.write_lock().await?;
         q.await?;
         Ok(())
@@ -275,19 +301,54 @@ impl EventBus for EmbeddedLog {
     }
 }
 
+/// Sets a group's next offset in a partition.
+fn upsert_offset<'q>(
+    group: &'q str,
+    topic: &'q str,
+    partition: i32,
+    next_offset: i64,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    sqlx::query(
+        "INSERT INTO group_offsets (group_id, topic, part, next_offset) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (group_id, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(i64::from(partition))
+    .bind(next_offset)
+}
+
 struct EmbeddedSubscription {
     log: EmbeddedLog,
     group: String,
     topics: Vec<String>,
     /// Next offset to hand out per (topic, partition); starts at the committed offset.
     positions: HashMap<(String, i32), i64>,
+    /// When every partition was last read whatever this process knew of its end: records
+    /// another process appended are found this way, within [`IDLE_POLL`].
+    last_full: Option<tokio::time::Instant>,
 }
 
 impl EmbeddedSubscription {
     async fn fetch_available(&mut self, max: usize) -> Result<Vec<Record>, BusError> {
+        let full = self.last_full.is_none_or(|t| t.elapsed() >= IDLE_POLL);
+        if full {
+            self.last_full = Some(tokio::time::Instant::now());
+        }
         let mut out = Vec::new();
-        for topic in self.topics.clone() {
-            let parts = self.log.partitions(&topic).await?;
+        for topic in &self.topics {
+            let parts = match self.log.inner.known_parts(topic) {
+                Some(n) => n,
+                None => {
+                    let n = self.log.partitions(topic).await?;
+                    if n > 0
+                        && let Ok(mut known) = self.log.inner.parts.lock()
+                    {
+                        known.insert(topic.clone(), n);
+                    }
+                    n
+                }
+            };
             for p in 0..parts {
                 if out.len() >= max {
                     return Ok(out);
@@ -296,15 +357,28 @@ impl EmbeddedSubscription {
                 let pos = match self.positions.get(&key) {
                     Some(p) => *p,
                     None => {
-                        let c = self.log.committed(&self.group, &topic, p).await?;
+                        let c = self.log.committed(&self.group, topic, p).await?;
                         self.positions.insert(key.clone(), c);
                         c
                     }
                 };
-                let recs = self.log.fetch(&topic, p, pos, max - out.len()).await?;
-                if let Some(last) = recs.last() {
-                    self.positions.insert(key, last.offset + 1);
+                if !full
+                    && self
+                        .log
+                        .inner
+                        .known_end(topic, p)
+                        .is_some_and(|end| end <= pos)
+                {
+                    continue;
                 }
+                let room = max - out.len();
+                let recs = self.log.fetch(topic, p, pos, room).await?;
+                let next = recs.last().map_or(pos, |last| last.offset + 1);
+                if recs.len() < room {
+                    // Read to the end.
+                    self.log.inner.saw_end(topic, p, next);
+                }
+                self.positions.insert(key, next);
                 out.extend(recs);
             }
         }
@@ -351,6 +425,20 @@ impl Subscription for EmbeddedSubscription {
                 record.offset + 1,
             )
             .await
+    }
+
+    async fn commit_all(&mut self, last: &[Record]) -> Result<(), BusError> {
+        if let [one] = last {
+            return self.commit(one).await;
+        }
+        let mut tx = self.log.inner.db.begin_write().await?;
+        for r in last {
+            upsert_offset(&self.group, &r.topic, r.partition, r.offset + 1)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 }
 
@@ -445,5 +533,69 @@ mod tests {
             .expect("woke")
             .expect("join");
         assert_eq!(got.len(), 1);
+    }
+
+    /// A member woken by this process's publishes reads only the partitions that grew, yet
+    /// still finds records another process appended to a partition it had read to the end
+    /// (here a second handle on the same file); `commit_all` commits every partition at once.
+    #[tokio::test]
+    async fn appends_by_another_process_are_found_and_commits_go_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/events.db", dir.path().display());
+        let log = EmbeddedLog::open(&url, 4).await.expect("open");
+        let other = EmbeddedLog::open(&url, 4).await.expect("second handle");
+        let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        let batch: Vec<OutRecord> = keys.iter().map(|k| rec("t", k, 1)).collect();
+        log.publish(&batch).await.expect("publish");
+        let mut sub = log.subscribe("g", &["t".into()]).await.expect("subscribe");
+        let first = sub
+            .poll(100, Duration::from_millis(10))
+            .await
+            .expect("poll");
+        assert_eq!(first.len(), 40);
+        let parts: HashSet<i32> = first.iter().map(|r| r.partition).collect();
+        assert!(parts.len() > 1, "40 keys land on several partitions");
+
+        // Another process appends; this process publishes to a different topic, which wakes
+        // the member without growing any partition it knows of.
+        other
+            .publish(&[rec("t", "k0", 2)])
+            .await
+            .expect("publish elsewhere");
+        log.publish(&[rec("u", "x", 3)]).await.expect("publish");
+        let started = tokio::time::Instant::now();
+        let mut seen = Vec::new();
+        while seen.is_empty() {
+            seen = sub.poll(100, Duration::from_secs(2)).await.expect("poll");
+            assert!(started.elapsed() < Duration::from_secs(2), "never found it");
+        }
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].key.as_str(), seen[0].payload[0]), ("k0", 2));
+
+        // Commit the last record of each partition together; a new member starts after them.
+        let mut last: Vec<Record> = Vec::new();
+        for r in first.into_iter().chain(seen) {
+            last.retain(|l| l.partition != r.partition);
+            last.push(r);
+        }
+        sub.commit_all(&last).await.expect("commit all");
+        drop(sub);
+        let mut again = log
+            .subscribe("g", &["t".into()])
+            .await
+            .expect("resubscribe");
+        let rest = again
+            .poll(100, Duration::from_millis(10))
+            .await
+            .expect("poll");
+        assert!(
+            rest.is_empty(),
+            "everything was committed: {} left",
+            rest.len()
+        );
+        for p in parts {
+            let end = log.end_offset("t", p).await.expect("end");
+            assert_eq!(log.committed("g", "t", p).await.expect("committed"), end);
+        }
     }
 }

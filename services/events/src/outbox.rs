@@ -21,6 +21,9 @@ use shopverse_kit::metrics::{int_counter, int_gauge};
 use crate::bus::{BusError, EventBus, OutRecord};
 use crate::envelope::{Envelope, EventType};
 
+/// How often the relay counts what is left to publish, for its backlog gauge.
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+
 /// Writes `env` to the outbox on the caller's connection (inside its transaction).
 pub async fn enqueue(
     conn: &mut sqlx::AnyConnection,
@@ -230,6 +233,7 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         let mut last_prune = tokio::time::Instant::now();
+        let mut last_count = tokio::time::Instant::now() - BACKLOG_EVERY;
         loop {
             let wake = self.wake.notified();
             tokio::pin!(wake);
@@ -250,8 +254,13 @@ impl Relay {
                     continue;
                 }
             }
-            if let Ok(n) = self.backlog().await {
-                self.metrics.backlog.set(n);
+            // The gauge is for dashboards: once a second is enough, and under load the
+            // count would otherwise run after every small batch.
+            if last_count.elapsed() >= BACKLOG_EVERY {
+                last_count = tokio::time::Instant::now();
+                if let Ok(n) = self.backlog().await {
+                    self.metrics.backlog.set(n);
+                }
             }
             if last_prune.elapsed() > Duration::from_secs(600) {
                 last_prune = tokio::time::Instant::now();

@@ -37,6 +37,11 @@ impl Handler for SagaHandler {
         vec![TOPIC_PAYMENTS.to_owned(), TOPIC_DELIVERY.to_owned()]
     }
 
+    /// No effects outside this database: the inbox insert alone refuses a redelivery.
+    fn prepares(&self) -> bool {
+        false
+    }
+
     fn wants(&self, t: &str) -> bool {
         [
             PAYMENT_SUCCEEDED.name,

@@ -320,6 +320,11 @@ impl Handler for PaymentHandler {
         vec![TOPIC_ORDERS.to_owned()]
     }
 
+    /// No effects outside this database: the inbox insert alone refuses a redelivery.
+    fn prepares(&self) -> bool {
+        false
+    }
+
     fn wants(&self, t: &str) -> bool {
         t == ORDER_PLACED.name || t == ORDER_CANCELLED.name
     }

@@ -28,6 +28,11 @@ impl Handler for StockSettler {
         vec![TOPIC_ORDERS.to_owned()]
     }
 
+    /// No effects outside this database: the inbox insert alone refuses a redelivery.
+    fn prepares(&self) -> bool {
+        false
+    }
+
     fn wants(&self, event_type: &str) -> bool {
         event_type == ORDER_CONFIRMED.name || event_type == ORDER_CANCELLED.name
     }
