@@ -208,11 +208,25 @@ impl Orders {
         let mut conn = self.store().db.pool().acquire().await?;
         let lines = self.store().cart(&mut conn, user_id).await?;
         drop(conn);
+        self.priced_cart(lines, None).await
+    }
+
+    /// The cart of `lines` at today's prices; `known` is one product already priced for this
+    /// answer (the one just added), not asked for again.
+    async fn priced_cart(
+        &self,
+        lines: Vec<(String, i64)>,
+        mut known: Option<(&str, Priced)>,
+    ) -> Result<Cart, ServiceError> {
         let mut out = Cart::default();
         let mut subtotal: Option<Money> = None;
         for (product_id, qty) in lines {
             let quantity = i32::try_from(qty).unwrap_or(0);
-            match self.priced(&product_id).await? {
+            let priced = match known.take_if(|(id, _)| *id == product_id) {
+                Some((_, p)) => Some(p),
+                None => self.priced(&product_id).await?,
+            };
+            match priced {
                 Some(p) => {
                     let total = p.price.amount_minor * qty;
                     match &mut subtotal {
@@ -263,14 +277,16 @@ impl Orders {
         if product_id.is_empty() {
             return Err(ServiceError::invalid("product_id", "is required"));
         }
-        if self.priced(product_id).await?.is_none() {
+        let Some(priced) = self.priced(product_id).await? else {
             return Err(ServiceError::not_found("product", product_id));
-        }
+        };
         let mut tx = self.store().db.begin_write().await?;
-        let current = self
-            .store()
-            .cart_quantity(&mut tx, user_id, product_id)
-            .await?;
+        // The whole cart, read once: the line's quantity, the line count, and the answer.
+        let mut lines = self.store().cart(&mut tx, user_id).await?;
+        let current = lines
+            .iter()
+            .find(|(id, _)| id == product_id)
+            .map(|(_, q)| *q);
         let new = current.unwrap_or(0) + qty;
         if new > MAX_LINE_QUANTITY {
             return Err(ServiceError::invalid(
@@ -281,7 +297,7 @@ impl Orders {
                 ),
             ));
         }
-        if current.is_none() && self.store().cart(&mut tx, user_id).await?.len() >= MAX_CART_LINES {
+        if current.is_none() && lines.len() >= MAX_CART_LINES {
             return Err(ServiceError::FailedPrecondition(format!(
                 "a cart holds at most {MAX_CART_LINES} lines"
             )));
@@ -290,7 +306,12 @@ impl Orders {
             .set_cart_line(&mut tx, user_id, product_id, new, self.now())
             .await?;
         tx.commit().await?;
-        self.cart(user_id).await
+        // As a read now would list it: a new line last (lines go by when they were added).
+        match lines.iter_mut().find(|(id, _)| id == product_id) {
+            Some(line) => line.1 = new,
+            None => lines.push((product_id.to_owned(), new)),
+        }
+        self.priced_cart(lines, Some((product_id, priced))).await
     }
 
     pub async fn set_quantity(

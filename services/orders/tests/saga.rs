@@ -861,3 +861,65 @@ async fn checkout_is_idempotent_and_refuses_bad_input() {
     let _ = shop.clock.now_ms();
     shop.stop().await;
 }
+
+/// Adding to the cart answers with the cart as a read right after shows it: every line at
+/// today's price (the one just added and the others), in the order they were added, with the
+/// quantities summed and the subtotal over all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_answers_with_the_whole_cart() {
+    let mut shop = Shop::start(true).await;
+    let a = shop.product("ADD-A", 250, 10).await;
+    let b = shop.product("ADD-B", 1_000, 10).await;
+    let add = |product: &str, quantity: i32| {
+        who(
+            "cara",
+            AddCartItemRequest {
+                product_id: product.into(),
+                quantity,
+            },
+        )
+    };
+    let one = shop
+        .orders
+        .add_cart_item(add(&a, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.lines.len(), 1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    shop.orders.add_cart_item(add(&b, 1)).await.unwrap();
+    let answered = shop
+        .orders
+        .add_cart_item(add(&a, 2))
+        .await
+        .unwrap()
+        .into_inner();
+    let lines: Vec<(&str, i32, i64, i64)> = answered
+        .lines
+        .iter()
+        .map(|l| {
+            (
+                l.product_id.as_str(),
+                l.quantity,
+                l.unit_price.as_ref().map_or(0, |m| m.amount_minor),
+                l.line_total.as_ref().map_or(0, |m| m.amount_minor),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        vec![(a.as_str(), 3, 250, 750), (b.as_str(), 1, 1_000, 1_000)]
+    );
+    assert_eq!(
+        answered.subtotal.as_ref().map(|m| m.amount_minor),
+        Some(1_750)
+    );
+    let read = shop
+        .orders
+        .get_cart(who("cara", GetCartRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answered, read);
+    shop.stop().await;
+}
