@@ -23,6 +23,8 @@ use crate::envelope::{Envelope, EventType};
 
 /// How often the relay counts what is left to publish, for its backlog gauge.
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+/// How long a woken relay waits before it reads the outbox.
+const COALESCE: Duration = Duration::from_millis(2);
 
 /// Writes `env` to the outbox on the caller's connection (inside its transaction).
 pub async fn enqueue(
@@ -286,7 +288,11 @@ impl Relay {
                     let _ = self.publish_batch().await;
                     return;
                 }
-                _ = &mut wake => {}
+                _ = &mut wake => {
+                    // A moment for the commits right behind this one, so that under load one
+                    // batch (one read, one publish, one mark) carries several events.
+                    tokio::time::sleep(COALESCE).await;
+                }
                 _ = tokio::time::sleep(self.idle_interval) => {}
             }
         }
