@@ -4,10 +4,11 @@
 //! For each record the runner opens a write transaction on the consumer's own database, records
 //! the event id in the inbox (`ON CONFLICT DO NOTHING`: a second delivery finds it there and is
 //! skipped), lets the handler apply its effect on the same transaction, commits, and only then
-//! commits the bus offset (batched: one write per partition every 200 ms at most). A crash anywhere in between
-//! redelivers the record, and the inbox makes the redelivery a no-op. A retryable failure is retried in place with exponential backoff (the
-//! partition waits, as Kafka's does); after `max_attempts`, or at once for a poison event, the
-//! record is parked on `<topic>.dlq` with the reason, and the partition moves on.
+//! commits the bus offset (batched: one write per partition every 200 ms at most). A crash
+//! anywhere in between redelivers the record, and the inbox makes the redelivery a no-op. A
+//! retryable failure is retried in place with exponential backoff (the partition waits, as
+//! Kafka's does); after `max_attempts`, or at once for a poison event, the record is parked on
+//! `<topic>.dlq` with the reason, and the partition moves on.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -51,6 +51,13 @@ impl Inner {
         self.parts.lock().ok()?.get(topic).copied()
     }
 
+    /// Caches the counts of topics that exist (read, or created in a committed transaction).
+    fn remember_parts(&self, counts: impl IntoIterator<Item = (String, i32)>) {
+        if let Ok(mut known) = self.parts.lock() {
+            known.extend(counts);
+        }
+    }
+
     fn known_end(&self, topic: &str, part: i32) -> Option<i64> {
         let ends = self.ends.lock().ok()?;
         ends.get(topic)?
@@ -140,10 +147,13 @@ fn row_to_record(row: &sqlx::any::AnyRow) -> Result<Record, sqlx::Error> {
 impl EventBus for EmbeddedLog {
     async fn ensure_topics(&self, topics: &[&str]) -> Result<(), BusError> {
         let mut tx = self.inner.db.begin_write().await?;
+        let mut counts = Vec::with_capacity(topics.len());
         for t in topics {
-            Self::topic_partitions(&mut tx, t, self.inner.partitions).await?;
+            let n = Self::topic_partitions(&mut tx, t, self.inner.partitions).await?;
+            counts.push(((*t).to_owned(), n));
         }
         tx.commit().await?;
+        self.inner.remember_parts(counts);
         Ok(())
     }
 
@@ -189,9 +199,7 @@ impl EventBus for EmbeddedLog {
             next.insert((r.topic.clone(), part), offset + 1);
         }
         tx.commit().await?;
-        if let Ok(mut known) = self.inner.parts.lock() {
-            known.extend(parts);
-        }
+        self.inner.remember_parts(parts);
         for ((topic, part), end) in &next {
             self.inner.saw_end(topic, *part, *end);
         }
@@ -234,11 +242,18 @@ impl EventBus for EmbeddedLog {
     }
 
     async fn partitions(&self, topic: &str) -> Result<i32, BusError> {
+        if let Some(n) = self.inner.known_parts(topic) {
+            return Ok(n);
+        }
         let n: Option<i64> = sqlx::query_scalar("SELECT partitions FROM topics WHERE topic = $1")
             .bind(topic)
             .fetch_optional(self.inner.db.pool())
             .await?;
-        Ok(n.and_then(|n| i32::try_from(n).ok()).unwrap_or(0))
+        let n = n.and_then(|n| i32::try_from(n).ok()).unwrap_or(0);
+        if n > 0 {
+            self.inner.remember_parts([(topic.to_owned(), n)]);
+        }
+        Ok(n)
     }
 
     async fn fetch(
@@ -337,18 +352,7 @@ impl EmbeddedSubscription {
         }
         let mut out = Vec::new();
         for topic in &self.topics {
-            let parts = match self.log.inner.known_parts(topic) {
-                Some(n) => n,
-                None => {
-                    let n = self.log.partitions(topic).await?;
-                    if n > 0
-                        && let Ok(mut known) = self.log.inner.parts.lock()
-                    {
-                        known.insert(topic.clone(), n);
-                    }
-                    n
-                }
-            };
+            let parts = self.log.partitions(topic).await?;
             for p in 0..parts {
                 if out.len() >= max {
                     return Ok(out);
