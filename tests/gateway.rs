@@ -1153,13 +1153,34 @@ async fn graceful_upgrade_refuses_no_connection() {
         }
         (answered, refused)
     });
+    // A client that connected to the old process and has not sent its request yet when that
+    // process stops accepting is still answered. Pingora stops accepting 5 s after SIGQUIT and
+    // ends the runtime a second (the configured grace) later; the request comes in between.
+    let mut quiet = std::net::TcpStream::connect(old.addr).unwrap();
+    quiet
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     // The new binary takes the sockets over; the old one hands them over on SIGQUIT and leaves.
     let new = LoneGateway::start_with_args(dir.path(), "old", &env, &["--upgrade"]);
     let _ = std::process::Command::new("kill")
         .args(["-QUIT", &old.child.id().to_string()])
         .status();
+    let late = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        std::thread::sleep(std::time::Duration::from_millis(5_500));
+        let _ = quiet.write_all(b"GET /v1/categories HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut resp = String::new();
+        let _ = quiet.read_to_string(&mut resp);
+        resp
+    });
     let mut old = old;
     let status = old.child.wait().unwrap();
+    let late = late.join().unwrap();
+    assert!(late.starts_with("HTTP/1.1 503"), "{late:?}");
+    assert!(
+        late.to_ascii_lowercase().contains("connection: close"),
+        "{late:?}"
+    );
     assert!(status.success(), "the old gateway exits cleanly: {status}");
     std::thread::sleep(std::time::Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);

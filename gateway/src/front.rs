@@ -292,6 +292,9 @@ impl Front {
         // When the head being read began to arrive: it must be complete within the client
         // timeout of that, so a client trickling a head cannot hold the connection for long.
         let mut head_since: Option<Instant> = None;
+        // Whether this connection has had an answer yet, and when the server began to stop if
+        // it had not: a client that connected just before the stop is still answered, once.
+        let (mut answered, mut stopping_since) = (false, None::<Instant>);
         loop {
             if !buf.is_empty() {
                 match self.one(&mut io, &buf, peer, shutdown, &mut bufs).await {
@@ -301,7 +304,7 @@ impl Front {
                     Step::Partial | Step::HandOff => {
                         // This request is Pingora's; the connection comes back after it.
                         io = self.by_pingora(io, buf.split(), shutdown).await?;
-                        head_since = None;
+                        (head_since, answered) = (None, true);
                         continue;
                     }
                     Step::Done {
@@ -309,7 +312,7 @@ impl Front {
                         keep_alive,
                     } => {
                         buf.advance(consumed);
-                        head_since = None;
+                        (head_since, answered) = (None, true);
                         if !keep_alive {
                             let _ = io.shutdown().await;
                             return None;
@@ -324,22 +327,36 @@ impl Front {
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(BUF);
             }
-            let limit = if buf.is_empty() {
-                KEEPALIVE
-            } else {
-                let since = *head_since.get_or_insert_with(Instant::now);
-                let total =
-                    Duration::from_millis(self.gateway.config.load().client_body_timeout_ms);
-                match total.checked_sub(since.elapsed()) {
-                    Some(left) if !left.is_zero() => left,
-                    // Too slow: close, as Pingora's server does.
-                    _ => return None,
+            // A head must be complete within the client timeout of its first bytes. A
+            // connection with no request yet when the server began to stop gets as long from
+            // then for its first one.
+            let since = match buf.is_empty() {
+                false => Some(*head_since.get_or_insert_with(Instant::now)),
+                true => stopping_since,
+            };
+            let limit = match since {
+                None => KEEPALIVE,
+                Some(since) => {
+                    let total =
+                        Duration::from_millis(self.gateway.config.load().client_body_timeout_ms);
+                    match total.checked_sub(since.elapsed()) {
+                        Some(left) if !left.is_zero() => left,
+                        // Too slow: close, as Pingora's server does.
+                        _ => return None,
+                    }
                 }
             };
             let read = tokio::select! {
                 r = bufs.idle.within(limit, io.read_buf(&mut buf)) => r,
-                // Idle between requests when the server stops: close now.
-                _ = watch.changed(), if buf.is_empty() => return None,
+                _ = watch.changed(), if buf.is_empty() && stopping_since.is_none() => {
+                    // Idle between requests when the server stops: close now. A connection
+                    // that has not sent its first request yet was accepted to be answered.
+                    if answered {
+                        return None;
+                    }
+                    stopping_since = Some(Instant::now());
+                    continue;
+                }
             };
             match read {
                 Ok(Ok(n)) if n > 0 => {}
