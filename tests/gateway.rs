@@ -1315,6 +1315,23 @@ async fn edge_cache_hits_revalidates_and_fetches_once() {
         (200, Some("HIT"))
     );
     assert_eq!(first.body, second.body);
+    // The front writes a hit's head itself: the same headers as the miss Pingora answered.
+    let names = |r: &HttpResponse| {
+        let mut n: Vec<String> = r.headers.iter().map(|(k, _)| k.to_lowercase()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&first), names(&second), "{:?}", second.headers);
+    for name in ["content-type", "content-length", "etag", "ratelimit-policy"] {
+        assert_eq!(first.header(name), second.header(name), "{name}");
+    }
+    assert!(
+        second
+            .header("cache-control")
+            .is_some_and(|v| v.starts_with("public, max-age=")),
+        "{:?}",
+        second.headers
+    );
     let etag = second.header("etag").unwrap().to_owned();
     let r = http(
         gw,

@@ -15,7 +15,7 @@
 
 use std::num::NonZeroUsize;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge, Registry};
@@ -141,7 +141,8 @@ struct Metrics {
 }
 
 struct Memory {
-    lru: lru::LruCache<String, Entry>,
+    /// Shared: a hit hands out the entry without copying its headers, tags and ETag.
+    lru: lru::LruCache<String, Arc<Entry>>,
     bytes: u64,
 }
 
@@ -246,11 +247,11 @@ impl EdgeCache {
         })
     }
 
-    fn remember(&self, key: &str, entry: &Entry) {
+    fn remember(&self, key: &str, entry: &Arc<Entry>) {
         let Ok(mut m) = self.memory.lock() else {
             return;
         };
-        if let Some(old) = m.lru.put(key.to_owned(), entry.clone()) {
+        if let Some(old) = m.lru.put(key.to_owned(), Arc::clone(entry)) {
             m.bytes = m.bytes.saturating_sub(old.size());
         }
         m.bytes += entry.size();
@@ -278,13 +279,17 @@ impl EdgeCache {
 
     /// The entry under `key`, if any, and how fresh it is at `now_ms`. Expired entries are
     /// returned too (the caller may revalidate with their ETag).
-    pub fn get(&self, key: &str, now_ms: i64) -> Result<Option<(Entry, Freshness)>, CacheError> {
+    pub fn get(
+        &self,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<Option<(Arc<Entry>, Freshness)>, CacheError> {
         if let Ok(mut m) = self.memory.lock()
             && let Some(e) = m.lru.get(key)
         {
             let f = e.freshness(now_ms);
             self.metrics.hits.inc();
-            return Ok(Some((e.clone(), f)));
+            return Ok(Some((Arc::clone(e), f)));
         }
         let Some(raw) = self.entries.get(key)? else {
             self.metrics.misses.inc();
@@ -303,6 +308,7 @@ impl EdgeCache {
             let _ = self.order.insert(order_key(now_ms, key), &[]);
             let _ = self.entries.insert(key, entry.encode(now_ms));
         }
+        let entry = Arc::new(entry);
         self.remember(key, &entry);
         self.metrics.hits.inc();
         let f = entry.freshness(now_ms);
@@ -319,7 +325,7 @@ impl EdgeCache {
         for t in &entry.tags {
             self.tags.insert(tag_key(t, key), &[])?;
         }
-        self.remember(key, entry);
+        self.remember(key, &Arc::new(entry.clone()));
         if let Ok(mut d) = self.disk_bytes.lock() {
             *d += len;
         }
@@ -496,7 +502,7 @@ mod tests {
         };
         let (e, f) = c.get("b", 1_000).unwrap().unwrap();
         assert_eq!(
-            (e.body, f),
+            (e.body.clone(), f),
             (Bytes::from("beta"), Freshness::Fresh),
             "fresh after a restart"
         );

@@ -333,9 +333,7 @@ impl Reply {
         headers.push(("content-type", "application/json".to_owned()));
         headers.push(("content-length", self.body.len().to_string()));
         headers.push(("x-request-id", request_id.to_owned()));
-        headers.push(("x-content-type-options", "nosniff".to_owned()));
-        headers.push(("x-frame-options", "DENY".to_owned()));
-        headers.push(("referrer-policy", "no-referrer".to_owned()));
+        headers.extend(SECURITY_HEADERS.map(|(k, v)| (k, v.to_owned())));
         if !self.headers.iter().any(|(k, _)| *k == "cache-control") {
             headers.push(("cache-control", "no-store".to_owned()));
         }
@@ -354,6 +352,18 @@ impl Reply {
         (self.status, headers, self.body)
     }
 }
+
+/// Whether an `If-None-Match` value names `etag` (or is `*`): the client has it, a 304.
+pub(crate) fn etag_matches(if_none_match: Option<&str>, etag: &str) -> bool {
+    if_none_match.is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+}
+
+/// Sent with every JSON answer, after `x-request-id`.
+pub(crate) const SECURITY_HEADERS: [(&str, &str); 3] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+];
 
 /// `RateLimit-Policy` and `RateLimit` for a decision of `policy`. Built by hand: on an admitted
 /// request this runs every time, and `format!` cost more than the decision itself.
@@ -521,6 +531,11 @@ impl Gateway {
     }
 
     /// [`Self::reply_from_cache`] for a request with this `If-None-Match`.
+    /// The seconds an entry has left, for its `cache-control: public, max-age=`.
+    pub(crate) fn max_age_of(e: &shopverse_edge_cache::Entry, now_ms: i64) -> u64 {
+        u64::try_from((e.ttl_ms - (now_ms - e.stored_at_ms)).max(0) / 1000).unwrap_or(0)
+    }
+
     pub(crate) fn reply_from_entry(
         &self,
         inm: Option<&str>,
@@ -528,25 +543,24 @@ impl Gateway {
         label: &'static str,
     ) -> Reply {
         let etag = e.etag.clone().unwrap_or_default();
-        let max_age = (e.ttl_ms - (self.clock.now_ms() - e.stored_at_ms)).max(0) / 1000;
-        let mut reply =
-            if inm.is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
-                Reply {
-                    status: StatusCode::NOT_MODIFIED,
-                    body: Bytes::new(),
-                    headers: Vec::new(),
-                    grpc: None,
-                }
-            } else {
-                Reply {
-                    // The entry's bytes, shared rather than copied.
-                    body: e.body.clone(),
-                    ..Reply::json(
-                        StatusCode::from_u16(e.status).unwrap_or(StatusCode::OK),
-                        Vec::new(),
-                    )
-                }
-            };
+        let max_age = Self::max_age_of(e, self.clock.now_ms());
+        let mut reply = if etag_matches(inm, &etag) {
+            Reply {
+                status: StatusCode::NOT_MODIFIED,
+                body: Bytes::new(),
+                headers: Vec::new(),
+                grpc: None,
+            }
+        } else {
+            Reply {
+                // The entry's bytes, shared rather than copied.
+                body: e.body.clone(),
+                ..Reply::json(
+                    StatusCode::from_u16(e.status).unwrap_or(StatusCode::OK),
+                    Vec::new(),
+                )
+            }
+        };
         if label == "STALE" {
             self.metrics.cache_stale.inc();
         }
@@ -567,7 +581,7 @@ impl Gateway {
         session: &Session,
         key: String,
         // What the caller found under `key` (None: nothing, or the client wants it fresh).
-        looked_up: Option<(shopverse_edge_cache::Entry, Freshness)>,
+        looked_up: Option<(Arc<shopverse_edge_cache::Entry>, Freshness)>,
         call: UpstreamCall,
     ) -> Reply {
         // The live configuration, shared (not its cache section copied per request).

@@ -5,8 +5,6 @@
 //! belongs to its last segment. A path that matches no template is 404; a path that matches
 //! with another HTTP method is 405 with the methods that would work.
 
-use std::collections::HashMap;
-
 use http::Method;
 use prost_reflect::{DescriptorPool, MethodDescriptor, Value};
 
@@ -48,10 +46,21 @@ pub struct Route {
 
 #[derive(Default)]
 struct Node {
-    literal: HashMap<String, Node>,
+    /// FxHash: the keys are the protos' path segments, not a client's choice.
+    literal: rustc_hash::FxHashMap<String, Node>,
     variable: Option<Box<Node>>,
-    /// Route ids ending here, by custom verb.
-    ends: HashMap<Option<String>, Vec<usize>>,
+    /// Route ids ending here, by custom verb (one or two verbs at most: a list, searched
+    /// without building a key).
+    ends: Vec<(Option<String>, Vec<usize>)>,
+}
+
+impl Node {
+    fn ends(&self, verb: Option<&str>) -> Option<&[usize]> {
+        self.ends
+            .iter()
+            .find(|(v, _)| v.as_deref() == verb)
+            .map(|(_, ids)| ids.as_slice())
+    }
 }
 
 /// A matched route with the path variables bound to their field paths.
@@ -227,7 +236,14 @@ impl Router {
             };
         }
         let id = self.routes.len();
-        let ends = node.ends.entry(verb).or_default();
+        let at = match node.ends.iter().position(|(v, _)| *v == verb) {
+            Some(at) => at,
+            None => {
+                node.ends.push((verb, Vec::new()));
+                node.ends.len() - 1
+            }
+        };
+        let ends = &mut node.ends[at].1;
         if let Some(other) = ends
             .iter()
             .find(|i| self.routes[**i].http_method == http_method)
@@ -284,8 +300,10 @@ impl Router {
             return Err(MatchError::NotFound);
         };
         let segs: Vec<&str> = rest.split('/').collect();
-        let mut candidates: Vec<(usize, Vec<String>)> = Vec::new();
-        let mut captured = Vec::new();
+        // Segments are borrowed from `path` until a route is chosen; only its values are
+        // decoded and copied.
+        let mut captured: Vec<&str> = Vec::new();
+        let mut candidates: Vec<(&[usize], Vec<&str>)> = Vec::new();
         // The last segment as is, and split at its last ':' for routes with a custom verb.
         walk(&self.root, &segs, 0, None, &mut captured, &mut candidates);
         if let Some((last, init)) = segs.split_last()
@@ -302,57 +320,60 @@ impl Router {
                 &mut candidates,
             );
         }
-        if candidates.is_empty() {
-            return Err(MatchError::NotFound);
-        }
-        for (id, values) in &candidates {
-            let r = &self.routes[*id];
-            if r.http_method == *method || (*method == Method::HEAD && r.http_method == Method::GET)
-            {
-                let bindings = r
-                    .vars
-                    .iter()
-                    .cloned()
-                    .zip(values.iter().map(|v| percent_decode(v)))
-                    .collect();
-                return Ok(Matched { route: r, bindings });
+        let mut allowed: Vec<Method> = Vec::new();
+        for (ids, values) in &candidates {
+            for id in *ids {
+                let r = &self.routes[*id];
+                if r.http_method == *method
+                    || (*method == Method::HEAD && r.http_method == Method::GET)
+                {
+                    let bindings = r
+                        .vars
+                        .iter()
+                        .cloned()
+                        .zip(values.iter().map(|v| percent_decode(v)))
+                        .collect();
+                    return Ok(Matched { route: r, bindings });
+                }
+                allowed.push(r.http_method.clone());
             }
         }
-        let mut allowed: Vec<Method> = candidates
-            .iter()
-            .map(|(id, _)| self.routes[*id].http_method.clone())
-            .collect();
+        if allowed.is_empty() {
+            return Err(MatchError::NotFound);
+        }
         allowed.dedup();
         Err(MatchError::MethodNotAllowed(allowed))
     }
 }
 
-/// Collects the routes `segs` reaches, literal branches before variable ones.
-fn walk(
-    node: &Node,
-    segs: &[&str],
+/// Collects the routes `segs` reaches (the ids ending at one node, with the segments its
+/// variables took), literal branches before variable ones.
+fn walk<'n, 'p>(
+    node: &'n Node,
+    segs: &[&'p str],
     i: usize,
     verb: Option<&str>,
-    captured: &mut Vec<String>,
-    out: &mut Vec<(usize, Vec<String>)>,
+    captured: &mut Vec<&'p str>,
+    out: &mut Vec<(&'n [usize], Vec<&'p str>)>,
 ) {
     if i == segs.len() {
-        if let Some(ids) = node.ends.get(&verb.map(str::to_owned)) {
-            out.extend(ids.iter().map(|id| (*id, captured.clone())));
+        if let Some(ids) = node.ends(verb) {
+            out.push((ids, captured.clone()));
         }
         return;
     }
     let seg = segs[i];
+    let found = out.len();
     if let Some(next) = node.literal.get(seg) {
         walk(next, segs, i + 1, verb, captured, out);
-        if !out.is_empty() {
+        if out.len() > found {
             return;
         }
     }
     if let Some(next) = &node.variable
         && !seg.is_empty()
     {
-        captured.push(seg.to_owned());
+        captured.push(seg);
         walk(next, segs, i + 1, verb, captured, out);
         captured.pop();
     }
