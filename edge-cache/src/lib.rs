@@ -91,6 +91,11 @@ impl Entry {
         }
     }
 
+    /// The whole seconds of freshness left at `now_ms` (0 once stale), for `max-age`.
+    pub fn max_age_secs(&self, now_ms: i64) -> u64 {
+        u64::try_from((self.ttl_ms - (now_ms - self.stored_at_ms)).max(0) / 1000).unwrap_or(0)
+    }
+
     fn encode(&self, touched_ms: i64) -> Vec<u8> {
         let meta = serde_json::to_vec(&(self, touched_ms)).unwrap_or_default();
         let mut out = Vec::with_capacity(4 + 32 + 4 + meta.len() + self.body.len());
@@ -469,6 +474,9 @@ mod tests {
         assert_eq!(e.freshness(89_999), Freshness::Stale);
         assert_eq!(e.freshness(90_000), Freshness::StaleIfError);
         assert_eq!(e.freshness(86_460_000), Freshness::Expired);
+        assert_eq!(e.max_age_secs(0), 60);
+        assert_eq!(e.max_age_secs(59_999), 0);
+        assert_eq!(e.max_age_secs(100_000), 0);
     }
 
     #[test]

@@ -330,9 +330,10 @@ impl Front {
             // A head must be complete within the client timeout of its first bytes. A
             // connection with no request yet when the server began to stop gets as long from
             // then for its first one.
-            let since = match buf.is_empty() {
-                false => Some(*head_since.get_or_insert_with(Instant::now)),
-                true => stopping_since,
+            let since = if buf.is_empty() {
+                stopping_since
+            } else {
+                Some(*head_since.get_or_insert_with(Instant::now))
             };
             let limit = match since {
                 None => KEEPALIVE,
@@ -579,7 +580,7 @@ impl Front {
                 let hit = Hit {
                     status,
                     entry: &entry,
-                    max_age: crate::proxy::Gateway::max_age_of(&entry, now_ms),
+                    max_age: entry.max_age_secs(now_ms),
                     request_id: &request_id,
                     limit_headers: &limit_headers,
                     keep_alive,

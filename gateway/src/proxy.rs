@@ -531,11 +531,6 @@ impl Gateway {
     }
 
     /// [`Self::reply_from_cache`] for a request with this `If-None-Match`.
-    /// The seconds an entry has left, for its `cache-control: public, max-age=`.
-    pub(crate) fn max_age_of(e: &shopverse_edge_cache::Entry, now_ms: i64) -> u64 {
-        u64::try_from((e.ttl_ms - (now_ms - e.stored_at_ms)).max(0) / 1000).unwrap_or(0)
-    }
-
     pub(crate) fn reply_from_entry(
         &self,
         inm: Option<&str>,
@@ -543,7 +538,7 @@ impl Gateway {
         label: &'static str,
     ) -> Reply {
         let etag = e.etag.clone().unwrap_or_default();
-        let max_age = Self::max_age_of(e, self.clock.now_ms());
+        let max_age = e.max_age_secs(self.clock.now_ms());
         let mut reply = if etag_matches(inm, &etag) {
             Reply {
                 status: StatusCode::NOT_MODIFIED,
