@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::Row;
+use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 
 use shopverse_kit::clock::{Clock, SystemClock};
@@ -435,13 +435,34 @@ impl Subscription for EmbeddedSubscription {
         if let [one] = last {
             return self.commit(one).await;
         }
-        let mut tx = self.log.inner.db.begin_write().await?;
+        // One statement for every partition: a write transaction of one upsert per partition
+        // cost two more hand-offs to SQLite's thread and one per partition. A partition named
+        // twice keeps its highest offset (one row may not be updated twice in a statement).
+        let mut next: Vec<(&str, i32, i64)> = Vec::with_capacity(last.len());
         for r in last {
-            upsert_offset(&self.group, &r.topic, r.partition, r.offset + 1)
-                .execute(&mut *tx)
-                .await?;
+            match next
+                .iter_mut()
+                .find(|(t, p, _)| *p == r.partition && *t == r.topic)
+            {
+                Some(n) => n.2 = n.2.max(r.offset + 1),
+                None => next.push((&r.topic, r.partition, r.offset + 1)),
+            }
         }
-        tx.commit().await?;
+        let rows: Vec<String> = (0..next.len())
+            .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+            .collect();
+        let sql = format!(
+            "INSERT INTO group_offsets (group_id, topic, part, next_offset) VALUES {} \
+             ON CONFLICT (group_id, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(&self.group);
+        for (topic, partition, offset) in next {
+            q = q.bind(topic).bind(i64::from(partition)).bind(offset);
+        }
+        let q = q.execute(self.log.inner.db.pool());
+        let _turn = self.log.inner.db.write_lock().await?;
+        q.await?;
         Ok(())
     }
 }
@@ -597,9 +618,24 @@ mod tests {
             "everything was committed: {} left",
             rest.len()
         );
-        for p in parts {
-            let end = log.end_offset("t", p).await.expect("end");
-            assert_eq!(log.committed("g", "t", p).await.expect("committed"), end);
+        for p in &parts {
+            let end = log.end_offset("t", *p).await.expect("end");
+            assert_eq!(log.committed("g", "t", *p).await.expect("committed"), end);
         }
+
+        // A partition named twice in one commit keeps the higher of its offsets.
+        let newest = last[0].clone();
+        let mut older = newest.clone();
+        older.offset -= 1;
+        again
+            .commit_all(&[newest.clone(), older, last[1].clone()])
+            .await
+            .expect("commit a partition twice");
+        assert_eq!(
+            log.committed("g", "t", newest.partition)
+                .await
+                .expect("committed"),
+            newest.offset + 1
+        );
     }
 }

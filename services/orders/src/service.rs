@@ -280,36 +280,35 @@ impl Orders {
         let Some(priced) = self.priced(product_id).await? else {
             return Err(ServiceError::not_found("product", product_id));
         };
-        let mut tx = self.store().db.begin_write().await?;
-        // The whole cart, read once: the line's quantity, the line count, and the answer.
-        let mut lines = self.store().cart(&mut tx, user_id).await?;
-        let current = lines
-            .iter()
-            .find(|(id, _)| id == product_id)
-            .map(|(_, q)| *q);
-        let new = current.unwrap_or(0) + qty;
-        if new > MAX_LINE_QUANTITY {
-            return Err(ServiceError::invalid(
-                "quantity",
-                format!(
-                    "a cart line holds at most {MAX_LINE_QUANTITY} units ({} already in the cart)",
-                    current.unwrap_or(0)
+        // One statement under the writer turn (it checks the limits itself): a read-then-write
+        // transaction held the orders file's turn across four hand-offs to SQLite's thread,
+        // and every cart, checkout and saga step of the shop queues on that turn.
+        let added = {
+            let _turn = self.store().db.write_lock().await?;
+            let mut conn = self.store().db.pool().acquire().await?;
+            self.store()
+                .add_cart_line(&mut conn, user_id, product_id, qty, self.now())
+                .await?
+        };
+        let mut conn = self.store().db.pool().acquire().await?;
+        let lines = self.store().cart(&mut conn, user_id).await?;
+        drop(conn);
+        if added.is_none() {
+            let current = lines
+                .iter()
+                .find(|(id, _)| id == product_id)
+                .map(|(_, q)| *q);
+            return Err(match current {
+                Some(current) => ServiceError::invalid(
+                    "quantity",
+                    format!(
+                        "a cart line holds at most {MAX_LINE_QUANTITY} units ({current} already in the cart)"
+                    ),
                 ),
-            ));
-        }
-        if current.is_none() && lines.len() >= MAX_CART_LINES {
-            return Err(ServiceError::FailedPrecondition(format!(
-                "a cart holds at most {MAX_CART_LINES} lines"
-            )));
-        }
-        self.store()
-            .set_cart_line(&mut tx, user_id, product_id, new, self.now())
-            .await?;
-        tx.commit().await?;
-        // As a read now would list it: a new line last (lines go by when they were added).
-        match lines.iter_mut().find(|(id, _)| id == product_id) {
-            Some(line) => line.1 = new,
-            None => lines.push((product_id.to_owned(), new)),
+                None => ServiceError::FailedPrecondition(format!(
+                    "a cart holds at most {MAX_CART_LINES} lines"
+                )),
+            });
         }
         self.priced_cart(lines, Some((product_id, priced))).await
     }
@@ -345,7 +344,7 @@ impl Orders {
         let mut conn = self.store().db.pool().acquire().await?;
         if self
             .store()
-            .remove_cart_line(&mut conn, user_id, product_id)
+            .remove_cart_lines(&mut conn, user_id, &[product_id])
             .await?
             == 0
         {
@@ -371,8 +370,8 @@ impl Orders {
         hash: &str,
     ) -> Result<CheckoutRow, ServiceError> {
         for _ in 0..3 {
-            // The writer turn before the connection (see `Db::write_lock`).
-            let turn = self.store().db.write_lock().await?;
+            // The reads need no writer turn: two requests with one key that both find no
+            // attempt race on the insert, and the loser reads the winner's row.
             let mut conn = self.store().db.pool().acquire().await?;
             if let Some(c) = self.store().checkout(&mut conn, user_id, key).await? {
                 if c.request_hash != hash {
@@ -393,10 +392,15 @@ impl Orders {
                 lines,
                 error: None,
             };
+            drop(conn);
+            // The writer turn before the connection (see `Db::write_lock`).
+            let turn = self.store().db.write_lock().await?;
+            let mut conn = self.store().db.pool().acquire().await?;
             let inserted = self
                 .store()
                 .insert_checkout(&mut conn, user_id, key, &attempt, self.now())
                 .await;
+            drop(conn);
             drop(turn);
             match inserted {
                 Ok(()) => return Ok(attempt),
@@ -586,11 +590,10 @@ impl Orders {
             };
         }
         self.store().insert_order(&mut tx, &order).await?;
-        for l in &order.lines {
-            self.store()
-                .remove_cart_line(&mut tx, user_id, &l.product_id)
-                .await?;
-        }
+        let bought: Vec<&str> = order.lines.iter().map(|l| l.product_id.as_str()).collect();
+        self.store()
+            .remove_cart_lines(&mut tx, user_id, &bought)
+            .await?;
         self.emit(&mut tx, &ORDER_PLACED, &order, traceparent)
             .await?;
         tx.commit().await?;

@@ -1,8 +1,10 @@
 //! The orders database. Every query runs unchanged on SQLite and PostgreSQL.
 
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use shopverse_kit::Db;
+
+use crate::service::{MAX_CART_LINES, MAX_LINE_QUANTITY};
 use shopverse_kit::validate::{address_from_json, address_to_json};
 use shopverse_proto::common::v1::Address;
 
@@ -101,6 +103,37 @@ impl Store {
             .await
     }
 
+    /// Adds `qty` units of a product to a cart in one statement: a new line, or more of an
+    /// existing one. `Some(quantity now)`, or `None` when the line would hold more than
+    /// [`MAX_LINE_QUANTITY`] units or a new line would make more than [`MAX_CART_LINES`]:
+    /// nothing is written then.
+    pub async fn add_cart_line(
+        &self,
+        conn: &mut AnyConnection,
+        user_id: &str,
+        product_id: &str,
+        qty: i64,
+        now: i64,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "INSERT INTO cart_lines (user_id, product_id, quantity, added_at) \
+             SELECT $1, $2, $3, $4 \
+             WHERE $3 <= $5 AND (EXISTS (SELECT 1 FROM cart_lines WHERE user_id = $1 AND product_id = $2) \
+                OR (SELECT COUNT(*) FROM cart_lines WHERE user_id = $1) < $6) \
+             ON CONFLICT (user_id, product_id) DO UPDATE SET quantity = cart_lines.quantity + excluded.quantity \
+             WHERE cart_lines.quantity + excluded.quantity <= $5 \
+             RETURNING quantity",
+        )
+        .bind(user_id)
+        .bind(product_id)
+        .bind(qty)
+        .bind(now)
+        .bind(MAX_LINE_QUANTITY)
+        .bind(i64::try_from(MAX_CART_LINES).unwrap_or(i64::MAX))
+        .fetch_optional(conn)
+        .await
+    }
+
     pub async fn set_cart_line(
         &self,
         conn: &mut AnyConnection,
@@ -122,20 +155,28 @@ impl Store {
         Ok(())
     }
 
-    pub async fn remove_cart_line(
+    /// Removes the cart lines of `product_ids`, in one statement; the count removed.
+    pub async fn remove_cart_lines(
         &self,
         conn: &mut AnyConnection,
         user_id: &str,
-        product_id: &str,
+        product_ids: &[&str],
     ) -> Result<u64, sqlx::Error> {
-        Ok(
-            sqlx::query("DELETE FROM cart_lines WHERE user_id = $1 AND product_id = $2")
-                .bind(user_id)
-                .bind(product_id)
-                .execute(conn)
-                .await?
-                .rows_affected(),
-        )
+        if product_ids.is_empty() {
+            return Ok(0);
+        }
+        let list: Vec<String> = (0..product_ids.len())
+            .map(|i| format!("${}", i + 2))
+            .collect();
+        let sql = format!(
+            "DELETE FROM cart_lines WHERE user_id = $1 AND product_id IN ({})",
+            list.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(user_id);
+        for id in product_ids {
+            q = q.bind(*id);
+        }
+        Ok(q.execute(conn).await?.rows_affected())
     }
 
     pub async fn clear_cart(
@@ -257,21 +298,40 @@ impl Store {
         .bind(o.updated_at)
         .execute(&mut *conn)
         .await?;
-        for (i, l) in o.lines.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO order_lines (order_id, line_no, product_id, sku, name, unit_price_minor, quantity) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(&o.id)
-            .bind(i as i64)
-            .bind(&l.product_id)
-            .bind(&l.sku)
-            .bind(&l.name)
-            .bind(l.unit_price_minor)
-            .bind(l.quantity)
-            .execute(&mut *conn)
-            .await?;
+        if o.lines.is_empty() {
+            return Ok(());
         }
+        // Every line in one statement: on SQLite each statement is a hand-off to the
+        // connection's thread, made while this file's writer turn is held.
+        let rows: Vec<String> = (0..o.lines.len())
+            .map(|i| {
+                let b = 6 * i + 2;
+                format!(
+                    "($1, ${b}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO order_lines (order_id, line_no, product_id, sku, name, unit_price_minor, quantity) \
+             VALUES {}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(&o.id);
+        for (i, l) in o.lines.iter().enumerate() {
+            q = q
+                .bind(i as i64)
+                .bind(&l.product_id)
+                .bind(&l.sku)
+                .bind(&l.name)
+                .bind(l.unit_price_minor)
+                .bind(l.quantity);
+        }
+        q.execute(&mut *conn).await?;
         Ok(())
     }
 

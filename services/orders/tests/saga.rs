@@ -923,3 +923,90 @@ async fn adding_answers_with_the_whole_cart() {
     assert_eq!(answered, read);
     shop.stop().await;
 }
+
+/// The cart add is one statement that checks its own limits (a line's units, a cart's lines)
+/// and writes nothing when it refuses; the same SQL on SQLite and PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cart_add_keeps_its_limits_on_both_databases() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgTestDb::create()
+        .await
+        .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
+    for url in [
+        format!("sqlite://{}/orders.db", dir.path().display()),
+        pg.url.clone(),
+    ] {
+        let db = shopverse_events::open_service_db(&url, shopverse_orders::MIGRATIONS)
+            .await
+            .unwrap();
+        let store = shopverse_orders::store::Store { db: db.clone() };
+        let mut conn = db.pool().acquire().await.unwrap();
+        let mut add = async |product: &str, qty: i64| {
+            store
+                .add_cart_line(&mut conn, "dora", product, qty, 1)
+                .await
+                .unwrap()
+        };
+        assert_eq!(add("p0", 60).await, Some(60), "{url}: a new line");
+        assert_eq!(
+            add("p0", 39).await,
+            Some(99),
+            "{url}: more of it, to the limit"
+        );
+        assert_eq!(add("p0", 1).await, None, "{url}: past the line's limit");
+        assert_eq!(add("p1", 100).await, None, "{url}: a new line past it");
+        for i in 1..100 {
+            assert_eq!(add(&format!("p{i}"), 1).await, Some(1), "{url}: line {i}");
+        }
+        assert_eq!(
+            add("p100", 1).await,
+            None,
+            "{url}: a line past the cart's limit"
+        );
+        assert_eq!(
+            add("p1", 2).await,
+            Some(3),
+            "{url}: a full cart's line grows"
+        );
+        let lines = store.cart(&mut conn, "dora").await.unwrap();
+        assert_eq!(lines.len(), 100, "{url}: nothing written by a refusal");
+        assert_eq!(
+            (&lines[0], &lines[1]),
+            (&("p0".to_owned(), 99), &("p1".to_owned(), 3)),
+            "{url}"
+        );
+        drop(conn);
+        db.close().await;
+    }
+    pg.drop_db().await.unwrap();
+
+    // Through the service, a refusal names what is already in the cart.
+    let mut shop = Shop::start(false).await;
+    let p = shop.product("LIMIT", 100, 1_000).await;
+    let add = |quantity: i32| {
+        who(
+            "dora",
+            AddCartItemRequest {
+                product_id: p.clone(),
+                quantity,
+            },
+        )
+    };
+    shop.orders.add_cart_item(add(60)).await.unwrap();
+    let e = shop.orders.add_cart_item(add(40)).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::InvalidArgument,
+            "quantity: a cart line holds at most 99 units (60 already in the cart)"
+        )
+    );
+    let cart = shop
+        .orders
+        .add_cart_item(add(39))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cart.lines[0].quantity, 99);
+    shop.stop().await;
+}
