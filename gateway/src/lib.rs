@@ -257,6 +257,10 @@ async fn invalidate_from_events(
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
+        // The last record of each partition, committed once per batch: a commit per record
+        // was a write to the event log per stock change, under load several per order. A
+        // crash before the commit only purges those entries again.
+        let mut last: Vec<shopverse_events::Record> = Vec::new();
         for r in records {
             if let Ok(env) = shopverse_events::envelope::decode_envelope(&r.payload)
                 && env.r#type.starts_with("product.")
@@ -264,7 +268,11 @@ async fn invalidate_from_events(
                 let _ = cache.purge_tag(&format!("product:{}", env.subject));
                 let _ = cache.purge_tag("catalog");
             }
-            let _ = sub.commit(&r).await;
+            last.retain(|l| l.partition != r.partition);
+            last.push(r);
+        }
+        if !last.is_empty() {
+            let _ = sub.commit_all(&last).await;
         }
     }
 }
