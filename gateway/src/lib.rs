@@ -268,8 +268,7 @@ async fn invalidate_from_events(
                 let _ = cache.purge_tag(&format!("product:{}", env.subject));
                 let _ = cache.purge_tag("catalog");
             }
-            last.retain(|l| l.partition != r.partition);
-            last.push(r);
+            shopverse_events::consumer::keep_last(&mut last, r);
         }
         if !last.is_empty() {
             let _ = sub.commit_all(&last).await;

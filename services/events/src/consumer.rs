@@ -83,8 +83,9 @@ const LAG_EVERY: Duration = Duration::from_secs(5);
 /// window redelivers the records, and the inbox skips them.
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 
-/// Puts `record` in `pending` in place of the earlier record of its partition.
-fn keep_last(pending: &mut Vec<Record>, record: Record) {
+/// Puts `record` in `pending` in place of the earlier record of its partition: what
+/// [`Subscription::commit_all`] takes.
+pub fn keep_last(pending: &mut Vec<Record>, record: Record) {
     match pending
         .iter_mut()
         .find(|p| p.partition == record.partition && p.topic == record.topic)

@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 
 use shopverse_kit::clock::{Clock, SystemClock};
-use shopverse_kit::db::{Db, MigrationSpec};
+use shopverse_kit::db::{Db, MigrationSpec, placeholders};
 
 use crate::bus::{BusError, EventBus, OutRecord, Record, Subscription, partition_for};
 
@@ -432,8 +432,10 @@ impl Subscription for EmbeddedSubscription {
     }
 
     async fn commit_all(&mut self, last: &[Record]) -> Result<(), BusError> {
-        if let [one] = last {
-            return self.commit(one).await;
+        match last {
+            [] => return Ok(()),
+            [one] => return self.commit(one).await,
+            _ => {}
         }
         // One statement for every partition: a write transaction of one upsert per partition
         // cost two more hand-offs to SQLite's thread and one per partition. A partition named
@@ -448,17 +450,18 @@ impl Subscription for EmbeddedSubscription {
                 None => next.push((&r.topic, r.partition, r.offset + 1)),
             }
         }
-        let rows: Vec<String> = (0..next.len())
-            .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
-            .collect();
         let sql = format!(
             "INSERT INTO group_offsets (group_id, topic, part, next_offset) VALUES {} \
              ON CONFLICT (group_id, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
-            rows.join(", ")
+            placeholders(1, next.len(), 4)
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(&self.group);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
         for (topic, partition, offset) in next {
-            q = q.bind(topic).bind(i64::from(partition)).bind(offset);
+            q = q
+                .bind(&self.group)
+                .bind(topic)
+                .bind(i64::from(partition))
+                .bind(offset);
         }
         let q = q.execute(self.log.inner.db.pool());
         let _turn = self.log.inner.db.write_lock().await?;
@@ -622,6 +625,11 @@ mod tests {
             let end = log.end_offset("t", *p).await.expect("end");
             assert_eq!(log.committed("g", "t", *p).await.expect("committed"), end);
         }
+
+        again
+            .commit_all(&[])
+            .await
+            .expect("an empty commit is nothing to do");
 
         // A partition named twice in one commit keeps the higher of its offsets.
         let newest = last[0].clone();

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use shopverse_kit::clock::{Clock, SystemClock};
-use shopverse_kit::db::{Db, DbKind};
+use shopverse_kit::db::{Db, DbKind, placeholders};
 use shopverse_kit::metrics::{int_counter, int_gauge};
 
 use crate::bus::{BusError, EventBus, OutRecord};
@@ -202,10 +202,9 @@ impl Relay {
             self.metrics.failures.inc();
             return Err(e.into());
         }
-        let placeholders: Vec<String> = (2..ids.len() + 2).map(|i| format!("${i}")).collect();
         let mark = format!(
-            "UPDATE outbox SET published_at = $1 WHERE id IN ({})",
-            placeholders.join(", ")
+            "UPDATE outbox SET published_at = $1 WHERE id IN {}",
+            placeholders(2, 1, ids.len())
         );
         let mut q = sqlx::query(AssertSqlSafe(mark)).bind(SystemClock.now_ms());
         for id in &ids {

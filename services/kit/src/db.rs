@@ -258,6 +258,28 @@ impl Db {
     }
 }
 
+/// `rows` groups of `cols` numbered placeholders, from `$first` on: `placeholders(2, 2, 2)` is
+/// `($2, $3), ($4, $5)`, for a multi-row `VALUES` list or (one row) an `IN` list. The same in
+/// both dialects.
+pub fn placeholders(first: usize, rows: usize, cols: usize) -> String {
+    let mut out = String::with_capacity(rows * (cols * 5 + 4));
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(first + r * cols + c).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
 /// True for a unique-constraint violation (SQLite and PostgreSQL alike).
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error()
@@ -294,6 +316,13 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_placeholders_by_row() {
+        assert_eq!(placeholders(2, 2, 2), "($2, $3), ($4, $5)");
+        assert_eq!(placeholders(1, 1, 3), "($1, $2, $3)");
+        assert_eq!(placeholders(1, 0, 3), "");
+    }
 
     #[test]
     fn redacts_passwords() {

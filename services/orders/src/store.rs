@@ -3,10 +3,11 @@
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use shopverse_kit::Db;
-
-use crate::service::{MAX_CART_LINES, MAX_LINE_QUANTITY};
+use shopverse_kit::db::placeholders;
 use shopverse_kit::validate::{address_from_json, address_to_json};
 use shopverse_proto::common::v1::Address;
+
+use crate::service::{MAX_CART_LINES, MAX_LINE_QUANTITY};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineRow {
@@ -165,12 +166,9 @@ impl Store {
         if product_ids.is_empty() {
             return Ok(0);
         }
-        let list: Vec<String> = (0..product_ids.len())
-            .map(|i| format!("${}", i + 2))
-            .collect();
         let sql = format!(
-            "DELETE FROM cart_lines WHERE user_id = $1 AND product_id IN ({})",
-            list.join(", ")
+            "DELETE FROM cart_lines WHERE user_id = $1 AND product_id IN {}",
+            placeholders(2, 1, product_ids.len())
         );
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind(user_id);
         for id in product_ids {
@@ -303,27 +301,15 @@ impl Store {
         }
         // Every line in one statement: on SQLite each statement is a hand-off to the
         // connection's thread, made while this file's writer turn is held.
-        let rows: Vec<String> = (0..o.lines.len())
-            .map(|i| {
-                let b = 6 * i + 2;
-                format!(
-                    "($1, ${b}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5
-                )
-            })
-            .collect();
         let sql = format!(
             "INSERT INTO order_lines (order_id, line_no, product_id, sku, name, unit_price_minor, quantity) \
              VALUES {}",
-            rows.join(", ")
+            placeholders(1, o.lines.len(), 7)
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(&o.id);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
         for (i, l) in o.lines.iter().enumerate() {
             q = q
+                .bind(&o.id)
                 .bind(i as i64)
                 .bind(&l.product_id)
                 .bind(&l.sku)
