@@ -350,7 +350,7 @@ impl DeliveryService for Delivery {
         if order_id.is_empty() {
             return Err(ServiceError::invalid("order_id", "is required").into());
         }
-        let mut conn = self.db.pool().acquire().await.map_err(ServiceError::from)?;
+        let mut conn = self.db.read().await.map_err(ServiceError::from)?;
         match shipment(&mut conn, order_id)
             .await
             .map_err(ServiceError::from)?

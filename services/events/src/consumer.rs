@@ -362,7 +362,7 @@ impl<H: Handler> Consumer<H> {
             )
             .bind(self.handler.name())
             .bind(&env.id)
-            .fetch_optional(self.db.pool())
+            .fetch_optional(&mut *self.db.read().await?)
             .await?;
             if seen.is_some() {
                 self.metrics.duplicates.inc();

@@ -236,7 +236,7 @@ impl EventBus for EmbeddedLog {
     async fn topics(&self) -> Result<Vec<String>, BusError> {
         Ok(
             sqlx::query_scalar("SELECT topic FROM topics ORDER BY topic")
-                .fetch_all(self.inner.db.pool())
+                .fetch_all(&mut *self.inner.db.read().await?)
                 .await?,
         )
     }
@@ -247,7 +247,7 @@ impl EventBus for EmbeddedLog {
         }
         let n: Option<i64> = sqlx::query_scalar("SELECT partitions FROM topics WHERE topic = $1")
             .bind(topic)
-            .fetch_optional(self.inner.db.pool())
+            .fetch_optional(&mut *self.inner.db.read().await?)
             .await?;
         let n = n.and_then(|n| i32::try_from(n).ok()).unwrap_or(0);
         if n > 0 {
@@ -271,7 +271,7 @@ impl EventBus for EmbeddedLog {
         .bind(i64::from(partition))
         .bind(from_offset)
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
-        .fetch_all(self.inner.db.pool())
+        .fetch_all(&mut *self.inner.db.read().await?)
         .await?;
         Ok(rows.iter().map(row_to_record).collect::<Result<_, _>>()?)
     }
@@ -283,7 +283,7 @@ impl EventBus for EmbeddedLog {
         .bind(group)
         .bind(topic)
         .bind(i64::from(partition))
-        .fetch_optional(self.inner.db.pool())
+        .fetch_optional(&mut *self.inner.db.read().await?)
         .await?;
         Ok(n.unwrap_or(0))
     }
@@ -295,9 +295,9 @@ impl EventBus for EmbeddedLog {
         partition: i32,
         next_offset: i64,
     ) -> Result<(), BusError> {
-        let q = upsert_offset(group, topic, partition, next_offset).execute(self.inner.db.pool());
-        let _turn = self.inner.db.write_lock().await?;
-        q.await?;
+        let q = upsert_offset(group, topic, partition, next_offset);
+        let mut conn = self.inner.db.write_conn().await?;
+        q.execute(&mut *conn).await?;
         Ok(())
     }
 
@@ -307,7 +307,7 @@ impl EventBus for EmbeddedLog {
         )
         .bind(topic)
         .bind(i64::from(partition))
-        .fetch_one(self.inner.db.pool())
+        .fetch_one(&mut *self.inner.db.read().await?)
         .await?)
     }
 
@@ -463,9 +463,8 @@ impl Subscription for EmbeddedSubscription {
                 .bind(i64::from(partition))
                 .bind(offset);
         }
-        let q = q.execute(self.log.inner.db.pool());
-        let _turn = self.log.inner.db.write_lock().await?;
-        q.await?;
+        let mut conn = self.log.inner.db.write_conn().await?;
+        q.execute(&mut *conn).await?;
         Ok(())
     }
 }

@@ -164,7 +164,7 @@ impl Relay {
                      ORDER BY id LIMIT $1",
                 )
                 .bind(i64::try_from(self.batch_size).unwrap_or(200))
-                .fetch_all(self.db.pool())
+                .fetch_all(&mut *self.db.read().await?)
                 .await?;
                 self.publish_rows(None, &rows).await
             }
@@ -213,8 +213,7 @@ impl Relay {
         match conn {
             Some(conn) => q.execute(conn).await?,
             None => {
-                let _turn = self.db.write_lock().await?;
-                let mut conn = self.db.pool().acquire().await?;
+                let mut conn = self.db.write_conn().await?;
                 q.execute(&mut *conn).await?
             }
         };
@@ -225,7 +224,7 @@ impl Relay {
     /// Rows not yet published.
     pub async fn backlog(&self) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
-            .fetch_one(self.db.pool())
+            .fetch_one(&mut *self.db.read().await?)
             .await
     }
 
@@ -267,16 +266,16 @@ impl Relay {
                 last_prune = tokio::time::Instant::now();
                 let cutoff =
                     SystemClock.now_ms() - i64::try_from(self.retention.as_millis()).unwrap_or(0);
-                let turn = self.db.write_lock().await;
-                let pruned = sqlx::query(
-                    "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1",
-                )
-                .bind(cutoff)
-                .execute(self.db.pool());
-                let pruned = match turn {
-                    Ok(_turn) => pruned.await.map(|_| ()),
-                    Err(e) => Err(e),
-                };
+                let pruned = async {
+                    let mut conn = self.db.write_conn().await?;
+                    sqlx::query(
+                        "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1",
+                    )
+                    .bind(cutoff)
+                    .execute(&mut *conn)
+                    .await
+                }
+                .await;
                 if let Err(e) = pruned {
                     tracing::warn!(error = %e, "pruning published outbox rows failed");
                 }

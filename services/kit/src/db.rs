@@ -10,8 +10,13 @@
 //! SQLite has one writer at a time. Left to itself, a connection that finds the file locked
 //! sleeps in its busy handler (1, 2, 5, ... 100 ms) and tries again: under load the writers
 //! spent their time asleep while the core idled. So on SQLite the writers of one file queue
-//! in the process instead, on an async lock ([`Db::begin_write`], [`Db::write_lock`]), and
+//! in the process instead, on an async lock ([`Db::begin_write`], [`Db::write_conn`]), and
 //! each goes as soon as the one before it commits.
+//!
+//! The lock guards the file's one writer connection, kept out of the pool. A pooled
+//! connection costs two extra round trips to SQLite's thread per use (a ping when it is taken,
+//! another when it goes back); under the writer turn, where every writer of the file waits on
+//! the holder, the taking one was paid while the others queued.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -23,7 +28,8 @@ use tokio::sync::OwnedMutexGuard;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{Any, AnyPool, AssertSqlSafe, Executor, SqlSafeStr, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, AssertSqlSafe, Executor, SqlSafeStr, Transaction};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DbKind {
@@ -47,6 +53,10 @@ pub enum DbError {
         #[source]
         source: sqlx::Error,
     },
+    #[error(
+        "in-memory SQLite is not supported: each connection would be its own database; use a file"
+    )]
+    InMemory,
     #[error("migrating {url}: {source}")]
     Migrate {
         url: String,
@@ -58,58 +68,231 @@ pub enum DbError {
 /// One versioned migration: `(version, description, sql)`.
 pub type MigrationSpec = (i64, &'static str, &'static str);
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
     kind: DbKind,
     url: String,
-    /// SQLite: the file's writer queue, shared by every `Db` of this process on that file.
-    writers: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// SQLite: the file's writer, shared by every `Db` of this process on that file.
+    writer: Option<Arc<tokio::sync::Mutex<Writer>>>,
+    /// SQLite: this `Db`'s reader connections.
+    readers: Option<Arc<Readers>>,
+}
+
+/// SQLite reader connections, kept out of the pool for the same reason as the writer: the
+/// pool pings each connection it takes back, a round trip to its thread per read.
+struct Readers {
+    idle: Mutex<Vec<AnyConnection>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// A connection to read on: on SQLite one of the `Db`'s readers (opened on first need, up
+/// to the pool size less the writer), on PostgreSQL a pooled connection. It derefs to the
+/// connection and goes back when dropped.
+pub struct ReadConn(ReadInner);
+
+enum ReadInner {
+    Own {
+        /// `None` only while being returned.
+        conn: Option<AnyConnection>,
+        readers: Arc<Readers>,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    },
+    Pooled(PoolConnection<Any>),
+}
+
+impl Drop for ReadConn {
+    fn drop(&mut self) {
+        if let ReadInner::Own { conn, readers, .. } = &mut self.0
+            && let Some(c) = conn.take()
+        {
+            readers
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(c);
+        }
+    }
+}
+
+impl std::ops::Deref for ReadConn {
+    type Target = AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        match &self.0 {
+            ReadInner::Own { conn: Some(c), .. } => c,
+            ReadInner::Own { conn: None, .. } => {
+                unreachable!("a ReadConn is not used once dropped")
+            }
+            ReadInner::Pooled(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for ReadConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match &mut self.0 {
+            ReadInner::Own { conn: Some(c), .. } => c,
+            ReadInner::Own { conn: None, .. } => {
+                unreachable!("a ReadConn is not used once dropped")
+            }
+            ReadInner::Pooled(c) => c,
+        }
+    }
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("kind", &self.kind)
+            .field("url", &self.display_url())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A SQLite file's writer connection; its mutex is the file's writer turn.
+struct Writer {
+    conn: AnyConnection,
+    /// A transaction was begun and not ended (its [`WriteTx`] was dropped mid-way, or its
+    /// commit failed): the next holder rolls it back before anything else.
+    in_tx: bool,
+}
+
+impl Writer {
+    async fn settle(&mut self) {
+        if self.in_tx {
+            // An error ("no transaction is active": the BEGIN never ran) leaves nothing open.
+            let _ = self.conn.execute("ROLLBACK").await;
+            self.in_tx = false;
+        }
+    }
 }
 
 /// How long a writer waits for its turn: SQLite's busy timeout, as before the queue.
 const WRITE_WAIT: Duration = Duration::from_secs(10);
 
-/// The writer queue of one SQLite file (by its path as configured).
-fn writer_queue(file: &str) -> Arc<tokio::sync::Mutex<()>> {
-    static QUEUES: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+type Writers = HashMap<String, std::sync::Weak<tokio::sync::Mutex<Writer>>>;
+
+/// The writer of one SQLite file (by its canonical path): the live one if another `Db` of
+/// this process has it, else `conn`, which becomes it.
+fn file_writer(file: &str, conn: AnyConnection) -> Arc<tokio::sync::Mutex<Writer>> {
+    static WRITERS: OnceLock<Mutex<Writers>> = OnceLock::new();
     let path = std::fs::canonicalize(file)
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|_| file.to_owned());
-    let mut queues = QUEUES
+    let mut writers = WRITERS
         .get_or_init(Mutex::default)
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    queues.entry(path).or_default().clone()
+    writers.retain(|_, w| w.strong_count() > 0);
+    if let Some(live) = writers.get(&path).and_then(std::sync::Weak::upgrade) {
+        return live;
+    }
+    let w = Arc::new(tokio::sync::Mutex::new(Writer { conn, in_tx: false }));
+    writers.insert(path, Arc::downgrade(&w));
+    w
+}
+
+/// A connection to write on: on SQLite the file's writer, held (with its turn) until this is
+/// dropped; on PostgreSQL a pooled connection. It derefs to the connection.
+pub struct WriteConn(ConnInner);
+
+enum ConnInner {
+    Turn(OwnedMutexGuard<Writer>),
+    Pooled(PoolConnection<Any>),
+}
+
+impl std::ops::Deref for WriteConn {
+    type Target = AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        match &self.0 {
+            ConnInner::Turn(w) => &w.conn,
+            ConnInner::Pooled(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for WriteConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match &mut self.0 {
+            ConnInner::Turn(w) => &mut w.conn,
+            ConnInner::Pooled(c) => c,
+        }
+    }
 }
 
 /// A write transaction; on SQLite it holds the file's writer turn until it ends. It derefs to
-/// the connection, as a `sqlx` transaction does (`&mut *tx` is the executor).
-pub struct WriteTx {
-    tx: Transaction<'static, Any>,
-    _turn: Option<OwnedMutexGuard<()>>,
+/// the connection, as a `sqlx` transaction does (`&mut *tx` is the executor). Dropped without
+/// a commit, it rolls back.
+pub struct WriteTx(TxInner);
+
+enum TxInner {
+    /// `None` once ended.
+    Turn(Option<OwnedMutexGuard<Writer>>),
+    Pooled(Transaction<'static, Any>),
 }
 
 impl WriteTx {
-    pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        match &mut self.0 {
+            TxInner::Turn(slot) => {
+                if let Some(w) = slot.as_mut() {
+                    w.conn.execute("COMMIT").await?;
+                    w.in_tx = false;
+                }
+                *slot = None;
+                Ok(())
+            }
+            TxInner::Pooled(_) => match std::mem::replace(&mut self.0, TxInner::Turn(None)) {
+                TxInner::Pooled(tx) => tx.commit().await,
+                TxInner::Turn(_) => Ok(()),
+            },
+        }
     }
 
-    pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
+    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        match std::mem::replace(&mut self.0, TxInner::Turn(None)) {
+            TxInner::Turn(Some(mut w)) => {
+                w.conn.execute("ROLLBACK").await?;
+                w.in_tx = false;
+                Ok(())
+            }
+            TxInner::Turn(None) => Ok(()),
+            TxInner::Pooled(tx) => tx.rollback().await,
+        }
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if let TxInner::Turn(slot) = &mut self.0
+            && let Some(mut w) = slot.take()
+            && w.in_tx
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            // Roll back now, still holding the turn (without a runtime, the next holder does).
+            rt.spawn(async move { w.settle().await });
+        }
     }
 }
 
 impl std::ops::Deref for WriteTx {
-    type Target = sqlx::AnyConnection;
+    type Target = AnyConnection;
     fn deref(&self) -> &Self::Target {
-        &self.tx
+        match &self.0 {
+            TxInner::Turn(Some(w)) => &w.conn,
+            TxInner::Turn(None) => unreachable!("a WriteTx is not used after it ends"),
+            TxInner::Pooled(tx) => tx,
+        }
     }
 }
 
 impl std::ops::DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tx
+        match &mut self.0 {
+            TxInner::Turn(Some(w)) => &mut w.conn,
+            TxInner::Turn(None) => unreachable!("a WriteTx is not used after it ends"),
+            TxInner::Pooled(tx) => tx,
+        }
     }
 }
 
@@ -146,21 +329,28 @@ impl Db {
         } else {
             return Err(DbError::UnknownScheme(redact(url)));
         };
+        if file.as_deref() == Some(":memory:") {
+            return Err(DbError::InMemory);
+        }
         let mut opts = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10));
         if kind == DbKind::Sqlite {
-            opts = opts.after_connect(|conn, _meta| {
-                Box::pin(async move {
-                    // WAL: readers never block the writer; NORMAL is durable across process
-                    // crashes in WAL mode (an OS crash may lose the last commits, not corrupt).
-                    conn.execute("PRAGMA journal_mode = WAL").await?;
-                    conn.execute("PRAGMA synchronous = NORMAL").await?;
-                    conn.execute("PRAGMA busy_timeout = 10000").await?;
-                    conn.execute("PRAGMA foreign_keys = ON").await?;
-                    Ok(())
-                })
-            });
+            // A connection to a local file does not go stale; the ping before each use is one
+            // more round trip to its thread.
+            opts = opts
+                .test_before_acquire(false)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        // WAL: readers never block the writer; NORMAL is durable across process
+                        // crashes in WAL mode (an OS crash may lose the last commits, not corrupt).
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        Ok(())
+                    })
+                });
         }
         let pool = opts
             .connect(&url)
@@ -169,17 +359,34 @@ impl Db {
                 url: redact(&url),
                 source,
             })?;
-        let writers = match (&file, kind) {
-            (Some(f), DbKind::Sqlite) if f != ":memory:" => Some(writer_queue(f)),
-            // Each in-memory database is its own.
-            (_, DbKind::Sqlite) => Some(Arc::default()),
-            _ => None,
+        let writer = match &file {
+            Some(f) => {
+                let conn = pool
+                    .acquire()
+                    .await
+                    .map_err(|source| DbError::Connect {
+                        url: redact(&url),
+                        source,
+                    })?
+                    .detach();
+                Some(file_writer(f, conn))
+            }
+            None => None,
         };
+        let readers = file.as_ref().map(|_| {
+            Arc::new(Readers {
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(tokio::sync::Semaphore::new(
+                    max_connections.saturating_sub(1).max(1) as usize,
+                )),
+            })
+        });
         Ok(Db {
             pool,
             kind,
             url,
-            writers,
+            writer,
+            readers,
         })
     }
 
@@ -228,32 +435,80 @@ impl Db {
 
     /// A transaction that will write. See the module docs for why SQLite needs this.
     pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
-        let turn = self.write_lock().await?;
-        let tx = match self.kind {
-            DbKind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            DbKind::Postgres => self.pool.begin().await?,
+        let Some(w) = self.turn().await? else {
+            return Ok(WriteTx(TxInner::Pooled(self.pool.begin().await?)));
         };
-        Ok(WriteTx { tx, _turn: turn })
+        let mut w = w;
+        w.in_tx = true;
+        if let Err(e) = w.conn.execute("BEGIN IMMEDIATE").await {
+            w.in_tx = false;
+            return Err(e);
+        }
+        Ok(WriteTx(TxInner::Turn(Some(w))))
     }
 
-    /// On SQLite, this file's writer turn, for a write outside [`Db::begin_write`] (a single
-    /// statement); hold it until the statement is done. `None` on PostgreSQL. Waiting longer
-    /// than SQLite's busy timeout is the same `PoolTimedOut` a busy pool gives.
-    ///
-    /// Take it *before* a pooled connection, never while holding one: the pool is small, and
-    /// tasks holding its connections while they wait for the turn would leave the turn's
-    /// holder no connection to write on.
-    pub async fn write_lock(&self) -> Result<Option<OwnedMutexGuard<()>>, sqlx::Error> {
-        let Some(q) = &self.writers else {
+    /// A connection for a write outside [`Db::begin_write`] (a single statement): on SQLite
+    /// the file's writer, holding its turn until dropped, so drop it as soon as the write is
+    /// done. Waiting longer than SQLite's busy timeout is the same `PoolTimedOut` a busy pool
+    /// gives.
+    pub async fn write_conn(&self) -> Result<WriteConn, sqlx::Error> {
+        match self.turn().await? {
+            Some(w) => Ok(WriteConn(ConnInner::Turn(w))),
+            None => Ok(WriteConn(ConnInner::Pooled(self.pool.acquire().await?))),
+        }
+    }
+
+    /// A connection for reads (see [`ReadConn`]). Waits as a pool does, at most its acquire
+    /// timeout, for one to come free.
+    pub async fn read(&self) -> Result<ReadConn, sqlx::Error> {
+        let Some(readers) = &self.readers else {
+            return Ok(ReadConn(ReadInner::Pooled(self.pool.acquire().await?)));
+        };
+        let permit = tokio::time::timeout(WRITE_WAIT, readers.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let idle = readers
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => self.pool.acquire().await?.detach(),
+        };
+        Ok(ReadConn(ReadInner::Own {
+            conn: Some(conn),
+            readers: readers.clone(),
+            _permit: permit,
+        }))
+    }
+
+    /// SQLite: the file's writer, its turn taken and any transaction left open rolled back.
+    async fn turn(&self) -> Result<Option<OwnedMutexGuard<Writer>>, sqlx::Error> {
+        let Some(q) = &self.writer else {
             return Ok(None);
         };
-        tokio::time::timeout(WRITE_WAIT, q.clone().lock_owned())
+        let mut w = tokio::time::timeout(WRITE_WAIT, q.clone().lock_owned())
             .await
-            .map(Some)
-            .map_err(|_| sqlx::Error::PoolTimedOut)
+            .map_err(|_| sqlx::Error::PoolTimedOut)?;
+        w.settle().await;
+        Ok(Some(w))
     }
 
     pub async fn close(&self) {
+        if let Some(r) = &self.readers {
+            r.permits.close();
+            let idle = std::mem::take(
+                &mut *r
+                    .idle
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            for c in idle {
+                let _ = sqlx::Connection::close(c).await;
+            }
+        }
         self.pool.close().await;
     }
 }
@@ -331,9 +586,8 @@ mod tests {
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
     }
 
-    /// Many writers on a two-connection pool, in transactions and as single statements, all
-    /// land: each waits for the file's writer turn before it takes a connection, so none of
-    /// them holds a connection the turn's holder needs (that ordering ran the pool dry once).
+    /// Many writers on a two-connection pool, in transactions and as single statements, from
+    /// two `Db`s on one file, all land: they share the file's writer and queue for it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_writers_queue_without_starving_the_pool() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -364,10 +618,10 @@ mod tests {
                     tx.commit().await?;
                     Ok::<i64, sqlx::Error>(n)
                 } else {
-                    let _turn = db.write_lock().await?;
+                    let mut conn = db.write_conn().await?;
                     sqlx::query("INSERT INTO t (id) VALUES ($1)")
                         .bind(i)
-                        .execute(db.pool())
+                        .execute(&mut *conn)
                         .await?;
                     Ok(0)
                 }
@@ -381,6 +635,59 @@ mod tests {
             .await
             .expect("count");
         assert_eq!(n, 60);
+    }
+
+    /// A write transaction dropped before its commit (an error, a cancelled request) is rolled
+    /// back and leaves the writer usable; a committed one is seen by the pool's readers.
+    #[tokio::test]
+    async fn sqlite_dropped_write_rolls_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/r.db", dir.path().display());
+        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE t (id BIGINT PRIMARY KEY);")];
+        let db = Db::connect(&url, 2).await.expect("connect");
+        db.migrate(&[m]).await.expect("migrate");
+        let count = |db: Db| async move {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM t")
+                .fetch_one(db.pool())
+                .await
+                .expect("count")
+        };
+        {
+            let mut tx = db.begin_write().await.expect("begin");
+            sqlx::query("INSERT INTO t (id) VALUES (1)")
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+        }
+        let mut tx = db.begin_write().await.expect("begin after a dropped one");
+        sqlx::query("INSERT INTO t (id) VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        assert_eq!(count(db.clone()).await, 0, "uncommitted rows are not seen");
+        tx.commit().await.expect("commit");
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t")
+            .fetch_all(db.pool())
+            .await
+            .expect("ids");
+        assert_eq!(ids, vec![2], "the dropped transaction's row is gone");
+        let mut tx = db.begin_write().await.expect("begin");
+        sqlx::query("INSERT INTO t (id) VALUES (3)")
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        tx.rollback().await.expect("rollback");
+        let mut conn = db.write_conn().await.expect("writer");
+        sqlx::query("INSERT INTO t (id) VALUES (4)")
+            .execute(&mut *conn)
+            .await
+            .expect("insert");
+        drop(conn);
+        assert_eq!(count(db.clone()).await, 2);
+        assert!(matches!(
+            Db::connect("sqlite::memory:", 1).await,
+            Err(DbError::InMemory)
+        ));
     }
 
     #[tokio::test]

@@ -125,7 +125,7 @@ impl Notifications {
         )
         .bind(event_id)
         .bind(channel)
-        .fetch_optional(self.db.pool())
+        .fetch_optional(&mut *self.db.read().await?)
         .await?;
         Ok(s.as_deref() == Some("SENT"))
     }
@@ -148,10 +148,9 @@ impl Notifications {
         .bind(recipient)
         .bind(if error.is_some() { "FAILED" } else { "SENT" })
         .bind(error.unwrap_or_default())
-        .bind(self.clock.now_ms())
-        .execute(self.db.pool());
-        let _turn = self.db.write_lock().await?;
-        q.await?;
+        .bind(self.clock.now_ms());
+        let mut conn = self.db.write_conn().await?;
+        q.execute(&mut *conn).await?;
         Ok(())
     }
 
@@ -161,7 +160,7 @@ impl Notifications {
         }
         sqlx::query_scalar("SELECT email FROM contacts WHERE user_id = $1")
             .bind(&r.user_id)
-            .fetch_optional(self.db.pool())
+            .fetch_optional(&mut *self.db.read().await?)
             .await
     }
 }
@@ -296,7 +295,7 @@ impl NotificationsService for Notifications {
         .bind(&caller.user_id)
         .bind(&page.cursor)
         .bind(page.fetch())
-        .fetch_all(self.db.pool())
+        .fetch_all(&mut *self.db.read().await.map_err(ServiceError::from)?)
         .await
         .map_err(ServiceError::from)?;
         let mut out = Vec::new();

@@ -142,8 +142,7 @@ pub async fn sweep(orders: &Orders) -> Result<usize, shopverse_kit::ServiceError
     // client went away mid-call): release its reservation.
     let stale = now - orders.config().checkout_abandon_secs * 1000;
     for id in orders.store().checkouts_in("RESERVING", stale).await? {
-        let _turn = orders.store().db.write_lock().await?;
-        let mut conn = orders.store().db.pool().acquire().await?;
+        let mut conn = orders.store().db.write_conn().await?;
         if orders
             .store()
             .move_checkout(&mut conn, &id, "RESERVING", "ABANDONING", None, now)
@@ -167,8 +166,7 @@ pub async fn sweep(orders: &Orders) -> Result<usize, shopverse_kit::ServiceError
                 continue;
             }
         }
-        let _turn = orders.store().db.write_lock().await?;
-        let mut conn = orders.store().db.pool().acquire().await?;
+        let mut conn = orders.store().db.write_conn().await?;
         orders
             .store()
             .move_checkout(&mut conn, &id, "ABANDONING", "ABANDONED", None, now)

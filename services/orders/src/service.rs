@@ -205,7 +205,7 @@ impl Orders {
     }
 
     pub async fn cart(&self, user_id: &str) -> Result<Cart, ServiceError> {
-        let mut conn = self.store().db.pool().acquire().await?;
+        let mut conn = self.store().db.read().await?;
         let lines = self.store().cart(&mut conn, user_id).await?;
         drop(conn);
         self.priced_cart(lines, None).await
@@ -284,13 +284,12 @@ impl Orders {
         // transaction held the orders file's turn across four hand-offs to SQLite's thread,
         // and every cart, checkout and saga step of the shop queues on that turn.
         let added = {
-            let _turn = self.store().db.write_lock().await?;
-            let mut conn = self.store().db.pool().acquire().await?;
+            let mut conn = self.store().db.write_conn().await?;
             self.store()
                 .add_cart_line(&mut conn, user_id, product_id, qty, self.now())
                 .await?
         };
-        let mut conn = self.store().db.pool().acquire().await?;
+        let mut conn = self.store().db.read().await?;
         let lines = self.store().cart(&mut conn, user_id).await?;
         drop(conn);
         if added.is_none() {
@@ -340,8 +339,7 @@ impl Orders {
         if product_id.is_empty() {
             return Err(ServiceError::invalid("product_id", "is required"));
         }
-        let turn = self.store().db.write_lock().await?;
-        let mut conn = self.store().db.pool().acquire().await?;
+        let mut conn = self.store().db.write_conn().await?;
         if self
             .store()
             .remove_cart_lines(&mut conn, user_id, &[product_id])
@@ -351,13 +349,11 @@ impl Orders {
             return Err(ServiceError::not_found("cart line for product", product_id));
         }
         drop(conn);
-        drop(turn);
         self.cart(user_id).await
     }
 
     pub async fn clear(&self, user_id: &str) -> Result<Cart, ServiceError> {
-        let _turn = self.store().db.write_lock().await?;
-        let mut conn = self.store().db.pool().acquire().await?;
+        let mut conn = self.store().db.write_conn().await?;
         self.store().clear_cart(&mut conn, user_id).await?;
         Ok(Cart::default())
     }
@@ -372,7 +368,7 @@ impl Orders {
         for _ in 0..3 {
             // The reads need no writer turn: two requests with one key that both find no
             // attempt race on the insert, and the loser reads the winner's row.
-            let mut conn = self.store().db.pool().acquire().await?;
+            let mut conn = self.store().db.read().await?;
             if let Some(c) = self.store().checkout(&mut conn, user_id, key).await? {
                 if c.request_hash != hash {
                     return Err(ServiceError::AlreadyExists(
@@ -393,15 +389,12 @@ impl Orders {
                 error: None,
             };
             drop(conn);
-            // The writer turn before the connection (see `Db::write_lock`).
-            let turn = self.store().db.write_lock().await?;
-            let mut conn = self.store().db.pool().acquire().await?;
+            let mut conn = self.store().db.write_conn().await?;
             let inserted = self
                 .store()
                 .insert_checkout(&mut conn, user_id, key, &attempt, self.now())
                 .await;
             drop(conn);
-            drop(turn);
             match inserted {
                 Ok(()) => return Ok(attempt),
                 // The same key, concurrently: read what the other request wrote.
@@ -415,8 +408,7 @@ impl Orders {
     }
 
     async fn refuse(&self, order_id: &str, message: String) -> Result<OrderRow, ServiceError> {
-        let _turn = self.store().db.write_lock().await?;
-        let mut conn = self.store().db.pool().acquire().await?;
+        let mut conn = self.store().db.write_conn().await?;
         self.store()
             .move_checkout(
                 &mut conn,
@@ -580,7 +572,7 @@ impl Orders {
         {
             // Another request with the same key placed it, or the sweeper gave it up.
             tx.rollback().await?;
-            let mut conn = self.store().db.pool().acquire().await?;
+            let mut conn = self.store().db.read().await?;
             return match self.store().checkout(&mut conn, user_id, &key).await? {
                 Some(c) if c.state == "PLACED" => self.order_of(&order_id).await,
                 _ => Err(ServiceError::Aborted(
@@ -602,7 +594,7 @@ impl Orders {
     }
 
     async fn order_of(&self, order_id: &str) -> Result<OrderRow, ServiceError> {
-        let mut conn = self.store().db.pool().acquire().await?;
+        let mut conn = self.store().db.read().await?;
         self.store()
             .order(&mut conn, order_id)
             .await?

@@ -265,7 +265,7 @@ impl Store {
         sqlx::query_scalar("SELECT order_id FROM checkouts WHERE state = $1 AND updated_at < $2 ORDER BY created_at LIMIT 100")
             .bind(state)
             .bind(before)
-            .fetch_all(self.db.pool())
+            .fetch_all(&mut *self.db.read().await?)
             .await
     }
 
@@ -376,7 +376,7 @@ impl Store {
             "SELECT {ORDER_COLUMNS} FROM orders WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR status = $2) \
              AND ($3 = '' OR id < $3) ORDER BY id DESC LIMIT $4"
         );
-        let mut conn = self.db.pool().acquire().await?;
+        let mut conn = self.db.read().await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(user_id.unwrap_or_default())
             .bind(status.unwrap_or_default())
@@ -397,7 +397,7 @@ impl Store {
             "SELECT id FROM orders WHERE status = 'PENDING_PAYMENT' AND payment_deadline < $1 ORDER BY payment_deadline LIMIT 100",
         )
         .bind(now)
-        .fetch_all(self.db.pool())
+        .fetch_all(&mut *self.db.read().await?)
         .await
     }
 

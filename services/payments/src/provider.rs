@@ -88,7 +88,7 @@ impl Simulator {
     ) -> Result<Option<(String, String, String, i64)>, sqlx::Error> {
         let row = sqlx::query("SELECT outcome, reference, reason, attempts FROM simulator_operations WHERE idempotency_key = $1")
             .bind(key)
-            .fetch_optional(self.db.pool())
+            .fetch_optional(&mut *self.db.read().await?)
             .await?;
         row.map(|r| {
             Ok((
@@ -124,10 +124,9 @@ impl Simulator {
         .bind(&reference)
         .bind(reason)
         .bind(attempts)
-        .bind(SystemClock.now_ms())
-        .execute(self.db.pool());
-        let _turn = self.db.write_lock().await?;
-        q.await?;
+        .bind(SystemClock.now_ms());
+        let mut conn = self.db.write_conn().await?;
+        q.execute(&mut *conn).await?;
         Ok(reference)
     }
 }

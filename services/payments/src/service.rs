@@ -255,7 +255,7 @@ impl Payments {
     }
 
     pub async fn get(&self, order_id: &str) -> Result<Option<Payment>, ServiceError> {
-        let mut conn = self.db.pool().acquire().await?;
+        let mut conn = self.db.read().await?;
         let Some(p) = payment(&mut conn, order_id).await? else {
             return Ok(None);
         };

@@ -131,14 +131,14 @@ pub struct Repo {
 impl Repo {
     pub async fn count_products(&self) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT COUNT(*) FROM products")
-            .fetch_one(self.db.pool())
+            .fetch_one(&mut *self.db.read().await?)
             .await
     }
 
     pub async fn categories(&self) -> Result<Vec<CategoryRow>, sqlx::Error> {
         let rows =
             sqlx::query("SELECT id, name, slug, parent_id FROM categories ORDER BY name, id")
-                .fetch_all(self.db.pool())
+                .fetch_all(&mut *self.db.read().await?)
                 .await?;
         rows.iter()
             .map(|r| {
@@ -158,10 +158,9 @@ impl Repo {
             .bind(&c.name)
             .bind(&c.slug)
             .bind(c.parent_id.as_deref())
-            .bind(now)
-            .execute(self.db.pool());
-        let _turn = self.db.write_lock().await?;
-        q.await?;
+            .bind(now);
+        let mut conn = self.db.write_conn().await?;
+        q.execute(&mut *conn).await?;
         Ok(())
     }
 
@@ -185,7 +184,7 @@ impl Repo {
             "SELECT {PRODUCT_COLUMNS} FROM products WHERE sku = $1"
         )))
         .bind(sku)
-        .fetch_optional(self.db.pool())
+        .fetch_optional(&mut *self.db.read().await?)
         .await?
         .map(|r| product_from_row(&r))
         .transpose()
@@ -251,7 +250,7 @@ impl Repo {
                 Arg::Owned(s) => query.bind(s),
             };
         }
-        let rows = query.fetch_all(self.db.pool()).await?;
+        let rows = query.fetch_all(&mut *self.db.read().await?).await?;
         rows.iter().map(product_from_row).collect()
     }
 

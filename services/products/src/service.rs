@@ -492,7 +492,7 @@ impl Products {
         if id.is_empty() {
             return Err(ServiceError::invalid("id", "is required"));
         }
-        let mut conn = self.repo().db.pool().acquire().await?;
+        let mut conn = self.repo().db.read().await?;
         Self::visible(self.repo().product(&mut conn, id).await?, caller, id)
     }
 
@@ -689,7 +689,7 @@ impl Products {
     }
 
     pub async fn get_stock(&self, product_id: &str) -> Result<Stock, ServiceError> {
-        let mut conn = self.repo().db.pool().acquire().await?;
+        let mut conn = self.repo().db.read().await?;
         let s = self
             .repo()
             .stock(&mut conn, product_id)

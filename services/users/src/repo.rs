@@ -88,7 +88,7 @@ impl Repo {
             .bind(after)
             .bind(email.unwrap_or_default())
             .bind(limit)
-            .fetch_all(self.db.pool())
+            .fetch_all(&mut *self.db.read().await?)
             .await?;
         rows.iter().map(user_from_row).collect()
     }
@@ -142,7 +142,7 @@ impl Repo {
         let until: Option<i64> =
             sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = $1")
                 .bind(email)
-                .fetch_optional(self.db.pool())
+                .fetch_optional(&mut *self.db.read().await?)
                 .await?;
         Ok(until.filter(|u| *u > now))
     }
@@ -183,10 +183,10 @@ impl Repo {
     }
 
     pub async fn clear_login_failures(&self, email: &str) -> Result<(), sqlx::Error> {
-        let _turn = self.db.write_lock().await?;
+        let mut conn = self.db.write_conn().await?;
         sqlx::query("DELETE FROM login_failures WHERE email = $1")
             .bind(email)
-            .execute(self.db.pool())
+            .execute(&mut *conn)
             .await?;
         Ok(())
     }

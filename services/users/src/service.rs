@@ -257,7 +257,7 @@ impl Users {
                 "too many failed sign-in attempts for this account; try again in {secs} s"
             )));
         }
-        let mut conn = self.repo().db.pool().acquire().await?;
+        let mut conn = self.repo().db.read().await?;
         let user = self.repo().user_by_email(&mut conn, &email).await?;
         drop(conn);
         let hash = match &user {
@@ -355,7 +355,7 @@ impl Users {
     }
 
     async fn me(&self, user_id: &str) -> Result<UserRow, ServiceError> {
-        let mut conn = self.repo().db.pool().acquire().await?;
+        let mut conn = self.repo().db.read().await?;
         self.repo()
             .user_by_id(&mut conn, user_id)
             .await?
