@@ -171,8 +171,8 @@ impl Relay {
         }
     }
 
-    /// Publishes `rows`, then stamps them sent on `conn`, or (SQLite) on a pooled connection
-    /// in the file's writer turn: the turn first, then the connection, as everywhere.
+    /// Publishes `rows`, then stamps them sent on `conn`, or (SQLite) on the file's writer
+    /// connection, taken only for the stamp.
     async fn publish_rows(
         &self,
         conn: Option<&mut sqlx::AnyConnection>,
