@@ -172,13 +172,22 @@ const WRITE_WAIT: Duration = Duration::from_secs(10);
 
 type Writers = HashMap<String, std::sync::Weak<tokio::sync::Mutex<Writer>>>;
 
-/// The writer of one SQLite file (by its canonical path): the live one if another `Db` of
-/// this process has it, else `conn`, which becomes it.
+/// The writer of one SQLite file (by its canonical path and, on Unix, its inode: a file
+/// deleted and made again is another file): the live one if another `Db` of this process has
+/// it, else `conn`, which becomes it.
 fn file_writer(file: &str, conn: AnyConnection) -> Arc<tokio::sync::Mutex<Writer>> {
     static WRITERS: OnceLock<Mutex<Writers>> = OnceLock::new();
     let path = std::fs::canonicalize(file)
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|_| file.to_owned());
+    #[cfg(unix)]
+    let path = match std::fs::metadata(file) {
+        Ok(m) => {
+            use std::os::unix::fs::MetadataExt;
+            format!("{path}#{}:{}", m.dev(), m.ino())
+        }
+        Err(_) => path,
+    };
     let mut writers = WRITERS
         .get_or_init(Mutex::default)
         .lock()
@@ -688,6 +697,33 @@ mod tests {
             Db::connect("sqlite::memory:", 1).await,
             Err(DbError::InMemory)
         ));
+    }
+
+    /// A file deleted and made again while a `Db` on the old one lives is another file: a new
+    /// `Db` on it writes there, not through the old file's writer.
+    #[tokio::test]
+    async fn sqlite_file_made_again_gets_its_own_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("again.db");
+        let url = format!("sqlite://{}", file.display());
+        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE t (id BIGINT PRIMARY KEY);")];
+        let old = Db::connect(&url, 2).await.expect("connect");
+        old.migrate(&[m]).await.expect("migrate");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+        }
+        let new = Db::connect(&url, 2).await.expect("connect to the new file");
+        new.migrate(&[m]).await.expect("migrate the new file");
+        sqlx::query("INSERT INTO t (id) VALUES (7)")
+            .execute(&mut *new.write_conn().await.expect("writer"))
+            .await
+            .expect("insert");
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t")
+            .fetch_all(&mut *new.read().await.expect("reader"))
+            .await
+            .expect("ids");
+        assert_eq!(ids, vec![7]);
+        drop(old);
     }
 
     #[tokio::test]
