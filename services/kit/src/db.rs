@@ -498,6 +498,10 @@ impl Db {
         let Some(q) = &self.writer else {
             return Ok(None);
         };
+        // The writer may be another `Db`'s too, so it stays open; this one is done writing.
+        if self.pool.is_closed() {
+            return Err(sqlx::Error::PoolClosed);
+        }
         let mut w = tokio::time::timeout(WRITE_WAIT, q.clone().lock_owned())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?;
@@ -697,6 +701,16 @@ mod tests {
             Db::connect("sqlite::memory:", 1).await,
             Err(DbError::InMemory)
         ));
+        db.close().await;
+        assert!(matches!(
+            db.write_conn().await,
+            Err(sqlx::Error::PoolClosed)
+        ));
+        assert!(matches!(
+            db.begin_write().await,
+            Err(sqlx::Error::PoolClosed)
+        ));
+        assert!(matches!(db.read().await, Err(sqlx::Error::PoolClosed)));
     }
 
     /// A file deleted and made again while a `Db` on the old one lives is another file: a new
