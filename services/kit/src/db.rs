@@ -167,8 +167,15 @@ impl Writer {
     }
 }
 
-/// How long a writer waits for its turn: SQLite's busy timeout, as before the queue.
-const WRITE_WAIT: Duration = Duration::from_secs(10);
+/// How long a writer waits for its turn, or a reader for a connection: SQLite's busy
+/// timeout, as before the queue. Longer is the same `PoolTimedOut` a busy pool gives.
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn within<T>(wait: impl std::future::Future<Output = T>) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)
+}
 
 type Writers = HashMap<String, std::sync::Weak<tokio::sync::Mutex<Writer>>>;
 
@@ -241,31 +248,26 @@ enum TxInner {
 }
 
 impl WriteTx {
-    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
-        match &mut self.0 {
-            TxInner::Turn(slot) => {
-                if let Some(w) = slot.as_mut() {
-                    w.conn.execute("COMMIT").await?;
-                    w.in_tx = false;
-                }
-                *slot = None;
-                Ok(())
-            }
-            TxInner::Pooled(_) => match std::mem::replace(&mut self.0, TxInner::Turn(None)) {
-                TxInner::Pooled(tx) => tx.commit().await,
-                TxInner::Turn(_) => Ok(()),
-            },
-        }
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.end(true).await
     }
 
-    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.end(false).await
+    }
+
+    /// On SQLite, a failed COMMIT or ROLLBACK leaves `in_tx` set: the next holder rolls back.
+    async fn end(mut self, commit: bool) -> Result<(), sqlx::Error> {
         match std::mem::replace(&mut self.0, TxInner::Turn(None)) {
             TxInner::Turn(Some(mut w)) => {
-                w.conn.execute("ROLLBACK").await?;
+                w.conn
+                    .execute(if commit { "COMMIT" } else { "ROLLBACK" })
+                    .await?;
                 w.in_tx = false;
                 Ok(())
             }
             TxInner::Turn(None) => Ok(()),
+            TxInner::Pooled(tx) if commit => tx.commit().await,
             TxInner::Pooled(tx) => tx.rollback().await,
         }
     }
@@ -345,21 +347,17 @@ impl Db {
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10));
         if kind == DbKind::Sqlite {
-            // A connection to a local file does not go stale; the ping before each use is one
-            // more round trip to its thread.
-            opts = opts
-                .test_before_acquire(false)
-                .after_connect(|conn, _meta| {
-                    Box::pin(async move {
-                        // WAL: readers never block the writer; NORMAL is durable across process
-                        // crashes in WAL mode (an OS crash may lose the last commits, not corrupt).
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                        Ok(())
-                    })
-                });
+            opts = opts.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // WAL: readers never block the writer; NORMAL is durable across process
+                    // crashes in WAL mode (an OS crash may lose the last commits, not corrupt).
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    Ok(())
+                })
+            });
         }
         let pool = opts
             .connect(&url)
@@ -444,10 +442,9 @@ impl Db {
 
     /// A transaction that will write. See the module docs for why SQLite needs this.
     pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
-        let Some(w) = self.turn().await? else {
+        let Some(mut w) = self.turn().await? else {
             return Ok(WriteTx(TxInner::Pooled(self.pool.begin().await?)));
         };
-        let mut w = w;
         w.in_tx = true;
         if let Err(e) = w.conn.execute("BEGIN IMMEDIATE").await {
             w.in_tx = false;
@@ -458,8 +455,7 @@ impl Db {
 
     /// A connection for a write outside [`Db::begin_write`] (a single statement): on SQLite
     /// the file's writer, holding its turn until dropped, so drop it as soon as the write is
-    /// done. Waiting longer than SQLite's busy timeout is the same `PoolTimedOut` a busy pool
-    /// gives.
+    /// done.
     pub async fn write_conn(&self) -> Result<WriteConn, sqlx::Error> {
         match self.turn().await? {
             Some(w) => Ok(WriteConn(ConnInner::Turn(w))),
@@ -467,15 +463,13 @@ impl Db {
         }
     }
 
-    /// A connection for reads (see [`ReadConn`]). Waits as a pool does, at most its acquire
-    /// timeout, for one to come free.
+    /// A connection for reads (see [`ReadConn`]), waiting as a pool does for one to come free.
     pub async fn read(&self) -> Result<ReadConn, sqlx::Error> {
         let Some(readers) = &self.readers else {
             return Ok(ReadConn(ReadInner::Pooled(self.pool.acquire().await?)));
         };
-        let permit = tokio::time::timeout(WRITE_WAIT, readers.permits.clone().acquire_owned())
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)?
+        let permit = within(readers.permits.clone().acquire_owned())
+            .await?
             .map_err(|_| sqlx::Error::PoolClosed)?;
         let idle = readers
             .idle
@@ -502,9 +496,7 @@ impl Db {
         if self.pool.is_closed() {
             return Err(sqlx::Error::PoolClosed);
         }
-        let mut w = tokio::time::timeout(WRITE_WAIT, q.clone().lock_owned())
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)?;
+        let mut w = within(q.clone().lock_owned()).await?;
         w.settle().await;
         Ok(Some(w))
     }
@@ -585,6 +577,14 @@ pub fn redact(url: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A two-connection `Db` on `url` with the table `t (id)`.
+    async fn with_t(url: &str) -> Db {
+        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE t (id BIGINT PRIMARY KEY);")];
+        let db = Db::connect(url, 2).await.expect("connect");
+        db.migrate(&[m]).await.expect("migrate");
+        db
+    }
+
     #[test]
     fn numbers_placeholders_by_row() {
         assert_eq!(placeholders(2, 2, 2), "($2, $3), ($4, $5)");
@@ -605,9 +605,7 @@ mod tests {
     async fn sqlite_writers_queue_without_starving_the_pool() {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}/w.db", dir.path().display());
-        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE t (id BIGINT PRIMARY KEY);")];
-        let db = Db::connect(&url, 2).await.expect("connect");
-        db.migrate(&[m]).await.expect("migrate");
+        let db = with_t(&url).await;
         // A second `Db` on the same file shares the queue.
         let other = Db::connect(&url, 2).await.expect("connect again");
         let mut tasks = Vec::new();
@@ -651,17 +649,15 @@ mod tests {
     }
 
     /// A write transaction dropped before its commit (an error, a cancelled request) is rolled
-    /// back and leaves the writer usable; a committed one is seen by the pool's readers.
+    /// back and leaves the writer usable; a committed one is seen by the readers.
     #[tokio::test]
     async fn sqlite_dropped_write_rolls_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}/r.db", dir.path().display());
-        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE t (id BIGINT PRIMARY KEY);")];
-        let db = Db::connect(&url, 2).await.expect("connect");
-        db.migrate(&[m]).await.expect("migrate");
+        let db = with_t(&url).await;
         let count = |db: Db| async move {
             sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM t")
-                .fetch_one(db.pool())
+                .fetch_one(&mut *db.read().await.expect("reader"))
                 .await
                 .expect("count")
         };
@@ -680,7 +676,7 @@ mod tests {
         assert_eq!(count(db.clone()).await, 0, "uncommitted rows are not seen");
         tx.commit().await.expect("commit");
         let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t")
-            .fetch_all(db.pool())
+            .fetch_all(&mut *db.read().await.expect("reader"))
             .await
             .expect("ids");
         assert_eq!(ids, vec![2], "the dropped transaction's row is gone");
@@ -720,14 +716,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("again.db");
         let url = format!("sqlite://{}", file.display());
-        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE t (id BIGINT PRIMARY KEY);")];
-        let old = Db::connect(&url, 2).await.expect("connect");
-        old.migrate(&[m]).await.expect("migrate");
+        let old = with_t(&url).await;
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
         }
-        let new = Db::connect(&url, 2).await.expect("connect to the new file");
-        new.migrate(&[m]).await.expect("migrate the new file");
+        let new = with_t(&url).await;
         sqlx::query("INSERT INTO t (id) VALUES (7)")
             .execute(&mut *new.write_conn().await.expect("writer"))
             .await
