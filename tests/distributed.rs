@@ -217,7 +217,7 @@ impl Cluster {
     }
 
     async fn dbs(&self) -> Dbs {
-        Dbs::connect(
+        common::saga::connect(
             &self.dbs["orders"].url,
             &self.dbs["products"].url,
             &self.dbs["payments"].url,

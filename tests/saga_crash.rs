@@ -16,7 +16,7 @@ use sqlx::Row;
 
 mod common;
 use common::saga::{
-    Checkouts, Dbs, Outcome, drive, five_products, jobs, placed, reconcile, run_job, settle,
+    Checkouts, Outcome, drive, five_products, jobs, placed, reconcile, run_job, settle,
 };
 use common::*;
 
@@ -91,7 +91,7 @@ async fn sigkill_mid_checkouts_then_everything_reconciles() {
     // Let the saga settle: no order waiting for payment, no checkout in flight, outboxes empty;
     // then the reconciliation, from the databases alone.
     let d = dir.path();
-    let dbs = Dbs::connect(
+    let dbs = common::saga::connect(
         &sqlite(d, "orders"),
         &sqlite(d, "products"),
         &sqlite(d, "payments"),

@@ -13,7 +13,6 @@ use shopverse_kit::testing::as_user;
 use shopverse_proto::common::v1::Address;
 use shopverse_proto::orders::v1::orders_service_client::OrdersServiceClient;
 use shopverse_proto::orders::v1::{AddCartItemRequest, CheckoutRequest};
-use sqlx::Row;
 use tonic::Code;
 
 use super::channel;
@@ -207,99 +206,28 @@ pub fn placed(results: &Mutex<HashMap<usize, Outcome>>) -> Vec<String> {
         .collect()
 }
 
-/// The saga's databases.
-pub struct Dbs {
-    pub orders: sqlx::AnyPool,
-    pub products: sqlx::AnyPool,
-    pub payments: sqlx::AnyPool,
-    pub notifications: sqlx::AnyPool,
-}
+pub use shopverse_reconcile::Dbs;
 
-impl Dbs {
-    pub async fn connect(orders: &str, products: &str, payments: &str, notifications: &str) -> Dbs {
-        sqlx::any::install_default_drivers();
-        let c = |u: &str| {
-            let u = u.to_owned();
-            async move {
-                sqlx::pool::PoolOptions::<sqlx::Any>::new()
-                    .max_connections(2)
-                    .connect(&u)
-                    .await
-                    .expect("connect to a service database")
-            }
-        };
-        Dbs {
-            orders: c(orders).await,
-            products: c(products).await,
-            payments: c(payments).await,
-            notifications: c(notifications).await,
-        }
-    }
-
-    pub async fn close(self) {
-        self.orders.close().await;
-        self.products.close().await;
-        self.payments.close().await;
-        self.notifications.close().await;
-    }
+/// The saga's databases, two connections each.
+pub async fn connect(orders: &str, products: &str, payments: &str, notifications: &str) -> Dbs {
+    Dbs::open(orders, products, payments, notifications, 2)
+        .await
+        .expect("connect to the service databases")
 }
 
 pub async fn scalar(pool: &sqlx::AnyPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
-}
-
-/// What is still in flight: orders waiting for payment, checkouts mid-way, unpublished outbox
-/// rows, held stock.
-pub async fn in_flight(dbs: &Dbs) -> i64 {
-    scalar(
-        &dbs.orders,
-        "SELECT COUNT(*) FROM orders WHERE status = 'PENDING_PAYMENT'",
-    )
-    .await
-        + scalar(
-            &dbs.orders,
-            "SELECT COUNT(*) FROM checkouts WHERE state IN ('RESERVING', 'ABANDONING')",
-        )
-        .await
-        + scalar(
-            &dbs.orders,
-            "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
-        )
-        .await
-        + scalar(
-            &dbs.payments,
-            "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
-        )
-        .await
-        + scalar(
-            &dbs.products,
-            "SELECT COUNT(*) FROM reservations WHERE state = 'HELD'",
-        )
-        .await
-        // Orders whose order.placed notice has not arrived yet.
-        + (scalar(&dbs.orders, "SELECT COUNT(*) FROM orders").await
-            - scalar(
-                &dbs.notifications,
-                "SELECT COUNT(*) FROM inbox_items WHERE event_type = 'order.placed'",
-            )
-            .await)
-            .max(0)
+    shopverse_reconcile::scalar(pool, sql).await.expect(sql)
 }
 
 /// Waits until nothing is in flight.
 pub async fn settle(dbs: &Dbs, within: Duration) {
-    let t0 = Instant::now();
-    loop {
-        let pending = in_flight(dbs).await;
-        if pending == 0 {
-            return;
-        }
-        assert!(
-            t0.elapsed() < within,
-            "{pending} things still in flight after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let pending = shopverse_reconcile::settle(dbs, within)
+        .await
+        .expect("counting what is in flight");
+    assert_eq!(
+        pending, 0,
+        "{pending} things still in flight after {within:?}"
+    );
 }
 
 /// The stock of each product now (before any checkout: the starting stock).
@@ -317,139 +245,19 @@ pub async fn stock_of(products_db: &sqlx::AnyPool, products: &[String]) -> HashM
     out
 }
 
-/// The reconciliation, from the databases alone; returns the number of confirmed orders.
-/// 1. Each order's reservation and payments match its fate; abandoned and refused checkouts
-///    hold nothing.
-/// 2. Stock: what left each product is exactly what committed reservations hold, and that is
-///    what confirmed orders bought; nothing stays reserved; no unit is lost or made up.
-/// 3. No notification twice for one event, and one `order.placed` notice per order.
+/// The reconciliation (see `shopverse_reconcile`), from the databases alone: fails the test
+/// with every violation found; returns the number of confirmed orders.
 pub async fn reconcile(dbs: &Dbs, initial: &HashMap<String, i64>) -> usize {
-    let rows =
-        sqlx::query("SELECT o.id, o.status, o.paid, o.refunded, o.total_minor FROM orders o")
-            .fetch_all(&dbs.orders)
-            .await
-            .expect("orders");
-    let mut confirmed = 0;
-    for r in &rows {
-        let id: String = r.try_get("id").expect("id");
-        let status: String = r.try_get("status").expect("status");
-        let paid = r.try_get::<i64, _>("paid").expect("paid") != 0;
-        let refunded = r.try_get::<i64, _>("refunded").expect("refunded") != 0;
-        let total: i64 = r.try_get("total_minor").expect("total");
-        let reservation: Option<String> =
-            sqlx::query_scalar("SELECT state FROM reservations WHERE order_id = $1")
-                .bind(&id)
-                .fetch_optional(&dbs.products)
-                .await
-                .expect("reservation");
-        let captures: Vec<i64> = sqlx::query_scalar(
-            "SELECT amount_minor FROM transactions WHERE order_id = $1 AND kind = 'CAPTURE'",
-        )
-        .bind(&id)
-        .fetch_all(&dbs.payments)
+    let report = shopverse_reconcile::check(dbs, initial)
         .await
-        .expect("captures");
-        let refunds: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM transactions WHERE order_id = $1 AND kind = 'REFUND'",
-        )
-        .bind(&id)
-        .fetch_one(&dbs.payments)
-        .await
-        .expect("refunds");
-        match status.as_str() {
-            "CONFIRMED" => {
-                confirmed += 1;
-                assert_eq!(reservation.as_deref(), Some("COMMITTED"), "order {id}");
-                assert_eq!(
-                    captures,
-                    vec![total],
-                    "order {id}: exactly one capture of the total"
-                );
-                assert_eq!(refunds, 0, "order {id}");
-            }
-            "CANCELLED" => {
-                assert_eq!(reservation.as_deref(), Some("RELEASED"), "order {id}");
-                assert!(captures.len() <= 1, "order {id}");
-                assert_eq!(
-                    refunds,
-                    captures.len() as i64,
-                    "order {id}: every capture refunded once"
-                );
-                assert_eq!(paid, !captures.is_empty(), "order {id}");
-                assert_eq!(refunded, refunds == 1, "order {id}");
-            }
-            other => panic!("order {id} ended {other}"),
-        }
-    }
-    let abandoned: Vec<String> =
-        sqlx::query_scalar("SELECT order_id FROM checkouts WHERE state IN ('ABANDONED', 'FAILED')")
-            .fetch_all(&dbs.orders)
-            .await
-            .expect("checkouts");
-    for id in &abandoned {
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM reservations WHERE order_id = $1")
-                .bind(id)
-                .fetch_optional(&dbs.products)
-                .await
-                .expect("reservation");
-        assert!(
-            matches!(state.as_deref(), None | Some("RELEASED")),
-            "checkout {id} left stock {state:?}"
-        );
-    }
-
-    for (p, initial) in initial {
-        let r = sqlx::query("SELECT available, reserved FROM stock WHERE product_id = $1")
-            .bind(p)
-            .fetch_one(&dbs.products)
-            .await
-            .expect("stock");
-        let available: i64 = r.try_get("available").expect("available");
-        let reserved: i64 = r.try_get("reserved").expect("reserved");
-        let committed: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_lines l JOIN reservations r ON r.order_id = l.order_id \
-             WHERE l.product_id = $1 AND r.state = 'COMMITTED'",
-        )
-        .bind(p)
-        .fetch_one(&dbs.products)
-        .await
-        .expect("committed");
-        let sold: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM order_lines l JOIN orders o ON o.id = l.order_id \
-             WHERE l.product_id = $1 AND o.status = 'CONFIRMED'",
-        )
-        .bind(p)
-        .fetch_one(&dbs.orders)
-        .await
-        .expect("sold");
-        assert_eq!(reserved, 0, "product {p}");
-        assert_eq!(
-            committed, sold,
-            "product {p}: committed stock equals confirmed order lines"
-        );
-        assert_eq!(
-            available + committed,
-            *initial,
-            "product {p}: no unit lost or made up"
-        );
-    }
-
-    let dupes = scalar(
-        &dbs.notifications,
-        "SELECT COUNT(*) FROM (SELECT event_id FROM inbox_items GROUP BY event_id HAVING COUNT(*) > 1) d",
-    )
-    .await;
-    assert_eq!(dupes, 0, "a notification twice for one event");
-    let placed_notes = scalar(
-        &dbs.notifications,
-        "SELECT COUNT(*) FROM inbox_items WHERE event_type = 'order.placed'",
-    )
-    .await;
-    assert_eq!(
-        placed_notes,
-        rows.len() as i64,
-        "one order.placed notice per order"
+        .expect("reading the service databases");
+    assert!(
+        report.violations.is_empty(),
+        "the reconciliation does not hold ({} orders, {} products):\n{}",
+        report.orders,
+        report.products,
+        report.violations.join("\n")
     );
-    confirmed
+    assert_eq!(report.products, initial.len(), "every product checked");
+    report.confirmed
 }

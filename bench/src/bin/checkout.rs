@@ -12,6 +12,7 @@
 //!   no unit of stock is lost or made up, one `order.placed` notice per order. Writes one JSON
 //!   report and fails when the check does not hold.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use clap::{Parser, Subcommand};
 use goose::config::GooseConfiguration;
 use goose::goose::GooseResponse;
 use goose::prelude::*;
-use sqlx::Row;
+use shopverse_reconcile::Dbs;
 
 #[derive(Parser)]
 #[command(
@@ -312,38 +313,23 @@ struct RunArgs {
     tags: Vec<String>,
 }
 
+/// The appliance's databases, read-only.
 async fn open_dbs(data_dir: &std::path::Path) -> Result<Dbs> {
-    sqlx::any::install_default_drivers();
-    let open = |name: &str| {
-        let url = format!(
+    let url = |name: &str| {
+        format!(
             "sqlite://{}?mode=ro",
             data_dir.join(format!("{name}.db")).display()
-        );
-        async move {
-            sqlx::pool::PoolOptions::<sqlx::Any>::new()
-                .max_connections(1)
-                .connect(&url)
-                .await
-                .with_context(|| format!("opening {url}"))
-        }
+        )
     };
-    Ok(Dbs {
-        orders: open("orders").await?,
-        products: open("products").await?,
-        payments: open("payments").await?,
-        notifications: open("notifications").await?,
-    })
-}
-
-/// Units committed so far for `product`.
-async fn committed(products: &sqlx::AnyPool, product: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_lines l JOIN reservations r ON r.order_id = l.order_id \
-         WHERE l.product_id = $1 AND r.state = 'COMMITTED'",
+    Dbs::open(
+        &url("orders"),
+        &url("products"),
+        &url("payments"),
+        &url("notifications"),
+        1,
     )
-    .bind(product)
-    .fetch_one(products)
-    .await?)
+    .await
+    .with_context(|| format!("opening the databases in {}", data_dir.display()))
 }
 
 async fn run(a: RunArgs) -> Result<()> {
@@ -365,7 +351,7 @@ async fn run(a: RunArgs) -> Result<()> {
     for id in &ids {
         baseline.insert(
             id.clone(),
-            (stock + committed(&dbs.products, id).await?).into(),
+            (stock + shopverse_reconcile::committed(&dbs.products, id).await?).into(),
         );
     }
     eprintln!(
@@ -465,189 +451,6 @@ async fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-async fn scalar(pool: &sqlx::AnyPool, sql: &'static str) -> Result<i64> {
-    sqlx::query_scalar(sql)
-        .fetch_one(pool)
-        .await
-        .with_context(|| sql.to_owned())
-}
-
-struct Dbs {
-    orders: sqlx::AnyPool,
-    products: sqlx::AnyPool,
-    payments: sqlx::AnyPool,
-    notifications: sqlx::AnyPool,
-}
-
-async fn in_flight(d: &Dbs) -> Result<i64> {
-    Ok(scalar(
-        &d.orders,
-        "SELECT COUNT(*) FROM orders WHERE status = 'PENDING_PAYMENT'",
-    )
-    .await?
-        + scalar(
-            &d.orders,
-            "SELECT COUNT(*) FROM checkouts WHERE state IN ('RESERVING', 'ABANDONING')",
-        )
-        .await?
-        + scalar(
-            &d.orders,
-            "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
-        )
-        .await?
-        + scalar(
-            &d.payments,
-            "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
-        )
-        .await?
-        + scalar(
-            &d.products,
-            "SELECT COUNT(*) FROM reservations WHERE state = 'HELD'",
-        )
-        .await?
-        + (scalar(&d.orders, "SELECT COUNT(*) FROM orders").await?
-            - scalar(
-                &d.notifications,
-                "SELECT COUNT(*) FROM inbox_items WHERE event_type = 'order.placed'",
-            )
-            .await?)
-            .max(0))
-}
-
-/// The saga's reconciliation (tests/common/saga.rs), as a list of what does not hold.
-async fn violations(
-    d: &Dbs,
-    baseline: &serde_json::Map<String, serde_json::Value>,
-) -> Result<(Vec<String>, serde_json::Value)> {
-    let mut bad = Vec::new();
-    let rows = sqlx::query("SELECT id, status, paid, refunded, total_minor FROM orders")
-        .fetch_all(&d.orders)
-        .await?;
-    let (mut confirmed, mut cancelled) = (0, 0);
-    for r in &rows {
-        let id: String = r.try_get("id")?;
-        let status: String = r.try_get("status")?;
-        let paid = r.try_get::<i64, _>("paid")? != 0;
-        let refunded = r.try_get::<i64, _>("refunded")? != 0;
-        let total: i64 = r.try_get("total_minor")?;
-        let reservation: Option<String> =
-            sqlx::query_scalar("SELECT state FROM reservations WHERE order_id = $1")
-                .bind(&id)
-                .fetch_optional(&d.products)
-                .await?;
-        let captures: Vec<i64> = sqlx::query_scalar(
-            "SELECT amount_minor FROM transactions WHERE order_id = $1 AND kind = 'CAPTURE'",
-        )
-        .bind(&id)
-        .fetch_all(&d.payments)
-        .await?;
-        let refunds: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM transactions WHERE order_id = $1 AND kind = 'REFUND'",
-        )
-        .bind(&id)
-        .fetch_one(&d.payments)
-        .await?;
-        match status.as_str() {
-            "CONFIRMED" => {
-                confirmed += 1;
-                if reservation.as_deref() != Some("COMMITTED") {
-                    bad.push(format!(
-                        "order {id}: confirmed, reservation {reservation:?}"
-                    ));
-                }
-                if captures != vec![total] || refunds != 0 {
-                    bad.push(format!(
-                        "order {id}: confirmed, captures {captures:?} of {total}, {refunds} refunds"
-                    ));
-                }
-            }
-            "CANCELLED" => {
-                cancelled += 1;
-                if reservation.as_deref() != Some("RELEASED")
-                    || captures.len() > 1
-                    || refunds != captures.len() as i64
-                    || paid == captures.is_empty()
-                    || refunded != (refunds == 1)
-                {
-                    bad.push(format!("order {id}: cancelled, reservation {reservation:?}, captures {captures:?}, {refunds} refunds"));
-                }
-            }
-            other => bad.push(format!("order {id} ended {other}")),
-        }
-    }
-    let abandoned: Vec<String> =
-        sqlx::query_scalar("SELECT order_id FROM checkouts WHERE state IN ('ABANDONED', 'FAILED')")
-            .fetch_all(&d.orders)
-            .await?;
-    for id in &abandoned {
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM reservations WHERE order_id = $1")
-                .bind(id)
-                .fetch_optional(&d.products)
-                .await?;
-        if !matches!(state.as_deref(), None | Some("RELEASED")) {
-            bad.push(format!("checkout {id} left stock {state:?}"));
-        }
-    }
-    let stock_rows = sqlx::query("SELECT product_id, available, reserved FROM stock")
-        .fetch_all(&d.products)
-        .await?;
-    let mut checked = 0;
-    for r in &stock_rows {
-        let p: String = r.try_get("product_id")?;
-        let Some(expected) = baseline.get(&p).and_then(serde_json::Value::as_i64) else {
-            continue;
-        };
-        checked += 1;
-        let available: i64 = r.try_get("available")?;
-        let reserved: i64 = r.try_get("reserved")?;
-        let committed = committed(&d.products, &p).await?;
-        let sold: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM order_lines l JOIN orders o ON o.id = l.order_id \
-             WHERE l.product_id = $1 AND o.status = 'CONFIRMED'",
-        )
-        .bind(&p)
-        .fetch_one(&d.orders)
-        .await?;
-        if reserved != 0 || committed != sold || available + committed != expected {
-            bad.push(format!(
-                "product {p}: available {available} + committed {committed} (sold {sold}, reserved {reserved}) is not {expected}"
-            ));
-        }
-    }
-    if checked != baseline.len() {
-        bad.push(format!(
-            "{} of {} products have no stock row",
-            baseline.len() - checked,
-            baseline.len()
-        ));
-    }
-    let dupes = scalar(
-        &d.notifications,
-        "SELECT COUNT(*) FROM (SELECT event_id FROM inbox_items GROUP BY event_id HAVING COUNT(*) > 1) d",
-    )
-    .await?;
-    if dupes != 0 {
-        bad.push(format!("{dupes} events notified twice"));
-    }
-    let placed = scalar(
-        &d.notifications,
-        "SELECT COUNT(*) FROM inbox_items WHERE event_type = 'order.placed'",
-    )
-    .await?;
-    if placed != rows.len() as i64 {
-        bad.push(format!(
-            "{placed} order.placed notices for {} orders",
-            rows.len()
-        ));
-    }
-    Ok((
-        bad,
-        serde_json::json!({"orders": rows.len(), "confirmed": confirmed, "cancelled": cancelled,
-                           "abandoned_checkouts": abandoned.len(), "products": checked}),
-    ))
-}
-
 async fn reconcile(
     data_dir: PathBuf,
     baseline_from: PathBuf,
@@ -658,7 +461,7 @@ async fn reconcile(
         &std::fs::read(&baseline_from)
             .with_context(|| format!("reading {}", baseline_from.display()))?,
     )?;
-    let baseline = run["baseline"]
+    let baseline: HashMap<String, i64> = run["baseline"]
         .as_object()
         .with_context(|| {
             format!(
@@ -666,15 +469,20 @@ async fn reconcile(
                 baseline_from.display()
             )
         })?
-        .clone();
+        .iter()
+        .map(|(k, v)| {
+            v.as_i64()
+                .map(|n| (k.clone(), n))
+                .with_context(|| format!("baseline of {k}: {v} is not a whole number"))
+        })
+        .collect::<Result<_>>()?;
     let d = open_dbs(&data_dir).await?;
     let t0 = Instant::now();
-    let mut pending = in_flight(&d).await?;
-    while pending > 0 && t0.elapsed() < within {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        pending = in_flight(&d).await?;
-    }
-    let (mut bad, counts) = violations(&d, &baseline).await?;
+    let pending = shopverse_reconcile::settle(&d, within).await?;
+    // How long the saga ran on after the load stopped: the backlog the run left behind.
+    let settle_seconds = t0.elapsed().as_secs_f64();
+    let mut found = shopverse_reconcile::check(&d, &baseline).await?;
+    let mut bad = std::mem::take(&mut found.violations);
     if pending > 0 {
         bad.insert(
             0,
@@ -684,18 +492,22 @@ async fn reconcile(
     let ok = bad.is_empty();
     let summary = format!(
         "{} orders ({} confirmed, {} cancelled), {} products checked, settled in {:.1} s; {} violations",
-        counts["orders"],
-        counts["confirmed"],
-        counts["cancelled"],
-        counts["products"],
-        t0.elapsed().as_secs_f64(),
+        found.orders,
+        found.confirmed,
+        found.cancelled,
+        found.products,
+        settle_seconds,
         bad.len()
     );
     eprintln!("reconciliation: {summary}");
     for v in bad.iter().take(20) {
         eprintln!("  {v}");
     }
+    let counts = serde_json::json!({"orders": found.orders, "confirmed": found.confirmed,
+        "cancelled": found.cancelled, "abandoned_checkouts": found.abandoned_checkouts,
+        "products": found.products});
     let out = serde_json::json!({"ok": ok, "summary": summary, "counts": counts,
+                                 "settle_seconds": settle_seconds,
                                  "violations": bad.iter().take(100).collect::<Vec<_>>()});
     std::fs::write(&report, serde_json::to_vec_pretty(&out)?)?;
     Ok(ok)
