@@ -8,17 +8,20 @@
 //! anywhere in between redelivers the record, and the inbox makes the redelivery a no-op. A
 //! retryable failure is retried in place with exponential backoff (the partition waits, as
 //! Kafka's does); after `max_attempts`, or at once for a poison event, the record is parked on
-//! `<topic>.dlq` with the reason, and the partition moves on.
+//! `<topic>.dlq` with the reason, and the partition moves on. A handler with no external
+//! effects gets a poll's records in one transaction ([`Consumer::process_all`]).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use prometheus::{IntCounter, IntGauge, Registry};
+use sqlx::AssertSqlSafe;
 use tokio_util::sync::CancellationToken;
 
 use shopverse_kit::clock::{Clock, SystemClock};
-use shopverse_kit::db::Db;
+use shopverse_kit::db::{Db, placeholders};
 use shopverse_kit::error::BoxError;
 use shopverse_kit::metrics::{int_counter, int_gauge};
 
@@ -280,16 +283,18 @@ impl<H: Handler> Consumer<H> {
                     continue;
                 }
             };
-            for record in records {
-                if self.process(&record, &shutdown).await == Outcome::Interrupted {
-                    flush(&name, &mut *sub, &pending).await;
-                    return Ok(());
-                }
-                // The effect is committed (or parked); its offset goes with the next write.
+            let total = records.len();
+            let done = self.process_all(&records, &shutdown).await;
+            // The effects are committed (or parked); their offsets go with the next write.
+            for record in records.into_iter().take(done) {
                 if pending.is_empty() {
                     pending_since = tokio::time::Instant::now();
                 }
                 keep_last(&mut pending, record);
+            }
+            if done < total {
+                flush(&name, &mut *sub, &pending).await;
+                return Ok(());
             }
             if pending.is_empty() || pending_since.elapsed() < COMMIT_EVERY {
                 continue;
@@ -305,6 +310,86 @@ impl<H: Handler> Consumer<H> {
             }
             pending.clear();
         }
+    }
+
+    /// Handles `records` in order, each to its end; returns how many were done (all of them,
+    /// unless shutdown interrupted a retry).
+    ///
+    /// When the handler has no [`Handler::prepare`] step, a run of records is applied in one
+    /// transaction: one `BEGIN` and `COMMIT`, one inbox insert for all of them. That is the
+    /// consumer's share of a database's writer turn, paid once per poll instead of once per
+    /// event, and it grows with the backlog: a consumer that keeps up gets runs of one or two,
+    /// one that falls behind catches up in runs of up to a poll's worth. If any record of the
+    /// run fails, the whole transaction rolls back and each record of the run is handled on
+    /// its own, with the retries and dead-lettering of [`Consumer::process`].
+    pub async fn process_all(&self, records: &[Record], shutdown: &CancellationToken) -> usize {
+        let mut done = 0;
+        if !self.handler.prepares() && records.len() > 1 {
+            // The leading records that decode and are known; the first that does not ends
+            // the run, and is parked by `process` below.
+            let envs: Vec<Envelope> = records
+                .iter()
+                .map_while(|r| {
+                    decode_envelope(&r.payload)
+                        .ok()
+                        .filter(|env| check_known(env).is_ok())
+                })
+                .collect();
+            let wanted: Vec<&Envelope> = envs
+                .iter()
+                .filter(|env| self.handler.wants(&env.r#type))
+                .collect();
+            if wanted.len() > 1 {
+                match self.attempt_run(&wanted).await {
+                    Ok(()) => done = envs.len(),
+                    Err(e) => tracing::debug!(
+                        consumer = self.handler.name(), events = wanted.len(), error = %e,
+                        "a run of events failed together; handling each on its own"
+                    ),
+                }
+            }
+        }
+        for record in &records[done..] {
+            if self.process(record, shutdown).await == Outcome::Interrupted {
+                return done;
+            }
+            done += 1;
+        }
+        done
+    }
+
+    /// Applies `envs` in one transaction, each once: the inbox insert returns the ids it had
+    /// not seen, and only those reach the handler (an id twice in the run, once).
+    async fn attempt_run(&self, envs: &[&Envelope]) -> Result<(), HandlerError> {
+        let now = SystemClock.now_ms();
+        let sql = format!(
+            "INSERT INTO inbox (consumer, event_id, handled_at) VALUES {} \
+             ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id",
+            placeholders(1, envs.len(), 3)
+        );
+        let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
+        for env in envs {
+            q = q.bind(self.handler.name()).bind(&env.id).bind(now);
+        }
+        let mut tx = self.db.begin_write().await?;
+        let mut fresh: HashSet<String> = q.fetch_all(&mut *tx).await?.into_iter().collect();
+        let applied = fresh.len();
+        for env in envs {
+            if fresh.remove(&env.id) {
+                self.handler.handle(&mut tx, env).await?;
+            }
+        }
+        tx.commit().await?;
+        self.metrics.handled.inc_by(applied as u64);
+        self.metrics
+            .duplicates
+            .inc_by((envs.len() - applied) as u64);
+        if applied > 0
+            && let Some(n) = &self.after_commit
+        {
+            n.notify_one();
+        }
+        Ok(())
     }
 
     /// Handles one record to its end: applied, skipped, duplicate or dead-lettered.

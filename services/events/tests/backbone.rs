@@ -73,6 +73,21 @@ struct Recorder {
     /// Fail (retryably) while this is set.
     broken: Arc<AtomicBool>,
     calls: Arc<AtomicU32>,
+    /// Whether it claims a prepare step: a handler without one gets runs of records in one
+    /// transaction.
+    prepares: bool,
+}
+
+impl Recorder {
+    fn new(name: &str, poison_subject: Option<&str>, prepares: bool) -> Recorder {
+        Recorder {
+            name: name.into(),
+            poison_subject: poison_subject.map(str::to_owned),
+            broken: Arc::new(AtomicBool::new(false)),
+            calls: Arc::new(AtomicU32::new(0)),
+            prepares,
+        }
+    }
 }
 
 #[async_trait]
@@ -85,6 +100,9 @@ impl Handler for Recorder {
     }
     fn wants(&self, t: &str) -> bool {
         t == USER_REGISTERED.name
+    }
+    fn prepares(&self) -> bool {
+        self.prepares
     }
     async fn handle(
         &self,
@@ -184,7 +202,7 @@ fn kafka(partitions: i32) -> Arc<dyn EventBus> {
     Arc::new(KafkaBus::new(cfg, partitions, &prometheus::Registry::new()).expect("kafka bus"))
 }
 
-async fn relay_crash_then_exactly_once(bus: Arc<dyn EventBus>, db_url: &str) {
+async fn relay_crash_then_exactly_once(bus: Arc<dyn EventBus>, db_url: &str, prepares: bool) {
     let log = bus.as_ref();
     let db = service_db(db_url).await;
     let registry = prometheus::Registry::new();
@@ -218,13 +236,10 @@ async fn relay_crash_then_exactly_once(bus: Arc<dyn EventBus>, db_url: &str) {
     assert_eq!(relay.backlog().await.expect("backlog"), 0);
     assert_eq!(log_len(log, USER_REGISTERED.topic).await, 80);
 
-    // The consumer sees 80 records and applies 50 effects, one per event.
-    let handler = Arc::new(Recorder {
-        name: "recorder".into(),
-        poison_subject: None,
-        broken: Arc::new(AtomicBool::new(false)),
-        calls: Arc::new(AtomicU32::new(0)),
-    });
+    // The consumer sees 80 records and applies 50 effects, one per event (with no prepare
+    // step, a poll's records in one transaction, a record's second copy often in the same
+    // run as its first).
+    let handler = Arc::new(Recorder::new("recorder", None, prepares));
     let consumer = Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry);
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
@@ -267,22 +282,27 @@ async fn wait_until_caught_up(log: &dyn EventBus, group: &str, topic: &str) {
 
 #[tokio::test]
 async fn relay_stopped_mid_batch_then_each_event_applied_once_sqlite() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    relay_crash_then_exactly_once(
-        embedded(dir.path(), 3).await,
-        &format!("sqlite://{}/svc.db", dir.path().display()),
-    )
-    .await;
+    for prepares in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        relay_crash_then_exactly_once(
+            embedded(dir.path(), 3).await,
+            &format!("sqlite://{}/svc.db", dir.path().display()),
+            prepares,
+        )
+        .await;
+    }
 }
 
 #[tokio::test]
 async fn relay_stopped_mid_batch_then_each_event_applied_once_postgres() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pg = PgTestDb::create()
-        .await
-        .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
-    relay_crash_then_exactly_once(embedded(dir.path(), 3).await, &pg.url).await;
-    pg.drop_db().await.expect("drop test database");
+    for prepares in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg = PgTestDb::create()
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
+        relay_crash_then_exactly_once(embedded(dir.path(), 3).await, &pg.url, prepares).await;
+        pg.drop_db().await.expect("drop test database");
+    }
 }
 
 #[tokio::test]
@@ -290,7 +310,7 @@ async fn relay_stopped_mid_batch_then_each_event_applied_once_kafka_postgres() {
     let pg = PgTestDb::create()
         .await
         .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
-    relay_crash_then_exactly_once(kafka(3), &pg.url).await;
+    relay_crash_then_exactly_once(kafka(3), &pg.url, false).await;
     pg.drop_db().await.expect("drop test database");
 }
 
@@ -351,10 +371,8 @@ async fn dead_letters_and_replay(bus: Arc<dyn EventBus>, dir: &std::path::Path) 
 
     let broken = Arc::new(AtomicBool::new(true));
     let handler = Arc::new(Recorder {
-        name: "flaky".into(),
-        poison_subject: Some("user-1".into()),
         broken: broken.clone(),
-        calls: Arc::new(AtomicU32::new(0)),
+        ..Recorder::new("flaky", Some("user-1"), true)
     });
     let retry = RetryPolicy {
         max_attempts: 3,
@@ -464,14 +482,112 @@ async fn a_second_delivery_is_a_duplicate() {
         .await
         .expect("fetch")
         .remove(0);
-    let handler = Arc::new(Recorder {
-        name: "once".into(),
-        poison_subject: None,
-        broken: Arc::new(AtomicBool::new(false)),
-        calls: Arc::new(AtomicU32::new(0)),
-    });
+    let handler = Arc::new(Recorder::new("once", None, true));
     let c = Consumer::new(handler, db.clone(), bus, &prometheus::Registry::new());
     let stop = CancellationToken::new();
     assert_eq!(c.process(&rec, &stop).await, Outcome::Applied);
     assert_eq!(c.process(&rec, &stop).await, Outcome::Duplicate);
+}
+
+/// `n` events in the log of a new service database (one partition), read back as records.
+async fn published_run(
+    dir: &std::path::Path,
+    db_url: &str,
+    n: usize,
+) -> (Db, EmbeddedLog, Vec<Record>) {
+    let log = EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.display()), 1)
+        .await
+        .expect("log");
+    let db = service_db(db_url).await;
+    write_things(&db, n).await;
+    let bus: Arc<dyn EventBus> = Arc::new(log.clone());
+    Relay::new(db.clone(), bus, "t", &prometheus::Registry::new())
+        .publish_batch()
+        .await
+        .expect("publish");
+    let recs = log
+        .fetch(USER_REGISTERED.topic, 0, 0, 100)
+        .await
+        .expect("fetch");
+    assert_eq!(recs.len(), n);
+    (db, log, recs)
+}
+
+async fn effects(db: &Db) -> Vec<String> {
+    sqlx::query_scalar("SELECT subject FROM effects ORDER BY subject")
+        .fetch_all(db.pool())
+        .await
+        .expect("effects")
+}
+
+/// A run of records through a handler with no prepare step: applied in one transaction, each
+/// event once though two are delivered twice; and a poison event in the middle of a run undoes
+/// the run, which is then handled record by record (the poison parked, the rest applied).
+async fn runs_of_records(db_url_of: impl Fn(&std::path::Path) -> String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (db, log, mut recs) = published_run(dir.path(), &db_url_of(dir.path()), 5).await;
+    recs.extend_from_within(..2);
+    let handler = Arc::new(Recorder::new("runs", None, false));
+    let c = Consumer::new(
+        handler.clone(),
+        db.clone(),
+        Arc::new(log),
+        &prometheus::Registry::new(),
+    );
+    let stop = CancellationToken::new();
+    assert_eq!(c.process_all(&recs, &stop).await, 7);
+    assert_eq!(
+        handler.calls.load(Ordering::SeqCst),
+        5,
+        "each event reaches the handler once"
+    );
+    assert_eq!(
+        effects(&db).await,
+        ["user-0", "user-1", "user-2", "user-3", "user-4"]
+    );
+    // Delivered again, the whole run is duplicates.
+    assert_eq!(c.process_all(&recs, &stop).await, 7);
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 5);
+    assert_eq!(effects(&db).await.len(), 5);
+    db.close().await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (db, log, recs) = published_run(dir.path(), &db_url_of(dir.path()), 5).await;
+    let handler = Arc::new(Recorder::new("runs", Some("user-2"), false));
+    let c = Consumer::new(
+        handler.clone(),
+        db.clone(),
+        Arc::new(log.clone()),
+        &prometheus::Registry::new(),
+    );
+    assert_eq!(c.process_all(&recs, &stop).await, 5);
+    // The run reached the poison (3 calls) and rolled back; then one call per record.
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 3 + 5);
+    assert_eq!(effects(&db).await, ["user-0", "user-1", "user-3", "user-4"]);
+    let parked = dlq::list(&log, None).await.expect("list");
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(parked[0].reason.contains("poison"), "{parked:?}");
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_run_of_records_is_applied_together_sqlite() {
+    runs_of_records(|dir| format!("sqlite://{}/svc.db", dir.display())).await;
+}
+
+#[tokio::test]
+async fn a_run_of_records_is_applied_together_postgres() {
+    let mut dbs = Vec::new();
+    for _ in 0..2 {
+        dbs.push(
+            PgTestDb::create()
+                .await
+                .expect("PostgreSQL at 127.0.0.1:5432 (see README)"),
+        );
+    }
+    let urls = std::sync::Mutex::new(dbs.iter().map(|d| d.url.clone()).collect::<Vec<_>>());
+    runs_of_records(|_| urls.lock().unwrap().remove(0)).await;
+    for d in dbs {
+        d.drop_db().await.expect("drop test database");
+    }
 }
