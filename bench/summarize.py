@@ -157,11 +157,11 @@ if s1:
     opens = [r for r in records if r.get("scenario") == "1" and r.get("kind") == "open"]
     if opens:
         md += ["Open loop (latency from the due time, so corrected for coordinated omission), in ms:", "",
-               "| offered req/s | target | achieved | p50 | p90 | p99 | p99.9 | max | failed+broken | unsent |",
-               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in sorted(opens, key=lambda r: (r["offered_rps"], r["target"])):
+               "| offered req/s | target | round | achieved | p50 | p90 | p99 | p99.9 | max | failed+broken | unsent |",
+               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(opens, key=lambda r: (r["offered_rps"], r["target"], str(r.get("round", "")))):
             l = r["latency_us"]
-            md.append(f"| {r['offered_rps']:,} | {r['target']} | {r['achieved_rps']:,.0f} | {l['p50'] / 1e3:.2f} | "
+            md.append(f"| {r['offered_rps']:,} | {r['target']} | {r.get('round', '')} | {r['achieved_rps']:,.0f} | {l['p50'] / 1e3:.2f} | "
                       f"{l['p90'] / 1e3:.2f} | {l['p99'] / 1e3:.2f} | {l['p999'] / 1e3:.2f} | {l['max'] / 1e3:.2f} | "
                       f"{r['failed'] + r['broken']} | {r['unsent']} |")
         md.append("")
@@ -173,10 +173,17 @@ if s1:
                  dict(sorted(series.items())), "offered rate (req/s)", "latency (ms, log)")
         md += [f"Plot: `{os.path.basename(out)}-routing-latency.svg`.", ""]
         half = facts.get("nginx_peak_rps", 0) // 2
-        at_half = {r["target"]: r for r in opens if r["offered_rps"] == max(1, int(facts.get("nginx_peak_rps", 0) * 0.5))}
+        at_half = {}
+        for r in opens:
+            if r["offered_rps"] == max(1, int(facts.get("nginx_peak_rps", 0) * 0.5)):
+                at_half.setdefault(r["target"], []).append(r["latency_us"]["p99"])
         if "shopverse" in at_half and "nginx" in at_half:
-            a, b = at_half["shopverse"]["latency_us"]["p99"], at_half["nginx"]["latency_us"]["p99"]
-            check("p99 at half of nginx's peak rate, no worse than nginx's", f"{a / 1e3:.2f} ms vs {b / 1e3:.2f} ms",
+            # Median over the interleaved rounds at this rate.
+            a, b = statistics.median(at_half["shopverse"]), statistics.median(at_half["nginx"])
+            per = lambda v: ", ".join(f"{x / 1e3:.2f}" for x in v)
+            check("p99 at half of nginx's peak rate, no worse than nginx's",
+                  f"{a / 1e3:.2f} ms vs {b / 1e3:.2f} ms (median of {len(at_half['shopverse'])} rounds: "
+                  f"{per(at_half['shopverse'])} vs {per(at_half['nginx'])})",
                   "<= nginx", a <= b, f"offered {half:,} req/s")
     r = ratios["shopverse/nginx"]
     if r:
