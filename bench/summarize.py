@@ -268,7 +268,7 @@ for c in co:
                    f"to finish what the run left): **{sustained:,.1f}/s**.", ""]
             check(f"appliance checkout orders/s through settlement ({cores} core{plural})",
                   f"{sustained:,.1f}/s", ">= 500/s", sustained >= 500 and c.get("errors", 1) == 0)
-        check(f"reconciliation after the checkout run ({cores} core{'s' if cores != '1' else ''})",
+        check(f"reconciliation after the checkout run ({cores} core{plural})",
               "holds" if r.get("ok") else "failed", "holds", bool(r.get("ok")))
         result["scenarios"]["5-checkout"][f"reconciliation-{cores}-cores"] = r
 

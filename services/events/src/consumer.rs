@@ -340,8 +340,8 @@ impl<H: Handler> Consumer<H> {
                 .filter(|env| self.handler.wants(&env.r#type))
                 .collect();
             if wanted.len() > 1 {
-                match self.attempt_run(&wanted).await {
-                    Ok(()) => done = envs.len(),
+                match self.apply(&wanted).await {
+                    Ok(_) => done = envs.len(),
                     Err(e) => tracing::debug!(
                         consumer = self.handler.name(), events = wanted.len(), error = %e,
                         "a run of events failed together; handling each on its own"
@@ -358,9 +358,11 @@ impl<H: Handler> Consumer<H> {
         done
     }
 
-    /// Applies `envs` in one transaction, each once: the inbox insert returns the ids it had
-    /// not seen, and only those reach the handler (an id twice in the run, once).
-    async fn attempt_run(&self, envs: &[&Envelope]) -> Result<(), HandlerError> {
+    /// Applies `envs` in one write transaction, each once: the inbox insert returns the ids
+    /// it had not seen, and only those reach the handler (an id twice in `envs`, once).
+    /// Returns how many were applied; the rest were duplicates. One record's attempt is the
+    /// run of one.
+    async fn apply(&self, envs: &[&Envelope]) -> Result<usize, HandlerError> {
         let now = SystemClock.now_ms();
         let sql = format!(
             "INSERT INTO inbox (consumer, event_id, handled_at) VALUES {} \
@@ -374,6 +376,12 @@ impl<H: Handler> Consumer<H> {
         let mut tx = self.db.begin_write().await?;
         let mut fresh: HashSet<String> = q.fetch_all(&mut *tx).await?.into_iter().collect();
         let applied = fresh.len();
+        let duplicates = (envs.len() - applied) as u64;
+        if applied == 0 {
+            tx.rollback().await?;
+            self.metrics.duplicates.inc_by(duplicates);
+            return Ok(0);
+        }
         for env in envs {
             if fresh.remove(&env.id) {
                 self.handler.handle(&mut tx, env).await?;
@@ -381,15 +389,11 @@ impl<H: Handler> Consumer<H> {
         }
         tx.commit().await?;
         self.metrics.handled.inc_by(applied as u64);
-        self.metrics
-            .duplicates
-            .inc_by((envs.len() - applied) as u64);
-        if applied > 0
-            && let Some(n) = &self.after_commit
-        {
+        self.metrics.duplicates.inc_by(duplicates);
+        if let Some(n) = &self.after_commit {
             n.notify_one();
         }
-        Ok(())
+        Ok(applied)
     }
 
     /// Handles one record to its end: applied, skipped, duplicate or dead-lettered.
@@ -455,30 +459,11 @@ impl<H: Handler> Consumer<H> {
             }
             self.handler.prepare(env).await?;
         }
-        let mut tx = self.db.begin_write().await?;
-        let fresh = sqlx::query(
-            "INSERT INTO inbox (consumer, event_id, handled_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (consumer, event_id) DO NOTHING",
-        )
-        .bind(self.handler.name())
-        .bind(&env.id)
-        .bind(SystemClock.now_ms())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !fresh {
-            tx.rollback().await?;
-            self.metrics.duplicates.inc();
-            return Ok(Outcome::Duplicate);
-        }
-        self.handler.handle(&mut tx, env).await?;
-        tx.commit().await?;
-        self.metrics.handled.inc();
-        if let Some(n) = &self.after_commit {
-            n.notify_one();
-        }
-        Ok(Outcome::Applied)
+        Ok(if self.apply(&[env]).await? == 1 {
+            Outcome::Applied
+        } else {
+            Outcome::Duplicate
+        })
     }
 
     async fn dead_letter(

@@ -455,11 +455,7 @@ async fn dead_letters_and_replay(bus: Arc<dyn EventBus>, dir: &std::path::Path) 
     wait_until_caught_up(log, "flaky", USER_REGISTERED.topic).await;
     stop.cancel();
     task.await.expect("join").expect("consumer");
-    let subjects: Vec<String> = sqlx::query_scalar("SELECT subject FROM effects ORDER BY subject")
-        .fetch_all(db.pool())
-        .await
-        .expect("effects");
-    assert_eq!(subjects, vec!["user-0".to_owned(), "user-2".to_owned()]);
+    assert_eq!(effects(&db).await, ["user-0", "user-2"]);
     // The poison, the junk and the two unknown ones are parked again, each once more.
     assert_eq!(dlq::list(log, None).await.expect("list").len(), 10);
 }
@@ -467,21 +463,14 @@ async fn dead_letters_and_replay(bus: Arc<dyn EventBus>, dir: &std::path::Path) 
 #[tokio::test]
 async fn a_second_delivery_is_a_duplicate() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.path().display()), 1)
-        .await
-        .expect("log");
-    let db = service_db(&format!("sqlite://{}/svc.db", dir.path().display())).await;
-    let bus: Arc<dyn EventBus> = Arc::new(log.clone());
-    write_things(&db, 1).await;
-    Relay::new(db.clone(), bus.clone(), "t", &prometheus::Registry::new())
-        .publish_batch()
-        .await
-        .expect("publish");
-    let rec = log
-        .fetch(USER_REGISTERED.topic, 0, 0, 1)
-        .await
-        .expect("fetch")
-        .remove(0);
+    let (db, log, mut recs) = published_run(
+        dir.path(),
+        &format!("sqlite://{}/svc.db", dir.path().display()),
+        1,
+    )
+    .await;
+    let rec = recs.remove(0);
+    let bus: Arc<dyn EventBus> = Arc::new(log);
     let handler = Arc::new(Recorder::new("once", None, true));
     let c = Consumer::new(handler, db.clone(), bus, &prometheus::Registry::new());
     let stop = CancellationToken::new();
