@@ -172,6 +172,7 @@ async fn platform(cfg: &AppConfig, registry: prometheus::Registry) -> anyhow::Re
         registry,
         clock: Arc::new(SystemClock),
         grace: Duration::from_secs(cfg.shutdown.grace_secs),
+        local: shopverse_kit::LocalServices::default(),
     })
 }
 
@@ -316,6 +317,9 @@ async fn run_services(
     for (name, addr) in services {
         let listener = bind(*addr, name.as_str()).await?;
         let bound = listener.local_addr()?;
+        // Calls between the services of this process (the gateway's, orders' to products)
+        // stay in-process.
+        platform.local.declare(bound);
         if *name == ServiceName::Products {
             cfg.services.orders.products_url = format!("http://{bound}");
         }
@@ -418,6 +422,7 @@ async fn run_services(
             shutdown.clone(),
             None,
             Some(platform.bus.clone()),
+            &platform.local,
         )
         .await?;
         reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-use tonic::transport::Channel;
 
 use shopverse_kit::{Clock, Identity, Role};
 use shopverse_proto::users::v1::GetJwksRequest;
@@ -65,7 +64,7 @@ struct Claims {
 }
 
 pub struct Verifier {
-    users: UsersServiceClient<Channel>,
+    users: UsersServiceClient<shopverse_kit::Link>,
     keys: RwLock<HashMap<String, DecodingKey>>,
     validation: Validation,
     /// Shared identities: a hit hands out a reference count, not a copy of the caller.
@@ -80,7 +79,7 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(
-        users: Channel,
+        users: impl Into<shopverse_kit::Link>,
         config: &crate::config::GatewayConfig,
         clock: Arc<dyn Clock>,
     ) -> Verifier {
@@ -96,7 +95,7 @@ impl Verifier {
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         Verifier {
-            users: UsersServiceClient::new(users),
+            users: UsersServiceClient::new(users.into()),
             keys: RwLock::new(HashMap::new()),
             validation,
             cache: Mutex::new(HashMap::with_hasher({
@@ -274,7 +273,7 @@ mod tests {
     async fn a_withdrawn_key_stops_admitting_its_cached_tokens() {
         let config = crate::config::GatewayConfig::default();
         // Nothing listens on port 9: a refetch of the key set fails at once.
-        let channel = Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        let channel = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
         let v = Verifier::new(channel, &config, Arc::new(shopverse_kit::SystemClock));
         let (token, k1) = signed([1; 32], "k1", &config);
         let (_, k2) = signed([2; 32], "k2", &config);

@@ -186,7 +186,16 @@ pub async fn start_with_upgrade(
     shutdown: CancellationToken,
     upgrade: Option<Upgrade>,
 ) -> Result<Running, GatewayError> {
-    start_full(config, registry, clock, shutdown, upgrade, None).await
+    start_full(
+        config,
+        registry,
+        clock,
+        shutdown,
+        upgrade,
+        None,
+        &shopverse_kit::LocalServices::default(),
+    )
+    .await
 }
 
 /// The admin listener's cache purge: `POST /cache/purge?key=K`, `?tag=T` or `?all=true`.
@@ -276,7 +285,8 @@ async fn invalidate_from_events(
     }
 }
 
-/// [`start_with_upgrade`], with an event bus to follow catalog changes for the edge cache.
+/// [`start_with_upgrade`], with an event bus to follow catalog changes for the edge cache, and
+/// the services this process runs itself (`local`), which the gateway calls in-process.
 pub async fn start_full(
     config: GatewayConfig,
     registry: &prometheus::Registry,
@@ -284,6 +294,7 @@ pub async fn start_full(
     shutdown: CancellationToken,
     upgrade: Option<Upgrade>,
     events: Option<Arc<dyn shopverse_events::EventBus>>,
+    local: &shopverse_kit::LocalServices,
 ) -> Result<Running, GatewayError> {
     if upgrade.as_ref().is_some_and(|u| u.take_over) && config.listen.port() == 0 {
         return Err(GatewayError::Tls(
@@ -294,6 +305,7 @@ pub async fn start_full(
     let upstreams = upstream::Upstreams::new(
         &config.upstreams,
         Duration::from_millis(config.request_timeout_ms),
+        local,
     )?;
     let users = upstreams.channel("users").ok_or(GatewayError::NoUsers)?;
     tokio::spawn(upstreams.clone().health_loop(

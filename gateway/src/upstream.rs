@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
+use shopverse_kit::{Link, LocalServices};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Status, metadata::MetadataMap};
 
 /// Passes bytes through unchanged.
@@ -86,7 +87,8 @@ impl Target {
 struct Member {
     /// `host:port`, for gRPC pass-through.
     address: Target,
-    channel: Channel,
+    /// In-process when this process serves the endpoint itself, else a lazy channel.
+    channel: Link,
     /// Cleared by a failed health check or a failed call; set by a passing health check.
     healthy: AtomicBool,
 }
@@ -151,26 +153,38 @@ fn unreachable(s: &Status) -> bool {
     false
 }
 
+/// A lazy channel to `url`.
+fn remote(service: &str, url: &str) -> Result<Link, UpstreamError> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|source| UpstreamError {
+            service: service.to_owned(),
+            url: url.to_owned(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect_lazy()
+        .into())
+}
+
 impl Upstreams {
     /// Channels connect lazily: a service that is down makes its calls fail (503), not start-up.
+    /// An endpoint that `local` serves (the appliance's own services) is called in-process; it
+    /// is still checked and ejected like any other.
     pub fn new(
         config: &std::collections::BTreeMap<String, Vec<String>>,
         timeout: Duration,
+        local: &LocalServices,
     ) -> Result<Upstreams, UpstreamError> {
         let mut pools = HashMap::new();
         for (service, urls) in config {
             let mut members = Vec::new();
             for url in urls {
-                let channel = Endpoint::from_shared(url.clone())
-                    .map_err(|source| UpstreamError {
-                        service: service.clone(),
-                        url: url.clone(),
-                        source,
-                    })?
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .connect_lazy();
+                let channel = match local.link(url, timeout) {
+                    Some(link) => link,
+                    None => remote(service, url)?,
+                };
                 members.push(Member {
                     address: Target::new(
                         url.trim_start_matches("http://")
@@ -201,7 +215,7 @@ impl Upstreams {
     }
 
     /// A channel to `service` (its first healthy endpoint), for the gateway's own calls.
-    pub fn channel(&self, service: &str) -> Option<Channel> {
+    pub fn channel(&self, service: &str) -> Option<Link> {
         self.pools.get(service)?.first().map(|m| m.channel.clone())
     }
 
@@ -310,7 +324,8 @@ mod tests {
         let config = [("svc".to_owned(), vec![format!("http://{addr}")])]
             .into_iter()
             .collect();
-        let ups = Upstreams::new(&config, Duration::from_secs(2)).expect("pools");
+        let ups = Upstreams::new(&config, Duration::from_secs(2), &LocalServices::default())
+            .expect("pools");
         let err = ups
             .unary("svc", "/x.Y/Z", Bytes::new(), MetadataMap::new(), true)
             .await
@@ -322,7 +337,8 @@ mod tests {
     async fn first_is_the_next_healthy_member_and_agrees_with_order() {
         let urls: Vec<String> = (1..=3).map(|i| format!("http://127.0.0.{i}:1")).collect();
         let config = [("svc".to_owned(), urls)].into_iter().collect();
-        let ups = Upstreams::new(&config, Duration::from_secs(1)).expect("pools");
+        let ups = Upstreams::new(&config, Duration::from_secs(1), &LocalServices::default())
+            .expect("pools");
         let pool = &ups.pools["svc"];
         pool.members[1].healthy.store(false, Ordering::Relaxed);
         let mut seen = std::collections::HashSet::new();

@@ -33,13 +33,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// What a service takes from the process it runs in: the event bus, the metrics registry, the
-/// clock, and how long shutdown may wait for in-flight calls.
+/// clock, how long shutdown may wait for in-flight calls, and which gRPC addresses the process
+/// serves itself (calls to those stay in-process).
 #[derive(Clone)]
 pub struct Platform {
     pub bus: Arc<dyn EventBus>,
     pub registry: prometheus::Registry,
     pub clock: Arc<dyn shopverse_kit::Clock>,
     pub grace: Duration,
+    pub local: shopverse_kit::LocalServices,
 }
 pub use envelope::{Envelope, EventType};
 
@@ -99,6 +101,7 @@ pub async fn run_service(
         listener,
         parts.routes,
         parts.names,
+        &platform.local,
         shutdown.clone(),
         platform.grace,
     )
@@ -148,6 +151,7 @@ pub mod testing {
                 registry: prometheus::Registry::new(),
                 clock,
                 grace: Duration::from_secs(2),
+                local: shopverse_kit::LocalServices::default(),
             },
             log,
         ))

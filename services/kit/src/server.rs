@@ -3,7 +3,8 @@
 //! [`serve_grpc`] puts gRPC health (`grpc.health.v1`) and reflection (v1 and v1alpha, so every
 //! `grpcurl` works) next to the service's own routes, serves them on a listener the caller bound
 //! (port 0 in tests), and on shutdown marks the services NOT_SERVING, stops accepting, and waits
-//! for in-flight calls no longer than the grace period.
+//! for in-flight calls no longer than the grace period. When the process declared the listener's
+//! address local ([`LocalServices`]), the same routes also answer in-process calls.
 
 use std::time::Duration;
 
@@ -14,12 +15,16 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::link::LocalServices;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("building gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("reading the listener's address: {0}")]
+    Listener(#[from] std::io::Error),
 }
 
 /// Binds `addr`, with a clear error when the address is taken.
@@ -31,13 +36,16 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
 
 /// Serves `routes` plus health and reflection until `shutdown` is cancelled. `services` are the
 /// fully qualified gRPC service names reported as SERVING (e.g. `shopverse.users.v1.UsersService`).
+/// In-process calls reach the routes too if `local` declared the listener's address.
 pub async fn serve_grpc(
     listener: TcpListener,
     routes: Routes,
     services: &[&str],
+    local: &LocalServices,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> Result<(), ServeError> {
+    let addr = listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in services {
         reporter
@@ -65,11 +73,14 @@ pub async fn serve_grpc(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    local.serve(addr, routes.clone());
 
     let stop = shutdown.clone();
+    let local = local.clone();
     let names: Vec<String> = services.iter().map(|s| (*s).to_owned()).collect();
     let signal = async move {
         stop.cancelled().await;
+        local.stop(addr);
         for name in &names {
             reporter
                 .set_service_status(name, ServingStatus::NotServing)

@@ -1,6 +1,7 @@
 //! Calling another service at a list of endpoints (`http://a:50052,http://b:50052`): requests
 //! are balanced over the replicas whose gRPC health check says SERVING; a replica that stops
-//! answering is taken out within a check interval and put back when it answers again.
+//! answering is taken out within a check interval and put back when it answers again. A single
+//! endpoint this process serves itself is called in-process ([`crate::link`]).
 
 use std::time::Duration;
 
@@ -10,6 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+use crate::link::{Link, LocalServices};
 
 /// How often each replica's health is checked.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -26,8 +29,8 @@ pub enum UpstreamError {
 
 /// Whether `service` on `channel` answers SERVING to a gRPC health check (`grpc.health.v1`)
 /// within `timeout`; an empty `service` asks about the server as a whole.
-pub async fn is_serving(channel: Channel, service: &str, timeout: Duration) -> bool {
-    let mut client = HealthClient::new(channel);
+pub async fn is_serving(link: impl Into<Link>, service: &str, timeout: Duration) -> bool {
+    let mut client = HealthClient::new(link.into());
     let check = client.check(HealthCheckRequest {
         service: service.to_owned(),
     });
@@ -74,17 +77,21 @@ fn endpoint(url: &str, timeout: Duration) -> Result<Endpoint, UpstreamError> {
         .tcp_nodelay(true))
 }
 
-/// A channel to `service` at `urls`. One URL: a plain lazy channel. Several: a balanced channel
-/// fed by a health-check task that runs until `shutdown`.
+/// A link to `service` at `urls`. One URL: in-process if `local` serves it, else a plain lazy
+/// channel. Several: a balanced channel fed by a health-check task that runs until `shutdown`.
 pub fn balanced(
     urls: &str,
     service: &'static str,
     timeout: Duration,
+    local: &LocalServices,
     shutdown: CancellationToken,
-) -> Result<Channel, UpstreamError> {
+) -> Result<Link, UpstreamError> {
     let list = parse_list(urls)?;
     if let [one] = list.as_slice() {
-        return Ok(endpoint(one, timeout)?.connect_lazy());
+        if let Some(link) = local.link(one, timeout) {
+            return Ok(link);
+        }
+        return Ok(endpoint(one, timeout)?.connect_lazy().into());
     }
     let endpoints = list
         .iter()
@@ -135,5 +142,5 @@ pub fn balanced(
             }
         }
     });
-    Ok(channel)
+    Ok(channel.into())
 }

@@ -77,6 +77,7 @@ pub async fn run(
         &config.products_url,
         shopverse_proto::products::v1::products_service_server::SERVICE_NAME,
         Duration::from_secs(10),
+        &platform.local,
         shutdown.clone(),
     )
     .map_err(|source| RunError::Endpoint {

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+use shopverse_kit::Link;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use shopverse_events::Platform;
@@ -121,7 +121,7 @@ struct Priced {
 
 struct Inner {
     store: Store,
-    products: ProductsServiceClient<Channel>,
+    products: ProductsServiceClient<Link>,
     config: OrdersConfig,
     clock: Arc<dyn Clock>,
     relay_wake: Arc<Notify>,
@@ -142,7 +142,7 @@ fn upstream(e: Status) -> ServiceError {
 impl Orders {
     pub fn new(
         db: Db,
-        products: Channel,
+        products: impl Into<Link>,
         config: OrdersConfig,
         platform: &Platform,
         relay_wake: Arc<Notify>,
@@ -150,7 +150,7 @@ impl Orders {
         Orders {
             inner: Arc::new(Inner {
                 store: Store { db },
-                products: ProductsServiceClient::new(products),
+                products: ProductsServiceClient::new(products.into()),
                 config,
                 clock: platform.clock.clone(),
                 relay_wake,
@@ -178,7 +178,7 @@ impl Orders {
         self.inner.relay_wake.notify_one();
     }
 
-    pub fn products(&self) -> ProductsServiceClient<Channel> {
+    pub fn products(&self) -> ProductsServiceClient<Link> {
         self.inner.products.clone()
     }
 
