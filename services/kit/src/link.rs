@@ -343,4 +343,60 @@ mod tests {
         let err = check(link, "x.Y").await.expect_err("never served");
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     }
+
+    /// Sets its flag when dropped: the handler's future was dropped (aborted) before it ended.
+    struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A handler that never answers.
+    #[derive(Clone)]
+    struct Stuck(Arc<std::sync::atomic::AtomicBool>);
+    impl tonic::server::NamedService for Stuck {
+        const NAME: &'static str = "x.Stuck";
+    }
+    impl Service<http::Request<Body>> for Stuck {
+        type Response = http::Response<Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<'static, Result<http::Response<Body>, std::convert::Infallible>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            let guard = Dropped(self.0.clone());
+            Box::pin(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+                Ok(http::Response::new(Body::empty()))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handler_past_the_timeout_is_deadline_exceeded_and_aborted() {
+        let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let local = LocalServices::default();
+        local.declare(addr());
+        local.serve(addr(), Routes::new(Stuck(aborted.clone())));
+        let mut link = local
+            .link("http://127.0.0.1:50999", Duration::from_millis(100))
+            .expect("declared");
+        let req = http::Request::builder()
+            .uri("/x.Stuck/Call")
+            .body(Body::empty())
+            .expect("request");
+        let err = link.call(req).await.expect_err("never answers");
+        let status = err.downcast_ref::<Status>().expect("a status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        for _ in 0..200 {
+            if aborted.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the handler kept running after its caller gave up");
+    }
 }
