@@ -25,6 +25,13 @@ pub const MIGRATIONS: &[MigrationSpec] = &[(
     include_str!("../migrations/0001_embedded_log.sql"),
 )];
 
+/// Rows per statement of a publish: 7 parameters a row stays far below SQLite's and
+/// PostgreSQL's limits on parameters.
+const PUBLISH_ROWS: usize = 500;
+/// Partitions whose next offset one statement reads (SQLite takes at most 500 terms in a
+/// compound SELECT).
+const NEXT_PER_STATEMENT: usize = 100;
+
 /// How often an idle member looks for records appended by another process.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 
@@ -163,8 +170,8 @@ impl EventBus for EmbeddedLog {
         }
         let now = SystemClock.now_ms();
         let mut tx = self.inner.db.begin_write().await?;
-        let mut next: HashMap<(String, i32), i64> = HashMap::new();
         let mut parts: HashMap<String, i32> = HashMap::new();
+        let mut placed = Vec::with_capacity(records.len());
         for r in records {
             let n = match parts
                 .get(&r.topic)
@@ -179,24 +186,74 @@ impl EventBus for EmbeddedLog {
                     n
                 }
             };
-            let part = partition_for(&r.key, n);
-            let headers = serde_json::to_string(&r.headers).unwrap_or_else(|_| "[]".into());
-            // The next offset of the partition, found and taken in one statement (the write
-            // transaction holds the file's lock, so no other writer appends meanwhile).
-            let offset: i64 = sqlx::query_scalar(
+            placed.push((r, partition_for(&r.key, n)));
+        }
+        // The next offset of every partition the batch appends to, in one statement (the write
+        // transaction holds the file's lock, so no other writer appends meanwhile); each
+        // partition's `MAX` is its own subquery, answered from the end of its index.
+        let mut next: Vec<((&str, i32), i64)> = Vec::new();
+        let mut slot_of = Vec::with_capacity(placed.len());
+        for (r, part) in &placed {
+            let slot = match next
+                .iter()
+                .position(|((t, p), _)| *t == r.topic && p == part)
+            {
+                Some(i) => i,
+                None => {
+                    next.push(((r.topic.as_str(), *part), 0));
+                    next.len() - 1
+                }
+            };
+            slot_of.push(slot);
+        }
+        for chunk in next.chunks_mut(NEXT_PER_STATEMENT) {
+            let sql = (0..chunk.len())
+                .map(|i| {
+                    format!(
+                        "SELECT {i} AS i, (SELECT COALESCE(MAX(offs) + 1, 0) FROM records \
+                         WHERE topic = ${} AND part = ${}) AS next",
+                        2 * i + 1,
+                        2 * i + 2
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for ((topic, part), _) in chunk.iter() {
+                q = q.bind(*topic).bind(i64::from(*part));
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                let i: i64 = row.try_get("i")?;
+                if let Some(slot) = usize::try_from(i).ok().and_then(|i| chunk.get_mut(i)) {
+                    slot.1 = row.try_get("next")?;
+                }
+            }
+        }
+        // Then the records, in order, with consecutive offsets per partition.
+        let mut rows = Vec::with_capacity(placed.len());
+        for ((r, part), &slot) in placed.iter().zip(&slot_of) {
+            rows.push((*r, *part, next[slot].1));
+            next[slot].1 += 1;
+        }
+        for chunk in rows.chunks(PUBLISH_ROWS) {
+            let sql = format!(
                 "INSERT INTO records (topic, part, offs, record_key, headers, payload, appended_at) \
-                 SELECT $1, $2, COALESCE(MAX(offs) + 1, 0), $3, $4, $5, $6 FROM records \
-                 WHERE topic = $1 AND part = $2 RETURNING offs",
-            )
-            .bind(&r.topic)
-            .bind(i64::from(part))
-            .bind(&r.key)
-            .bind(headers)
-            .bind(r.payload.clone())
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-            next.insert((r.topic.clone(), part), offset + 1);
+                 VALUES {}",
+                placeholders(1, chunk.len(), 7)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (r, part, offs) in chunk {
+                let headers = serde_json::to_string(&r.headers).unwrap_or_else(|_| "[]".into());
+                q = q
+                    .bind(&r.topic)
+                    .bind(i64::from(*part))
+                    .bind(*offs)
+                    .bind(&r.key)
+                    .bind(headers)
+                    .bind(r.payload.clone())
+                    .bind(now);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         self.inner.remember_parts(parts);
@@ -644,5 +701,67 @@ mod tests {
                 .expect("committed"),
             newest.offset + 1
         );
+    }
+
+    /// A publish appends a batch across topics and partitions in one statement: each
+    /// partition's records take consecutive offsets from its end, in publish order.
+    #[tokio::test]
+    async fn a_batch_takes_consecutive_offsets_from_each_partitions_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/events.db", dir.path().display());
+        let log = EmbeddedLog::open(&url, 4).await.expect("open");
+        let first: Vec<OutRecord> = (0..30u8)
+            .map(|i| {
+                rec(
+                    if i % 3 == 0 { "u" } else { "t" },
+                    &format!("k{}", i % 7),
+                    i,
+                )
+            })
+            .collect();
+        log.publish(&first).await.expect("publish");
+        let second: Vec<OutRecord> = (30..60u8)
+            .map(|i| rec("t", &format!("k{}", i % 5), i))
+            .collect();
+        log.publish(&second).await.expect("publish again");
+
+        let mut sub = log
+            .subscribe("g", &["t".into(), "u".into()])
+            .await
+            .expect("subscribe");
+        let mut got = Vec::new();
+        loop {
+            let more = sub
+                .poll(1000, Duration::from_millis(10))
+                .await
+                .expect("poll");
+            if more.is_empty() {
+                break;
+            }
+            got.extend(more);
+        }
+        assert_eq!(got.len(), 60, "every record once");
+        let mut by_part: HashMap<(String, i32), Vec<&Record>> = HashMap::new();
+        for r in &got {
+            by_part
+                .entry((r.topic.clone(), r.partition))
+                .or_default()
+                .push(r);
+        }
+        assert!(by_part.len() > 2, "several partitions: {}", by_part.len());
+        for ((topic, part), mut records) in by_part {
+            records.sort_by_key(|r| r.offset);
+            let offsets: Vec<i64> = records.iter().map(|r| r.offset).collect();
+            let expected: Vec<i64> = (0..i64::try_from(records.len()).expect("len")).collect();
+            assert_eq!(offsets, expected, "{topic}/{part}: consecutive from 0");
+            let payloads: Vec<u8> = records.iter().map(|r| r.payload[0]).collect();
+            let mut sorted = payloads.clone();
+            sorted.sort();
+            assert_eq!(payloads, sorted, "{topic}/{part}: in publish order");
+            assert_eq!(
+                log.end_offset(&topic, part).await.expect("end"),
+                i64::try_from(records.len()).expect("len")
+            );
+        }
     }
 }

@@ -37,6 +37,13 @@ pub struct StockRow {
     pub reserved: i64,
 }
 
+fn stock_from_row(r: &sqlx::any::AnyRow) -> Result<StockRow, sqlx::Error> {
+    Ok(StockRow {
+        available: r.try_get("available")?,
+        reserved: r.try_get("reserved")?,
+    })
+}
+
 const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_minor, currency, category_id, attributes, \
      image_urls, active, version, created_at, updated_at";
 
@@ -325,13 +332,7 @@ impl Repo {
             .bind(product_id)
             .fetch_optional(conn)
             .await?;
-        row.map(|r| {
-            Ok(StockRow {
-                available: r.try_get("available")?,
-                reserved: r.try_get("reserved")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(stock_from_row).transpose()
     }
 
     pub async fn insert_stock(
@@ -362,40 +363,47 @@ impl Repo {
         Ok(())
     }
 
-    /// Moves `qty` from available to reserved if that many are available; false otherwise.
+    /// Moves `qty` of an active product from available to reserved if that many are
+    /// available, and returns the stock after; `None` (nothing changed) when the product is
+    /// missing, archived, or short.
     pub async fn take(
         &self,
         conn: &mut AnyConnection,
         product_id: &str,
         qty: i64,
-    ) -> Result<bool, sqlx::Error> {
-        let n = sqlx::query(
+    ) -> Result<Option<StockRow>, sqlx::Error> {
+        let row = sqlx::query(
             "UPDATE stock SET available = available - $1, reserved = reserved + $1 \
-             WHERE product_id = $2 AND available >= $1",
+             WHERE product_id = $2 AND available >= $1 \
+             AND EXISTS (SELECT 1 FROM products WHERE id = $2 AND active <> 0) \
+             RETURNING available, reserved",
         )
         .bind(qty)
         .bind(product_id)
-        .execute(conn)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
+        .fetch_optional(conn)
+        .await?;
+        row.as_ref().map(stock_from_row).transpose()
     }
 
-    /// Applies a reservation's end to stock: `reserved -= from_reserved`, `available += to_available`.
+    /// Applies a reservation's end to stock: `reserved -= from_reserved`, `available +=
+    /// to_available`; returns the stock after (`None` for a product without stock).
     pub async fn settle(
         &self,
         conn: &mut AnyConnection,
         product_id: &str,
         from_reserved: i64,
         to_available: i64,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE stock SET reserved = reserved - $1, available = available + $2 WHERE product_id = $3")
-            .bind(from_reserved)
-            .bind(to_available)
-            .bind(product_id)
-            .execute(conn)
-            .await?;
-        Ok(())
+    ) -> Result<Option<StockRow>, sqlx::Error> {
+        let row = sqlx::query(
+            "UPDATE stock SET reserved = reserved - $1, available = available + $2 \
+             WHERE product_id = $3 RETURNING available, reserved",
+        )
+        .bind(from_reserved)
+        .bind(to_available)
+        .bind(product_id)
+        .fetch_optional(conn)
+        .await?;
+        row.as_ref().map(stock_from_row).transpose()
     }
 
     /// `(state, lines)` of an order's reservation.

@@ -301,9 +301,24 @@ impl Products {
         reason: &str,
         order_id: &str,
     ) -> Result<(), sqlx::Error> {
-        let Some(s) = self.repo().stock(conn, product_id).await? else {
-            return Ok(());
-        };
+        match self.repo().stock(conn, product_id).await? {
+            Some(s) => {
+                self.emit_stock_row(conn, product_id, s, reason, order_id)
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::emit_stock`] with the stock already in hand (an update's `RETURNING`).
+    async fn emit_stock_row(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        product_id: &str,
+        s: StockRow,
+        reason: &str,
+        order_id: &str,
+    ) -> Result<(), sqlx::Error> {
         let payload = StockChanged {
             stock: Some(stock_to_proto(product_id, s)),
             reason: reason.to_owned(),
@@ -791,11 +806,12 @@ impl Products {
                 Err(e) => return Err(e.into()),
             }
             for (product_id, qty) in &wanted {
-                let product = self.repo().product(&mut tx, product_id).await?;
-                if !product.is_some_and(|p| p.active) {
-                    return Err(ServiceError::not_found("product", product_id));
-                }
-                if !self.repo().take(&mut tx, product_id, *qty).await? {
+                // One statement when the units are there; the reads say why when they are not.
+                let Some(after) = self.repo().take(&mut tx, product_id, *qty).await? else {
+                    let product = self.repo().product(&mut tx, product_id).await?;
+                    if !product.is_some_and(|p| p.active) {
+                        return Err(ServiceError::not_found("product", product_id));
+                    }
                     let have = self
                         .repo()
                         .stock(&mut tx, product_id)
@@ -805,11 +821,11 @@ impl Products {
                     return Err(ServiceError::FailedPrecondition(format!(
                         "insufficient stock for product {product_id}: {have} available, {qty} requested"
                     )));
-                }
+                };
                 self.repo()
                     .insert_reservation_line(&mut tx, &order_id, product_id, *qty)
                     .await?;
-                self.emit_stock(&mut tx, product_id, "reserved", &order_id)
+                self.emit_stock_row(&mut tx, product_id, after, "reserved", &order_id)
                     .await?;
             }
             tx.commit().await?;
@@ -866,10 +882,14 @@ impl Products {
         };
         for (product_id, qty) in &lines {
             let (from_reserved, to_available) = moves(*qty);
-            self.repo()
+            if let Some(after) = self
+                .repo()
                 .settle(conn, product_id, from_reserved, to_available)
-                .await?;
-            self.emit_stock(conn, product_id, reason, order_id).await?;
+                .await?
+            {
+                self.emit_stock_row(conn, product_id, after, reason, order_id)
+                    .await?;
+            }
         }
         self.repo()
             .set_reservation_state(conn, order_id, target, self.now())

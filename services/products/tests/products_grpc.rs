@@ -638,7 +638,78 @@ async fn reservations_are_all_or_nothing_idempotent_and_settle() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+
+    // An archived product cannot be reserved, and the rest of the reservation is untouched.
+    c.archive_product(admin(ArchiveProductRequest {
+        id: b.id.clone(),
+        expected_version: b.version,
+    }))
+    .await
+    .expect("archive");
+    let e = c
+        .reserve_stock(ReserveStockRequest {
+            order_id: "o4".into(),
+            lines: vec![line(&a, 1), line(&b, 1)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(stock(c, a.id.clone()).await, (5, 0));
+
+    // Every stock change's event carries the stock after it.
+    let want: Vec<(String, i64, i64)> = [
+        ("set", 5, 0),
+        ("reserved", 3, 2),
+        ("committed", 3, 0),
+        ("released", 5, 0),
+    ]
+    .into_iter()
+    .map(|(r, av, re)| (r.to_owned(), av, re))
+    .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = stock_events(&s.log, &a.id).await;
+        if got == want {
+            break;
+        }
+        assert!(
+            got.len() < want.len() && tokio::time::Instant::now() < deadline,
+            "stock events of A: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     s.server.stop().await;
+}
+
+/// `(reason, available, reserved)` of each `stock.changed` event of `product`, in log order,
+/// each event once.
+async fn stock_events(log: &EmbeddedLog, product: &str) -> Vec<(String, i64, i64)> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for p in 0..log
+        .partitions("shopverse.catalog")
+        .await
+        .expect("partitions")
+    {
+        for r in log
+            .fetch("shopverse.catalog", p, 0, 1000)
+            .await
+            .expect("fetch")
+        {
+            if r.key != product || r.header("event-type") != Some("stock.changed") {
+                continue;
+            }
+            let env = shopverse_events::envelope::decode_envelope(&r.payload).expect("envelope");
+            if !seen.insert(env.id.clone()) {
+                continue;
+            }
+            let changed: StockChanged =
+                shopverse_events::envelope::decode_payload(&env).expect("payload");
+            let stock = changed.stock.expect("stock");
+            out.push((changed.reason, stock.available, stock.reserved));
+        }
+    }
+    out
 }
 
 #[tokio::test]
