@@ -199,6 +199,13 @@ impl Handler for NotificationHandler {
         WANTED.contains(&t)
     }
 
+    /// Only a configured channel (email, SMS) sends anything before the transaction: without
+    /// one, events skip the inbox read and are applied in runs, like any handler without a
+    /// `prepare`.
+    fn prepares(&self) -> bool {
+        self.0.email.is_some() || self.0.sms.is_some()
+    }
+
     async fn prepare(&self, ev: &Envelope) -> Result<(), HandlerError> {
         let n = &self.0;
         let Some(r) = rendered(ev)? else {

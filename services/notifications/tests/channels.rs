@@ -319,3 +319,76 @@ async fn once_per_event_and_channel(database: String) {
     );
     server.stop().await;
 }
+
+/// With no channel configured nothing is sent before the transaction, so events are applied
+/// in runs: each still lands in the customer's in-app inbox exactly once, a redelivered one
+/// included.
+#[tokio::test]
+async fn without_channels_each_event_lands_in_the_inbox_once() {
+    use shopverse_kit::Role;
+    use shopverse_kit::testing::{as_user, channel};
+    use shopverse_proto::notifications::v1::ListMyNotificationsRequest;
+    use shopverse_proto::notifications::v1::notifications_service_client::NotificationsServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (platform, log) = shopverse_events::testing::platform(dir.path(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    // No SMTP host, no SMS webhook: the in-app inbox only.
+    let config = NotificationsConfig::default();
+    let data = dir.path().to_owned();
+    let server = spawn(|l, stop| async move {
+        shopverse_notifications::run(l, config, &data, platform, stop).await
+    })
+    .await
+    .unwrap();
+    let now = SystemClock.now_ms();
+    let placed: Vec<_> = (1..=5)
+        .map(|i| {
+            new_envelope(
+                &ORDER_PLACED,
+                "orders",
+                &format!("order-{i}"),
+                now,
+                None,
+                &OrderEvent {
+                    order: Some(order(&format!("order-{i}"), "u1")),
+                },
+            )
+        })
+        .collect();
+    for env in placed.iter().chain(&placed[1..3]) {
+        publish(&log, env, "shopverse.orders").await;
+    }
+    let client = NotificationsServiceClient::new(channel(server.addr).await.unwrap());
+    let list = |mut c: NotificationsServiceClient<tonic::transport::Channel>| async move {
+        c.list_my_notifications(as_user(
+            ListMyNotificationsRequest {
+                page_size: 100,
+                ..Default::default()
+            },
+            "u1",
+            &[Role::Customer],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .notifications
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut got = list(client.clone()).await;
+    while got.len() < 5 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        got = list(client.clone()).await;
+    }
+    // Long enough for the redelivered ones to have been handled too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    got = list(client.clone()).await;
+    let mut subjects: Vec<String> = got.iter().map(|n| n.subject.clone()).collect();
+    subjects.sort();
+    let want: Vec<String> = (1..=5)
+        .map(|i| format!("Order order-{i} received"))
+        .collect();
+    assert_eq!(subjects, want, "each order once");
+    server.stop().await;
+}
