@@ -405,28 +405,22 @@ impl Db {
                 url: redact(&url),
                 source,
             })?;
+        // A connection out of the pool, for a task that keeps it.
+        let own_connection = || async {
+            pool.acquire()
+                .await
+                .map(PoolConnection::detach)
+                .map_err(|source| DbError::Connect {
+                    url: redact(&url),
+                    source,
+                })
+        };
         let writer = match &file {
             Some(f) => {
-                let conn = pool
-                    .acquire()
-                    .await
-                    .map_err(|source| DbError::Connect {
-                        url: redact(&url),
-                        source,
-                    })?
-                    .detach();
-                let (writer, new) = file_writer(f, conn);
+                let (writer, new) = file_writer(f, own_connection().await?);
                 if new {
-                    let own = pool
-                        .acquire()
-                        .await
-                        .map_err(|source| DbError::Connect {
-                            url: redact(&url),
-                            source,
-                        })?
-                        .detach();
                     tokio::spawn(checkpoint_in_background(
-                        own,
+                        own_connection().await?,
                         Arc::downgrade(&writer),
                         pool.clone(),
                     ));

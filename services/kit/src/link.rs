@@ -268,6 +268,16 @@ mod tests {
         Routes::new(health)
     }
 
+    /// A link to `addr()`, which a fresh registry declares local.
+    fn declared(timeout: Duration) -> (LocalServices, Link) {
+        let local = LocalServices::default();
+        local.declare(addr());
+        let link = local
+            .link("http://127.0.0.1:50999", timeout)
+            .expect("declared");
+        (local, link)
+    }
+
     async fn check(link: Link, service: &str) -> Result<ServingStatus, Status> {
         let mut client = HealthClient::new(link);
         let r = client
@@ -292,15 +302,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_local_call_reaches_the_routes_with_their_status_codes() {
-        let local = LocalServices::default();
-        local.declare(addr());
+        let (local, link) = declared(Duration::from_secs(2));
         local.serve(
             addr(),
             health_routes(tonic_health::ServingStatus::Serving).await,
         );
-        let link = local
-            .link("http://127.0.0.1:50999", Duration::from_secs(2))
-            .expect("declared");
         assert!(link.is_local());
         assert_eq!(
             check(link.clone(), "x.Y").await.expect("answered"),
@@ -312,11 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_during_start_up_waits_for_the_service_and_one_after_stop_fails() {
-        let local = LocalServices::default();
-        local.declare(addr());
-        let link = local
-            .link("http://127.0.0.1:50999", Duration::from_secs(5))
-            .expect("declared");
+        let (local, link) = declared(Duration::from_secs(5));
         let early = tokio::spawn(check(link.clone(), "x.Y"));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!early.is_finished(), "waits while the service starts");
@@ -335,11 +337,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_service_that_never_starts_is_unavailable_after_the_timeout() {
-        let local = LocalServices::default();
-        local.declare(addr());
-        let link = local
-            .link("http://127.0.0.1:50999", Duration::from_millis(100))
-            .expect("declared");
+        let (_local, link) = declared(Duration::from_millis(100));
         let err = check(link, "x.Y").await.expect_err("never served");
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     }
@@ -378,12 +376,8 @@ mod tests {
     #[tokio::test]
     async fn a_handler_past_the_timeout_is_deadline_exceeded_and_aborted() {
         let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let local = LocalServices::default();
-        local.declare(addr());
+        let (local, mut link) = declared(Duration::from_millis(100));
         local.serve(addr(), Routes::new(Stuck(aborted.clone())));
-        let mut link = local
-            .link("http://127.0.0.1:50999", Duration::from_millis(100))
-            .expect("declared");
         let req = http::Request::builder()
             .uri("/x.Stuck/Call")
             .body(Body::empty())

@@ -185,15 +185,32 @@ async fn email_and_sms_once_per_event_and_channel_on_postgres() {
     pg.drop_db().await.expect("drop");
 }
 
+/// The notifications service with `config`, on an embedded log in `dir`.
+async fn serve(
+    dir: &Path,
+    config: NotificationsConfig,
+) -> (
+    shopverse_kit::testing::Spawned<shopverse_notifications::RunError>,
+    EmbeddedLog,
+) {
+    let (platform, log) = shopverse_events::testing::platform(dir, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let data = dir.to_owned();
+    let server = spawn(|l, stop| async move {
+        shopverse_notifications::run(l, config, &data, platform, stop).await
+    })
+    .await
+    .unwrap();
+    (server, log)
+}
+
 async fn once_per_event_and_channel(database: String) {
     let dir = tempfile::tempdir().unwrap();
     let smtp = Smtp::start(dir.path());
     let sms = Arc::new(Mutex::new(Vec::new()));
     let failing = Arc::new(AtomicBool::new(false));
     let hook = webhook(sms.clone(), failing.clone()).await;
-    let (platform, log) = shopverse_events::testing::platform(dir.path(), Arc::new(SystemClock))
-        .await
-        .unwrap();
     let config = NotificationsConfig {
         database,
         smtp_host: "127.0.0.1".into(),
@@ -201,12 +218,7 @@ async fn once_per_event_and_channel(database: String) {
         sms_webhook_url: format!("http://{hook}/sms"),
         ..Default::default()
     };
-    let data = dir.path().to_owned();
-    let server = spawn(|l, stop| async move {
-        shopverse_notifications::run(l, config, &data, platform, stop).await
-    })
-    .await
-    .unwrap();
+    let (server, log) = serve(dir.path(), config).await;
 
     let now = SystemClock.now_ms();
     let welcome = new_envelope(
@@ -331,17 +343,8 @@ async fn without_channels_each_event_lands_in_the_inbox_once() {
     use shopverse_proto::notifications::v1::notifications_service_client::NotificationsServiceClient;
 
     let dir = tempfile::tempdir().unwrap();
-    let (platform, log) = shopverse_events::testing::platform(dir.path(), Arc::new(SystemClock))
-        .await
-        .unwrap();
     // No SMTP host, no SMS webhook: the in-app inbox only.
-    let config = NotificationsConfig::default();
-    let data = dir.path().to_owned();
-    let server = spawn(|l, stop| async move {
-        shopverse_notifications::run(l, config, &data, platform, stop).await
-    })
-    .await
-    .unwrap();
+    let (server, log) = serve(dir.path(), NotificationsConfig::default()).await;
     let now = SystemClock.now_ms();
     let placed: Vec<_> = (1..=5)
         .map(|i| {
