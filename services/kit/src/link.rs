@@ -1,5 +1,5 @@
-//! How a client reaches a gRPC service: over the network ([`Link::remote`], a tonic
-//! [`Channel`]), or, when this process serves that service itself, by calling its routes
+//! How a client reaches a gRPC service: over the network (a tonic [`Channel`], converted with
+//! `Link::from`), or, when this process serves that service itself, by calling its routes
 //! directly ([`LocalServices`]): the same request and response messages, codecs, metadata,
 //! health and status codes, without a socket, HTTP/2 framing or a connection task on either
 //! side.
@@ -21,16 +21,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::TryFutureExt;
+use futures::future::{BoxFuture, Either, MapErr};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::service::Routes;
 use tonic::transport::Channel;
+use tonic::transport::channel::ResponseFuture;
 
-/// The error type of a [`Link`]'s calls: a transport error or a [`Status`], which tonic's
-/// clients turn into the call's status.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::error::BoxError;
 
 /// A client transport for tonic's generated clients (`FooClient::new(link)`) and
 /// `tonic::client::Grpc`.
@@ -53,27 +53,34 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// Calls over the network.
-    pub fn remote(channel: Channel) -> Link {
-        Link(Inner::Remote(channel))
-    }
-
     /// Whether calls stay in this process.
-    pub fn is_local(&self) -> bool {
+    #[cfg(test)]
+    fn is_local(&self) -> bool {
         matches!(self.0, Inner::Local { .. })
     }
 }
 
+/// Calls over the network.
 impl From<Channel> for Link {
     fn from(channel: Channel) -> Link {
-        Link::remote(channel)
+        Link(Inner::Remote(channel))
     }
 }
 
+fn boxed(e: tonic::transport::Error) -> BoxError {
+    e.into()
+}
+
+/// A call's errors are a transport error or a [`Status`], which tonic's clients turn into the
+/// call's status. A remote call's future is the channel's own, unboxed: the gateway makes one
+/// per transcoded request.
 impl Service<http::Request<Body>> for Link {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
+    type Future = Either<
+        MapErr<ResponseFuture, fn(tonic::transport::Error) -> BoxError>,
+        BoxFuture<'static, Result<http::Response<Body>, BoxError>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match &mut self.0 {
@@ -86,11 +93,10 @@ impl Service<http::Request<Body>> for Link {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         match &mut self.0 {
-            Inner::Remote(channel) => {
-                let call = channel.call(req);
-                Box::pin(async move { call.await.map_err(Into::into) })
+            Inner::Remote(channel) => Either::Left(channel.call(req).map_err(boxed as fn(_) -> _)),
+            Inner::Local { slot, timeout } => {
+                Either::Right(Box::pin(call_local(slot.clone(), *timeout, req)))
             }
-            Inner::Local { slot, timeout } => Box::pin(call_local(slot.clone(), *timeout, req)),
         }
     }
 }
