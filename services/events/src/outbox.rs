@@ -32,23 +32,43 @@ pub async fn enqueue(
     kind: &EventType,
     env: &Envelope,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO outbox (id, topic, event_key, event_type, envelope, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&env.id)
-    .bind(kind.topic)
-    .bind(&env.subject)
-    .bind(&env.r#type)
-    .bind(env.encode_to_vec())
-    .bind(
-        env.time
-            .as_ref()
-            .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
-            .unwrap_or(0),
-    )
-    .execute(conn)
-    .await?;
+    enqueue_all(conn, &[(kind, env)]).await
+}
+
+/// Rows per statement of [`enqueue_all`]: 6 parameters a row stays far below SQLite's and
+/// PostgreSQL's limits on parameters.
+const ENQUEUE_ROWS: usize = 100;
+
+/// Writes every event of `events` to the outbox on the caller's connection (inside its
+/// transaction), in one statement per [`ENQUEUE_ROWS`]: a transaction that raises several
+/// events (a reservation's stock changes, one per line) pays one round trip to the database
+/// for them, not one each.
+pub async fn enqueue_all(
+    conn: &mut sqlx::AnyConnection,
+    events: &[(&EventType, &Envelope)],
+) -> Result<(), sqlx::Error> {
+    for chunk in events.chunks(ENQUEUE_ROWS) {
+        let sql = format!(
+            "INSERT INTO outbox (id, topic, event_key, event_type, envelope, created_at) VALUES {}",
+            placeholders(1, chunk.len(), 6)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (kind, env) in chunk {
+            q = q
+                .bind(&env.id)
+                .bind(kind.topic)
+                .bind(&env.subject)
+                .bind(&env.r#type)
+                .bind(env.encode_to_vec())
+                .bind(
+                    env.time
+                        .as_ref()
+                        .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
+                        .unwrap_or(0),
+                );
+        }
+        q.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

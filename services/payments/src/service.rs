@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use tonic::{Request, Response, Status};
 
 use shopverse_events::consumer::{Handler, HandlerError};
@@ -14,6 +14,7 @@ use shopverse_events::envelope::{
 };
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::clock::to_timestamp;
+use shopverse_kit::db::placeholders;
 use shopverse_kit::identity::{Role, require};
 use shopverse_kit::{Clock, Db, ServiceError};
 use shopverse_proto::common::v1::Money;
@@ -109,26 +110,32 @@ impl Payments {
         Ok(())
     }
 
+    /// Records the provider's transactions of `kinds` for `p`, in one statement.
     async fn record(
         &self,
         conn: &mut AnyConnection,
         p: &PaymentRow,
-        kind: &str,
+        kinds: &[&str],
         reference: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        let sql = format!(
             "INSERT INTO transactions (id, order_id, kind, amount_minor, currency, provider_ref, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(&p.order_id)
-        .bind(kind)
-        .bind(p.amount_minor)
-        .bind(&p.currency)
-        .bind(reference)
-        .bind(self.clock.now_ms())
-        .execute(conn)
-        .await?;
+             VALUES {}",
+            placeholders(1, kinds.len(), 7)
+        );
+        let now = self.clock.now_ms();
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for kind in kinds {
+            q = q
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(&p.order_id)
+                .bind(*kind)
+                .bind(p.amount_minor)
+                .bind(&p.currency)
+                .bind(reference)
+                .bind(now);
+        }
+        q.execute(conn).await?;
         Ok(())
     }
 
@@ -197,8 +204,8 @@ impl Payments {
                 p.status = "SUCCEEDED".into();
                 p.attempts = attempts;
                 self.upsert(conn, &p, &order.payment_method_token).await?;
-                self.record(conn, &p, "AUTHORIZE", &reference).await?;
-                self.record(conn, &p, "CAPTURE", &reference).await?;
+                self.record(conn, &p, &["AUTHORIZE", "CAPTURE"], &reference)
+                    .await?;
                 self.emit(conn, &PAYMENT_SUCCEEDED, &p).await?;
             }
             Ok(ChargeOutcome::Declined { reason }) => {
@@ -232,7 +239,7 @@ impl Payments {
                 p.status = "REFUNDED".into();
                 p.failure_reason = c.reason;
                 self.upsert(conn, &p, "").await?;
-                self.record(conn, &p, "REFUND", &reference).await?;
+                self.record(conn, &p, &["REFUND"], &reference).await?;
                 self.emit(conn, &PAYMENT_REFUNDED, &p).await?;
             }
             Some(_) => {}

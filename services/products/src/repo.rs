@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use shopverse_kit::Db;
+use shopverse_kit::db::placeholders;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CategoryRow {
@@ -445,21 +446,25 @@ impl Repo {
         Ok(())
     }
 
-    pub async fn insert_reservation_line(
+    /// An order's reservation lines, in one statement.
+    pub async fn insert_reservation_lines(
         &self,
         conn: &mut AnyConnection,
         order_id: &str,
-        product_id: &str,
-        qty: i64,
+        lines: &[(String, i64)],
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO reservation_lines (order_id, product_id, quantity) VALUES ($1, $2, $3)",
-        )
-        .bind(order_id)
-        .bind(product_id)
-        .bind(qty)
-        .execute(conn)
-        .await?;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "INSERT INTO reservation_lines (order_id, product_id, quantity) VALUES {}",
+            placeholders(1, lines.len(), 3)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (product_id, qty) in lines {
+            q = q.bind(order_id).bind(product_id).bind(*qty);
+        }
+        q.execute(conn).await?;
         Ok(())
     }
 

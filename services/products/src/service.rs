@@ -11,9 +11,10 @@ use tonic::{Request, Response, Status};
 
 use shopverse_events::Platform;
 use shopverse_events::envelope::{
-    EventType, PRODUCT_ARCHIVED, PRODUCT_CREATED, PRODUCT_UPDATED, STOCK_CHANGED, new_envelope,
+    Envelope, EventType, PRODUCT_ARCHIVED, PRODUCT_CREATED, PRODUCT_UPDATED, STOCK_CHANGED,
+    new_envelope,
 };
-use shopverse_events::outbox::enqueue;
+use shopverse_events::outbox::{enqueue, enqueue_all};
 use shopverse_kit::clock::to_timestamp;
 use shopverse_kit::db::is_unique_violation;
 use shopverse_kit::identity::{Identity, Role, require};
@@ -303,36 +304,28 @@ impl Products {
     ) -> Result<(), sqlx::Error> {
         match self.repo().stock(conn, product_id).await? {
             Some(s) => {
-                self.emit_stock_row(conn, product_id, s, reason, order_id)
-                    .await
+                let env = self.stock_event(product_id, s, reason, order_id);
+                enqueue(conn, &STOCK_CHANGED, &env).await
             }
             None => Ok(()),
         }
     }
 
-    /// [`Self::emit_stock`] with the stock already in hand (an update's `RETURNING`).
-    async fn emit_stock_row(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-        product_id: &str,
-        s: StockRow,
-        reason: &str,
-        order_id: &str,
-    ) -> Result<(), sqlx::Error> {
+    /// The `stock.changed` event of `product_id` at stock `s`.
+    fn stock_event(&self, product_id: &str, s: StockRow, reason: &str, order_id: &str) -> Envelope {
         let payload = StockChanged {
             stock: Some(stock_to_proto(product_id, s)),
             reason: reason.to_owned(),
             order_id: order_id.to_owned(),
         };
-        let env = new_envelope(
+        new_envelope(
             &STOCK_CHANGED,
             SOURCE,
             product_id,
             self.now(),
             None,
             &payload,
-        );
-        enqueue(conn, &STOCK_CHANGED, &env).await
+        )
     }
 
     pub async fn list_categories(&self) -> Result<Vec<Category>, ServiceError> {
@@ -787,24 +780,33 @@ impl Products {
         // One retry: a concurrent identical request may win the race to insert the reservation.
         for _ in 0..2 {
             let mut tx = self.repo().db.begin_write().await?;
-            if let Some((state, lines)) = self.repo().reservation(&mut tx, &order_id).await? {
-                tx.rollback().await?;
-                if lines != wanted {
-                    return Err(ServiceError::FailedPrecondition(format!(
-                        "order {order_id} already has a reservation with other lines"
-                    )));
-                }
-                return Ok(Self::reservation(&order_id, &state, lines));
-            }
+            // The insert comes first: a new order's reservation (every one but a retried
+            // request's) costs no read to find it is new.
             match self
                 .repo()
                 .insert_reservation(&mut tx, &order_id, self.now())
                 .await
             {
                 Ok(()) => {}
-                Err(e) if is_unique_violation(&e) => continue,
+                Err(e) if is_unique_violation(&e) => {
+                    tx.rollback().await?;
+                    let mut conn = self.repo().db.read().await?;
+                    // Gone again (that request rolled back): try the insert once more.
+                    let Some((state, lines)) =
+                        self.repo().reservation(&mut conn, &order_id).await?
+                    else {
+                        continue;
+                    };
+                    if lines != wanted {
+                        return Err(ServiceError::FailedPrecondition(format!(
+                            "order {order_id} already has a reservation with other lines"
+                        )));
+                    }
+                    return Ok(Self::reservation(&order_id, &state, lines));
+                }
                 Err(e) => return Err(e.into()),
             }
+            let mut events = Vec::with_capacity(wanted.len());
             for (product_id, qty) in &wanted {
                 // One statement when the units are there; the reads say why when they are not.
                 let Some(after) = self.repo().take(&mut tx, product_id, *qty).await? else {
@@ -822,12 +824,14 @@ impl Products {
                         "insufficient stock for product {product_id}: {have} available, {qty} requested"
                     )));
                 };
-                self.repo()
-                    .insert_reservation_line(&mut tx, &order_id, product_id, *qty)
-                    .await?;
-                self.emit_stock_row(&mut tx, product_id, after, "reserved", &order_id)
-                    .await?;
+                events.push(self.stock_event(product_id, after, "reserved", &order_id));
             }
+            // The lines and their events in one statement each.
+            self.repo()
+                .insert_reservation_lines(&mut tx, &order_id, &wanted)
+                .await?;
+            let events: Vec<_> = events.iter().map(|e| (&STOCK_CHANGED, e)).collect();
+            enqueue_all(&mut tx, &events).await?;
             tx.commit().await?;
             self.inner.relay_wake.notify_one();
             return Ok(Self::reservation(&order_id, "HELD", wanted));
@@ -880,6 +884,7 @@ impl Products {
                 )));
             }
         };
+        let mut events = Vec::with_capacity(lines.len());
         for (product_id, qty) in &lines {
             let (from_reserved, to_available) = moves(*qty);
             if let Some(after) = self
@@ -887,10 +892,11 @@ impl Products {
                 .settle(conn, product_id, from_reserved, to_available)
                 .await?
             {
-                self.emit_stock_row(conn, product_id, after, reason, order_id)
-                    .await?;
+                events.push(self.stock_event(product_id, after, reason, order_id));
             }
         }
+        let events: Vec<_> = events.iter().map(|e| (&STOCK_CHANGED, e)).collect();
+        enqueue_all(conn, &events).await?;
         self.repo()
             .set_reservation_state(conn, order_id, target, self.now())
             .await?;
