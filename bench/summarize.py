@@ -36,6 +36,8 @@ def peaks(scenario):
         else:  # wrk
             x = {"round": r["round"], "rps": r["rps"], "p50_ms": ms(r["p50"]), "p99_ms": ms(r["p99"]),
                  "errors": r["non_2xx"] + (1 if r["socket_errors"] else 0)}
+            if "steal_percent" in r:
+                x["steal_percent"] = r["steal_percent"]
         by.setdefault(r["target"], []).append(x)
     return by
 
@@ -82,12 +84,16 @@ def check(name, value, target, ok, detail=""):
 
 
 def peak_table(by, order):
-    md.extend(["| target | req/s median | min | max | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|"])
+    # Steal: the share of the system core's time the host took while wrk ran, per round. A
+    # round with a high one measured the host's other tenants as much as the target.
+    md.extend(["| target | req/s median | min | max | p50 ms | p99 ms | errors | steal % per round |",
+               "|---|---:|---:|---:|---:|---:|---:|---|"])
     for t in order:
         if t in by:
             s = summary(by[t])
+            steal = " / ".join(str(x["steal_percent"]) for x in by[t] if "steal_percent" in x) or "-"
             md.append(f"| {t} | {s['rps_median']:,.0f} | {s['rps_min']:,.0f} | {s['rps_max']:,.0f} | "
-                      f"{s['p50_ms_median']:.2f} | {s['p99_ms_median']:.2f} | {s['errors']} |")
+                      f"{s['p50_ms_median']:.2f} | {s['p99_ms_median']:.2f} | {s['errors']} | {steal} |")
     md.append("")
 
 
