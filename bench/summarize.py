@@ -171,13 +171,13 @@ if s1:
     opens = [r for r in records if r.get("scenario") == "1" and r.get("kind") == "open"]
     if opens:
         md += ["Open loop (latency from the due time, so corrected for coordinated omission), in ms:", "",
-               "| offered req/s | target | round | achieved | p50 | p90 | p99 | p99.9 | max | failed+broken | unsent |",
-               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               "| offered req/s | target | round | achieved | p50 | p90 | p99 | p99.9 | max | failed+broken | unsent | steal % |",
+               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(opens, key=lambda r: (r["offered_rps"], r["target"], str(r.get("round", "")))):
             l = r["latency_us"]
             md.append(f"| {r['offered_rps']:,} | {r['target']} | {r.get('round', '')} | {r['achieved_rps']:,.0f} | {l['p50'] / 1e3:.2f} | "
                       f"{l['p90'] / 1e3:.2f} | {l['p99'] / 1e3:.2f} | {l['p999'] / 1e3:.2f} | {l['max'] / 1e3:.2f} | "
-                      f"{r['failed'] + r['broken']} | {r['unsent']} |")
+                      f"{r['failed'] + r['broken']} | {r['unsent']} | {r.get('steal_percent', '-')} |")
         md.append("")
         series = {}
         for r in opens:
