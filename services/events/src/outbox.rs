@@ -32,28 +32,29 @@ pub async fn enqueue(
     kind: &EventType,
     env: &Envelope,
 ) -> Result<(), sqlx::Error> {
-    enqueue_all(conn, &[(kind, env)]).await
+    enqueue_all(conn, kind, std::slice::from_ref(env)).await
 }
 
 /// Rows per statement of [`enqueue_all`]: 6 parameters a row stays far below SQLite's and
 /// PostgreSQL's limits on parameters.
 const ENQUEUE_ROWS: usize = 100;
 
-/// Writes every event of `events` to the outbox on the caller's connection (inside its
-/// transaction), in one statement per [`ENQUEUE_ROWS`]: a transaction that raises several
-/// events (a reservation's stock changes, one per line) pays one round trip to the database
-/// for them, not one each.
+/// Writes the events `envs`, all of `kind`, to the outbox on the caller's connection (inside
+/// its transaction), in one statement per [`ENQUEUE_ROWS`]: a transaction that raises several
+/// (a reservation's stock changes, one per line) pays one round trip to the database for them,
+/// not one each. Nothing is written for none.
 pub async fn enqueue_all(
     conn: &mut sqlx::AnyConnection,
-    events: &[(&EventType, &Envelope)],
+    kind: &EventType,
+    envs: &[Envelope],
 ) -> Result<(), sqlx::Error> {
-    for chunk in events.chunks(ENQUEUE_ROWS) {
+    for chunk in envs.chunks(ENQUEUE_ROWS) {
         let sql = format!(
             "INSERT INTO outbox (id, topic, event_key, event_type, envelope, created_at) VALUES {}",
             placeholders(1, chunk.len(), 6)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (kind, env) in chunk {
+        for env in chunk {
             q = q
                 .bind(&env.id)
                 .bind(kind.topic)

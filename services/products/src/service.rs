@@ -830,8 +830,7 @@ impl Products {
             self.repo()
                 .insert_reservation_lines(&mut tx, &order_id, &wanted)
                 .await?;
-            let events: Vec<_> = events.iter().map(|e| (&STOCK_CHANGED, e)).collect();
-            enqueue_all(&mut tx, &events).await?;
+            enqueue_all(&mut tx, &STOCK_CHANGED, &events).await?;
             tx.commit().await?;
             self.inner.relay_wake.notify_one();
             return Ok(Self::reservation(&order_id, "HELD", wanted));
@@ -895,8 +894,7 @@ impl Products {
                 events.push(self.stock_event(product_id, after, reason, order_id));
             }
         }
-        let events: Vec<_> = events.iter().map(|e| (&STOCK_CHANGED, e)).collect();
-        enqueue_all(conn, &events).await?;
+        enqueue_all(conn, &STOCK_CHANGED, &events).await?;
         self.repo()
             .set_reservation_state(conn, order_id, target, self.now())
             .await?;
