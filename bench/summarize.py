@@ -89,7 +89,7 @@ def stolen(scenario, target):
                and r.get("scenario") == scenario and r.get("target") == target)
 
 
-def peak_table(by, order, scenario=None):
+def peak_table(by, order, scenario):
     # Steal: the share of the system core's time the host took while wrk ran, per round. A
     # round with a high one measured the host's other tenants as much as the target.
     # Runs measured again: see `peak` in bench/run.
@@ -99,9 +99,8 @@ def peak_table(by, order, scenario=None):
         if t in by:
             s = summary(by[t])
             steal = " / ".join(str(x["steal_percent"]) for x in by[t] if "steal_percent" in x) or "-"
-            again = stolen(scenario, t) if scenario else 0
             md.append(f"| {t} | {s['rps_median']:,.0f} | {s['rps_min']:,.0f} | {s['rps_max']:,.0f} | "
-                      f"{s['p50_ms_median']:.2f} | {s['p99_ms_median']:.2f} | {s['errors']} | {steal} | {again} |")
+                      f"{s['p50_ms_median']:.2f} | {s['p99_ms_median']:.2f} | {s['errors']} | {steal} | {stolen(scenario, t)} |")
     md.append("")
 
 
