@@ -102,7 +102,7 @@ pub async fn backup(cfg: &AppConfig, to: &Path) -> anyhow::Result<Manifest> {
         bail!("{} is not empty; back up into a new folder", to.display());
     }
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    sqlx::any::install_default_drivers();
+    shopverse_kit::db::install_drivers();
     let mut files = Vec::new();
     for (name, url) in databases(cfg) {
         let origin = shopverse_kit::db::redact(&url);

@@ -113,7 +113,7 @@ async fn sigkill_mid_checkouts_then_everything_reconciles() {
 /// event log.
 async fn seeded_stock(dir: &Path, product: &str) -> i64 {
     use prost::Message;
-    sqlx::any::install_default_drivers();
+    shopverse_kit::db::install_drivers();
     let log = sqlx::AnyPool::connect(&sqlite(dir, "events"))
         .await
         .unwrap();

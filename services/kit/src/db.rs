@@ -26,10 +26,27 @@ use std::time::Duration;
 
 use tokio::sync::OwnedMutexGuard;
 
-use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyConnection, AnyPool, AssertSqlSafe, Executor, SqlSafeStr, Transaction};
+use sqlx::{
+    Any, AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, SqlSafeStr, Transaction,
+};
+
+/// Installs the `Any` drivers: PostgreSQL, `sqlx`'s SQLite (threaded: migrations, the
+/// background checkpoint, other processes' `sqlite:` URLs) and the inline SQLite the services'
+/// own connections use ([`crate::inline`]). Call before any `Any` connection; idempotent.
+pub fn install_drivers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Fails only if drivers were installed before, and they are only installed here.
+        let _ = sqlx::any::install_drivers(&[
+            sqlx::postgres::any::DRIVER,
+            sqlx::sqlite::any::DRIVER,
+            crate::inline::DRIVER,
+        ]);
+    });
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DbKind {
@@ -345,7 +362,7 @@ impl std::ops::DerefMut for WriteTx {
 impl Db {
     /// Connects, creating the SQLite file (and its folder) when missing.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
-        install_default_drivers();
+        install_drivers();
         let (kind, url, file) = if let Some(path) = url
             .strip_prefix("sqlite://")
             .or(url.strip_prefix("sqlite:"))
@@ -398,8 +415,14 @@ impl Db {
                 })
             });
         }
+        // SQLite: the services' connections run statements on the caller's thread; `url`
+        // (the threaded driver's) stays for migrations and the background checkpoint.
+        let pool_url = match &file {
+            Some(_) => url.replacen("sqlite://", "sqlite-inline://", 1),
+            None => url.clone(),
+        };
         let pool = opts
-            .connect(&url)
+            .connect(&pool_url)
             .await
             .map_err(|source| DbError::Connect {
                 url: redact(&url),
@@ -419,8 +442,15 @@ impl Db {
             Some(f) => {
                 let (writer, new) = file_writer(f, own_connection().await?);
                 if new {
+                    let checkpointer =
+                        AnyConnection::connect(&url)
+                            .await
+                            .map_err(|source| DbError::Connect {
+                                url: redact(&url),
+                                source,
+                            })?;
                     tokio::spawn(checkpoint_in_background(
-                        own_connection().await?,
+                        checkpointer,
                         Arc::downgrade(&writer),
                         pool.clone(),
                     ));
@@ -480,13 +510,26 @@ impl Db {
                 )
             })
             .collect();
-        Migrator::with_migrations(list)
-            .run(&self.pool)
+        let migrator = Migrator::with_migrations(list);
+        let failed = |source| DbError::Migrate {
+            url: self.display_url(),
+            source,
+        };
+        if self.writer.is_none() {
+            return migrator.run(&self.pool).await.map_err(failed);
+        }
+        // SQLite: on the threaded driver (the inline one runs no migrations), holding the
+        // file's writer turn so that no writer of this process goes meanwhile.
+        let _turn = self.turn().await.map_err(|e| failed(e.into()))?;
+        let mut conn = AnyConnection::connect(&self.url)
             .await
-            .map_err(|source| DbError::Migrate {
-                url: self.display_url(),
-                source,
-            })
+            .map_err(|e| failed(e.into()))?;
+        conn.execute("PRAGMA busy_timeout = 10000")
+            .await
+            .map_err(|e| failed(e.into()))?;
+        let out = migrator.run(&mut conn).await.map_err(failed);
+        let _ = conn.close().await;
+        out
     }
 
     /// A transaction that will write. See the module docs for why SQLite needs this.

@@ -28,6 +28,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod identity;
+pub mod inline;
 pub mod link;
 pub mod metrics;
 pub mod paging;

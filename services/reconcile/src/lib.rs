@@ -31,7 +31,7 @@ impl Dbs {
         notifications: &str,
         max_connections: u32,
     ) -> Result<Dbs, sqlx::Error> {
-        sqlx::any::install_default_drivers();
+        shopverse_kit::db::install_drivers();
         let open = |url: &str| {
             let url = url.to_owned();
             async move {
