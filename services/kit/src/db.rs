@@ -526,14 +526,19 @@ impl Db {
         // SQLite: on the threaded driver (the inline one runs no migrations), holding the
         // file's writer turn so that no writer of this process goes meanwhile.
         let _turn = self.turn().await.map_err(|e| failed(e.into()))?;
-        let mut conn = AnyConnection::connect(&self.url)
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    Ok(())
+                })
+            })
+            .connect(&self.url)
             .await
             .map_err(|e| failed(e.into()))?;
-        conn.execute("PRAGMA busy_timeout = 10000")
-            .await
-            .map_err(|e| failed(e.into()))?;
-        let out = migrator.run(&mut conn).await.map_err(failed);
-        let _ = conn.close().await;
+        let out = migrator.run(&pool).await.map_err(failed);
+        pool.close().await;
         out
     }
 
