@@ -281,10 +281,8 @@ impl sqlx::ConnectOptions for InlineOptions {
         url.as_str().parse()
     }
 
-    fn connect(
-        &self,
-    ) -> impl std::future::Future<Output = Result<InlineConnection, Error>> + Send + '_ {
-        async move { InlineConnection::open(self) }
+    async fn connect(&self) -> Result<InlineConnection, Error> {
+        InlineConnection::open(self)
     }
 
     fn log_statements(self, _: log::LevelFilter) -> Self {
@@ -607,8 +605,8 @@ impl sqlx::Connection for InlineConnection {
         async { Ok(()) }
     }
 
-    fn ping(&mut self) -> impl std::future::Future<Output = Result<(), Error>> + Send + '_ {
-        async { Ok(()) }
+    async fn ping(&mut self) -> Result<(), Error> {
+        Ok(())
     }
 
     fn begin(
@@ -620,8 +618,8 @@ impl sqlx::Connection for InlineConnection {
 
     fn shrink_buffers(&mut self) {}
 
-    fn flush(&mut self) -> impl std::future::Future<Output = Result<(), Error>> + Send + '_ {
-        async { Ok(()) }
+    async fn flush(&mut self) -> Result<(), Error> {
+        Ok(())
     }
 
     fn should_flush(&self) -> bool {
