@@ -790,7 +790,7 @@ impl Gateway {
         let d = self.limiter.check(i, policy, &consumer).await;
         let headers = rate_headers(policy, &d);
         if d.allowed {
-            return Ok(headers.to_vec());
+            return Ok(Vec::from(headers));
         }
         self.metrics
             .rate_limited

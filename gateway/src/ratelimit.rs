@@ -7,7 +7,7 @@
 //! `gateway_rate_limit_fallbacks_total`), so an outage of Redis never stops traffic.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
 use shopverse_kit::Clock;
@@ -60,9 +60,33 @@ pub struct Limiter {
     /// so a decision allocates nothing. The hasher's keys are random per process, so nobody can
     /// pick a consumer that collides with another's (by chance: about 1 in 10^9 among 100,000
     /// consumers, and then two share one limit).
-    shards: Vec<Mutex<HashMap<u64, i64>>>,
-    hasher: RandomState,
+    shards: Vec<Mutex<Shard>>,
+    /// aHash, as the token cache: SipHash of the pair was a third of a decision.
+    hasher: ahash::RandomState,
     shared: Option<Shared>,
+}
+
+/// A shard's map. Its keys are already a keyed hash, so the map uses them as they are:
+/// hashing them again cost two more SipHash runs a decision (one to read, one to write).
+type Shard = HashMap<u64, i64, BuildHasherDefault<Prehashed>>;
+
+/// The hasher of a [`Shard`]: a `u64` key is its own hash.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here (`write_u64`); any other input still mixes in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 fn params(policy: &RateLimitPolicy) -> (f64, f64) {
@@ -74,8 +98,12 @@ impl Limiter {
     pub fn new(clock: Arc<dyn Clock>) -> Limiter {
         Limiter {
             clock,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: {
+                let (a, b) = uuid::Uuid::new_v4().as_u64_pair();
+                let (c, d) = uuid::Uuid::new_v4().as_u64_pair();
+                ahash::RandomState::with_seeds(a, b, c, d)
+            },
             shared: None,
         }
     }
@@ -172,7 +200,9 @@ impl Limiter {
         // Emission interval and burst tolerance, in ms (f64: sub-ms rates round correctly).
         let (t, tau) = params(policy);
         let key = self.hasher.hash_one((index, consumer));
-        let shard = &self.shards[(key as usize) % SHARDS];
+        // The shard from the key's middle bits: a shard's map indexes by the low ones and tags
+        // by the top ones, which must not be the same for every key of the shard.
+        let shard = &self.shards[((key >> 32) as usize) % SHARDS];
         let Ok(mut map) = shard.lock() else {
             // A poisoned shard is a bug elsewhere; failing open keeps the shop up.
             return Decision {
@@ -186,7 +216,9 @@ impl Limiter {
         if map.len() > 100_000 {
             map.retain(|_, tat| *tat > now);
         }
-        let tat = map.get(&key).copied().unwrap_or(now).max(now) as f64;
+        // One lookup: a consumer seen for the first time starts at `now` (never refused).
+        let slot = map.entry(key).or_insert(now);
+        let tat = (*slot).max(now) as f64;
         let now_f = now as f64;
         if tat - now_f > tau {
             let wait = tat - now_f - tau;
@@ -199,7 +231,7 @@ impl Limiter {
             };
         }
         let new_tat = tat + t;
-        map.insert(key, new_tat as i64);
+        *slot = new_tat as i64;
         let remaining = ((now_f + tau - new_tat) / t).floor() + 1.0;
         Decision {
             allowed: true,
