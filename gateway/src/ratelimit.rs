@@ -7,7 +7,7 @@
 //! `gateway_rate_limit_fallbacks_total`), so an outage of Redis never stops traffic.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
 use shopverse_kit::Clock;
