@@ -154,7 +154,11 @@ impl Limiter {
     }
 
     /// Counts one request of `consumer` against policy `index`.
-    pub async fn check(&self, index: usize, policy: &RateLimitPolicy, consumer: &str) -> Decision {
+    /// `consumer`'s `Display` is its key in the shared store; in-process only its hash is used.
+    pub async fn check<C>(&self, index: usize, policy: &RateLimitPolicy, consumer: &C) -> Decision
+    where
+        C: std::hash::Hash + std::fmt::Display + ?Sized,
+    {
         if let Some(shared) = &self.shared {
             let key = format!("{}{}:{consumer}", shared.prefix, policy.name);
             let (t, tau) = params(policy);
@@ -195,7 +199,10 @@ impl Limiter {
     }
 
     /// The in-process decision.
-    pub fn check_local(&self, index: usize, policy: &RateLimitPolicy, consumer: &str) -> Decision {
+    pub fn check_local<C>(&self, index: usize, policy: &RateLimitPolicy, consumer: &C) -> Decision
+    where
+        C: std::hash::Hash + ?Sized,
+    {
         let now = self.clock.now_ms();
         // Emission interval and burst tolerance, in ms (f64: sub-ms rates round correctly).
         let (t, tau) = params(policy);
