@@ -98,11 +98,7 @@ impl Verifier {
             users: UsersServiceClient::new(users.into()),
             keys: RwLock::new(HashMap::new()),
             validation,
-            cache: Mutex::new(HashMap::with_hasher({
-                let (a, b) = uuid::Uuid::new_v4().as_u64_pair();
-                let (c, d) = uuid::Uuid::new_v4().as_u64_pair();
-                ahash::RandomState::with_seeds(a, b, c, d)
-            })),
+            cache: Mutex::new(HashMap::with_hasher(crate::seeded_ahash())),
             last_fetch: Mutex::new(None),
             refetch_every: Duration::from_secs(config.jwks_refetch_min_secs),
             clock,

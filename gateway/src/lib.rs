@@ -29,6 +29,14 @@ pub mod router;
 pub mod transcode;
 pub mod upstream;
 
+/// An aHash state seeded at random for this process (the token cache and the rate limit key
+/// their maps with it: keyed, so nobody picks colliding keys, and far cheaper than SipHash).
+pub(crate) fn seeded_ahash() -> ahash::RandomState {
+    let (a, b) = uuid::Uuid::new_v4().as_u64_pair();
+    let (c, d) = uuid::Uuid::new_v4().as_u64_pair();
+    ahash::RandomState::with_seeds(a, b, c, d)
+}
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

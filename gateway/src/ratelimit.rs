@@ -7,7 +7,6 @@
 //! `gateway_rate_limit_fallbacks_total`), so an outage of Redis never stops traffic.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
 use shopverse_kit::Clock;
@@ -66,28 +65,9 @@ pub struct Limiter {
     shared: Option<Shared>,
 }
 
-/// A shard's map. Its keys are already a keyed hash, so the map uses them as they are:
-/// hashing them again cost two more SipHash runs a decision (one to read, one to write).
-type Shard = HashMap<u64, i64, BuildHasherDefault<Prehashed>>;
-
-/// The hasher of a [`Shard`]: a `u64` key is its own hash.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed here (`write_u64`); any other input still mixes in.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
+/// A shard's map. Its keys are already a keyed hash, so FxHash (a multiply) is enough to
+/// place them: SipHash again cost two more runs a decision (one to read, one to write).
+type Shard = HashMap<u64, i64, rustc_hash::FxBuildHasher>;
 
 fn params(policy: &RateLimitPolicy) -> (f64, f64) {
     let t = f64::from(policy.per_secs) * 1000.0 / f64::from(policy.requests);
@@ -99,11 +79,7 @@ impl Limiter {
         Limiter {
             clock,
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: {
-                let (a, b) = uuid::Uuid::new_v4().as_u64_pair();
-                let (c, d) = uuid::Uuid::new_v4().as_u64_pair();
-                ahash::RandomState::with_seeds(a, b, c, d)
-            },
+            hasher: crate::seeded_ahash(),
             shared: None,
         }
     }
@@ -207,9 +183,7 @@ impl Limiter {
         // Emission interval and burst tolerance, in ms (f64: sub-ms rates round correctly).
         let (t, tau) = params(policy);
         let key = self.hasher.hash_one((index, consumer));
-        // The shard from the key's middle bits: a shard's map indexes by the low ones and tags
-        // by the top ones, which must not be the same for every key of the shard.
-        let shard = &self.shards[((key >> 32) as usize) % SHARDS];
+        let shard = &self.shards[(key as usize) % SHARDS];
         let Ok(mut map) = shard.lock() else {
             // A poisoned shard is a bug elsewhere; failing open keeps the shop up.
             return Decision {
