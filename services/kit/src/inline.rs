@@ -375,15 +375,22 @@ impl InlineConnection {
             .collect();
         let readonly = stmt.readonly();
         let mut out = Vec::new();
-        let column_names: Arc<sqlx_core::HashMap<UStr, usize>> = Arc::new(
-            names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n.clone(), i))
-                .collect(),
-        );
+        // The rows' shared name-to-index map, built when the first row comes (a lookup that
+        // finds nothing needs none).
+        let mut column_names: Option<Arc<sqlx_core::HashMap<UStr, usize>>> = None;
         let mut rows = stmt.raw_query();
         while let Some(row) = rows.next().map_err(map_error)? {
+            let column_names = column_names
+                .get_or_insert_with(|| {
+                    Arc::new(
+                        names
+                            .iter()
+                            .enumerate()
+                            .map(|(i, n)| (n.clone(), i))
+                            .collect(),
+                    )
+                })
+                .clone();
             let mut columns = Vec::with_capacity(count);
             let mut values = Vec::with_capacity(count);
             for (i, name) in names.iter().enumerate() {
@@ -409,7 +416,7 @@ impl InlineConnection {
                 values.push(AnyValue { kind });
             }
             out.push(AnyRow {
-                column_names: column_names.clone(),
+                column_names,
                 columns,
                 values,
             });
