@@ -173,6 +173,7 @@ async fn platform(cfg: &AppConfig, registry: prometheus::Registry) -> anyhow::Re
         clock: Arc::new(SystemClock),
         grace: Duration::from_secs(cfg.shutdown.grace_secs),
         local: shopverse_kit::LocalServices::default(),
+        consumers: cfg.events.consumers.clone(),
     })
 }
 

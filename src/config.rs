@@ -57,6 +57,9 @@ pub struct EventsConfig {
     pub partitions: i32,
     /// The Kafka cluster, with `backend = "kafka"`.
     pub kafka: shopverse_events::kafka::KafkaConfig,
+    /// How every consumer schedules and retries: concurrency across keys, retry backoff, and
+    /// how far it may read ahead of its unfinished records.
+    pub consumers: shopverse_events::consumer::ConsumerConfig,
 }
 
 impl Default for EventsConfig {
@@ -66,6 +69,7 @@ impl Default for EventsConfig {
             path: String::new(),
             partitions: 4,
             kafka: Default::default(),
+            consumers: Default::default(),
         }
     }
 }
@@ -125,6 +129,7 @@ impl Validate for AppConfig {
                 ));
             }
         }
+        self.events.consumers.validate("events.consumers")?;
         if !(1..=256).contains(&self.events.partitions) {
             return Err(Invalid::new(
                 "events.partitions",

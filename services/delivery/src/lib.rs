@@ -24,8 +24,8 @@ use tonic::{Request, Response, Status};
 use shopverse_events::Platform;
 use shopverse_events::consumer::{Handler, HandlerError};
 use shopverse_events::envelope::{
-    Envelope, EventType, ORDER_CANCELLED, ORDER_CONFIRMED, SHIPMENT_DELIVERED, SHIPMENT_SCHEDULED,
-    SHIPMENT_SHIPPED, TOPIC_ORDERS, decode_payload, new_envelope,
+    Envelope, EventType, ORDER_CANCELLED, ORDER_CONFIRMED, Origin, SHIPMENT_DELIVERED,
+    SHIPMENT_SCHEDULED, SHIPMENT_SHIPPED, TOPIC_ORDERS, decode_payload, new_envelope,
 };
 use shopverse_events::outbox::{Relay, enqueue};
 use shopverse_kit::clock::to_timestamp;
@@ -180,6 +180,7 @@ impl Delivery {
         conn: &mut AnyConnection,
         kind: &EventType,
         s: &ShipmentRow,
+        origin: Origin<'_>,
     ) -> Result<(), sqlx::Error> {
         let payload = ShipmentEvent {
             shipment: Some(to_proto(s)),
@@ -190,7 +191,7 @@ impl Delivery {
             SOURCE,
             &s.order_id,
             self.clock.now_ms(),
-            None,
+            origin,
             &payload,
         );
         enqueue(conn, kind, &env).await
@@ -243,7 +244,8 @@ impl Delivery {
         .bind(s.updated_at)
         .execute(&mut *conn)
         .await?;
-        self.emit(conn, &SHIPMENT_SCHEDULED, &s).await?;
+        self.emit(conn, &SHIPMENT_SCHEDULED, &s, Origin::Event(ev))
+            .await?;
         Ok(())
     }
 
@@ -293,7 +295,13 @@ impl Delivery {
                 from.to_lowercase()
             )));
         }
-        self.emit(&mut tx, kind, &s).await?;
+        // An order's shipment moves to each status once: keyed by the order, a repeated
+        // request raises the same event.
+        let origin = Origin::Keyed {
+            key: order_id,
+            traceparent: None,
+        };
+        self.emit(&mut tx, kind, &s, origin).await?;
         tx.commit().await?;
         self.relay.notify_one();
         Ok(s)

@@ -3,29 +3,35 @@
 //!
 //! For each record the runner opens a write transaction on the consumer's own database, records
 //! the event id in the inbox (`ON CONFLICT DO NOTHING`: a second delivery finds it there and is
-//! skipped), lets the handler apply its effect on the same transaction, commits, and only then
-//! commits the bus offset (batched: one write per partition every 200 ms at most). A crash
-//! anywhere in between redelivers the record, and the inbox makes the redelivery a no-op. A
-//! retryable failure is retried in place with exponential backoff (the partition waits, as
-//! Kafka's does); after `max_attempts`, or at once for a poison event, the record is parked on
-//! `<topic>.dlq` with the reason, and the partition moves on. A handler with no external
-//! effects gets a poll's records in one transaction ([`Consumer::process_all`]).
+//! skipped), lets the handler apply its effect on the same transaction and commits. A crash
+//! anywhere in between redelivers the record, and the inbox makes the redelivery a no-op.
+//!
+//! Records are scheduled by key ([`crate::schedule`]): records of different keys run
+//! concurrently (up to [`ConsumerConfig::concurrency`]), records of one key one after another in
+//! offset order. A retryable failure parks that record with a due time (exponential backoff);
+//! the partition moves on, and later records of the same key wait behind the parked one, so a
+//! key's order holds. After `max_attempts`, or at once for a poison event, the record goes to
+//! `<topic>.dlq` with the reason. The bus offset of a partition is committed up to its lowest
+//! unfinished record only, so a crash redelivers whatever was running, waiting or parked.
+//! A handler with no external effects gets runs of ready records in one transaction
+//! ([`Consumer::try_run`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use sqlx::AssertSqlSafe;
 use tokio_util::sync::CancellationToken;
 
 use shopverse_kit::clock::{Clock, SystemClock};
+use shopverse_kit::config::Invalid;
 use shopverse_kit::db::{Db, placeholders};
 use shopverse_kit::error::BoxError;
-use shopverse_kit::metrics::{int_counter, int_gauge};
+use shopverse_kit::metrics::{int_counter, int_counter_vec, int_gauge};
 
-use crate::bus::{BusError, EventBus, OutRecord, Record, Subscription};
+use crate::bus::{BusError, EventBus, OutRecord, Record};
 use crate::envelope::{Envelope, check_known, decode_envelope, dlq_topic};
 
 /// Why a handler did not apply an event.
@@ -80,12 +86,6 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<(), HandlerError>;
 }
 
-/// How often the consumer measures its lag.
-const LAG_EVERY: Duration = Duration::from_secs(5);
-/// How long a handled record's offset may wait to be committed with others. A crash in that
-/// window redelivers the records, and the inbox skips them.
-const COMMIT_EVERY: Duration = Duration::from_millis(200);
-
 /// Puts `record` in `pending` in place of the earlier record of its partition: what
 /// [`Subscription::commit_all`] takes.
 pub fn keep_last(pending: &mut Vec<Record>, record: Record) {
@@ -98,13 +98,68 @@ pub fn keep_last(pending: &mut Vec<Record>, record: Record) {
     }
 }
 
-/// Commits `pending` once, at a stop: what fails is redelivered after the restart.
-async fn flush(name: &str, sub: &mut dyn Subscription, pending: &[Record]) {
-    if pending.is_empty() {
-        return;
+/// How a consumer schedules and retries: `[events.consumers]` in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// Records of different keys handled at once; a run of records applied in one transaction
+    /// counts once.
+    pub concurrency: usize,
+    /// Tries of one record before it is dead-lettered.
+    pub max_attempts: u32,
+    /// The wait before the second try; it doubles for each try after that.
+    pub initial_backoff_ms: u64,
+    /// The longest wait between two tries.
+    pub max_backoff_ms: u64,
+    /// Records read and not finished yet (running, waiting behind their key, parked) at the
+    /// most: past it the consumer stops reading until some finish.
+    pub max_outstanding: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        let retry = RetryPolicy::default();
+        Self {
+            concurrency: 16,
+            max_attempts: retry.max_attempts,
+            initial_backoff_ms: u64::try_from(retry.initial_backoff.as_millis()).unwrap_or(200),
+            max_backoff_ms: u64::try_from(retry.max_backoff.as_millis()).unwrap_or(10_000),
+            max_outstanding: 10_000,
+        }
     }
-    if let Err(e) = sub.commit_all(pending).await {
-        tracing::warn!(consumer = %name, error = %e, "committing the offsets at stop failed; they are redelivered");
+}
+
+impl ConsumerConfig {
+    /// Checks the values; `prefix` names the table in messages (`events.consumers`).
+    pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
+        let bad = |key: &str, reason: &str| Err(Invalid::new(format!("{prefix}.{key}"), reason));
+        if !(1..=1024).contains(&self.concurrency) {
+            return bad("concurrency", "must be between 1 and 1024");
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            return bad("max_attempts", "must be between 1 and 100");
+        }
+        if self.max_backoff_ms > 3_600_000 {
+            return bad("max_backoff_ms", "must be at most 3600000 (an hour)");
+        }
+        if self.initial_backoff_ms == 0 || self.initial_backoff_ms > self.max_backoff_ms {
+            return bad(
+                "initial_backoff_ms",
+                "must be at least 1 and at most max_backoff_ms",
+            );
+        }
+        if self.max_outstanding < 64 {
+            return bad("max_outstanding", "must be at least 64");
+        }
+        Ok(())
+    }
+
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            initial_backoff: Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+        }
     }
 }
 
@@ -125,6 +180,16 @@ impl Default for RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// The wait after try number `tries` (1 for the first) failed.
+    pub fn backoff(&self, tries: u32) -> Duration {
+        let doublings = tries.saturating_sub(1).min(30);
+        self.initial_backoff
+            .saturating_mul(1u32 << doublings)
+            .min(self.max_backoff)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error("consumer {consumer}: event bus: {source}")]
@@ -136,20 +201,27 @@ pub enum ConsumerError {
 }
 
 #[derive(Clone)]
-struct ConsumerMetrics {
-    handled: IntCounter,
-    duplicates: IntCounter,
-    retries: IntCounter,
-    dead_lettered: IntCounter,
-    lag: IntGauge,
+pub(crate) struct ConsumerMetrics {
+    pub(crate) handled: IntCounter,
+    pub(crate) duplicates: IntCounter,
+    /// Tries after a retryable failure, by what came of them: `parked` (it failed and waits
+    /// for another try), `applied` (a later try worked), `dead_lettered` (tries ran out).
+    pub(crate) retries: IntCounterVec,
+    pub(crate) dead_lettered: IntCounter,
+    pub(crate) lag: IntGauge,
+    pub(crate) parked: IntGauge,
+    pub(crate) parked_oldest: IntGauge,
+    pub(crate) outstanding: IntGauge,
 }
 
 pub struct Consumer<H: Handler> {
-    handler: Arc<H>,
+    pub(crate) handler: Arc<H>,
     db: Db,
-    bus: Arc<dyn EventBus>,
-    retry: RetryPolicy,
-    metrics: ConsumerMetrics,
+    pub(crate) bus: Arc<dyn EventBus>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) concurrency: usize,
+    pub(crate) max_outstanding: usize,
+    pub(crate) metrics: ConsumerMetrics,
     /// Woken after each applied event: the service's relay, so events the handler wrote go out
     /// at once instead of at the relay's next idle poll.
     after_commit: Option<Arc<tokio::sync::Notify>>,
@@ -162,8 +234,17 @@ pub enum Outcome {
     Duplicate,
     Skipped,
     DeadLettered(String),
-    /// Shutdown came while retrying; the offset stays uncommitted.
+    /// Shutdown came while dead-lettering; the offset stays uncommitted.
     Interrupted,
+}
+
+/// The result of one try at a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tried {
+    /// The record is finished.
+    Done(Outcome),
+    /// A retryable failure with tries left: park it and try again later.
+    Retry(String),
 }
 
 impl<H: Handler> Consumer<H> {
@@ -182,11 +263,12 @@ impl<H: Handler> Consumer<H> {
                 "Redelivered events the inbox skipped",
                 &l,
             ),
-            retries: int_counter(
+            retries: int_counter_vec(
                 registry,
                 "events_retries_total",
-                "Handler attempts that will be retried",
+                "Tries after a retryable failure, by outcome (parked, applied, dead_lettered)",
                 &l,
+                &["outcome"],
             ),
             dead_lettered: int_counter(
                 registry,
@@ -200,12 +282,33 @@ impl<H: Handler> Consumer<H> {
                 "Records waiting in this consumer's partitions",
                 &l,
             ),
+            parked: int_gauge(
+                registry,
+                "events_parked",
+                "Records parked after a retryable failure, waiting for their next try",
+                &l,
+            ),
+            parked_oldest: int_gauge(
+                registry,
+                "events_parked_oldest_seconds",
+                "Age of the oldest parked record (0 when none is parked)",
+                &l,
+            ),
+            outstanding: int_gauge(
+                registry,
+                "events_outstanding",
+                "Records read and not finished: running, waiting behind their key, or parked",
+                &l,
+            ),
         };
+        let cfg = ConsumerConfig::default();
         Self {
             handler,
             db,
             bus,
             retry: RetryPolicy::default(),
+            concurrency: cfg.concurrency,
+            max_outstanding: cfg.max_outstanding,
             metrics,
             after_commit: None,
         }
@@ -221,23 +324,37 @@ impl<H: Handler> Consumer<H> {
         self
     }
 
+    /// Applies `[events.consumers]`: retries, concurrency and the read-ahead bound.
+    pub fn configured(mut self, cfg: &ConsumerConfig) -> Self {
+        self.retry = cfg.retry();
+        self.concurrency = cfg.concurrency.max(1);
+        self.max_outstanding = cfg.max_outstanding.max(1);
+        self
+    }
+
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
     /// Consumes until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let name = self.handler.name().to_owned();
-        let bus_err = |source| ConsumerError::Bus {
-            consumer: name.clone(),
-            source,
-        };
         // A bus that is not there yet (a broker still starting) is waited for, not fatal.
         let mut backoff = Duration::from_millis(200);
-        let mut sub = loop {
+        let sub = loop {
             match self
                 .bus
                 .subscribe(self.handler.name(), &self.handler.topics())
                 .await
             {
                 Ok(sub) => break sub,
-                Err(e @ BusError::GroupBusy(_)) => return Err(bus_err(e)),
+                Err(e @ BusError::GroupBusy(_)) => {
+                    return Err(ConsumerError::Bus {
+                        consumer: name,
+                        source: e,
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(consumer = %name, error = %e, "subscribing failed; retrying");
                     tokio::select! {
@@ -248,85 +365,28 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         };
-        let mut lag_measured = tokio::time::Instant::now() - LAG_EVERY;
-        // The last record done in each partition whose offset is not committed yet, and since
-        // when the oldest of them waits: offsets go in one write per `COMMIT_EVERY` at most.
-        let mut pending: Vec<Record> = Vec::new();
-        let mut pending_since = tokio::time::Instant::now();
-        loop {
-            if lag_measured.elapsed() >= LAG_EVERY {
-                lag_measured = tokio::time::Instant::now();
-                if let Some(lag) = sub.lag().await {
-                    self.metrics.lag.set(lag);
-                }
-            }
-            let wait = if pending.is_empty() {
-                Duration::from_secs(1)
-            } else {
-                COMMIT_EVERY.saturating_sub(pending_since.elapsed())
-            };
-            let records = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    flush(&name, &mut *sub, &pending).await;
-                    return Ok(());
-                }
-                r = sub.poll(64, wait) => r,
-            };
-            let records = match records {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(consumer = %name, error = %e, "polling the event bus failed");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                    continue;
-                }
-            };
-            let total = records.len();
-            let done = self.process_all(&records, &shutdown).await;
-            // The effects are committed (or parked); their offsets go with the next write.
-            for record in records.into_iter().take(done) {
-                if pending.is_empty() {
-                    pending_since = tokio::time::Instant::now();
-                }
-                keep_last(&mut pending, record);
-            }
-            if done < total {
-                flush(&name, &mut *sub, &pending).await;
-                return Ok(());
-            }
-            if pending.is_empty() || pending_since.elapsed() < COMMIT_EVERY {
-                continue;
-            }
-            let mut backoff = Duration::from_millis(100);
-            while let Err(e) = sub.commit_all(&pending).await {
-                tracing::warn!(consumer = %name, error = %e, "committing the offsets failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            pending.clear();
-        }
+        crate::schedule::run(&self, sub, shutdown).await;
+        Ok(())
     }
 
-    /// Handles `records` in order, each to its end; returns how many were done (all of them,
-    /// unless shutdown interrupted a retry).
+    /// Whether runs of records may go in one transaction: only for a handler with no
+    /// [`Handler::prepare`] step, whose effects all live in that transaction.
+    pub(crate) fn batches(&self) -> bool {
+        !self.handler.prepares()
+    }
+
+    /// Tries each of `records` once, in order, and says what came of each (same order).
     ///
-    /// When the handler has no [`Handler::prepare`] step, a run of records is applied in one
+    /// For a handler that [batches](Self::batches), the leading records are applied in one
     /// transaction: one `BEGIN` and `COMMIT`, one inbox insert for all of them. That is the
-    /// consumer's share of a database's writer turn, paid once per poll instead of once per
-    /// event, and it grows with the backlog: a consumer that keeps up gets runs of one or two,
-    /// one that falls behind catches up in runs of up to a poll's worth. If any record of the
-    /// run fails, the whole transaction rolls back and each record of the run is handled on
-    /// its own, with the retries and dead-lettering of [`Consumer::process`].
-    pub async fn process_all(&self, records: &[Record], shutdown: &CancellationToken) -> usize {
-        let mut done = 0;
-        if !self.handler.prepares() && records.len() > 1 {
+    /// consumer's share of a database's writer turn, paid once per run instead of once per
+    /// event. If any record of the run fails, the whole transaction rolls back and each record
+    /// is tried on its own, so only the failing one is retried or dead-lettered.
+    pub async fn try_run(&self, records: &[Record], shutdown: &CancellationToken) -> Vec<Tried> {
+        let mut out = Vec::with_capacity(records.len());
+        if self.batches() && records.len() > 1 {
             // The leading records that decode and are known; the first that does not ends
-            // the run, and is parked by `process` below.
+            // the run, and is dead-lettered by `try_record` below.
             let envs: Vec<Envelope> = records
                 .iter()
                 .map_while(|r| {
@@ -341,28 +401,34 @@ impl<H: Handler> Consumer<H> {
                 .collect();
             if wanted.len() > 1 {
                 match self.apply(&wanted).await {
-                    Ok(_) => done = envs.len(),
+                    // An id applied is `Applied` once, at its first copy in the run.
+                    Ok(mut fresh) => out.extend(envs.iter().map(|env| {
+                        Tried::Done(if !self.handler.wants(&env.r#type) {
+                            Outcome::Skipped
+                        } else if fresh.remove(&env.id) {
+                            Outcome::Applied
+                        } else {
+                            Outcome::Duplicate
+                        })
+                    })),
                     Err(e) => tracing::debug!(
                         consumer = self.handler.name(), events = wanted.len(), error = %e,
-                        "a run of events failed together; handling each on its own"
+                        "a run of events failed together; trying each on its own"
                     ),
                 }
             }
         }
-        for record in &records[done..] {
-            if self.process(record, shutdown).await == Outcome::Interrupted {
-                return done;
-            }
-            done += 1;
+        for record in &records[out.len()..] {
+            out.push(self.try_record(record, 1, shutdown).await);
         }
-        done
+        out
     }
 
     /// Applies `envs` in one write transaction, each once: the inbox insert returns the ids
     /// it had not seen, and only those reach the handler (an id twice in `envs`, once).
-    /// Returns how many were applied; the rest were duplicates. One record's attempt is the
-    /// run of one.
-    async fn apply(&self, envs: &[&Envelope]) -> Result<usize, HandlerError> {
+    /// Returns the ids applied; the rest were duplicates. One record's attempt is the run of
+    /// one.
+    async fn apply(&self, envs: &[&Envelope]) -> Result<HashSet<String>, HandlerError> {
         let now = SystemClock.now_ms();
         let sql = format!(
             "INSERT INTO inbox (consumer, event_id, handled_at) VALUES {} \
@@ -374,74 +440,73 @@ impl<H: Handler> Consumer<H> {
             q = q.bind(self.handler.name()).bind(&env.id).bind(now);
         }
         let mut tx = self.db.begin_write().await?;
-        let mut fresh: HashSet<String> = q.fetch_all(&mut *tx).await?.into_iter().collect();
-        let applied = fresh.len();
-        let duplicates = (envs.len() - applied) as u64;
-        if applied == 0 {
+        let fresh: HashSet<String> = q.fetch_all(&mut *tx).await?.into_iter().collect();
+        let duplicates = (envs.len() - fresh.len()) as u64;
+        if fresh.is_empty() {
             tx.rollback().await?;
             self.metrics.duplicates.inc_by(duplicates);
-            return Ok(0);
+            return Ok(fresh);
         }
+        let mut todo = fresh.clone();
         for env in envs {
-            if fresh.remove(&env.id) {
+            if todo.remove(&env.id) {
                 self.handler.handle(&mut tx, env).await?;
             }
         }
         tx.commit().await?;
-        self.metrics.handled.inc_by(applied as u64);
+        self.metrics.handled.inc_by(fresh.len() as u64);
         self.metrics.duplicates.inc_by(duplicates);
         if let Some(n) = &self.after_commit {
             n.notify_one();
         }
-        Ok(applied)
+        Ok(fresh)
     }
 
-    /// Handles one record to its end: applied, skipped, duplicate or dead-lettered.
-    pub async fn process(&self, record: &Record, shutdown: &CancellationToken) -> Outcome {
+    /// Tries `record` once; `attempt` counts this try (1 for the first). A retryable failure on
+    /// the last allowed try dead-letters the record.
+    pub async fn try_record(
+        &self,
+        record: &Record,
+        attempt: u32,
+        shutdown: &CancellationToken,
+    ) -> Tried {
         let env = match decode_envelope(&record.payload) {
             Ok(env) => env,
-            Err(e) => return self.dead_letter(record, &e.to_string(), 1, shutdown).await,
+            Err(e) => {
+                return Tried::Done(self.dead_letter(record, &e.to_string(), 1, shutdown).await);
+            }
         };
         // An event of a type or schema version this build does not know is poison for every
         // consumer: park it with the reason instead of guessing.
         if let Err(e) = check_known(&env) {
-            return self.dead_letter(record, &e.to_string(), 1, shutdown).await;
+            return Tried::Done(self.dead_letter(record, &e.to_string(), 1, shutdown).await);
         }
         if !self.handler.wants(&env.r#type) {
-            return Outcome::Skipped;
+            return Tried::Done(Outcome::Skipped);
         }
-        let mut attempt: u32 = 0;
-        let mut backoff = self.retry.initial_backoff;
-        loop {
-            attempt += 1;
-            let reason = match self.attempt(&env).await {
-                Ok(outcome) => return outcome,
-                Err(HandlerError::Permanent(reason)) => {
-                    return self.dead_letter(record, &reason, attempt, shutdown).await;
-                }
-                Err(HandlerError::Retryable(e)) => e.to_string(),
-            };
-            if attempt >= self.retry.max_attempts {
-                return self
-                    .dead_letter(
-                        record,
-                        &format!("gave up after {attempt} attempts: {reason}"),
-                        attempt,
-                        shutdown,
-                    )
-                    .await;
+        let reason = match self.attempt(&env).await {
+            Ok(outcome) => return Tried::Done(outcome),
+            Err(HandlerError::Permanent(reason)) => {
+                return Tried::Done(self.dead_letter(record, &reason, attempt, shutdown).await);
             }
-            self.metrics.retries.inc();
-            tracing::warn!(
-                consumer = self.handler.name(), event_id = %env.id, event_type = %env.r#type,
-                attempt, error = %reason, "handler failed; retrying"
+            Err(HandlerError::Retryable(e)) => e.to_string(),
+        };
+        if attempt >= self.retry.max_attempts {
+            return Tried::Done(
+                self.dead_letter(
+                    record,
+                    &format!("gave up after {attempt} attempts: {reason}"),
+                    attempt,
+                    shutdown,
+                )
+                .await,
             );
-            tokio::select! {
-                _ = shutdown.cancelled() => return Outcome::Interrupted,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(self.retry.max_backoff);
         }
+        tracing::warn!(
+            consumer = self.handler.name(), event_id = %env.id, event_type = %env.r#type,
+            key = %record.key, attempt, error = %reason, "handler failed; parking the record for a retry"
+        );
+        Tried::Retry(reason)
     }
 
     async fn attempt(&self, env: &Envelope) -> Result<Outcome, HandlerError> {
@@ -459,7 +524,7 @@ impl<H: Handler> Consumer<H> {
             }
             self.handler.prepare(env).await?;
         }
-        Ok(if self.apply(&[env]).await? == 1 {
+        Ok(if self.apply(&[env]).await?.len() == 1 {
             Outcome::Applied
         } else {
             Outcome::Duplicate

@@ -72,22 +72,78 @@ pub fn event_type(name: &str) -> Option<&'static EventType> {
     ALL_EVENT_TYPES.iter().find(|t| t.name == name)
 }
 
-/// Builds an envelope with a fresh UUIDv7 id.
+/// What raised an event, which decides its id and its trace.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A request with nothing to make it repeatable: a fresh UUIDv7, the request's trace.
+    Request { traceparent: Option<&'a str> },
+    /// A request that is repeatable by a key (a checkout's idempotency key, an order's
+    /// reservation): the same key gives the same id, so a retried request raises nothing new.
+    Keyed {
+        key: &'a str,
+        traceparent: Option<&'a str>,
+    },
+    /// The handling of another event: the same cause gives the same id, so handling a cause
+    /// twice (a redelivery that met a lost inbox row, a restore) raises the same event, which
+    /// every inbox downstream drops. The cause's trace goes on.
+    Event(&'a Envelope),
+}
+
+impl Origin<'_> {
+    /// A request with no trace and no key.
+    pub const NONE: Origin<'static> = Origin::Request { traceparent: None };
+
+    /// The id of an event of `kind` about `subject` raised by this origin.
+    pub fn event_id(&self, kind: &EventType, subject: &str) -> String {
+        match self {
+            Origin::Request { .. } => uuid::Uuid::now_v7().to_string(),
+            Origin::Keyed { key, .. } => derived_id("key", key, kind, subject),
+            Origin::Event(cause) => derived_id("event", &cause.id, kind, subject),
+        }
+    }
+
+    fn traceparent(&self) -> &str {
+        match self {
+            Origin::Request { traceparent } | Origin::Keyed { traceparent, .. } => {
+                traceparent.unwrap_or_default()
+            }
+            Origin::Event(cause) => &cause.traceparent,
+        }
+    }
+}
+
+/// A UUIDv8 from SHA-256 of what makes an event what it is: where it comes from (`scope`,
+/// `source`), its type and its subject. Each part is length-prefixed, so no two different
+/// inputs hash the same bytes.
+fn derived_id(scope: &str, source: &str, kind: &EventType, subject: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [scope, source, kind.name, subject] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Uuid::new_v8(bytes).to_string()
+}
+
+/// Builds an envelope whose id and trace come from `origin`.
 pub fn new_envelope(
     kind: &EventType,
     source: &str,
     subject: &str,
     now_ms: i64,
-    traceparent: Option<&str>,
+    origin: Origin<'_>,
     payload: &impl Message,
 ) -> Envelope {
     Envelope {
-        id: uuid::Uuid::now_v7().to_string(),
+        id: origin.event_id(kind, subject),
         r#type: kind.name.to_owned(),
         source: source.to_owned(),
         time: Some(to_timestamp(now_ms)),
         subject: subject.to_owned(),
-        traceparent: traceparent.unwrap_or_default().to_owned(),
+        traceparent: origin.traceparent().to_owned(),
         payload_type: kind.payload_type.to_owned(),
         schema_version: kind.schema_version,
         payload: payload.encode_to_vec(),

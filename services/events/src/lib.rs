@@ -26,6 +26,7 @@ pub mod embedded;
 pub mod envelope;
 pub mod kafka;
 pub mod outbox;
+mod schedule;
 
 pub use bus::{BusError, EventBus, OutRecord, Record, Subscription};
 
@@ -33,8 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// What a service takes from the process it runs in: the event bus, the metrics registry, the
-/// clock, how long shutdown may wait for in-flight calls, and which gRPC addresses the process
-/// serves itself (calls to those stay in-process).
+/// clock, how long shutdown may wait for in-flight calls, which gRPC addresses the process
+/// serves itself (calls to those stay in-process), and how its consumers run.
 #[derive(Clone)]
 pub struct Platform {
     pub bus: Arc<dyn EventBus>,
@@ -42,15 +43,24 @@ pub struct Platform {
     pub clock: Arc<dyn shopverse_kit::Clock>,
     pub grace: Duration,
     pub local: shopverse_kit::LocalServices,
+    /// How consumers schedule and retry (`[events.consumers]`).
+    pub consumers: consumer::ConsumerConfig,
 }
 pub use envelope::{Envelope, EventType};
 
 /// Migrations every service that publishes or consumes runs in its own database (outbox, inbox).
-pub const MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[(
-    1000,
-    "event outbox and inbox",
-    include_str!("../migrations/1000_outbox_inbox.sql"),
-)];
+pub const MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[
+    (
+        1000,
+        "event outbox and inbox",
+        include_str!("../migrations/1000_outbox_inbox.sql"),
+    ),
+    (
+        1001,
+        "outbox publish order",
+        include_str!("../migrations/1001_outbox_order.sql"),
+    ),
+];
 
 /// Connects a service's database and applies its own migrations with the outbox and inbox's.
 pub async fn open_service_db(
@@ -122,7 +132,8 @@ pub fn consumer_task<H: consumer::Handler>(
     shutdown: shopverse_kit::CancellationToken,
 ) -> futures::future::BoxFuture<'static, ()> {
     let c = consumer::Consumer::new(handler, db, platform.bus.clone(), &platform.registry)
-        .waking(relay.waker());
+        .waking(relay.waker())
+        .configured(&platform.consumers);
     Box::pin(async move {
         if let Err(e) = c.run(shutdown).await {
             tracing::error!(error = %e, "consumer stopped");
@@ -152,6 +163,7 @@ pub mod testing {
                 clock,
                 grace: Duration::from_secs(2),
                 local: shopverse_kit::LocalServices::default(),
+                consumers: Default::default(),
             },
             log,
         ))

@@ -1,8 +1,9 @@
 //! The transactional outbox and its relay.
 //!
 //! A service calls [`enqueue`] inside the transaction that changes its state, so the event exists
-//! exactly when the change does. The [`Relay`] publishes pending rows in id order (UUIDv7, so
-//! creation order) and then stamps them `published_at`. If the process dies between publishing
+//! exactly when the change does. The [`Relay`] publishes pending rows in the order they were
+//! written (SQLite's rowid, PostgreSQL's `seq`: ids derived from a cause say nothing of time)
+//! and then stamps them `published_at`. If the process dies between publishing
 //! and stamping, the rows are published again on restart: consumers deduplicate by event id.
 
 use std::sync::Arc;
@@ -168,7 +169,7 @@ impl Relay {
                 let mut tx = self.db.pool().begin().await?;
                 let rows = sqlx::query(
                     "SELECT id, topic, event_key, envelope FROM outbox WHERE published_at IS NULL \
-                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                     ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
                 )
                 .bind(i64::try_from(self.batch_size).unwrap_or(200))
                 .fetch_all(&mut *tx)
@@ -182,7 +183,7 @@ impl Relay {
             DbKind::Sqlite => {
                 let rows = sqlx::query(
                     "SELECT id, topic, event_key, envelope FROM outbox WHERE published_at IS NULL \
-                     ORDER BY id LIMIT $1",
+                     ORDER BY rowid LIMIT $1",
                 )
                 .bind(i64::try_from(self.batch_size).unwrap_or(200))
                 .fetch_all(&mut *self.db.read().await?)

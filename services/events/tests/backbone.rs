@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use shopverse_events::bus::{BusError, EventBus, OutRecord, Record, Subscription};
-use shopverse_events::consumer::{Consumer, Handler, HandlerError, Outcome, RetryPolicy};
+use shopverse_events::consumer::{Consumer, Handler, HandlerError, Outcome, RetryPolicy, Tried};
 use shopverse_events::embedded::EmbeddedLog;
-use shopverse_events::envelope::{Envelope, USER_REGISTERED, new_envelope};
+use shopverse_events::envelope::{Envelope, Origin, USER_REGISTERED, new_envelope};
 use shopverse_events::kafka::{KafkaBus, KafkaConfig};
 use shopverse_events::outbox::{Relay, enqueue};
 use shopverse_events::{MIGRATIONS, dlq};
@@ -153,7 +153,7 @@ async fn write_things(db: &Db, n: usize) -> Vec<String> {
             "users",
             &id,
             1_700_000_000_000,
-            None,
+            Origin::NONE,
             &payload,
         );
         enqueue(&mut tx, &USER_REGISTERED, &env)
@@ -333,7 +333,7 @@ fn unknown_event(kind: &str, version: u32) -> OutRecord {
         "users",
         "user-x",
         1_700_000_000_000,
-        None,
+        Origin::NONE,
         &UserRegistered::default(),
     );
     env.r#type = kind.into();
@@ -474,8 +474,14 @@ async fn a_second_delivery_is_a_duplicate() {
     let handler = Arc::new(Recorder::new("once", None, true));
     let c = Consumer::new(handler, db.clone(), bus, &prometheus::Registry::new());
     let stop = CancellationToken::new();
-    assert_eq!(c.process(&rec, &stop).await, Outcome::Applied);
-    assert_eq!(c.process(&rec, &stop).await, Outcome::Duplicate);
+    assert_eq!(
+        c.try_record(&rec, 1, &stop).await,
+        Tried::Done(Outcome::Applied)
+    );
+    assert_eq!(
+        c.try_record(&rec, 1, &stop).await,
+        Tried::Done(Outcome::Duplicate)
+    );
 }
 
 /// `n` events in the log of a new service database (one partition), read back as records.
@@ -524,7 +530,10 @@ async fn runs_of_records(db_url_of: impl Fn(&std::path::Path) -> String) {
         &prometheus::Registry::new(),
     );
     let stop = CancellationToken::new();
-    assert_eq!(c.process_all(&recs, &stop).await, 7);
+    let tried = c.try_run(&recs, &stop).await;
+    let applied = |o: &Tried| *o == Tried::Done(Outcome::Applied);
+    assert_eq!(tried.len(), 7);
+    assert_eq!(tried.iter().filter(|o| applied(o)).count(), 5, "{tried:?}");
     assert_eq!(
         handler.calls.load(Ordering::SeqCst),
         5,
@@ -535,7 +544,12 @@ async fn runs_of_records(db_url_of: impl Fn(&std::path::Path) -> String) {
         ["user-0", "user-1", "user-2", "user-3", "user-4"]
     );
     // Delivered again, the whole run is duplicates.
-    assert_eq!(c.process_all(&recs, &stop).await, 7);
+    let tried = c.try_run(&recs, &stop).await;
+    assert!(
+        tried.iter().all(|o| *o == Tried::Done(Outcome::Duplicate)),
+        "{tried:?}"
+    );
+    assert_eq!(tried.len(), 7);
     assert_eq!(handler.calls.load(Ordering::SeqCst), 5);
     assert_eq!(effects(&db).await.len(), 5);
     db.close().await;
@@ -549,7 +563,12 @@ async fn runs_of_records(db_url_of: impl Fn(&std::path::Path) -> String) {
         Arc::new(log.clone()),
         &prometheus::Registry::new(),
     );
-    assert_eq!(c.process_all(&recs, &stop).await, 5);
+    let tried = c.try_run(&recs, &stop).await;
+    assert_eq!(tried.len(), 5);
+    assert!(
+        tried.iter().all(|o| matches!(o, Tried::Done(_))),
+        "a poison event is finished (dead-lettered), not retried: {tried:?}"
+    );
     // The run reached the poison (3 calls) and rolled back; then one call per record.
     assert_eq!(handler.calls.load(Ordering::SeqCst), 3 + 5);
     assert_eq!(effects(&db).await, ["user-0", "user-1", "user-3", "user-4"]);
@@ -579,4 +598,268 @@ async fn a_run_of_records_is_applied_together_postgres() {
     for d in dbs {
         d.drop_db().await.expect("drop test database");
     }
+}
+
+/// Applies events in the order it is given them, failing the ones it is told to a number of
+/// times first; each applied event is a row `subject/seq` in `effects`, in the order of the
+/// commits (SQLite's rowid).
+struct Sequencer {
+    /// `subject/seq` -> retryable failures still to give; `u32::MAX`: always.
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    prepares: bool,
+}
+
+/// The events a [`Sequencer`] applied, in commit order: (subject, sequence number).
+async fn applied(db: &Db) -> Vec<(String, u32)> {
+    let rows: Vec<String> = sqlx::query_scalar("SELECT subject FROM effects ORDER BY rowid")
+        .fetch_all(db.pool())
+        .await
+        .expect("effects");
+    rows.iter()
+        .map(|r| {
+            let (k, s) = r.split_once('/').expect("subject/seq");
+            (k.to_owned(), s.parse().expect("seq"))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Handler for Sequencer {
+    fn name(&self) -> &str {
+        "sequencer"
+    }
+    fn topics(&self) -> Vec<String> {
+        vec![USER_REGISTERED.topic.to_owned()]
+    }
+    fn wants(&self, t: &str) -> bool {
+        t == USER_REGISTERED.name
+    }
+    fn prepares(&self) -> bool {
+        self.prepares
+    }
+    async fn handle(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        ev: &Envelope,
+    ) -> Result<(), HandlerError> {
+        let p: UserRegistered = shopverse_events::envelope::decode_payload(ev)
+            .map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        let seq: u32 = p.display_name.parse().expect("sequence number");
+        let tag = format!("{}/{seq}", ev.subject);
+        if let Some(left) = self.failures.lock().unwrap().get_mut(&tag)
+            && *left > 0
+        {
+            *left = left.saturating_sub(u32::from(*left != u32::MAX));
+            return Err(HandlerError::Retryable(
+                format!("{tag} is not ready").into(),
+            ));
+        }
+        sqlx::query("INSERT INTO effects (event_id, subject) VALUES ($1, $2)")
+            .bind(&ev.id)
+            .bind(&tag)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Publishes `per_key` events for each of `keys`, interleaved (k0/0, k1/0, ..., k0/1, ...).
+async fn publish_sequences(bus: &dyn EventBus, keys: &[&str], per_key: u32) {
+    let mut out = Vec::new();
+    for seq in 0..per_key {
+        for key in keys {
+            let payload = UserRegistered {
+                user_id: (*key).into(),
+                email: format!("{key}@example.com"),
+                display_name: seq.to_string(),
+            };
+            let env = new_envelope(
+                &USER_REGISTERED,
+                "users",
+                key,
+                1_700_000_000_000,
+                Origin::NONE,
+                &payload,
+            );
+            out.push(OutRecord {
+                topic: USER_REGISTERED.topic.into(),
+                key: (*key).into(),
+                headers: shopverse_events::outbox::envelope_headers(&env),
+                payload: prost::Message::encode_to_vec(&env),
+            });
+        }
+    }
+    bus.publish(&out).await.expect("publish");
+}
+
+/// A key whose first event fails twice, and a poison key whose first event always fails, on one
+/// partition with eight healthy keys: every other key's events are all applied before the
+/// flaky key's first retry is even due; each key's events are applied in order, the flaky and
+/// the poison key's later events after their first (the poison one dead-lettered).
+async fn parking_keeps_key_order(bus: Arc<dyn EventBus>, db_url: &str, prepares: bool) {
+    let db = service_db(db_url).await;
+    let keys = [
+        "flaky", "k1", "k2", "poison", "k4", "k5", "k6", "k7", "k8", "k9",
+    ];
+    let per_key = 4;
+    publish_sequences(bus.as_ref(), &keys, per_key).await;
+    let handler = Arc::new(Sequencer {
+        failures: std::sync::Mutex::new(
+            [("flaky/0".to_owned(), 2), ("poison/0".to_owned(), u32::MAX)].into(),
+        ),
+        prepares,
+    });
+    // The first retry is due two seconds after the failure: far longer than the other 38
+    // events take, however slow the machine.
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_secs(2),
+        max_backoff: Duration::from_secs(2),
+    };
+    let consumer = Consumer::new(
+        handler.clone(),
+        db.clone(),
+        bus.clone(),
+        &prometheus::Registry::new(),
+    )
+    .with_retry(retry);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    wait_until_caught_up(bus.as_ref(), "sequencer", USER_REGISTERED.topic).await;
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+
+    let applied = applied(&db).await;
+    for key in keys {
+        let seqs: Vec<u32> = applied
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, s)| *s)
+            .collect();
+        let want: Vec<u32> = if key == "poison" {
+            (1..per_key).collect()
+        } else {
+            (0..per_key).collect()
+        };
+        assert_eq!(seqs, want, "{key}'s events out of order or missing");
+    }
+    let first_flaky = applied
+        .iter()
+        .position(|(k, _)| k == "flaky")
+        .expect("flaky applied");
+    let healthy = applied
+        .iter()
+        .filter(|(k, _)| k != "flaky" && k != "poison")
+        .count();
+    assert_eq!(healthy, 8 * per_key as usize);
+    assert!(
+        applied[..first_flaky]
+            .iter()
+            .filter(|(k, _)| k != "flaky" && k != "poison")
+            .count()
+            == healthy,
+        "healthy keys waited for the parked one: {applied:?}"
+    );
+    let parked = dlq::list(bus.as_ref(), None).await.expect("list");
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(
+        parked[0].reason.contains("gave up after 3 attempts"),
+        "{parked:?}"
+    );
+    db.close().await;
+}
+
+#[tokio::test]
+async fn parking_keeps_key_order_and_lets_other_keys_through_embedded() {
+    for prepares in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        parking_keeps_key_order(
+            embedded(dir.path(), 1).await,
+            &format!("sqlite://{}/svc.db", dir.path().display()),
+            prepares,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn parking_keeps_key_order_and_lets_other_keys_through_kafka() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    parking_keeps_key_order(
+        kafka(1),
+        &format!("sqlite://{}/svc.db", dir.path().display()),
+        false,
+    )
+    .await;
+}
+
+/// A consumer stopped while a record is parked has not committed past it: the restarted one
+/// reads it again and applies it, and what was applied before the stop is not applied again.
+#[tokio::test]
+async fn a_parked_record_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bus = embedded(dir.path(), 1).await;
+    let db = service_db(&format!("sqlite://{}/svc.db", dir.path().display())).await;
+    publish_sequences(bus.as_ref(), &["a", "b"], 2).await;
+    let handler = Arc::new(Sequencer {
+        failures: std::sync::Mutex::new([("a/0".to_owned(), u32::MAX)].into()),
+        prepares: true,
+    });
+    let retry = RetryPolicy {
+        max_attempts: 5,
+        initial_backoff: Duration::from_secs(60),
+        max_backoff: Duration::from_secs(60),
+    };
+    let registry = prometheus::Registry::new();
+    let consumer = Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry)
+        .with_retry(retry.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    // b's two events pass the parked a/0; a/1 waits behind it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while applied(&db).await.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "b never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        applied(&db).await,
+        [("b".to_owned(), 0), ("b".to_owned(), 1)]
+    );
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("metrics");
+    assert!(
+        text.contains("events_parked{consumer=\"sequencer\"} 1"),
+        "{text}"
+    );
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    assert_eq!(
+        bus.committed("sequencer", USER_REGISTERED.topic, 0)
+            .await
+            .expect("committed"),
+        0,
+        "nothing committed past the parked record"
+    );
+
+    // Restarted with the downstream fixed: a's events in order, b's not again.
+    handler.failures.lock().unwrap().clear();
+    let consumer =
+        Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry).with_retry(retry);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    wait_until_caught_up(bus.as_ref(), "sequencer", USER_REGISTERED.topic).await;
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    assert_eq!(
+        applied(&db).await,
+        [
+            ("b".to_owned(), 0),
+            ("b".to_owned(), 1),
+            ("a".to_owned(), 0),
+            ("a".to_owned(), 1)
+        ],
+        "a's events once each and in order, b's not again"
+    );
+    db.close().await;
 }

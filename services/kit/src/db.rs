@@ -3,7 +3,8 @@
 //! Both run the same migrations and the same queries: SQL sticks to what both dialects share
 //! (`$1` placeholders, `ON CONFLICT`, `BIGINT` epoch milliseconds for time, `TEXT` ids), and the
 //! one type spelled differently, binary data, is written `{{BLOB}}` in migrations and filled in
-//! per dialect. Writes that read before they write open with [`Db::begin_write`], which on SQLite
+//! per dialect. A migration line that opens with `-- sqlite: ` or `-- postgres: ` is run on
+//! that dialect only (and stays a comment on the other). Writes that read before they write open with [`Db::begin_write`], which on SQLite
 //! takes the write lock up front (`BEGIN IMMEDIATE`): a deferred transaction that read first
 //! cannot upgrade once another connection has committed, even with a busy timeout.
 //!
@@ -364,6 +365,20 @@ impl std::ops::DerefMut for WriteTx {
     }
 }
 
+/// A migration's SQL for `kind`: `{{BLOB}}` spelled in the dialect, and the lines meant for
+/// this dialect alone (`-- sqlite: `, `-- postgres: `) uncommented.
+fn dialect_sql(sql: &str, kind: DbKind) -> String {
+    let (blob, mine) = match kind {
+        DbKind::Sqlite => ("BLOB", "-- sqlite: "),
+        DbKind::Postgres => ("BYTEA", "-- postgres: "),
+    };
+    sql.lines()
+        .map(|line| line.strip_prefix(mine).unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("{{BLOB}}", blob)
+}
+
 impl Db {
     /// Connects, creating the SQLite file (and its folder) when missing.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
@@ -497,10 +512,6 @@ impl Db {
     /// Applies every migration of `sets` (a service's own and the event outbox's, say) in
     /// version order; already applied ones are checked, not rerun.
     pub async fn migrate(&self, sets: &[&[MigrationSpec]]) -> Result<(), DbError> {
-        let blob = match self.kind {
-            DbKind::Sqlite => "BLOB",
-            DbKind::Postgres => "BYTEA",
-        };
         let mut all: Vec<&MigrationSpec> = sets.iter().flat_map(|s| s.iter()).collect();
         all.sort_by_key(|m| m.0);
         let list = all
@@ -510,7 +521,7 @@ impl Db {
                     *version,
                     Cow::Borrowed(*description),
                     MigrationType::Simple,
-                    AssertSqlSafe(sql.replace("{{BLOB}}", blob)).into_sql_str(),
+                    AssertSqlSafe(dialect_sql(sql, self.kind)).into_sql_str(),
                     false,
                 )
             })
@@ -678,6 +689,19 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dialect_lines_run_on_their_dialect_only() {
+        let sql = "CREATE TABLE t (b {{BLOB}});\n-- sqlite: CREATE INDEX i ON t (b);\n-- postgres: ALTER TABLE t ADD COLUMN s BIGSERIAL;";
+        assert_eq!(
+            dialect_sql(sql, DbKind::Sqlite),
+            "CREATE TABLE t (b BLOB);\nCREATE INDEX i ON t (b);\n-- postgres: ALTER TABLE t ADD COLUMN s BIGSERIAL;"
+        );
+        assert_eq!(
+            dialect_sql(sql, DbKind::Postgres),
+            "CREATE TABLE t (b BYTEA);\n-- sqlite: CREATE INDEX i ON t (b);\nALTER TABLE t ADD COLUMN s BIGSERIAL;"
+        );
+    }
 
     /// A two-connection `Db` on `url` with the table `t (id)`.
     async fn with_t(url: &str) -> Db {

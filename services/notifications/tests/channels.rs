@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use prost::Message;
 use shopverse_events::bus::OutRecord;
 use shopverse_events::embedded::EmbeddedLog;
-use shopverse_events::envelope::{ORDER_PLACED, USER_REGISTERED, new_envelope};
+use shopverse_events::envelope::{ORDER_PLACED, Origin, USER_REGISTERED, new_envelope};
 use shopverse_events::outbox::envelope_headers;
 use shopverse_events::{EventBus, dlq};
 use shopverse_kit::testing::spawn;
@@ -226,7 +226,7 @@ async fn once_per_event_and_channel(database: String) {
         "users",
         "u1",
         now,
-        None,
+        Origin::NONE,
         &UserRegistered {
             user_id: "u1".into(),
             email: "ada@example.com".into(),
@@ -240,7 +240,7 @@ async fn once_per_event_and_channel(database: String) {
         "orders",
         "order-0001",
         now,
-        None,
+        Origin::NONE,
         &OrderEvent {
             order: Some(order("order-0001", "u1")),
         },
@@ -289,7 +289,7 @@ async fn once_per_event_and_channel(database: String) {
         "orders",
         "order-0002",
         now,
-        None,
+        Origin::NONE,
         &OrderEvent {
             order: Some(order("order-0002", "u1")),
         },
@@ -353,7 +353,7 @@ async fn without_channels_each_event_lands_in_the_inbox_once() {
                 "orders",
                 &format!("order-{i}"),
                 now,
-                None,
+                Origin::NONE,
                 &OrderEvent {
                     order: Some(order(&format!("order-{i}"), "u1")),
                 },

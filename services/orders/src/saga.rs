@@ -8,7 +8,7 @@ use tonic::Code;
 
 use shopverse_events::consumer::{Handler, HandlerError};
 use shopverse_events::envelope::{
-    Envelope, PAYMENT_FAILED, PAYMENT_REFUNDED, PAYMENT_SUCCEEDED, SHIPMENT_DELIVERED,
+    Envelope, Origin, PAYMENT_FAILED, PAYMENT_REFUNDED, PAYMENT_SUCCEEDED, SHIPMENT_DELIVERED,
     SHIPMENT_SHIPPED, TOPIC_DELIVERY, TOPIC_PAYMENTS, decode_payload,
 };
 use shopverse_kit::CancellationToken;
@@ -70,7 +70,7 @@ impl Handler for SagaHandler {
         if t == PAYMENT_SUCCEEDED.name {
             if order.status == PENDING_PAYMENT {
                 self.orders
-                    .transition(conn, &mut order, CONFIRMED, "")
+                    .transition(conn, &mut order, CONFIRMED, "", Origin::Event(ev))
                     .await?;
             } else if !order.paid {
                 // Paid after it was cancelled (the deadline passed first): remember the money;
@@ -93,6 +93,7 @@ impl Handler for SagaHandler {
                         &mut order,
                         CANCELLED,
                         &format!("payment failed: {}", p.reason),
+                        Origin::Event(ev),
                     )
                     .await?;
             }
@@ -108,11 +109,11 @@ impl Handler for SagaHandler {
             }
         } else if t == SHIPMENT_SHIPPED.name {
             self.orders
-                .transition(conn, &mut order, SHIPPED, "")
+                .transition(conn, &mut order, SHIPPED, "", Origin::Event(ev))
                 .await?;
         } else if t == SHIPMENT_DELIVERED.name {
             self.orders
-                .transition(conn, &mut order, DELIVERED, "")
+                .transition(conn, &mut order, DELIVERED, "", Origin::Event(ev))
                 .await?;
         }
         Ok(())
@@ -130,7 +131,16 @@ pub async fn sweep(orders: &Orders) -> Result<usize, shopverse_kit::ServiceError
         };
         if order.status == PENDING_PAYMENT && order.payment_deadline < now {
             if orders
-                .transition(&mut tx, &mut order, CANCELLED, "payment deadline passed")
+                .transition(
+                    &mut tx,
+                    &mut order,
+                    CANCELLED,
+                    "payment deadline passed",
+                    Origin::Keyed {
+                        key: &id,
+                        traceparent: None,
+                    },
+                )
                 .await?
             {
                 moved += 1;

@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status};
 use shopverse_events::Platform;
 use shopverse_events::envelope::{
     EventType, ORDER_CANCELLED, ORDER_CONFIRMED, ORDER_DELIVERED, ORDER_PLACED, ORDER_SHIPPED,
-    new_envelope,
+    Origin, new_envelope,
 };
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::clock::to_timestamp;
@@ -586,8 +586,13 @@ impl Orders {
         self.store()
             .remove_cart_lines(&mut tx, user_id, &bought)
             .await?;
-        self.emit(&mut tx, &ORDER_PLACED, &order, traceparent)
-            .await?;
+        // Keyed by the order, which the checkout's idempotency key names: a retried checkout
+        // that gets this far raises the same event.
+        let origin = Origin::Keyed {
+            key: &order.id,
+            traceparent,
+        };
+        self.emit(&mut tx, &ORDER_PLACED, &order, origin).await?;
         tx.commit().await?;
         self.wake_relay();
         Ok(order)
@@ -601,13 +606,13 @@ impl Orders {
             .ok_or_else(|| ServiceError::not_found("order", order_id))
     }
 
-    /// Writes `kind` for `order` to the outbox on `conn`.
+    /// Writes `kind` for `order` to the outbox on `conn`; `origin` gives its id and trace.
     pub async fn emit(
         &self,
         conn: &mut sqlx::AnyConnection,
         kind: &EventType,
         order: &OrderRow,
-        traceparent: Option<&str>,
+        origin: Origin<'_>,
     ) -> Result<(), sqlx::Error> {
         let env = if kind.name == ORDER_CANCELLED.name {
             let payload = OrderCancelled {
@@ -615,24 +620,26 @@ impl Orders {
                 reason: order.cancel_reason.clone(),
                 was_paid: order.paid,
             };
-            new_envelope(kind, SOURCE, &order.id, self.now(), traceparent, &payload)
+            new_envelope(kind, SOURCE, &order.id, self.now(), origin, &payload)
         } else {
             let payload = OrderEvent {
                 order: Some(order_to_proto(order)),
             };
-            new_envelope(kind, SOURCE, &order.id, self.now(), traceparent, &payload)
+            new_envelope(kind, SOURCE, &order.id, self.now(), origin, &payload)
         };
         enqueue(conn, kind, &env).await
     }
 
     /// Moves `order` to `to` on `conn` (in the caller's transaction) and emits the matching
-    /// event. `Ok(false)` when the state machine does not allow it or the order moved meanwhile.
+    /// event, its id from `origin`. `Ok(false)` when the state machine does not allow it or the
+    /// order moved meanwhile.
     pub async fn transition(
         &self,
         conn: &mut sqlx::AnyConnection,
         order: &mut OrderRow,
         to: &str,
         reason: &str,
+        origin: Origin<'_>,
     ) -> Result<bool, sqlx::Error> {
         if !allowed(&order.status, to) {
             return Ok(false);
@@ -654,7 +661,7 @@ impl Orders {
             DELIVERED => &ORDER_DELIVERED,
             _ => &ORDER_CANCELLED,
         };
-        self.emit(conn, kind, order, None).await?;
+        self.emit(conn, kind, order, origin).await?;
         Ok(true)
     }
 
@@ -695,7 +702,16 @@ impl Orders {
             reason
         };
         if !self
-            .transition(&mut tx, &mut order, CANCELLED, &why)
+            .transition(
+                &mut tx,
+                &mut order,
+                CANCELLED,
+                &why,
+                Origin::Keyed {
+                    key: order_id,
+                    traceparent: None,
+                },
+            )
             .await?
         {
             return Err(ServiceError::FailedPrecondition(format!(

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use shopverse_events::consumer::{Handler, HandlerError};
 use shopverse_events::envelope::{
-    Envelope, EventType, ORDER_CANCELLED, ORDER_PLACED, PAYMENT_FAILED, PAYMENT_REFUNDED,
+    Envelope, EventType, ORDER_CANCELLED, ORDER_PLACED, Origin, PAYMENT_FAILED, PAYMENT_REFUNDED,
     PAYMENT_SUCCEEDED, TOPIC_ORDERS, decode_payload, new_envelope,
 };
 use shopverse_events::outbox::enqueue;
@@ -144,6 +144,7 @@ impl Payments {
         conn: &mut AnyConnection,
         kind: &EventType,
         p: &PaymentRow,
+        cause: &Envelope,
     ) -> Result<(), sqlx::Error> {
         let payload = PaymentEvent {
             order_id: p.order_id.clone(),
@@ -159,7 +160,7 @@ impl Payments {
             SOURCE,
             &p.order_id,
             self.clock.now_ms(),
-            None,
+            Origin::Event(cause),
             &payload,
         );
         enqueue(conn, kind, &env).await
@@ -206,13 +207,13 @@ impl Payments {
                 self.upsert(conn, &p, &order.payment_method_token).await?;
                 self.record(conn, &p, &["AUTHORIZE", "CAPTURE"], &reference)
                     .await?;
-                self.emit(conn, &PAYMENT_SUCCEEDED, &p).await?;
+                self.emit(conn, &PAYMENT_SUCCEEDED, &p, ev).await?;
             }
             Ok(ChargeOutcome::Declined { reason }) => {
                 p.status = "FAILED".into();
                 p.failure_reason = reason;
                 self.upsert(conn, &p, &order.payment_method_token).await?;
-                self.emit(conn, &PAYMENT_FAILED, &p).await?;
+                self.emit(conn, &PAYMENT_FAILED, &p, ev).await?;
             }
             Err(e @ ProviderError::Transient(_)) => {
                 return Err(HandlerError::Retryable(Box::new(e)));
@@ -240,7 +241,7 @@ impl Payments {
                 p.failure_reason = c.reason;
                 self.upsert(conn, &p, "").await?;
                 self.record(conn, &p, &["REFUND"], &reference).await?;
-                self.emit(conn, &PAYMENT_REFUNDED, &p).await?;
+                self.emit(conn, &PAYMENT_REFUNDED, &p, ev).await?;
             }
             Some(_) => {}
             None => {

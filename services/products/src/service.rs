@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use shopverse_events::Platform;
 use shopverse_events::envelope::{
-    Envelope, EventType, PRODUCT_ARCHIVED, PRODUCT_CREATED, PRODUCT_UPDATED, STOCK_CHANGED,
+    Envelope, EventType, Origin, PRODUCT_ARCHIVED, PRODUCT_CREATED, PRODUCT_UPDATED, STOCK_CHANGED,
     new_envelope,
 };
 use shopverse_events::outbox::{enqueue, enqueue_all};
@@ -291,7 +291,7 @@ impl Products {
         let payload = ProductChanged {
             product: Some(product_to_proto(p)),
         };
-        let env = new_envelope(kind, SOURCE, &p.id, self.now(), None, &payload);
+        let env = new_envelope(kind, SOURCE, &p.id, self.now(), Origin::NONE, &payload);
         enqueue(conn, kind, &env).await
     }
 
@@ -311,19 +311,30 @@ impl Products {
         }
     }
 
-    /// The `stock.changed` event of `product_id` at stock `s`.
+    /// The `stock.changed` event of `product_id` at stock `s`. One caused by an order's
+    /// reservation moving (reserved, committed, released) happens once per order, product and
+    /// reason, and its id says so: settling the same order twice raises the same event.
     fn stock_event(&self, product_id: &str, s: StockRow, reason: &str, order_id: &str) -> Envelope {
         let payload = StockChanged {
             stock: Some(stock_to_proto(product_id, s)),
             reason: reason.to_owned(),
             order_id: order_id.to_owned(),
         };
+        let key = format!("{reason}/{order_id}");
+        let origin = if order_id.is_empty() {
+            Origin::NONE
+        } else {
+            Origin::Keyed {
+                key: &key,
+                traceparent: None,
+            }
+        };
         new_envelope(
             &STOCK_CHANGED,
             SOURCE,
             product_id,
             self.now(),
-            None,
+            origin,
             &payload,
         )
     }

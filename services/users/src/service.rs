@@ -15,7 +15,7 @@ use tokio::sync::{Notify, OnceCell};
 use tonic::{Request, Response, Status};
 
 use shopverse_events::Platform;
-use shopverse_events::envelope::{USER_REGISTERED, new_envelope};
+use shopverse_events::envelope::{Origin, USER_REGISTERED, new_envelope};
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::clock::to_timestamp;
 use shopverse_kit::identity::{Role, require};
@@ -488,7 +488,7 @@ pub async fn create_user(
         SOURCE,
         &user.id,
         now,
-        traceparent,
+        Origin::Request { traceparent },
         &payload,
     );
     enqueue(&mut tx, &USER_REGISTERED, &env).await?;

@@ -1,0 +1,6 @@
+-- The relay publishes pending rows in the order they were written. Event ids no longer say that
+-- order (an event raised by handling another has an id derived from its cause), so the order
+-- is SQLite's rowid, which grows with every insert, and on PostgreSQL a sequence column.
+-- sqlite: CREATE INDEX outbox_pending_order ON outbox (published_at);
+-- postgres: ALTER TABLE outbox ADD COLUMN seq BIGSERIAL;
+-- postgres: CREATE INDEX outbox_pending_order ON outbox (published_at, seq);
