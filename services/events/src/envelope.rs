@@ -205,3 +205,67 @@ pub fn decode_payload<M: Message + Default>(env: &Envelope) -> Result<M, DecodeE
         source,
     })
 }
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    fn cause(id: &str) -> Envelope {
+        Envelope {
+            id: id.into(),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_event_raised_by_the_same_cause_has_the_same_id() {
+        let (a, b) = (cause("a"), cause("b"));
+        let id = |o: Origin<'_>, k: &EventType, s: &str| o.event_id(k, s);
+        let first = id(Origin::Event(&a), &ORDER_CONFIRMED, "o1");
+        assert_eq!(first, id(Origin::Event(&a), &ORDER_CONFIRMED, "o1"));
+        assert_ne!(first, id(Origin::Event(&b), &ORDER_CONFIRMED, "o1"));
+        assert_ne!(first, id(Origin::Event(&a), &ORDER_CANCELLED, "o1"));
+        assert_ne!(first, id(Origin::Event(&a), &ORDER_CONFIRMED, "o2"));
+        let keyed = |key| Origin::Keyed {
+            key,
+            traceparent: None,
+        };
+        assert_eq!(
+            id(keyed("k"), &ORDER_PLACED, "o1"),
+            id(keyed("k"), &ORDER_PLACED, "o1")
+        );
+        assert_ne!(
+            id(keyed("a"), &ORDER_CONFIRMED, "o1"),
+            first,
+            "a key and an event id of the same text differ"
+        );
+        // Parts are length-prefixed: moving a character between them changes the id.
+        assert_ne!(
+            id(Origin::Event(&cause("ab")), &ORDER_PLACED, "c"),
+            id(Origin::Event(&cause("a")), &ORDER_PLACED, "bc")
+        );
+        let parsed = uuid::Uuid::parse_str(&first).expect("a UUID");
+        assert_eq!(parsed.get_version_num(), 8);
+        assert_ne!(
+            id(Origin::NONE, &ORDER_PLACED, "o1"),
+            id(Origin::NONE, &ORDER_PLACED, "o1"),
+            "a plain request gets a fresh id"
+        );
+    }
+
+    #[test]
+    fn a_caused_event_carries_its_causes_trace() {
+        let a = cause("a");
+        let env = new_envelope(
+            &ORDER_CONFIRMED,
+            "orders",
+            "o1",
+            0,
+            Origin::Event(&a),
+            &Envelope::default(),
+        );
+        assert_eq!(env.traceparent, a.traceparent);
+        assert_eq!(env.id, Origin::Event(&a).event_id(&ORDER_CONFIRMED, "o1"));
+    }
+}

@@ -41,7 +41,8 @@ pub async fn enqueue(
 const ENQUEUE_ROWS: usize = 100;
 
 /// Writes the events `envs`, all of `kind`, to the outbox on the caller's connection (inside
-/// its transaction), in one statement per [`ENQUEUE_ROWS`]: a transaction that raises several
+/// its transaction), in one statement per [`ENQUEUE_ROWS`]. An event whose id is there already
+/// (the same cause handled again, see [`crate::envelope::Origin`]) is not written twice: a transaction that raises several
 /// (a reservation's stock changes, one per line) pays one round trip to the database for them,
 /// not one each. Nothing is written for none.
 pub async fn enqueue_all(
@@ -51,7 +52,8 @@ pub async fn enqueue_all(
 ) -> Result<(), sqlx::Error> {
     for chunk in envs.chunks(ENQUEUE_ROWS) {
         let sql = format!(
-            "INSERT INTO outbox (id, topic, event_key, event_type, envelope, created_at) VALUES {}",
+            "INSERT INTO outbox (id, topic, event_key, event_type, envelope, created_at) VALUES {} \
+             ON CONFLICT (id) DO NOTHING",
             placeholders(1, chunk.len(), 6)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));

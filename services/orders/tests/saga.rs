@@ -1010,3 +1010,131 @@ async fn cart_add_keeps_its_limits_on_both_databases() {
     assert_eq!(cart.lines[0].quantity, 99);
     shop.stop().await;
 }
+
+/// Records of `topic` about `key` with event type `kind`, from every partition.
+async fn records_of(
+    platform: &Platform,
+    topic: &str,
+    key: &str,
+    kind: &str,
+) -> Vec<shopverse_events::Record> {
+    let bus = platform.bus.as_ref();
+    let mut out = Vec::new();
+    for p in 0..bus.partitions(topic).await.unwrap() {
+        let mut from = 0;
+        loop {
+            let got = bus.fetch(topic, p, from, 500).await.unwrap();
+            let Some(last) = got.last() else { break };
+            from = last.offset + 1;
+            out.extend(
+                got.into_iter()
+                    .filter(|r| r.key == key && r.header("event-type") == Some(kind)),
+            );
+        }
+    }
+    out
+}
+
+/// The orders database loses what handling `payment.succeeded` did (as a restore of an older
+/// snapshot, or a lost inbox row, would), and the event is delivered again: orders confirms the
+/// order again and raises `order.confirmed` with the same id as the first time, so downstream
+/// (delivery) drops the copy and schedules one shipment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cause_handled_twice_raises_the_same_event() {
+    let mut shop = Shop::start(true).await;
+    let p = shop.product("TWICE", 1_000, 5).await;
+    let o = shop.buy("ann", &p, 1, "pm_card_ok").await.unwrap();
+    shop.wait_for("ann", &o.id, OrderStatus::Confirmed, |o| o.paid)
+        .await;
+    let (t_pay, t_orders, t_delivery) = (
+        "shopverse.payments",
+        "shopverse.orders",
+        "shopverse.delivery",
+    );
+    let paid = records_of(&shop.platform, t_pay, &o.id, "payment.succeeded").await;
+    assert_eq!(paid.len(), 1);
+    let first_confirmed = {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = records_of(&shop.platform, t_orders, &o.id, "order.confirmed").await;
+            if let Some(r) = r.first() {
+                break r.header("event-id").unwrap().to_owned();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never confirmed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    // Orders forgets: the order back to waiting for payment, the inbox row and the outbox row
+    // gone.
+    shopverse_kit::db::install_drivers();
+    let url = format!("sqlite://{}/orders.db", shop.dir.path().display());
+    let db = shopverse_kit::Db::connect(&url, 1).await.unwrap();
+    let mut tx = db.begin_write().await.unwrap();
+    for (sql, bind) in [
+        (
+            "UPDATE orders SET status = 'PENDING_PAYMENT', paid = 0 WHERE id = $1",
+            o.id.as_str(),
+        ),
+        (
+            "DELETE FROM inbox WHERE consumer = 'orders' AND event_id = $1",
+            paid[0].header("event-id").unwrap(),
+        ),
+        ("DELETE FROM outbox WHERE event_key = $1", o.id.as_str()),
+    ] {
+        let n = sqlx::query(sql)
+            .bind(bind)
+            .execute(&mut *tx)
+            .await
+            .unwrap()
+            .rows_affected();
+        assert!(n >= 1, "{sql} changed nothing");
+    }
+    tx.commit().await.unwrap();
+    db.close().await;
+
+    // The same payment.succeeded, delivered again.
+    let again = shopverse_events::OutRecord {
+        topic: paid[0].topic.clone(),
+        key: paid[0].key.clone(),
+        headers: paid[0].headers.clone(),
+        payload: paid[0].payload.clone(),
+    };
+    shop.platform.bus.publish(&[again]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let confirmed = loop {
+        let r = records_of(&shop.platform, t_orders, &o.id, "order.confirmed").await;
+        if r.len() == 2 {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "order.confirmed not raised again: {} copies",
+            r.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for r in &confirmed {
+        assert_eq!(r.header("event-id"), Some(first_confirmed.as_str()));
+    }
+    // Delivery has read both copies once its offset is past the second: one shipment event.
+    let second = &confirmed[1];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while shop
+        .platform
+        .bus
+        .committed("delivery", t_orders, second.partition)
+        .await
+        .unwrap()
+        <= second.offset
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delivery never read the copy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let scheduled = records_of(&shop.platform, t_delivery, &o.id, "shipment.scheduled").await;
+    assert_eq!(scheduled.len(), 1, "one shipment event for one order");
+    shop.stop().await;
+}
