@@ -66,6 +66,10 @@ enum Cmd {
         /// `key=value` copied into the report; repeatable.
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// How checkouts pay, by the simulator's payment methods in percent: `ok` succeeds,
+        /// `flaky` fails transiently twice then succeeds, `declined` is refused.
+        #[arg(long, default_value = "ok=100", value_parser = parse_mix)]
+        payment_mix: PaymentMix,
     },
     Reconcile {
         /// The appliance's data directory (its SQLite databases).
@@ -81,6 +85,70 @@ enum Cmd {
         report: PathBuf,
     },
 }
+
+/// Payment methods and their share of checkouts, in percent (summing to 100).
+#[derive(Clone, Debug)]
+struct PaymentMix(Vec<(&'static str, u32)>);
+
+impl std::fmt::Display for PaymentMix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|(token, pct)| format!("{}={pct}", token.trim_start_matches("pm_card_")))
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl PaymentMix {
+    /// The payment method of checkout number `n`: spread evenly, each share exact per 100.
+    fn pick(&self, n: u64) -> &'static str {
+        // 37 is coprime with 100: n -> 37n mod 100 visits every slot once per 100 checkouts.
+        let mut slot = u32::try_from((n % 100) * 37 % 100).unwrap_or(0);
+        for (token, pct) in &self.0 {
+            if slot < *pct {
+                return token;
+            }
+            slot -= pct;
+        }
+        "pm_card_ok"
+    }
+}
+
+fn parse_mix(s: &str) -> Result<PaymentMix, String> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let (name, pct) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}`: expected method=percent"))?;
+        let token = match name.trim() {
+            "ok" => "pm_card_ok",
+            "flaky" => "pm_card_flaky",
+            "declined" => "pm_card_declined",
+            other => {
+                return Err(format!(
+                    "unknown payment method `{other}` (ok, flaky, declined)"
+                ));
+            }
+        };
+        let pct: u32 = pct
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{pct}`: a whole percent"))?;
+        out.push((token, pct));
+    }
+    let total: u32 = out.iter().map(|(_, p)| p).sum();
+    if total != 100 {
+        return Err(format!("the shares add up to {total}, not 100"));
+    }
+    Ok(PaymentMix(out))
+}
+
+/// How checkouts pay (`--payment-mix`).
+static MIX: OnceLock<PaymentMix> = OnceLock::new();
+/// Checkouts made so far, for the payment mix.
+static CHECKOUTS: AtomicU64 = AtomicU64::new(0);
 
 /// Product ids of the catalog, shared by every user.
 static PRODUCTS: OnceLock<Vec<String>> = OnceLock::new();
@@ -197,7 +265,7 @@ async fn checkout(user: &mut GooseUser) -> TransactionResult {
     let run = RUN.get().copied().unwrap_or(0);
     let body = serde_json::json!({
         "idempotencyKey": format!("bench-{run}-{n}"),
-        "paymentMethodToken": "pm_card_ok",
+        "paymentMethodToken": MIX.get().map_or("pm_card_ok", |m| m.pick(CHECKOUTS.fetch_add(1, Ordering::Relaxed))),
         "shippingAddress": {"recipient": "Bench Shopper", "line1": "1 Main St", "city": "Berlin",
                             "postalCode": "10115", "country": "DE"},
     });
@@ -311,6 +379,7 @@ struct RunArgs {
     data_dir: PathBuf,
     report: PathBuf,
     tags: Vec<String>,
+    payment_mix: PaymentMix,
 }
 
 /// The appliance's databases, read-only.
@@ -342,7 +411,10 @@ async fn run(a: RunArgs) -> Result<()> {
         data_dir,
         report,
         tags,
+        payment_mix,
     } = a;
+    let mix_text = payment_mix.to_string();
+    let _ = MIX.set(payment_mix);
     let ids = prepare(&host, &admin.0, &admin.1, stock).await?;
     // What every product must add up to afterwards: its stock now plus what was committed
     // before (the demo orders), since available + committed stays constant.
@@ -433,6 +505,7 @@ async fn run(a: RunArgs) -> Result<()> {
         "orders_per_second": orders as f64 / secs,
         "checkout_p50_ms": co.map(|m| m.raw_data.percentile_us(0.5) as f64 / 1e3).unwrap_or(0.0),
         "checkout_p99_ms": co.map(|m| m.raw_data.percentile_us(0.99) as f64 / 1e3).unwrap_or(0.0),
+        "payment_mix": mix_text,
         "by_request": by,
         "baseline": baseline,
     });
@@ -530,6 +603,7 @@ fn main() -> Result<std::process::ExitCode> {
                 data_dir,
                 report,
                 tags,
+                payment_mix,
             } => {
                 run(RunArgs {
                     host,
@@ -540,6 +614,7 @@ fn main() -> Result<std::process::ExitCode> {
                     data_dir,
                     report,
                     tags,
+                    payment_mix,
                 })
                 .await?;
                 Ok(std::process::ExitCode::SUCCESS)

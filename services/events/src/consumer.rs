@@ -86,6 +86,22 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<(), HandlerError>;
 }
 
+/// Why a run of events was not applied: the handler's error, and which event of the run it
+/// came from (none: the database itself).
+struct RunError {
+    at: Option<usize>,
+    error: HandlerError,
+}
+
+impl RunError {
+    fn db(e: sqlx::Error) -> RunError {
+        RunError {
+            at: None,
+            error: e.into(),
+        }
+    }
+}
+
 /// Puts `record` in `pending` in place of the earlier record of its partition: what
 /// [`Subscription::commit_all`] takes.
 pub fn keep_last(pending: &mut Vec<Record>, record: Record) {
@@ -377,17 +393,28 @@ impl<H: Handler> Consumer<H> {
 
     /// Tries each of `records` once, in order, and says what came of each (same order).
     ///
-    /// For a handler that [batches](Self::batches), the leading records are applied in one
+    /// For a handler that [batches](Self::batches), runs of records are applied in one
     /// transaction: one `BEGIN` and `COMMIT`, one inbox insert for all of them. That is the
     /// consumer's share of a database's writer turn, paid once per run instead of once per
-    /// event. If any record of the run fails, the whole transaction rolls back and each record
-    /// is tried on its own, so only the failing one is retried or dead-lettered.
+    /// event. When one record of a run fails, the transaction rolls back; the records before it
+    /// are applied again as a run, the failing one is tried on its own (and retried or
+    /// dead-lettered), and the run goes on after it. A failure no record can be blamed for
+    /// (the database) leaves the rest to be tried one by one.
     pub async fn try_run(&self, records: &[Record], shutdown: &CancellationToken) -> Vec<Tried> {
         let mut out = Vec::with_capacity(records.len());
-        if self.batches() && records.len() > 1 {
+        // The end of the run tried next, in `records`, and the record a failed run blamed.
+        let mut end = records.len();
+        let mut blamed = None;
+        while self.batches() && records.len() - out.len() > 1 {
+            if blamed == Some(out.len()) {
+                blamed = None;
+                out.push(self.try_record(&records[out.len()], 1, shutdown).await);
+                continue;
+            }
+            let run = &records[out.len()..end];
             // The leading records that decode and are known; the first that does not ends
-            // the run, and is dead-lettered by `try_record` below.
-            let envs: Vec<Envelope> = records
+            // the run, and is dead-lettered by `try_record`.
+            let envs: Vec<Envelope> = run
                 .iter()
                 .map_while(|r| {
                     decode_envelope(&r.payload)
@@ -395,14 +422,22 @@ impl<H: Handler> Consumer<H> {
                         .filter(|env| check_known(env).is_ok())
                 })
                 .collect();
-            let wanted: Vec<&Envelope> = envs
+            let wanted: Vec<(usize, &Envelope)> = envs
                 .iter()
-                .filter(|env| self.handler.wants(&env.r#type))
+                .enumerate()
+                .filter(|(_, env)| self.handler.wants(&env.r#type))
                 .collect();
-            if wanted.len() > 1 {
-                match self.apply(&wanted).await {
-                    // An id applied is `Applied` once, at its first copy in the run.
-                    Ok(mut fresh) => out.extend(envs.iter().map(|env| {
+            if wanted.len() < 2 {
+                // Nothing to gain from a transaction: the first record on its own.
+                out.push(self.try_record(&run[0], 1, shutdown).await);
+                end = records.len();
+                continue;
+            }
+            let only: Vec<&Envelope> = wanted.iter().map(|(_, e)| *e).collect();
+            match self.apply(&only).await {
+                // An id applied is `Applied` once, at its first copy in the run.
+                Ok(mut fresh) => {
+                    out.extend(envs.iter().map(|env| {
                         Tried::Done(if !self.handler.wants(&env.r#type) {
                             Outcome::Skipped
                         } else if fresh.remove(&env.id) {
@@ -410,11 +445,30 @@ impl<H: Handler> Consumer<H> {
                         } else {
                             Outcome::Duplicate
                         })
-                    })),
-                    Err(e) => tracing::debug!(
-                        consumer = self.handler.name(), events = wanted.len(), error = %e,
+                    }));
+                    end = records.len();
+                }
+                Err(RunError { at: Some(i), error }) => {
+                    let failed = wanted[i].0;
+                    tracing::debug!(
+                        consumer = self.handler.name(), event_id = %only[i].id, error = %error,
+                        "an event failed a run; the run goes on without it"
+                    );
+                    if failed == 0 {
+                        out.push(self.try_record(&run[0], 1, shutdown).await);
+                        end = records.len();
+                    } else {
+                        // The records before it first, as a run of their own.
+                        blamed = Some(out.len() + failed);
+                        end = out.len() + failed;
+                    }
+                }
+                Err(RunError { at: None, error }) => {
+                    tracing::debug!(
+                        consumer = self.handler.name(), events = only.len(), error = %error,
                         "a run of events failed together; trying each on its own"
-                    ),
+                    );
+                    break;
                 }
             }
         }
@@ -428,7 +482,7 @@ impl<H: Handler> Consumer<H> {
     /// it had not seen, and only those reach the handler (an id twice in `envs`, once).
     /// Returns the ids applied; the rest were duplicates. One record's attempt is the run of
     /// one.
-    async fn apply(&self, envs: &[&Envelope]) -> Result<HashSet<String>, HandlerError> {
+    async fn apply(&self, envs: &[&Envelope]) -> Result<HashSet<String>, RunError> {
         let now = SystemClock.now_ms();
         let sql = format!(
             "INSERT INTO inbox (consumer, event_id, handled_at) VALUES {} \
@@ -439,21 +493,29 @@ impl<H: Handler> Consumer<H> {
         for env in envs {
             q = q.bind(self.handler.name()).bind(&env.id).bind(now);
         }
-        let mut tx = self.db.begin_write().await?;
-        let fresh: HashSet<String> = q.fetch_all(&mut *tx).await?.into_iter().collect();
+        let mut tx = self.db.begin_write().await.map_err(RunError::db)?;
+        let fresh: HashSet<String> = q
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(RunError::db)?
+            .into_iter()
+            .collect();
         let duplicates = (envs.len() - fresh.len()) as u64;
         if fresh.is_empty() {
-            tx.rollback().await?;
+            tx.rollback().await.map_err(RunError::db)?;
             self.metrics.duplicates.inc_by(duplicates);
             return Ok(fresh);
         }
         let mut todo = fresh.clone();
-        for env in envs {
+        for (i, env) in envs.iter().enumerate() {
             if todo.remove(&env.id) {
-                self.handler.handle(&mut tx, env).await?;
+                self.handler
+                    .handle(&mut tx, env)
+                    .await
+                    .map_err(|error| RunError { at: Some(i), error })?;
             }
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(RunError::db)?;
         self.metrics.handled.inc_by(fresh.len() as u64);
         self.metrics.duplicates.inc_by(duplicates);
         if let Some(n) = &self.after_commit {
@@ -524,11 +586,13 @@ impl<H: Handler> Consumer<H> {
             }
             self.handler.prepare(env).await?;
         }
-        Ok(if self.apply(&[env]).await?.len() == 1 {
-            Outcome::Applied
-        } else {
-            Outcome::Duplicate
-        })
+        Ok(
+            if self.apply(&[env]).await.map_err(|e| e.error)?.len() == 1 {
+                Outcome::Applied
+            } else {
+                Outcome::Duplicate
+            },
+        )
     }
 
     async fn dead_letter(

@@ -569,8 +569,9 @@ async fn runs_of_records(db_url_of: impl Fn(&std::path::Path) -> String) {
         tried.iter().all(|o| matches!(o, Tried::Done(_))),
         "a poison event is finished (dead-lettered), not retried: {tried:?}"
     );
-    // The run reached the poison (3 calls) and rolled back; then one call per record.
-    assert_eq!(handler.calls.load(Ordering::SeqCst), 3 + 5);
+    // The run reached the poison (3 calls) and rolled back; then the two before it went as a
+    // run, the poison alone, and the two after it as a run.
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 3 + 2 + 1 + 2);
     assert_eq!(effects(&db).await, ["user-0", "user-1", "user-3", "user-4"]);
     let parked = dlq::list(&log, None).await.expect("list");
     assert_eq!(parked.len(), 1, "{parked:?}");
