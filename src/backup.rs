@@ -1,17 +1,22 @@
 //! `shopverse backup` and `shopverse restore`.
 //!
-//! A backup is a folder: one consistent snapshot per SQLite database (`VACUUM INTO`, which reads
-//! in one transaction while the appliance keeps writing), `pg_dump` custom-format archives for
+//! A backup is a folder: a snapshot of every SQLite database, `pg_dump` custom-format archives for
 //! services on PostgreSQL, a copy of the signing keys, and `manifest.json` with a SHA-256 per
-//! file. Each database is consistent in itself; across services the saga's outbox and inbox
-//! make the few in-flight events replay harmlessly after a restore.
+//! file.
+//!
+//! The SQLite snapshots are **one cut** ([`sqlite_cut`]): for the instant it takes to open a
+//! read transaction on every file, no file commits a write, so the snapshots show the whole
+//! appliance at one moment: every event a service's snapshot says it handled, the log's
+//! snapshot holds, and every outbox row the log's snapshot lacks is still pending in its
+//! service's snapshot. Databases on PostgreSQL are dumped one by one (no cut across them); there
+//! the derived event ids ([`shopverse_events::envelope::Origin`]) and the inboxes make a
+//! re-handled event raise nothing new.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::Connection;
 
 use crate::config::AppConfig;
 
@@ -93,6 +98,90 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
+/// How long one try waits for each file's write lock, and how many tries the cut gets.
+const FENCE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+const FENCE_TRIES: u32 = 40;
+
+/// Snapshots every `(name, database, target)` at one instant and writes each snapshot to its
+/// target; returns how long writers were held back.
+///
+/// Each file's write lock is taken in turn (`BEGIN IMMEDIATE`, waiting [`FENCE_WAIT`] at most
+/// for each; a writer of the appliance that holds one file and wants another is never waited on
+/// for long: on a busy file every lock taken is let go and the cut is tried again). With every
+/// lock held, a read transaction is opened on each file, which fixes its snapshot; then the
+/// locks are let go and the appliance writes on. Each snapshot is then copied with SQLite's
+/// backup API from inside its read transaction, so what is copied is the cut.
+fn sqlite_cut(files: &[(String, PathBuf, PathBuf)]) -> anyhow::Result<std::time::Duration> {
+    use rusqlite::{Connection, OpenFlags};
+    let open = |path: &Path, flags: OpenFlags| -> anyhow::Result<Connection> {
+        let c = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_context(|| format!("opening {}", path.display()))?;
+        c.busy_timeout(FENCE_WAIT)?;
+        Ok(c)
+    };
+    let (snapshots, paused) = 'cut: {
+        for _ in 0..FENCE_TRIES {
+            let started = std::time::Instant::now();
+            let mut fences = Vec::with_capacity(files.len());
+            for (_, path, _) in files {
+                let fence = open(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+                match fence.execute_batch("BEGIN IMMEDIATE") {
+                    Ok(()) => fences.push(fence),
+                    Err(rusqlite::Error::SqliteFailure(e, _))
+                        if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+                    {
+                        break;
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("locking {}", path.display()));
+                    }
+                }
+            }
+            if fences.len() < files.len() {
+                // Let go of every lock before trying again.
+                drop(fences);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            }
+            let mut snapshots = Vec::with_capacity(files.len());
+            for (_, path, _) in files {
+                let snap = open(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+                snap.execute_batch("BEGIN")?;
+                // The first read fixes what this transaction sees.
+                snap.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .with_context(|| format!("reading {}", path.display()))?;
+                snapshots.push(snap);
+            }
+            for fence in &fences {
+                fence.execute_batch("ROLLBACK")?;
+            }
+            break 'cut (snapshots, started.elapsed());
+        }
+        bail!(
+            "could not take one cut: a database stayed busy through {FENCE_TRIES} tries; try again"
+        );
+    };
+    for ((name, _, target), snap) in files.iter().zip(&snapshots) {
+        let mut dst =
+            Connection::open(target).with_context(|| format!("creating {}", target.display()))?;
+        let step = rusqlite::backup::Backup::new(snap, &mut dst)?
+            .step(-1)
+            .with_context(|| format!("copying the snapshot of {name}"))?;
+        if step != rusqlite::backup::StepResult::Done {
+            bail!("copying the snapshot of {name} did not finish ({step:?})");
+        }
+        // A plain file, as a restore expects: no WAL beside it.
+        dst.pragma_update(None, "journal_mode", "DELETE")?;
+        drop(dst);
+    }
+    for snap in snapshots {
+        snap.execute_batch("COMMIT")?;
+    }
+    Ok(paused)
+}
+
 pub async fn backup(cfg: &AppConfig, to: &Path) -> anyhow::Result<Manifest> {
     if to.exists()
         && std::fs::read_dir(to)
@@ -104,31 +193,39 @@ pub async fn backup(cfg: &AppConfig, to: &Path) -> anyhow::Result<Manifest> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     shopverse_kit::db::install_drivers();
     let mut files = Vec::new();
-    for (name, url) in databases(cfg) {
-        let origin = shopverse_kit::db::redact(&url);
-        if let Some(path) = sqlite_path(&url) {
-            if !path.exists() {
+    let all = databases(cfg);
+    let mut sqlite = Vec::new();
+    for (name, url) in &all {
+        if let Some(path) = sqlite_path(url) {
+            if path.exists() {
+                sqlite.push((name.clone(), path, to.join(format!("{name}.db"))));
+            } else {
                 println!(
                     "  {name:<18} skipped (no database yet at {})",
                     path.display()
                 );
+            }
+        }
+    }
+    if !sqlite.is_empty() {
+        let files = sqlite.clone();
+        let paused = tokio::task::spawn_blocking(move || sqlite_cut(&files))
+            .await
+            .context("the snapshot task failed")??;
+        println!(
+            "  one cut of {} SQLite databases: writers paused for {:.1} ms",
+            sqlite.len(),
+            paused.as_secs_f64() * 1e3
+        );
+    }
+    for (name, url) in all {
+        let origin = shopverse_kit::db::redact(&url);
+        if let Some(path) = sqlite_path(&url) {
+            if !path.exists() {
                 continue;
             }
             let file = format!("{name}.db");
             let target = to.join(&file);
-            let mut conn =
-                sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", path.display()))
-                    .await
-                    .with_context(|| format!("opening {}", path.display()))?;
-            // VACUUM INTO writes a consistent copy from one read transaction; writers go on.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "VACUUM INTO '{}'",
-                target.display().to_string().replace('\'', "''")
-            )))
-            .execute(&mut conn)
-            .await
-            .with_context(|| format!("snapshotting {}", path.display()))?;
-            conn.close().await?;
             let (sha256, bytes) = digest(&target)?;
             println!("  {name:<18} {bytes:>10} bytes  sqlite snapshot");
             files.push(ManifestFile {

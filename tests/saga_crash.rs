@@ -12,11 +12,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use shopverse_proto::orders::v1::orders_service_client::OrdersServiceClient;
-use sqlx::Row;
 
 mod common;
 use common::saga::{
-    Checkouts, Outcome, drive, five_products, jobs, placed, reconcile, run_job, settle,
+    Checkouts, Outcome, drive, five_products, jobs, placed, reconcile, run_job, seeded_stock,
+    settle,
 };
 use common::*;
 
@@ -101,7 +101,7 @@ async fn sigkill_mid_checkouts_then_everything_reconciles() {
     settle(&dbs, Duration::from_secs(90)).await;
     let mut initial = HashMap::new();
     for p in &products {
-        initial.insert(p.clone(), seeded_stock(d, p).await);
+        initial.insert(p.clone(), seeded_stock(&sqlite(d, "events"), p).await);
     }
     let confirmed = reconcile(&dbs, &initial).await;
     assert!(confirmed > 30, "{confirmed} confirmed");
@@ -109,31 +109,89 @@ async fn sigkill_mid_checkouts_then_everything_reconciles() {
     app.stop();
 }
 
-/// The stock a product was created with: its first `stock.changed` event, read from the
-/// event log.
-async fn seeded_stock(dir: &Path, product: &str) -> i64 {
-    use prost::Message;
-    shopverse_kit::db::install_drivers();
-    let log = sqlx::AnyPool::connect(&sqlite(dir, "events"))
-        .await
-        .unwrap();
-    let rows = sqlx::query("SELECT payload FROM records WHERE topic = 'shopverse.catalog' AND record_key = $1 ORDER BY offs")
-        .bind(product)
-        .fetch_all(&log)
-        .await
-        .unwrap();
-    for r in rows {
-        let env = shopverse_proto::events::v1::Envelope::decode(
-            r.try_get::<Vec<u8>, _>("payload").unwrap().as_slice(),
-        )
-        .unwrap();
-        if env.r#type == "stock.changed" {
-            let s = shopverse_proto::products::v1::StockChanged::decode(env.payload.as_slice())
-                .unwrap();
-            if s.reason == "set" {
-                return s.stock.unwrap().available;
-            }
-        }
+/// A backup taken while checkouts run (flaky and declined cards among them), restored into a new
+/// data directory and started there: the saga settles, the reconciliation holds, and no order's
+/// customer is told of one step twice (the snapshots are one cut, so nothing the log already
+/// carries is raised again under a new id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_checkouts_restores_and_settles_once() {
+    let live = tempfile::tempdir().unwrap();
+    let backup = live.path().join("backup");
+    let env = [
+        ("SHOPVERSE_SERVICES__ORDERS__CHECKOUT_ABANDON_SECS", "2"),
+        ("SHOPVERSE_SERVICES__ORDERS__SWEEP_INTERVAL_MS", "100"),
+    ];
+    let app = Appliance::start_with_env(live.path(), &["--demo"], &env);
+    let products = five_products(app.products).await;
+    let total = 150;
+    let mut run = Checkouts::start(
+        app.addrs["orders"],
+        jobs(total, &products, "backup"),
+        Duration::from_millis(5),
+    );
+    run.wait_handed_out(40, Duration::from_secs(60)).await;
+    let (ok, out, err) = cli(
+        live.path(),
+        &["backup", "--to", backup.to_str().unwrap()],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("one cut of"), "{out}");
+    let at_backup_end = run.next.load(Ordering::SeqCst);
+    run.finish().await;
+    assert!(
+        at_backup_end < total,
+        "the checkouts were over before the backup ended: it was not taken under load"
+    );
+    app.stop();
+
+    let restored = tempfile::tempdir().unwrap();
+    let (ok, _, err) = cli(
+        restored.path(),
+        &["restore", "--from", backup.to_str().unwrap()],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let app = Appliance::start_with_env(restored.path(), &[], &env);
+    let d = restored.path();
+    let dbs = common::saga::connect(
+        &sqlite(d, "orders"),
+        &sqlite(d, "products"),
+        &sqlite(d, "payments"),
+        &sqlite(d, "notifications"),
+    )
+    .await;
+    settle(&dbs, Duration::from_secs(90)).await;
+    let orders = common::saga::scalar(&dbs.orders, "SELECT COUNT(*) FROM orders").await;
+    assert!(orders > 20, "only {orders} orders in the backup");
+    let mut initial = HashMap::new();
+    for p in &products {
+        initial.insert(p.clone(), seeded_stock(&sqlite(d, "events"), p).await);
     }
-    panic!("no initial stock event for {product}")
+    reconcile(&dbs, &initial).await;
+    // What a customer reads: one notice per order and step, whatever its event id.
+    let twice: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT event_type, subject, COUNT(*) FROM inbox_items WHERE event_type LIKE 'order.%' \
+         GROUP BY user_id, event_type, subject HAVING COUNT(*) > 1",
+    )
+    .fetch_all(&dbs.notifications)
+    .await
+    .unwrap();
+    assert!(twice.is_empty(), "notified twice: {twice:?}");
+    let confirmed_notices = common::saga::scalar(
+        &dbs.notifications,
+        "SELECT COUNT(*) FROM inbox_items WHERE event_type = 'order.confirmed'",
+    )
+    .await;
+    let confirmed = common::saga::scalar(
+        &dbs.orders,
+        "SELECT COUNT(*) FROM orders WHERE status = 'CONFIRMED'",
+    )
+    .await;
+    assert_eq!(
+        confirmed_notices, confirmed,
+        "one confirmation per confirmed order"
+    );
+    dbs.close().await;
+    app.stop();
 }

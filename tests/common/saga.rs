@@ -261,3 +261,35 @@ pub async fn reconcile(dbs: &Dbs, initial: &HashMap<String, i64>) -> usize {
     assert_eq!(report.products, initial.len(), "every product checked");
     report.confirmed
 }
+
+/// The stock a product was created with: its first `stock.changed` event, read from the
+/// embedded event log at `events_url`.
+pub async fn seeded_stock(events_url: &str, product: &str) -> i64 {
+    use prost::Message;
+    use sqlx::Row;
+    shopverse_kit::db::install_drivers();
+    let log = sqlx::AnyPool::connect(events_url)
+        .await
+        .expect("the event log");
+    let rows = sqlx::query("SELECT payload FROM records WHERE topic = 'shopverse.catalog' AND record_key = $1 ORDER BY offs")
+        .bind(product)
+        .fetch_all(&log)
+        .await
+        .expect("the seeded stock event");
+    for r in rows {
+        let env = shopverse_proto::events::v1::Envelope::decode(
+            r.try_get::<Vec<u8>, _>("payload")
+                .expect("the seeded stock event")
+                .as_slice(),
+        )
+        .expect("the seeded stock event");
+        if env.r#type == "stock.changed" {
+            let s = shopverse_proto::products::v1::StockChanged::decode(env.payload.as_slice())
+                .expect("the seeded stock event");
+            if s.reason == "set" {
+                return s.stock.expect("the seeded stock event").available;
+            }
+        }
+    }
+    panic!("no initial stock event for {product}")
+}
