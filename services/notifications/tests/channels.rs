@@ -332,6 +332,67 @@ async fn once_per_event_and_channel(database: String) {
     server.stop().await;
 }
 
+/// Events of different keys run concurrently, so an order event may be handled before the
+/// `user.registered` that gives its customer's address: it waits for it (parked, tried again),
+/// and the email goes out once the address is known, instead of being dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_event_before_its_users_registration_still_gets_its_email() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(dir.path());
+    let config = NotificationsConfig {
+        smtp_host: "127.0.0.1".into(),
+        smtp_port: smtp.port,
+        ..Default::default()
+    };
+    let (server, log) = serve(dir.path(), config).await;
+    let now = SystemClock.now_ms();
+    let placed = new_envelope(
+        &ORDER_PLACED,
+        "orders",
+        "order-0009",
+        now,
+        Origin::NONE,
+        &OrderEvent {
+            order: Some(order("order-0009", "u9")),
+        },
+    );
+    publish(&log, &placed, "shopverse.orders").await;
+    // Its first try finds no address: parked, not sent and not given up.
+    let registry_text = || {
+        smtp.messages()
+            .iter()
+            .filter(|m| m.contains("Subject: Order order-0009 received"))
+            .count()
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(registry_text(), 0);
+    let welcome = new_envelope(
+        &USER_REGISTERED,
+        "users",
+        "u9",
+        now,
+        Origin::NONE,
+        &UserRegistered {
+            user_id: "u9".into(),
+            email: "grace@example.com".into(),
+            display_name: "Grace".into(),
+        },
+    );
+    publish(&log, &welcome, "shopverse.users").await;
+    until("the order email after the registration", || {
+        registry_text() == 1
+    })
+    .await;
+    let mail = smtp
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("Subject: Order order-0009 received"))
+        .unwrap();
+    assert!(mail.contains("To: grace@example.com"), "{mail}");
+    assert!(dlq::list(&log, None).await.unwrap().is_empty());
+    server.stop().await;
+}
+
 /// With no channel configured nothing is sent before the transaction, so events are applied
 /// in runs: each still lands in the customer's in-app inbox exactly once, a redelivered one
 /// included.
