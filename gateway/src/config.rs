@@ -34,6 +34,9 @@ pub struct GatewayConfig {
     pub request_timeout_ms: u64,
     /// How long a client may take to send its request body (408 beyond).
     pub client_body_timeout_ms: u64,
+    /// How long a client may take to send a request head, from its first byte (408 beyond,
+    /// and the connection closes: a head trickled in a byte at a time cannot hold it).
+    pub client_header_timeout_ms: u64,
     /// How often each upstream endpoint's gRPC health is checked.
     pub health_check_secs: u64,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -260,6 +263,7 @@ impl Default for GatewayConfig {
             request_timeout_ms: 10_000,
             health_check_secs: 5,
             client_body_timeout_ms: 10_000,
+            client_header_timeout_ms: 10_000,
             trusted_proxies: Vec::new(),
             redis_url: String::new(),
             redis_prefix: "shopverse:ratelimit:".into(),
@@ -333,6 +337,12 @@ impl GatewayConfig {
         if !(10..=600_000).contains(&self.client_body_timeout_ms) {
             return Err(Invalid::new(
                 key("client_body_timeout_ms"),
+                "must be between 10 and 600000",
+            ));
+        }
+        if !(10..=600_000).contains(&self.client_header_timeout_ms) {
+            return Err(Invalid::new(
+                key("client_header_timeout_ms"),
                 "must be between 10 and 600000",
             ));
         }

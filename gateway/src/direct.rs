@@ -105,9 +105,14 @@ pub(crate) async fn forward(
         let req = upstream_request(session, has_body, &prepare).map_err(unavailable)?;
         match send(session, &mut up, req, has_body, limits, addr).await {
             Ok(()) => up,
-            // A pooled connection the upstream closed meanwhile: once more on a new one, when
-            // there is no body that would have to be read again.
-            Err(Failure::Unavailable { .. }) if reused && !has_body => {
+            // A pooled connection the upstream closed meanwhile: once more on a new one, for
+            // a method a client may repeat on its own (RFC 9110 9.2.2) with no body to read
+            // again.
+            Err(Failure::Unavailable { .. })
+                if reused
+                    && !has_body
+                    && crate::policy::idempotent(session.req_header().method.as_str()) =>
+            {
                 let (mut up, _) = fresh(addr, limits).await?;
                 let req = upstream_request(session, has_body, &prepare).map_err(unavailable)?;
                 send(session, &mut up, req, has_body, limits, addr).await?;
@@ -126,6 +131,23 @@ pub(crate) async fn forward(
             )));
         }
     };
+    // A transfer coding other than chunked last cannot be framed for the client (RFC 9112
+    // 6.3): a 502 rather than a body relayed under a false framing.
+    let mut codings = resp.headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let last = codings.next_back().unwrap_or(first);
+        let chunked_last = last
+            .as_bytes()
+            .rsplit(|b| *b == b',')
+            .next()
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if !chunked_last {
+            return Err(unavailable(pingora::Error::explain(
+                pingora::ErrorType::InvalidHTTPHeader,
+                "a response transfer coding other than chunked",
+            )));
+        }
+    }
     strip_response_hop_by_hop(&mut resp);
     let no_body = session.req_header().method == http::Method::HEAD
         || matches!(resp.status.as_u16(), 204 | 304);
@@ -195,6 +217,9 @@ async fn send(
                 .map_err(|_| Failure::ClientTimeout)?
                 .map_err(Failure::Client)?;
             match chunk {
+                // A read that ended inside chunk framing yields no data: writing it would
+                // send Pingora's chunked writer's terminating empty chunk.
+                Some(b) if b.is_empty() => {}
                 Some(b) => {
                     up.write_body(&b).await.map_err(fail)?;
                 }
@@ -354,14 +379,14 @@ fn upstream_request(
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Header names a `Connection` header lists (at most a few are honoured).
+/// Header names a `Connection` header lists (at most a few are honoured), as
+/// [`crate::policy::nominated`] reads them: never `Host`.
 fn nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .flat_map(|v| crate::policy::nominated(v.as_bytes()))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
         .take(16)
         .collect()
 }

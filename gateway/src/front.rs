@@ -16,6 +16,7 @@
 //! the connection comes back after that request. TLS and HTTP/2 connections are Pingora's
 //! throughout.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +32,9 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
+use crate::chunked;
 use crate::direct;
+use crate::policy;
 use crate::proxy::{Gateway, Reply, Shared};
 
 /// Request heads longer than this, or with more headers than [`MAX_HEADERS`], are left to
@@ -91,16 +94,21 @@ impl ServerApp for Front {
 enum Step {
     /// The head is not complete yet.
     Partial,
-    /// Answered; `consumed` bytes of the buffer were this request's.
-    Done { consumed: usize, keep_alive: bool },
+    /// Answered; `consumed` bytes of the buffer were this request's, and `carry` holds bytes
+    /// read past its body (the next request's).
+    Done {
+        consumed: usize,
+        keep_alive: bool,
+        carry: Option<Vec<u8>>,
+    },
     /// Not a request for this path: Pingora's server takes the connection.
     HandOff,
 }
 
-/// A pass-through request's facts, from one pass over its headers.
+/// A pass-through request's facts, from one pass over its headers (after
+/// [`policy::check_head`] passed them).
 #[derive(Default)]
 struct Facts<'a> {
-    content_length: Option<u64>,
     close: bool,
     authorization: Option<&'a str>,
     forwarded_for: Option<&'a str>,
@@ -110,8 +118,6 @@ struct Facts<'a> {
     origin: bool,
     /// `Cache-Control: no-cache` or `no-store`.
     no_cache: bool,
-    /// Names and values, as the gateway's header limit counts them.
-    header_bytes: usize,
     /// Headers not forwarded upstream, a bit each.
     dropped: u64,
 }
@@ -119,79 +125,65 @@ struct Facts<'a> {
 /// Why the request head is not for this path.
 struct NotOurs;
 
-/// Reads the headers once: framing, connection handling, what the gateway needs, and which
-/// ones stay behind (hop-by-hop, RFC 9110 7.6.1; identities the client claims; the request id,
-/// which the gateway sets).
-fn facts<'a>(headers: &[httparse::Header<'a>]) -> Result<Facts<'a>, NotOurs> {
+/// Reads the headers once: connection handling, what the gateway needs, and which ones stay
+/// behind ([`policy::stays_behind`], the ones `Connection` names, and a `Content-Length` the
+/// chunked framing overrides).
+fn facts<'a>(
+    headers: &[httparse::Header<'a>],
+    framing: &policy::Framing,
+) -> Result<Facts<'a>, NotOurs> {
     let mut f = Facts::default();
+    let mut nominated = false;
     for (i, h) in headers.iter().enumerate() {
         let name = h.name.as_bytes();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-        f.header_bytes += name.len() + h.value.len() + 4;
-        let drop = match name.len() {
-            2 if is("te") => true,
+        match name.len() {
             6 if is("expect") => return Err(NotOurs),
-            6 if is("origin") => {
-                f.origin = true;
-                false
+            6 if is("origin") => f.origin = true,
+            7 if is("upgrade") => return Err(NotOurs),
+            10 if is("connection") => {
+                for token in h.value.split(|b| *b == b',') {
+                    if token.trim_ascii().eq_ignore_ascii_case(b"close") {
+                        f.close = true;
+                    }
+                }
+                nominated |= policy::nominated(h.value).next().is_some();
+            }
+            12 if is("x-request-id") => {
+                f.request_id = visible(h.value).filter(|v| !v.is_empty() && v.len() <= 128);
             }
             13 if is("cache-control") => {
                 f.no_cache |= visible(h.value)
                     .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
-                false
             }
-            13 if is("if-none-match") => {
-                f.if_none_match = visible(h.value);
-                false
-            }
-            7 if is("upgrade") => return Err(NotOurs),
-            7 if is("trailer") => true,
-            10 if is("connection") => {
-                for token in h.value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        f.close = true;
-                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
-                        // It names headers to remove as well: rare, and Pingora's path does it.
-                        return Err(NotOurs);
-                    }
-                }
-                true
-            }
-            10 if is("keep-alive") => true,
-            12 if is("x-request-id") => {
-                f.request_id = visible(h.value).filter(|v| !v.is_empty() && v.len() <= 128);
-                true
-            }
+            13 if is("if-none-match") => f.if_none_match = visible(h.value),
             13 if is("authorization") => {
                 f.authorization = Some(visible(h.value).ok_or(NotOurs)?);
-                false
             }
-            14 if is("content-length") => {
-                let n = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or(NotOurs)?;
-                if f.content_length.is_some_and(|m| m != n) {
-                    return Err(NotOurs);
-                }
-                f.content_length = Some(n);
-                false
-            }
-            15 if is("x-forwarded-for") => {
-                f.forwarded_for = visible(h.value);
-                false
-            }
-            16 if is("proxy-connection") || is(shopverse_kit::identity::USER_HEADER) => true,
-            17 if is("transfer-encoding") => return Err(NotOurs),
-            17 if is(shopverse_kit::identity::ROLES_HEADER) => true,
-            19 if is("proxy-authorization") => true,
-            _ => false,
-        };
-        if drop {
+            14 if is("content-length") && framing.chunked => f.dropped |= 1 << i,
+            15 if is("x-forwarded-for") => f.forwarded_for = visible(h.value),
+            _ => {}
+        }
+        if policy::stays_behind(name) {
             f.dropped |= 1 << i;
         }
     }
+    if nominated {
+        // Rare: the headers a `Connection` names stay behind too (never `Host`).
+        for c in headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        {
+            for token in policy::nominated(c.value) {
+                for (i, h) in headers.iter().enumerate() {
+                    if h.name.as_bytes().eq_ignore_ascii_case(token) {
+                        f.dropped |= 1 << i;
+                    }
+                }
+            }
+        }
+    }
+    f.close |= framing.close_after;
     Ok(f)
 }
 
@@ -310,8 +302,12 @@ impl Front {
                     Step::Done {
                         consumed,
                         keep_alive,
+                        carry,
                     } => {
                         buf.advance(consumed);
+                        if let Some(carry) = carry {
+                            buf.extend_from_slice(&carry);
+                        }
                         (head_since, answered) = (None, true);
                         if !keep_alive {
                             let _ = io.shutdown().await;
@@ -339,11 +335,10 @@ impl Front {
                 None => KEEPALIVE,
                 Some(since) => {
                     let total =
-                        Duration::from_millis(self.gateway.config.load().client_body_timeout_ms);
+                        Duration::from_millis(self.gateway.config.load().client_header_timeout_ms);
                     match total.checked_sub(since.elapsed()) {
                         Some(left) if !left.is_zero() => left,
-                        // Too slow: close, as Pingora's server does.
-                        _ => return None,
+                        _ => return self.head_too_slow(&mut io, &buf, &mut bufs).await,
                     }
                 }
             };
@@ -361,10 +356,33 @@ impl Front {
             };
             match read {
                 Ok(Ok(n)) if n > 0 => {}
+                // A head begun and not finished in time (slowloris): 408, then close.
+                Err(Elapsed) if !buf.is_empty() => {
+                    return self.head_too_slow(&mut io, &buf, &mut bufs).await;
+                }
                 // Closed, failed, or idle too long.
                 _ => return None,
             }
         }
+    }
+
+    /// A request head that did not arrive within `client_header_timeout_ms` of its first
+    /// byte: 408, and the connection closes.
+    async fn head_too_slow(
+        &self,
+        io: &mut L4Stream,
+        buf: &[u8],
+        bufs: &mut Buffers,
+    ) -> Option<(Box<L4Stream>, BytesMut)> {
+        if !buf.is_empty() {
+            let refusal = policy::Refusal {
+                status: StatusCode::REQUEST_TIMEOUT,
+                reason: "the request head did not arrive in time",
+            };
+            let _ = self.refuse(io, refusal, "-", Instant::now(), bufs).await;
+        }
+        let _ = io.shutdown().await;
+        None
     }
 
     /// Lets Pingora's server answer one request, from the bytes read so far (`unread`) on;
@@ -402,21 +420,48 @@ impl Front {
             // Malformed, too many headers, or not HTTP/1 (an HTTP/2 preface): Pingora answers.
             Err(_) => return Step::HandOff,
         };
-        let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        // HTTP/1.0 is Pingora's (which applies the same policy).
+        let (Some(method), Some(raw_target), Some(1)) = (req.method, req.path, req.version) else {
             return Step::HandOff;
         };
-        if method == "CONNECT" || !target.starts_with('/') {
-            return Step::HandOff;
-        }
-        let path = target.split_once('?').map_or(target, |(p, _)| p);
-        let (label, upstream, access, limits) = {
+        // The one policy, before anything else: framing and limits, then the target.
+        let (limits, head_limits) = {
+            let config = self.gateway.config.load();
+            (
+                direct::Limits {
+                    upstream: Duration::from_millis(config.request_timeout_ms),
+                    client_body: Duration::from_millis(config.client_body_timeout_ms),
+                },
+                policy::HeadLimits {
+                    max_headers: config.max_headers,
+                    max_header_bytes: config.max_header_bytes,
+                    max_body_bytes: config.max_body_bytes,
+                },
+            )
+        };
+        let checked = policy::check_head(
+            true,
+            req.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+            head_limits,
+        )
+        .and_then(|framing| Ok((framing, policy::target(method, raw_target)?)));
+        let (framing, target) = match checked {
+            Ok(ok) => ok,
+            Err(refusal) => return self.refuse(io, refusal, method, start, bufs).await,
+        };
+        let path: &str = &target.path;
+        let (label, upstream, access) = {
             let config = self.gateway.config.load();
             let Some(pass) = config.passthrough_for(path) else {
                 drop(config);
+                if framing.chunked || framing.content_length.is_some_and(|n| n > 0) {
+                    // REST calls with a body are Pingora's.
+                    return Step::HandOff;
+                }
                 return self
                     .cache_hit(
                         io,
-                        (method, target, head_len, start),
+                        (method, &target, head_len, start),
                         req.headers,
                         peer,
                         shutdown,
@@ -424,82 +469,263 @@ impl Front {
                     )
                     .await;
             };
-            let limits = direct::Limits {
-                upstream: Duration::from_millis(config.request_timeout_ms),
-                client_body: Duration::from_millis(config.client_body_timeout_ms),
-            };
-            (pass.label(), pass.target(), pass.access, limits)
+            (pass.label(), pass.target(), pass.access)
         };
-        let Ok(facts) = facts(req.headers) else {
+        let Ok(facts) = facts(req.headers, &framing) else {
             return Step::HandOff;
         };
-        let body_len = facts.content_length.unwrap_or(0);
         let request_id = match facts.request_id {
             Some(id) => id.to_owned(),
             None => self.gateway.request_ids.next(),
         };
         let keep_alive = !facts.close && !*shutdown.borrow();
         let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
-        let exchange = Exchange {
-            label: &label,
-            method,
-            target,
-            headers: req.headers,
-            facts: &facts,
-            request_id: &request_id,
-            body_len,
-            buffered_body: &buf[head_len..],
-            limits,
-            keep_alive,
-        };
         let admitted = self
             .gateway
             .admit(path, access, facts.authorization, ip)
             .await;
-        let outcome = match admitted {
-            Err(reply) => Err(reply),
-            Ok((identity, rate_headers)) => match upstream.resolve().await {
-                Err(e) => Err(Reply::error(
-                    StatusCode::BAD_GATEWAY,
-                    Code::Unavailable,
-                    &format!("upstream address: {e}"),
-                    serde_json::json!([]),
-                )),
-                Ok(addr) => {
-                    exchange
-                        .run(io, addr, identity.as_deref(), &rate_headers, bufs)
-                        .await
-                }
-            },
-        };
-        let (status, body_consumed, keep_alive) = match outcome {
-            Ok(done) => (
-                done.status,
-                done.body_consumed,
-                keep_alive && done.keep_alive,
-            ),
+        let (identity, rate_headers) = match admitted {
+            Ok(a) => a,
             Err(reply) => {
                 // The request body, if any, was not read: the connection cannot go on.
-                let keep = keep_alive && body_len == 0;
-                let status = reply.status;
-                let head = method == "HEAD";
-                if write_reply(io, reply, &request_id, keep, head, &mut bufs.out)
+                let keep =
+                    keep_alive && !framing.chunked && framing.content_length.unwrap_or(0) == 0;
+                return match self
+                    .answer(io, reply, &label, method, &request_id, keep, start, bufs)
                     .await
-                    .is_err()
                 {
+                    Step::Done { keep_alive, .. } => Step::Done {
+                        consumed: head_len,
+                        keep_alive,
+                        carry: None,
+                    },
+                    other => other,
+                };
+            }
+        };
+        // A chunked body is read whole and checked before anything goes upstream, and sent
+        // with its length (as nginx does by default): the upstream never sees a request cut
+        // short by a framing error.
+        let mut carry = None;
+        let (body_len, buffered_body, body_from_buf) = if framing.chunked {
+            let max = self.gateway.config.load().max_body_bytes;
+            match read_chunked(io, &buf[head_len..], max, limits.client_body).await {
+                Ok(body) => {
+                    carry = Some(body.carry);
+                    (
+                        body.data.len() as u64,
+                        Cow::Owned(body.data),
+                        body.from_buffer,
+                    )
+                }
+                Err(Some(refusal)) => return self.refuse(io, refusal, method, start, bufs).await,
+                Err(None) => {
                     return Step::Done {
                         consumed: 0,
                         keep_alive: false,
+                        carry: None,
                     };
                 }
-                (status.as_u16(), 0, keep)
+            }
+        } else {
+            let n = framing.content_length.unwrap_or(0);
+            let in_buf = usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - head_len);
+            (n, Cow::Borrowed(&buf[head_len..head_len + in_buf]), in_buf)
+        };
+        let exchange = Exchange {
+            label: &label,
+            method,
+            target: &target,
+            headers: req.headers,
+            facts: &facts,
+            request_id: &request_id,
+            body_len,
+            buffered_body: &buffered_body,
+            length_header: framing.chunked,
+            limits,
+            keep_alive,
+        };
+        let outcome = match upstream.resolve().await {
+            Err(e) => Err(Reply::error(
+                StatusCode::BAD_GATEWAY,
+                Code::Unavailable,
+                &format!("upstream address: {e}"),
+                serde_json::json!([]),
+            )),
+            Ok(addr) => {
+                exchange
+                    .run(io, addr, identity.as_deref(), &rate_headers, bufs)
+                    .await
             }
         };
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-        self.gateway.record(&label, method, status.as_str(), start);
-        Step::Done {
-            consumed: head_len + body_consumed,
+        match outcome {
+            Ok(done) => {
+                let status = StatusCode::from_u16(done.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                self.gateway.record(&label, method, status.as_str(), start);
+                Step::Done {
+                    consumed: head_len + body_from_buf,
+                    keep_alive: keep_alive && done.keep_alive,
+                    carry,
+                }
+            }
+            Err(reply) => {
+                // A body not read to its end leaves the connection out of step.
+                let whole = framing.chunked || buffered_body.len() as u64 == body_len;
+                let step = self
+                    .answer(
+                        io,
+                        reply,
+                        &label,
+                        method,
+                        &request_id,
+                        keep_alive && whole,
+                        start,
+                        bufs,
+                    )
+                    .await;
+                match step {
+                    Step::Done { keep_alive, .. } => Step::Done {
+                        consumed: head_len + body_from_buf,
+                        keep_alive,
+                        carry,
+                    },
+                    other => other,
+                }
+            }
+        }
+    }
+
+    /// Writes the gateway's own answer to a request; the request's bytes are the caller's to
+    /// count.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        io: &mut L4Stream,
+        reply: Reply,
+        label: &str,
+        method: &str,
+        request_id: &str,
+        keep_alive: bool,
+        start: Instant,
+        bufs: &mut Buffers,
+    ) -> Step {
+        let status = reply.status;
+        let keep_alive = keep_alive && !reply.closes();
+        let written = write_reply(
+            io,
+            reply,
+            request_id,
             keep_alive,
+            method == "HEAD",
+            &mut bufs.out,
+        )
+        .await;
+        self.gateway.record(label, method, status.as_str(), start);
+        Step::Done {
+            consumed: 0,
+            keep_alive: keep_alive && written.is_ok(),
+            carry: None,
+        }
+    }
+
+    /// Answers a request the policy refused, and closes the connection.
+    async fn refuse(
+        &self,
+        io: &mut L4Stream,
+        refusal: policy::Refusal,
+        method: &str,
+        start: Instant,
+        bufs: &mut Buffers,
+    ) -> Step {
+        let id = self.gateway.request_ids.next();
+        self.answer(
+            io,
+            Reply::refused(refusal),
+            "refused",
+            method,
+            &id,
+            false,
+            start,
+            bufs,
+        )
+        .await
+    }
+}
+
+/// A chunked request body, read and decoded.
+struct ChunkedBody {
+    data: Vec<u8>,
+    /// Bytes of it that were in the connection's read buffer.
+    from_buffer: usize,
+    /// Bytes read from the client past the body's end: the next request's.
+    carry: Vec<u8>,
+}
+
+/// Reads a chunked body: `buffered` first (what followed the head in the read buffer), then
+/// from the client, within `timeout` in all and at most `max` bytes of data. `Err(Some)`: a
+/// refusal for the client (400 for bad framing, 413, 408); `Err(None)`: the client went away.
+async fn read_chunked(
+    io: &mut L4Stream,
+    buffered: &[u8],
+    max: usize,
+    timeout: Duration,
+) -> Result<ChunkedBody, Option<policy::Refusal>> {
+    let too_large = || policy::Refusal {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        reason: "the request body is too large",
+    };
+    let bad = |e: chunked::ChunkError| policy::Refusal {
+        status: StatusCode::BAD_REQUEST,
+        reason: match e {
+            chunked::ChunkError::Size => "a chunk size is not hexadecimal digits",
+            chunked::ChunkError::Overflow => "a chunk size is too large",
+            chunked::ChunkError::LineEnd => "a chunk line does not end in CR LF",
+            chunked::ChunkError::DataEnd => "chunk data is not followed by CR LF",
+            chunked::ChunkError::Control => "a chunk extension or trailer holds a control byte",
+            chunked::ChunkError::TooLong => "chunk extensions or trailers are too long",
+        },
+    };
+    let mut d = chunked::Decoder::default();
+    let mut data = Vec::new();
+    if let Some(n) = d.decode(buffered, &mut data).map_err(|e| Some(bad(e)))? {
+        return if data.len() > max {
+            Err(Some(too_large()))
+        } else {
+            Ok(ChunkedBody {
+                data,
+                from_buffer: n,
+                carry: Vec::new(),
+            })
+        };
+    }
+    let deadline = Instant::now() + timeout;
+    let mut chunk = vec![0u8; BUF];
+    loop {
+        if data.len() > max {
+            return Err(Some(too_large()));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = match pingora::time::timeout(left, io.read(&mut chunk)).await {
+            Err(_) => {
+                return Err(Some(policy::Refusal {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    reason: "the request body did not arrive in time",
+                }));
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(None),
+            Ok(Ok(n)) => n,
+        };
+        if let Some(end) = d.decode(&chunk[..n], &mut data).map_err(|e| Some(bad(e)))? {
+            if data.len() > max {
+                return Err(Some(too_large()));
+            }
+            return Ok(ChunkedBody {
+                data,
+                from_buffer: buffered.len(),
+                carry: chunk[end..n].to_vec(),
+            });
         }
     }
 }
@@ -511,7 +737,7 @@ impl Front {
     async fn cache_hit(
         &self,
         io: &mut L4Stream,
-        (method, target, head_len, start): (&str, &str, usize, Instant),
+        (method, target, head_len, start): (&str, &policy::Target<'_>, usize, Instant),
         headers: &[httparse::Header<'_>],
         peer: Option<IpAddr>,
         shutdown: &ShutdownWatch,
@@ -525,23 +751,13 @@ impl Front {
             "HEAD" => http::Method::HEAD,
             _ => return Step::HandOff,
         };
-        let Ok(facts) = facts(headers) else {
+        let Ok(facts) = facts(headers, &policy::Framing::default()) else {
             return Step::HandOff;
         };
-        let (max_headers, max_header_bytes) = {
-            let config = self.gateway.config.load();
-            (config.max_headers, config.max_header_bytes)
-        };
-        if facts.authorization.is_some()
-            || facts.origin
-            || facts.no_cache
-            || facts.content_length.is_some_and(|n| n > 0)
-            || headers.len() > max_headers
-            || facts.header_bytes > max_header_bytes
-        {
+        if facts.authorization.is_some() || facts.origin || facts.no_cache {
             return Step::HandOff;
         }
-        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let (path, query) = (&*target.path, target.query.unwrap_or(""));
         let Ok(m) = self.gateway.router.find(&verb, path) else {
             return Step::HandOff;
         };
@@ -591,6 +807,7 @@ impl Front {
                 return Step::Done {
                     consumed: head_len,
                     keep_alive: keep_alive && written.is_ok(),
+                    carry: None,
                 };
             }
             Ok((_, limit_headers)) => {
@@ -610,6 +827,7 @@ impl Front {
         Step::Done {
             consumed: head_len,
             keep_alive: keep_alive && written.is_ok(),
+            carry: None,
         }
     }
 }
@@ -619,13 +837,17 @@ struct Exchange<'a> {
     /// The route, for logs.
     label: &'a str,
     method: &'a str,
-    target: &'a str,
+    /// Forwarded in origin form, its path normalised.
+    target: &'a policy::Target<'a>,
     headers: &'a [httparse::Header<'a>],
     facts: &'a Facts<'a>,
     request_id: &'a str,
     body_len: u64,
-    /// What follows the head in the client's read buffer.
+    /// The body bytes at hand: what followed the head in the client's read buffer, or a
+    /// whole decoded chunked body.
     buffered_body: &'a [u8],
+    /// Send a `Content-Length` of `body_len` (for a body that came chunked).
+    length_header: bool,
     limits: direct::Limits,
     keep_alive: bool,
 }
@@ -633,8 +855,6 @@ struct Exchange<'a> {
 /// How a relayed request ended.
 struct Relayed {
     status: u16,
-    /// Bytes of the request body taken from the client's read buffer.
-    body_consumed: usize,
     /// Whether the client connection can take another request.
     keep_alive: bool,
 }
@@ -673,7 +893,10 @@ impl Exchange<'_> {
             Ok(n) => n,
             // A pooled connection the upstream closed meanwhile: once more on a new one, when
             // the request had no body to read again.
-            Err(direct::Failure::Unavailable { .. }) if reused && self.body_len == 0 => {
+            // Only a method a client may repeat on its own (RFC 9110 9.2.2).
+            Err(direct::Failure::Unavailable { .. })
+                if reused && self.body_len == 0 && policy::idempotent(self.method) =>
+            {
                 up = direct::dial(addr, self.limits.upstream)
                     .await
                     .map_err(|e| Reply::for_failure(e, self.label))?;
@@ -737,12 +960,15 @@ impl Exchange<'_> {
                 length = Some(n);
             }
         }
+        if encoded && !chunked {
+            // A coding we cannot frame (RFC 9112 6.3: the body would run to the close, and
+            // relaying the field would tell the client otherwise).
+            return Err(Reply::for_failure(malformed(addr), self.label));
+        }
         let mut framing = if self.method == "HEAD" || matches!(status, 204 | 304) {
             Framing::None
         } else if chunked {
             Framing::Chunked(Chunks::default())
-        } else if encoded {
-            Framing::Close
         } else {
             match length {
                 Some(n) => Framing::Length(n),
@@ -791,10 +1017,8 @@ impl Exchange<'_> {
         out.extend_from_slice(b"\r\n");
         bufs.up.advance(head_len);
 
-        let in_buffer = usize::try_from(self.body_len).unwrap_or(usize::MAX);
         let relayed = Relayed {
             status,
-            body_consumed: in_buffer.min(self.buffered_body.len()),
             keep_alive: self.keep_alive,
         };
         let body = relay_body(
@@ -852,7 +1076,11 @@ impl Exchange<'_> {
         out.clear();
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
-        out.extend_from_slice(self.target.as_bytes());
+        out.extend_from_slice(self.target.path.as_bytes());
+        if let Some(q) = self.target.query {
+            out.push(b'?');
+            out.extend_from_slice(q.as_bytes());
+        }
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for (i, h) in self.headers.iter().enumerate() {
             if self.facts.dropped & (1 << i) == 0 {
@@ -863,6 +1091,11 @@ impl Exchange<'_> {
             }
         }
         push_header(out, "x-request-id", self.request_id);
+        if self.length_header {
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, self.body_len);
+            out.extend_from_slice(b"\r\n");
+        }
         if let Some(id) = identity {
             push_header(out, shopverse_kit::identity::USER_HEADER, &id.user_id);
             out.extend_from_slice(shopverse_kit::identity::ROLES_HEADER.as_bytes());
@@ -1300,9 +1533,14 @@ mod tests {
             Keep-Alive: 5\r\nX-Shopverse-User: mallory\r\nX-Request-Id: abc\r\n\
             Authorization: Bearer t\r\nContent-Length: 3\r\nTE: trailers\r\n\r\n";
         req.parse(raw).unwrap();
-        let f = facts(req.headers).map_err(|_| "not ours").unwrap();
+        let framing = policy::Framing {
+            content_length: Some(3),
+            ..Default::default()
+        };
+        let f = facts(req.headers, &framing)
+            .map_err(|_| "not ours")
+            .unwrap();
         assert!(f.close);
-        assert_eq!(f.content_length, Some(3));
         assert_eq!(f.request_id, Some("abc"));
         assert_eq!(f.authorization, Some("Bearer t"));
         let kept: Vec<&str> = req
@@ -1314,18 +1552,27 @@ mod tests {
             .collect();
         assert_eq!(kept, ["Host", "Authorization", "Content-Length"]);
 
+        // What `Connection` names stays behind too, `Host` never.
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut req = httparse::Request::new(&mut headers);
+        req.parse(
+            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: host, x-secret\r\nX-Secret: 1\r\n\r\n",
+        )
+        .unwrap();
+        let f = facts(req.headers, &policy::Framing::default())
+            .map_err(|_| "not ours")
+            .unwrap();
+        assert_eq!(f.dropped, 0b110, "Connection and X-Secret, not Host");
+
         for raw in [
             &b"GET /x HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
-            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
-            b"GET /x HTTP/1.1\r\nConnection: x-secret\r\n\r\n",
-            b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
         ] {
             let mut headers = [httparse::EMPTY_HEADER; 16];
             let mut req = httparse::Request::new(&mut headers);
             req.parse(raw).unwrap();
             assert!(
-                facts(req.headers).is_err(),
+                facts(req.headers, &policy::Framing::default()).is_err(),
                 "{}",
                 String::from_utf8_lossy(raw)
             );

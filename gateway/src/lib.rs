@@ -18,10 +18,12 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod chunked;
 pub mod config;
 mod direct;
 pub mod front;
 pub mod openapi;
+pub mod policy;
 pub mod prefix;
 pub mod proxy;
 pub mod ratelimit;

@@ -275,6 +275,25 @@ impl Reply {
         }
     }
 
+    /// A request the [policy](crate::policy) refuses, in the one error shape. The connection
+    /// closes after it: what follows a refused head cannot be trusted to be the next request.
+    pub(crate) fn refused(r: crate::policy::Refusal) -> Reply {
+        let code = match r.status {
+            StatusCode::NOT_IMPLEMENTED => Code::Unimplemented,
+            StatusCode::REQUEST_TIMEOUT => Code::DeadlineExceeded,
+            // 400, and 413 and 431 as the REST routes have always named them.
+            _ => Code::InvalidArgument,
+        };
+        Reply::error(r.status, code, r.reason, serde_json::json!([])).with("connection", "close")
+    }
+
+    /// Whether the connection closes after this reply.
+    pub(crate) fn closes(&self) -> bool {
+        self.headers
+            .iter()
+            .any(|(k, v)| *k == "connection" && v.eq_ignore_ascii_case("close"))
+    }
+
     /// The gRPC status of this refusal.
     fn into_grpc(self) -> (Code, String) {
         self.grpc.unwrap_or((Code::Unknown, String::new()))
@@ -331,7 +350,11 @@ impl Reply {
     ) -> (StatusCode, Vec<(&'static str, String)>, Bytes) {
         let mut headers = Vec::with_capacity(10 + self.headers.len());
         headers.push(("content-type", "application/json".to_owned()));
-        headers.push(("content-length", self.body.len().to_string()));
+        // A 204 has no body and no length; a 304's length would be the full answer's
+        // (RFC 9110 8.6, 15.4.5), which this reply does not carry: none.
+        if !matches!(self.status.as_u16(), 204 | 304) {
+            headers.push(("content-length", self.body.len().to_string()));
+        }
         headers.push(("x-request-id", request_id.to_owned()));
         headers.extend(SECURITY_HEADERS.map(|(k, v)| (k, v.to_owned())));
         if !self.headers.iter().any(|(k, _)| *k == "cache-control") {
@@ -874,26 +897,6 @@ impl Gateway {
     /// Routes, authenticates, limits, transcodes and calls. `Ok(None)`: not a REST route (a
     /// pass-through continues to its upstream).
     async fn handle(&self, session: &mut Session, ctx: &mut Ctx) -> Reply {
-        let headers = &session.req_header().headers;
-        let header_bytes: usize = headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum();
-        if headers.len() > self.config.load().max_headers
-            || header_bytes > self.config.load().max_header_bytes
-        {
-            ctx.route = Label::Fixed("headers_too_large");
-            return Reply::error(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                Code::InvalidArgument,
-                &format!(
-                    "at most {} request headers of {} bytes in all are accepted",
-                    self.config.load().max_headers,
-                    self.config.load().max_header_bytes
-                ),
-                serde_json::json!([]),
-            );
-        }
         let method = session.req_header().method.clone();
         let uri = session.req_header().uri.clone();
         let path = uri.path();
@@ -1278,6 +1281,51 @@ impl Gateway {
         Ok(())
     }
 
+    /// The [request policy](crate::policy) for a request Pingora's server parsed (HTTP/1 the
+    /// front handed over, HTTP/2, TLS): the HTTP/1 framing and size rules, then the target,
+    /// put in origin form with its path normalised, in place, so that the route, its access
+    /// rule and what is forwarded all see the same path.
+    fn apply_policy(&self, session: &mut Session) -> Result<(), crate::policy::Refusal> {
+        use crate::policy::{self, Refusal};
+        let bad = |reason| Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+        };
+        let req = session.req_header();
+        let limits = {
+            let config = self.config.load();
+            policy::HeadLimits {
+                max_headers: config.max_headers,
+                max_header_bytes: config.max_header_bytes,
+                max_body_bytes: config.max_body_bytes,
+            }
+        };
+        let headers = req
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+        if session.is_http2() {
+            // HTTP/2 frames its own messages: the size limits only.
+            policy::check_size(headers, limits)?;
+        } else {
+            policy::check_head(req.version == http::Version::HTTP_11, headers, limits)?;
+        }
+        if !req.raw_path_is_utf8() {
+            return Err(bad("the request target is not text"));
+        }
+        let raw = std::str::from_utf8(req.raw_path())
+            .map_err(|_| bad("the request target is not text"))?;
+        let target = policy::target(req.method.as_str(), raw)?;
+        let origin = target.origin_form();
+        if origin != raw {
+            let uri = origin
+                .parse::<http::Uri>()
+                .map_err(|_| bad("the request target is not a URI"))?;
+            session.req_header_mut().set_uri(uri);
+        }
+        Ok(())
+    }
+
     /// Counts a finished request and its latency under its route.
     pub(crate) fn record(&self, route: &str, method: &str, status: &str, start: Instant) {
         self.metrics
@@ -1318,8 +1366,16 @@ impl ProxyHttp for Shared {
         }
     }
 
-    /// Answers every REST route here; only pass-through prefixes go on to `upstream_peer`.
+    /// Applies the request policy, then answers every REST route here; only pass-through
+    /// prefixes go on to `upstream_peer`.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        if let Err(refusal) = self.apply_policy(session) {
+            ctx.request_id = self.request_ids.next();
+            ctx.route = Label::Fixed("refused");
+            session.set_keepalive(None);
+            self.write(session, ctx, Reply::refused(refusal)).await?;
+            return Ok(true);
+        }
         ctx.request_id = session
             .req_header()
             .headers
@@ -1439,10 +1495,19 @@ fn gateway_headers(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<(
     static ROLES: http::HeaderName =
         http::HeaderName::from_static(shopverse_kit::identity::ROLES_HEADER);
     static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-    // One pass to see whether there is anything to remove: removing costs even when absent.
-    if upstream.headers.keys().any(|k| *k == USER || *k == ROLES) {
-        upstream.remove_header(&USER);
-        upstream.remove_header(&ROLES);
+    // The identity headers a client sent, in any spelling ([`crate::policy::is_identity`]):
+    // one pass to see whether there is any, since removing costs even when absent.
+    let claimed = |k: &http::HeaderName| crate::policy::is_identity(k.as_str().as_bytes());
+    if upstream.headers.keys().any(claimed) {
+        let names: Vec<http::HeaderName> = upstream
+            .headers
+            .keys()
+            .filter(|k| claimed(k))
+            .cloned()
+            .collect();
+        for name in names {
+            upstream.remove_header(&name);
+        }
     }
     upstream.insert_header(&REQUEST_ID, ctx.request_id.as_str())?;
     if let Some(id) = &ctx.identity {
@@ -1455,7 +1520,21 @@ fn gateway_headers(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::{IpAddr, LimitBy, RequestIds, consumer_key};
+    use super::{IpAddr, LimitBy, Reply, RequestIds, StatusCode, consumer_key};
+
+    #[test]
+    fn a_304_and_a_204_carry_no_length() {
+        for status in [StatusCode::NOT_MODIFIED, StatusCode::NO_CONTENT] {
+            let (_, headers, body) = Reply::json(status, Vec::new()).into_response("id", None);
+            assert!(body.is_empty());
+            assert!(
+                !headers.iter().any(|(k, _)| *k == "content-length"),
+                "{status}: {headers:?}"
+            );
+        }
+        let (_, headers, _) = Reply::json(StatusCode::OK, b"{}".to_vec()).into_response("id", None);
+        assert!(headers.contains(&("content-length", "2".to_owned())));
+    }
 
     #[test]
     fn rate_headers_read_as_the_ietf_draft_spells_them() {
