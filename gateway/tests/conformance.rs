@@ -128,9 +128,9 @@ struct Shared {
     origins: std::collections::HashMap<&'static str, Origin>,
 }
 
-/// Every test's origin and how it answers. `norm` also has an admin-only prefix,
-/// `/norm/admin/`, in front of its public one.
-const ORIGINS: [(&str, Mode); 10] = [
+/// Every test's origin and how it answers. `norm` and `h2` also have an admin-only prefix
+/// (`/norm/admin/`, `/h2/admin/`) in front of their public one.
+const ORIGINS: [(&str, Mode); 11] = [
     ("chunk", Mode::Ok),
     ("pipe", Mode::Ok),
     ("norm", Mode::Ok),
@@ -141,6 +141,7 @@ const ORIGINS: [(&str, Mode); 10] = [
     ("odd", Mode::GzipOnly),
     ("slow", Mode::Ok),
     ("both", Mode::Ok),
+    ("h2", Mode::Ok),
 ];
 
 /// One gateway for the whole suite, started once on a runtime of its own (Pingora runs one
@@ -168,11 +169,10 @@ fn shared() -> &'static Shared {
                     label: Default::default(),
                     target: Default::default(),
                 };
-                let mut passthrough = vec![pass(
-                    "/norm/admin/".into(),
-                    origins["norm"].addr,
-                    Access::Admin,
-                )];
+                let mut passthrough: Vec<Passthrough> = ["norm", "h2"]
+                    .iter()
+                    .map(|n| pass(format!("/{n}/admin/"), origins[n].addr, Access::Admin))
+                    .collect();
                 for (name, origin) in &origins {
                     passthrough.push(pass(format!("/{name}/"), origin.addr, Access::Public));
                 }
@@ -533,4 +533,58 @@ fn content_length_and_chunked_together_read_as_chunked_then_close() {
     let seen = settled(origin);
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert!(seen[0].1.ends_with("\r\n\r\nabc"), "{seen:?}");
+}
+
+/// The same policy over HTTP/2 with prior knowledge (h2c): the path is normalised before the
+/// route and its access rule are chosen, and what reaches the origin is the normal form.
+#[test]
+fn h2c_requests_meet_the_same_policy() {
+    let (gw, origin) = setup("h2");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answers = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut out = Vec::new();
+        for path in [
+            "/h2/x/../admin/secret",
+            "/h2/%61dmin/secret",
+            "/h2/a%2fb",
+            "/h2/h2/./c",
+        ] {
+            let mut client = client.clone().ready().await.unwrap();
+            let req = http::Request::get(format!("http://a{path}"))
+                .body(())
+                .unwrap();
+            let (resp, _) = client.send_request(req, true).unwrap();
+            out.push((path, resp.await.unwrap().status().as_u16()));
+        }
+        out
+    });
+    assert_eq!(
+        answers,
+        [
+            ("/h2/x/../admin/secret", 401),
+            ("/h2/%61dmin/secret", 401),
+            ("/h2/a%2fb", 400),
+            ("/h2/h2/./c", 200),
+        ]
+    );
+    let seen = settled(origin);
+    assert!(
+        seen.iter()
+            .any(|(_, r)| r.starts_with("GET /h2/h2/c HTTP/1.1\r\n")),
+        "{seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|(_, r)| r.contains("admin") || r.contains("%2")),
+        "{seen:?}"
+    );
 }
