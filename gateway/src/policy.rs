@@ -348,18 +348,18 @@ pub fn content_length(value: &[u8]) -> Result<u64, Refusal> {
 /// request id (the gateway sets its own), and the identity headers in any spelling a server
 /// behind may read as them (`_` for `-`: CGI and WSGI map both to the same variable).
 pub fn stays_behind(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 9] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"x-request-id",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || is_identity(name)
+    // By length first: it runs for every header of every request.
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        12 => is(b"x-request-id"),
+        16 => is(b"proxy-connection") || is_identity(name),
+        17 => is(b"transfer-encoding") || is_identity(name),
+        19 => is(b"proxy-authorization") || is_identity(name),
+        _ => is_identity(name),
+    }
 }
 
 /// `x-shopverse-*`, whatever its case and whether it is spelt with `-` or `_`: the gateway's
