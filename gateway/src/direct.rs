@@ -359,8 +359,8 @@ fn idle_and_open(stream: &mut Stream) -> bool {
         .is_none()
 }
 
-/// The client's request as the upstream gets it: hop-by-hop headers gone (RFC 9110 7.6.1),
-/// HTTP/1.1, framed for its body.
+/// The client's request as the upstream gets it: the headers that stay behind gone (RFC 9110
+/// 7.6.1, and the gateway's own), HTTP/1.1, framed for its body.
 fn upstream_request(
     session: &Session,
     has_body: bool,
@@ -390,18 +390,6 @@ fn nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
         .take(16)
         .collect()
 }
-
-/// Hop-by-hop request headers besides the ones `Connection` names.
-static REQUEST_HOP: [&HeaderName; 8] = [
-    &header::CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &header::PROXY_AUTHORIZATION,
-    &header::TE,
-    &header::TRAILER,
-    &header::TRANSFER_ENCODING,
-    &header::UPGRADE,
-];
 
 /// Hop-by-hop response headers besides the ones `Connection` names (`Transfer-Encoding`
 /// stays: it says how the body is framed).
@@ -435,19 +423,17 @@ fn plain_connection_only(headers: &http::HeaderMap, hop: &[&HeaderName]) -> bool
             .any(|k| *k != header::CONNECTION && hop.contains(&k))
 }
 
+/// Removes the request headers that stay behind: [`crate::policy::stays_behind`] (the table
+/// the HTTP/1 front uses too) and the ones `Connection` names.
 fn strip_request_hop_by_hop(req: &mut RequestHeader) {
-    if !any_of(&req.headers, &REQUEST_HOP) {
+    let behind = |k: &HeaderName| crate::policy::stays_behind(k.as_str().as_bytes());
+    if !req.headers.keys().any(behind) {
         return;
     }
-    if plain_connection_only(&req.headers, &REQUEST_HOP) {
-        req.remove_header(&header::CONNECTION);
-        return;
-    }
-    for name in nominated(&req.headers) {
+    let mut names = nominated(&req.headers);
+    names.extend(req.headers.keys().filter(|k| behind(k)).cloned());
+    for name in names {
         req.remove_header(&name);
-    }
-    for name in REQUEST_HOP {
-        req.remove_header(name);
     }
 }
 
@@ -485,6 +471,7 @@ mod tests {
         req.insert_header("keep-alive", "timeout=5").unwrap();
         req.insert_header("te", "trailers").unwrap();
         req.insert_header("upgrade", "h2c").unwrap();
+        req.insert_header("x_shopverse_user", "mallory").unwrap();
         req.insert_header("accept", "*/*").unwrap();
         strip_request_hop_by_hop(&mut req);
         let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
