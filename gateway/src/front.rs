@@ -424,20 +424,17 @@ impl Front {
         let (Some(method), Some(raw_target), Some(1)) = (req.method, req.path, req.version) else {
             return Step::HandOff;
         };
-        // The one policy, before anything else: framing and limits, then the target.
-        let (limits, head_limits) = {
-            let config = self.gateway.config.load();
-            (
-                direct::Limits {
-                    upstream: Duration::from_millis(config.request_timeout_ms),
-                    client_body: Duration::from_millis(config.client_body_timeout_ms),
-                },
-                policy::HeadLimits {
-                    max_headers: config.max_headers,
-                    max_header_bytes: config.max_header_bytes,
-                    max_body_bytes: config.max_body_bytes,
-                },
-            )
+        // The one policy, before anything else: framing and limits, then the target; then
+        // the route, on the normalised path. One look at the configuration for all of it.
+        let config = self.gateway.config.load();
+        let limits = direct::Limits {
+            upstream: Duration::from_millis(config.request_timeout_ms),
+            client_body: Duration::from_millis(config.client_body_timeout_ms),
+        };
+        let head_limits = policy::HeadLimits {
+            max_headers: config.max_headers,
+            max_header_bytes: config.max_header_bytes,
+            max_body_bytes: config.max_body_bytes,
         };
         let checked = policy::check_head(
             true,
@@ -447,29 +444,31 @@ impl Front {
         .and_then(|framing| Ok((framing, policy::target(method, raw_target)?)));
         let (framing, target) = match checked {
             Ok(ok) => ok,
-            Err(refusal) => return self.refuse(io, refusal, method, start, bufs).await,
+            Err(refusal) => {
+                drop(config);
+                return self.refuse(io, refusal, method, start, bufs).await;
+            }
         };
         let path: &str = &target.path;
-        let (label, upstream, access) = {
-            let config = self.gateway.config.load();
-            let Some(pass) = config.passthrough_for(path) else {
-                drop(config);
-                if framing.chunked || framing.content_length.is_some_and(|n| n > 0) {
-                    // REST calls with a body are Pingora's.
-                    return Step::HandOff;
-                }
-                return self
-                    .cache_hit(
-                        io,
-                        (method, &target, head_len, start),
-                        req.headers,
-                        peer,
-                        shutdown,
-                        bufs,
-                    )
-                    .await;
-            };
-            (pass.label(), pass.target(), pass.access)
+        let pass = config
+            .passthrough_for(path)
+            .map(|p| (p.label(), p.target(), p.access));
+        drop(config);
+        let Some((label, upstream, access)) = pass else {
+            if framing.chunked || framing.content_length.is_some_and(|n| n > 0) {
+                // REST calls with a body are Pingora's.
+                return Step::HandOff;
+            }
+            return self
+                .cache_hit(
+                    io,
+                    (method, &target, head_len, start),
+                    req.headers,
+                    peer,
+                    shutdown,
+                    bufs,
+                )
+                .await;
         };
         let Ok(facts) = facts(req.headers, &framing) else {
             return Step::HandOff;
@@ -508,7 +507,7 @@ impl Front {
         // short by a framing error.
         let mut carry = None;
         let (body_len, buffered_body, body_from_buf) = if framing.chunked {
-            let max = self.gateway.config.load().max_body_bytes;
+            let max = head_limits.max_body_bytes;
             match read_chunked(io, &buf[head_len..], max, limits.client_body).await {
                 Ok(body) => {
                     carry = Some(body.carry);
