@@ -27,6 +27,17 @@ fn sqlite(dir: &Path, name: &str) -> String {
     format!("sqlite://{}/{name}.db", dir.display())
 }
 
+/// The saga's databases of the appliance whose data directory is `dir`.
+async fn saga_dbs(dir: &Path) -> common::saga::Dbs {
+    common::saga::connect(
+        &sqlite(dir, "orders"),
+        &sqlite(dir, "products"),
+        &sqlite(dir, "payments"),
+        &sqlite(dir, "notifications"),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_checkouts_then_everything_reconciles() {
     let dir = tempfile::tempdir().unwrap();
@@ -91,13 +102,7 @@ async fn sigkill_mid_checkouts_then_everything_reconciles() {
     // Let the saga settle: no order waiting for payment, no checkout in flight, outboxes empty;
     // then the reconciliation, from the databases alone.
     let d = dir.path();
-    let dbs = common::saga::connect(
-        &sqlite(d, "orders"),
-        &sqlite(d, "products"),
-        &sqlite(d, "payments"),
-        &sqlite(d, "notifications"),
-    )
-    .await;
+    let dbs = saga_dbs(d).await;
     settle(&dbs, Duration::from_secs(90)).await;
     let mut initial = HashMap::new();
     for p in &products {
@@ -154,13 +159,7 @@ async fn a_backup_under_checkouts_restores_and_settles_once() {
     assert!(ok, "{err}");
     let app = Appliance::start_with_env(restored.path(), &[], &env);
     let d = restored.path();
-    let dbs = common::saga::connect(
-        &sqlite(d, "orders"),
-        &sqlite(d, "products"),
-        &sqlite(d, "payments"),
-        &sqlite(d, "notifications"),
-    )
-    .await;
+    let dbs = saga_dbs(d).await;
     settle(&dbs, Duration::from_secs(90)).await;
     let orders = common::saga::scalar(&dbs.orders, "SELECT COUNT(*) FROM orders").await;
     assert!(orders > 20, "only {orders} orders in the backup");
