@@ -6,14 +6,16 @@
 //! every request and response; a session, with its cache, module and subrequest state, built
 //! for every request; a future of several kilobytes boxed for every request. For the
 //! pass-through routes none of that is needed. This front parses the request head where it
-//! lies in the read buffer (`httparse`), admits it with the gateway's own code (the route's
-//! access rule, the rate limit), writes the upstream request from the parsed head, and relays
-//! the response as it arrives, framed as the upstream framed it.
+//! lies in the read buffer (`httparse`), applies the [request policy](crate::policy) to it,
+//! admits it with the gateway's own code (the route's access rule, the rate limit), writes the
+//! upstream request from the parsed head, and relays the response as it arrives, framed as the
+//! upstream framed it. A chunked request body is decoded strictly ([`crate::chunked`]) and
+//! sent with its length; `Expect: 100-continue` is answered here once the request is admitted.
 //!
 //! Fresh edge-cache hits are answered here too. Any other request (REST and gRPC routes,
-//! HTTP/1.0, upgrades, `Expect`, chunked request bodies, malformed requests) is handed to
-//! Pingora's HTTP/1 server with the bytes already read put back in front of the stream, and
-//! the connection comes back after that request. TLS and HTTP/2 connections are Pingora's
+//! HTTP/1.0, upgrades, other expectations, heads `httparse` refuses) is handed to Pingora's
+//! HTTP/1 server with the bytes already read put back in front of the stream, and the
+//! connection comes back after that request. TLS and HTTP/2 connections are Pingora's
 //! throughout.
 
 use std::borrow::Cow;
@@ -118,6 +120,8 @@ struct Facts<'a> {
     origin: bool,
     /// `Cache-Control: no-cache` or `no-store`.
     no_cache: bool,
+    /// `Expect: 100-continue`: the front answers it itself (and drops the header).
+    expect_continue: bool,
     /// Headers not forwarded upstream, a bit each.
     dropped: u64,
 }
@@ -138,7 +142,15 @@ fn facts<'a>(
         let name = h.name.as_bytes();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         match name.len() {
-            6 if is("expect") => return Err(NotOurs),
+            // The one expectation HTTP/1.1 defines is answered here; any other is Pingora's
+            // (417).
+            6 if is("expect") => {
+                if !h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                    return Err(NotOurs);
+                }
+                f.expect_continue = true;
+                f.dropped |= 1 << i;
+            }
             6 if is("origin") => f.origin = true,
             7 if is("upgrade") => return Err(NotOurs),
             10 if is("connection") => {
@@ -502,6 +514,24 @@ impl Front {
                 };
             }
         };
+        // The client waits for a go-ahead before it sends its body (RFC 9110 10.1.1): given
+        // now that the request is admitted, unless some of the body is already here.
+        let wants_body = framing.chunked || framing.content_length.is_some_and(|n| n > 0);
+        if facts.expect_continue
+            && wants_body
+            && buf.len() == head_len
+            && (io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+                || io.flush().await.is_err())
+        {
+            return Step::Done {
+                consumed: 0,
+                keep_alive: false,
+                carry: None,
+            };
+        }
         // A chunked body is read whole and checked before anything goes upstream, and sent
         // with its length (as nginx does by default): the upstream never sees a request cut
         // short by a framing error.
@@ -1565,7 +1595,7 @@ mod tests {
 
         for raw in [
             &b"GET /x HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
-            b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nExpect: something-else\r\n\r\n",
         ] {
             let mut headers = [httparse::EMPTY_HEADER; 16];
             let mut req = httparse::Request::new(&mut headers);

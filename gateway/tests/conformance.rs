@@ -130,7 +130,7 @@ struct Shared {
 
 /// Every test's origin and how it answers. `norm` and `h2` also have an admin-only prefix
 /// (`/norm/admin/`, `/h2/admin/`) in front of their public one.
-const ORIGINS: [(&str, Mode); 11] = [
+const ORIGINS: [(&str, Mode); 12] = [
     ("chunk", Mode::Ok),
     ("pipe", Mode::Ok),
     ("norm", Mode::Ok),
@@ -142,6 +142,7 @@ const ORIGINS: [(&str, Mode); 11] = [
     ("slow", Mode::Ok),
     ("both", Mode::Ok),
     ("h2", Mode::Ok),
+    ("expect", Mode::Ok),
 ];
 
 /// One gateway for the whole suite, started once on a runtime of its own (Pingora runs one
@@ -604,4 +605,41 @@ fn h2c_requests_meet_the_same_policy() {
             .any(|(_, r)| r.contains("admin") || r.contains("%2")),
         "{seen:?}"
     );
+}
+
+/// `Expect: 100-continue` is answered by the gateway once the request is admitted; the body
+/// then comes through the same strict path (chunked here), and the origin gets neither the
+/// expectation nor a partial body. A refused request gets its refusal instead of a go-ahead.
+#[test]
+fn expect_100_continue_is_answered_after_admission() {
+    let (gw, origin) = setup("expect");
+    let mut s = TcpStream::connect(gw).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"POST /expect/a HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .unwrap();
+    let mut first = [0u8; 25];
+    s.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"4\r\nbody\r\n0\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while whole_responses(&out) < 1 {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+    assert_eq!(status(&String::from_utf8_lossy(&out)), 200);
+    let seen = settled(origin);
+    let req = seen[0].1.to_ascii_lowercase();
+    assert!(req.ends_with("\r\n\r\nbody"), "{req}");
+    assert!(!req.contains("\r\nexpect:"), "{req}");
+    // An access refusal comes instead of the go-ahead.
+    let answer = send(
+        gw,
+        b"POST /h2/admin/x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+    );
+    assert_eq!(status(&answer), 401, "{answer}");
 }
