@@ -348,11 +348,6 @@ impl<H: Handler> Consumer<H> {
         self
     }
 
-    pub fn with_concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
-        self
-    }
-
     /// Consumes until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let name = self.handler.name().to_owned();
