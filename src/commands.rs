@@ -416,16 +416,13 @@ async fn run_services(
             gcfg.upstreams
                 .insert(name.to_owned(), vec![format!("http://{bound}")]);
         }
-        let running = shopverse_gateway::start_full(
-            gcfg,
-            &registry_for_gateway,
-            Arc::new(SystemClock),
-            shutdown.clone(),
-            None,
-            Some(platform.bus.clone()),
-            &platform.local,
-        )
-        .await?;
+        let running = shopverse_gateway::Builder::new(gcfg)
+            .registry(&registry_for_gateway)
+            .shutdown(shutdown.clone())
+            .events(platform.bus.clone())
+            .local(&platform.local)
+            .start()
+            .await?;
         reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());
         if let Some(cache) = running.cache.clone() {
             let _ = cache_slot.set(shopverse_gateway::purge_handler(cache));
@@ -753,14 +750,12 @@ pub async fn gateway(
     }
     let admin = admin_listener?;
     let admin_addr = admin.local_addr()?;
-    let running = shopverse_gateway::start_with_upgrade(
-        gcfg,
-        &registry,
-        Arc::new(SystemClock),
-        shutdown.clone(),
-        Some(upgrade),
-    )
-    .await?;
+    let running = shopverse_gateway::Builder::new(gcfg)
+        .registry(&registry)
+        .shutdown(shutdown.clone())
+        .upgrade(upgrade)
+        .start()
+        .await?;
     reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());
     let ready: shopverse_kit::metrics::ReadyCheck = Arc::new(|| true);
     let purge = running.cache.clone().map(shopverse_gateway::purge_handler);

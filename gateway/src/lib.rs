@@ -178,34 +178,81 @@ fn concrete(addr: SocketAddr) -> Result<SocketAddr, GatewayError> {
         .map_err(|source| GatewayError::Listen { addr, source })
 }
 
-/// Starts the gateway; returns once it accepts connections.
-pub async fn start(
+/// How a gateway is started: its configuration, and what it takes from the process around
+/// it, each with a default (a fresh metrics registry, the system clock, a shutdown token of
+/// its own, no binary upgrade, no event bus, no in-process services).
+///
+/// ```ignore
+/// let running = shopverse_gateway::Builder::new(config)
+///     .registry(&registry)
+///     .shutdown(token)
+///     .events(bus)
+///     .start()
+///     .await?;
+/// ```
+pub struct Builder {
     config: GatewayConfig,
-    registry: &prometheus::Registry,
-    clock: Arc<dyn Clock>,
-    shutdown: CancellationToken,
-) -> Result<Running, GatewayError> {
-    start_with_upgrade(config, registry, clock, shutdown, None).await
-}
-
-/// [`start`], able to take over from (or hand over to) another process.
-pub async fn start_with_upgrade(
-    config: GatewayConfig,
-    registry: &prometheus::Registry,
+    registry: prometheus::Registry,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
     upgrade: Option<Upgrade>,
-) -> Result<Running, GatewayError> {
-    start_full(
-        config,
-        registry,
-        clock,
-        shutdown,
-        upgrade,
-        None,
-        &shopverse_kit::LocalServices::default(),
-    )
-    .await
+    events: Option<Arc<dyn shopverse_events::EventBus>>,
+    local: shopverse_kit::LocalServices,
+}
+
+impl Builder {
+    pub fn new(config: GatewayConfig) -> Builder {
+        Builder {
+            config,
+            registry: prometheus::Registry::new(),
+            clock: Arc::new(shopverse_kit::SystemClock),
+            shutdown: CancellationToken::new(),
+            upgrade: None,
+            events: None,
+            local: shopverse_kit::LocalServices::default(),
+        }
+    }
+
+    /// Where the gateway's metrics are registered (served on the process's admin port).
+    pub fn registry(mut self, registry: &prometheus::Registry) -> Builder {
+        self.registry = registry.clone();
+        self
+    }
+
+    /// The clock of token expiry, rate limits and the cache (tests drive one).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Builder {
+        self.clock = clock;
+        self
+    }
+
+    /// Cancelled when the gateway should stop.
+    pub fn shutdown(mut self, shutdown: CancellationToken) -> Builder {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// Take over (or hand over) the listening sockets of another process.
+    pub fn upgrade(mut self, upgrade: Upgrade) -> Builder {
+        self.upgrade = Some(upgrade);
+        self
+    }
+
+    /// Follow catalog changes on this bus to purge the edge cache.
+    pub fn events(mut self, bus: Arc<dyn shopverse_events::EventBus>) -> Builder {
+        self.events = Some(bus);
+        self
+    }
+
+    /// The services this process runs itself, which the gateway calls in-process.
+    pub fn local(mut self, local: &shopverse_kit::LocalServices) -> Builder {
+        self.local = local.clone();
+        self
+    }
+
+    /// Starts the gateway; returns once it accepts connections.
+    pub async fn start(self) -> Result<Running, GatewayError> {
+        start(self).await
+    }
 }
 
 /// The admin listener's cache purge: `POST /cache/purge?key=K`, `?tag=T` or `?all=true`.
@@ -295,17 +342,18 @@ async fn invalidate_from_events(
     }
 }
 
-/// [`start_with_upgrade`], with an event bus to follow catalog changes for the edge cache, and
-/// the services this process runs itself (`local`), which the gateway calls in-process.
-pub async fn start_full(
-    config: GatewayConfig,
-    registry: &prometheus::Registry,
-    clock: Arc<dyn Clock>,
-    shutdown: CancellationToken,
-    upgrade: Option<Upgrade>,
-    events: Option<Arc<dyn shopverse_events::EventBus>>,
-    local: &shopverse_kit::LocalServices,
-) -> Result<Running, GatewayError> {
+/// What [`Builder::start`] does.
+async fn start(b: Builder) -> Result<Running, GatewayError> {
+    let Builder {
+        config,
+        registry,
+        clock,
+        shutdown,
+        upgrade,
+        events,
+        local,
+    } = b;
+    let (registry, local) = (&registry, &local);
     if upgrade.as_ref().is_some_and(|u| u.take_over) && config.listen.port() == 0 {
         return Err(GatewayError::Tls(
             "an upgrade takes over a fixed port; gateway.listen has port 0".into(),

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use shopverse_gateway::config::{GatewayConfig, Passthrough};
 use shopverse_gateway::router::Access;
-use shopverse_kit::CancellationToken;
 
 /// What the origin received: one entry per request, as the raw bytes it read for it, and the
 /// connection it came on.
@@ -202,14 +201,7 @@ fn shared() -> &'static Shared {
                     ..Default::default()
                 };
                 cfg.cache.enabled = false;
-                let running = shopverse_gateway::start(
-                    cfg,
-                    &prometheus::Registry::new(),
-                    Arc::new(shopverse_kit::SystemClock),
-                    CancellationToken::new(),
-                )
-                .await
-                .unwrap();
+                let running = shopverse_gateway::Builder::new(cfg).start().await.unwrap();
                 tx.send(Shared {
                     addr: running.addr,
                     origins,
