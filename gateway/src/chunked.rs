@@ -8,19 +8,28 @@
 
 /// Why a chunked body is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.reason())]
 pub enum ChunkError {
-    #[error("a chunk size is not hexadecimal digits")]
     Size,
-    #[error("a chunk size is too large")]
     Overflow,
-    #[error("a chunk line does not end in CR LF")]
     LineEnd,
-    #[error("chunk data is not followed by CR LF")]
     DataEnd,
-    #[error("a chunk extension or trailer holds a control byte")]
     Control,
-    #[error("chunk extensions or trailers are too long")]
     TooLong,
+}
+
+impl ChunkError {
+    /// What a client is told.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ChunkError::Size => "a chunk size is not hexadecimal digits",
+            ChunkError::Overflow => "a chunk size is too large",
+            ChunkError::LineEnd => "a chunk line does not end in CR LF",
+            ChunkError::DataEnd => "chunk data is not followed by CR LF",
+            ChunkError::Control => "a chunk extension or trailer holds a control byte",
+            ChunkError::TooLong => "chunk extensions or trailers are too long",
+        }
+    }
 }
 
 /// Extension bytes of one chunk line, and trailer bytes in all, at most.
@@ -104,17 +113,11 @@ impl Decoder {
                         _ => return Err(ChunkError::Size),
                     },
                 },
-                State::Ext => match b {
-                    b'\r' => self.state = State::SizeLf,
-                    b'\n' => return Err(ChunkError::LineEnd),
-                    b'\t' | 0x20..=0x7e | 0x80..=0xff => {
-                        self.extra += 1;
-                        if self.extra > MAX_LINE_EXTRA {
-                            return Err(ChunkError::TooLong);
-                        }
+                State::Ext => {
+                    if text_byte(b, &mut self.extra, MAX_LINE_EXTRA)? {
+                        self.state = State::SizeLf;
                     }
-                    _ => return Err(ChunkError::Control),
-                },
+                }
                 State::SizeLf => {
                     if b != b'\n' {
                         return Err(ChunkError::LineEnd);
@@ -158,17 +161,11 @@ impl Decoder {
                         continue;
                     }
                 },
-                State::Trailer => match b {
-                    b'\r' => self.state = State::TrailerLf,
-                    b'\n' => return Err(ChunkError::LineEnd),
-                    b'\t' | 0x20..=0x7e | 0x80..=0xff => {
-                        self.trailers += 1;
-                        if self.trailers > MAX_TRAILERS {
-                            return Err(ChunkError::TooLong);
-                        }
+                State::Trailer => {
+                    if text_byte(b, &mut self.trailers, MAX_TRAILERS)? {
+                        self.state = State::TrailerLf;
                     }
-                    _ => return Err(ChunkError::Control),
-                },
+                }
                 State::TrailerLf => {
                     if b != b'\n' {
                         return Err(ChunkError::LineEnd);
@@ -187,6 +184,24 @@ impl Decoder {
             i += 1;
         }
         Ok(if self.done() { Some(i) } else { None })
+    }
+}
+
+/// A byte of an extension or a trailer line: `Ok(true)` at the CR that ends it; text bytes
+/// are counted against `max`.
+fn text_byte(b: u8, count: &mut usize, max: usize) -> Result<bool, ChunkError> {
+    match b {
+        b'\r' => Ok(true),
+        b'\n' => Err(ChunkError::LineEnd),
+        b'\t' | 0x20..=0x7e | 0x80..=0xff => {
+            *count += 1;
+            if *count > max {
+                Err(ChunkError::TooLong)
+            } else {
+                Ok(false)
+            }
+        }
+        _ => Err(ChunkError::Control),
     }
 }
 

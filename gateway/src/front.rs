@@ -707,14 +707,7 @@ async fn read_chunked(
     };
     let bad = |e: chunked::ChunkError| policy::Refusal {
         status: StatusCode::BAD_REQUEST,
-        reason: match e {
-            chunked::ChunkError::Size => "a chunk size is not hexadecimal digits",
-            chunked::ChunkError::Overflow => "a chunk size is too large",
-            chunked::ChunkError::LineEnd => "a chunk line does not end in CR LF",
-            chunked::ChunkError::DataEnd => "chunk data is not followed by CR LF",
-            chunked::ChunkError::Control => "a chunk extension or trailer holds a control byte",
-            chunked::ChunkError::TooLong => "chunk extensions or trailers are too long",
-        },
+        reason: e.reason(),
     };
     let mut d = chunked::Decoder::default();
     let mut data = Vec::new();
