@@ -1316,9 +1316,13 @@ impl Gateway {
         let raw = std::str::from_utf8(req.raw_path())
             .map_err(|_| bad("the request target is not text"))?;
         let target = policy::target(req.method.as_str(), raw)?;
-        let origin = target.origin_form();
-        if origin != raw {
-            let uri = origin
+        // Rewritten only when normalising changed the path (it borrows otherwise) or the target
+        // came in absolute form: no string is built for the usual request.
+        let rewritten = matches!(target.path, std::borrow::Cow::Owned(_))
+            || !(raw.starts_with('/') || raw == "*");
+        if rewritten {
+            let uri = target
+                .origin_form()
                 .parse::<http::Uri>()
                 .map_err(|_| bad("the request target is not a URI"))?;
             session.req_header_mut().set_uri(uri);
