@@ -144,7 +144,6 @@ fn rate_limit(c: &mut Criterion) {
         per_secs: 1,
         burst: 100_000_000,
         by: LimitBy::Ip,
-        policy_header: Default::default(),
     };
     c.bench_function("rate_limit/decision", |b| {
         b.iter(|| {

@@ -52,9 +52,6 @@ pub struct GatewayConfig {
     pub rate_limits: Vec<RateLimitPolicy>,
     /// Path prefixes proxied as they are to a plain HTTP upstream.
     pub passthrough: Vec<Passthrough>,
-    /// `passthrough` as a trie, built on first use.
-    #[serde(skip)]
-    pub passthrough_index: std::sync::OnceLock<crate::prefix::PrefixIndex>,
     /// Cross-origin requests from browsers.
     pub cors: CorsConfig,
     /// An HTTPS listener (TLS 1.2 and 1.3 with rustls, HTTP/2 by ALPN, so gRPC over TLS too).
@@ -180,17 +177,6 @@ pub struct RateLimitPolicy {
     /// ...with bursts of up to this many.
     pub burst: u32,
     pub by: LimitBy,
-    /// Its `RateLimit-Policy` header value, made on first use.
-    #[serde(skip)]
-    pub policy_header: std::sync::OnceLock<String>,
-}
-
-impl RateLimitPolicy {
-    /// `"name";q=burst;w=per_secs`, the same on every response this policy covers.
-    pub fn policy_header(&self) -> &str {
-        self.policy_header
-            .get_or_init(|| format!("\"{}\";q={};w={}", self.name, self.burst, self.per_secs))
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,39 +189,6 @@ pub struct Passthrough {
     /// route is verified all the same, and the caller's identity is forwarded.
     #[serde(default)]
     pub access: crate::router::Access,
-    /// The route's metrics label, made on first use and then shared by every request.
-    #[serde(skip)]
-    pub label: std::sync::OnceLock<std::sync::Arc<str>>,
-    /// `upstream` parsed, on first use.
-    #[serde(skip)]
-    pub target: std::sync::OnceLock<crate::upstream::Target>,
-}
-
-impl GatewayConfig {
-    /// The pass-through route of `path`: the first listed prefix it starts with.
-    pub fn passthrough_for(&self, path: &str) -> Option<&Passthrough> {
-        let index = self.passthrough_index.get_or_init(|| {
-            crate::prefix::PrefixIndex::new(self.passthrough.iter().map(|p| p.prefix.as_str()))
-        });
-        index
-            .first_match(path)
-            .and_then(|i| self.passthrough.get(i))
-    }
-}
-
-impl Passthrough {
-    pub fn label(&self) -> std::sync::Arc<str> {
-        self.label
-            .get_or_init(|| format!("passthrough:{}", self.prefix).into())
-            .clone()
-    }
-
-    /// Where requests go (validation made sure `upstream` is an IP address and port).
-    pub fn target(&self) -> crate::upstream::Target {
-        self.target
-            .get_or_init(|| crate::upstream::Target::new(&self.upstream))
-            .clone()
-    }
 }
 
 impl Default for GatewayConfig {
@@ -276,7 +229,6 @@ impl Default for GatewayConfig {
                     per_secs: 60,
                     burst: 10,
                     by: LimitBy::Ip,
-                    policy_header: Default::default(),
                 },
                 RateLimitPolicy {
                     name: "default".into(),
@@ -285,11 +237,9 @@ impl Default for GatewayConfig {
                     per_secs: 1,
                     burst: 100,
                     by: LimitBy::User,
-                    policy_header: Default::default(),
                 },
             ],
             passthrough: Vec::new(),
-            passthrough_index: std::sync::OnceLock::new(),
             cors: CorsConfig::default(),
             tls: TlsConfig::default(),
             cache: EdgeCacheConfig::default(),

@@ -1,32 +1,45 @@
 //! The ShopVerse API gateway, on Pingora: every client request passes through it.
 //!
 //! # Layout
-//! - [`config`]: the `gateway` section.
-//! - [`router`]: REST routes from the protos' `google.api.http` rules; a segment trie, so a
-//!   match costs the path's length whatever the number of routes.
-//! - [`transcode`]: JSON <-> protobuf with the proto3 JSON mapping.
-//! - [`auth`]: EdDSA JWT verification against the users service's JWKS, with a token cache.
-//! - [`ratelimit`]: GCRA per policy and consumer.
-//! - [`upstream`]: one balanced gRPC channel per service; calls carry encoded bytes.
+//! Read in this order; a request meets them in about this order too.
+//! - [`config`]: the `gateway` section as read; [`live`]: what is compiled from it on each
+//!   load (the pass-through route index, rate-limit headers), swapped whole on SIGHUP.
+//! - [`h1`]: the HTTP/1 front, ahead of Pingora's server on plain connections. It parses and
+//!   relays pass-through requests and answers fresh cache hits itself, and hands Pingora the
+//!   rest. Its parts: request heads (`head`), strict chunked framing ([`h1::chunked`]), the
+//!   relay, the per-thread upstream pool ([`h1::pool`]).
+//! - [`policy`]: the request policy every path applies first: framing and size rules, the
+//!   normalised target, the one table of headers that never go upstream.
+//! - `proxy`: Pingora's `ProxyHttp` phases, for everything the front does not serve (REST,
+//!   gRPC, HTTP/2, TLS, HTTP/1.0).
+//! - `admit`: the one admission of every path: the route's access rule against the caller's
+//!   token ([`auth`]), then the rate limit ([`ratelimit`]).
+//! - `rest`: a REST call in its steps: route ([`router`]), admit, the edge cache, transcode
+//!   ([`transcode`]), call the service ([`upstream`]).
+//! - `passthrough`: pass-through and gRPC requests on Pingora's path.
+//! - `reply`: the answers the gateway writes itself, in one JSON error shape; `gateway`: the
+//!   state every path shares, with its metrics.
 //! - [`openapi`]: the OpenAPI 3.1 document derived from the same routes.
-//! - [`proxy`]: the Pingora `ProxyHttp` tying them together.
-//! - [`front`]: the HTTP/1 front ahead of Pingora's server, which serves pass-through routes.
 //!
-//! [`start`] runs Pingora on a thread of its own (it builds its own runtimes), stopped by the
-//! same cancellation token as the rest of the process.
+//! [`Builder::start`] runs Pingora on a thread of its own (it builds its own runtimes), stopped
+//! by the same cancellation token as the rest of the process.
 
 #![forbid(unsafe_code)]
 
+mod admit;
 pub mod auth;
-pub mod chunked;
 pub mod config;
-mod direct;
-pub mod front;
+mod gateway;
+pub mod h1;
+pub mod live;
 pub mod openapi;
+mod passthrough;
 pub mod policy;
 pub mod prefix;
 pub mod proxy;
 pub mod ratelimit;
+mod reply;
+mod rest;
 pub mod router;
 pub mod transcode;
 pub mod upstream;
@@ -115,14 +128,14 @@ pub struct Running {
     pub cache: Option<Arc<shopverse_edge_cache::EdgeCache>>,
     /// The HTTPS listener, when configured.
     pub tls_addr: Option<SocketAddr>,
-    live: Arc<arc_swap::ArcSwap<GatewayConfig>>,
+    live: Arc<arc_swap::ArcSwap<live::Live>>,
     thread: std::thread::JoinHandle<()>,
 }
 
 /// Swaps the policies of a running gateway (see [`Reloader::reload`]).
 #[derive(Clone)]
 pub struct Reloader {
-    live: Arc<arc_swap::ArcSwap<GatewayConfig>>,
+    live: Arc<arc_swap::ArcSwap<live::Live>>,
 }
 
 impl Running {
@@ -154,7 +167,7 @@ impl Reloader {
         merged.upstreams = current.upstreams.clone();
         merged.threads = current.threads;
         merged.tls = current.tls.clone();
-        self.live.store(Arc::new(merged));
+        self.live.store(Arc::new(live::Live::new(merged)));
         ignored
     }
 }
@@ -395,7 +408,7 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
     let tls_addr = tls.as_ref().map(|(a, _)| *a);
     let openapi =
         bytes::Bytes::from(serde_json::to_vec(&openapi::document(&router)).unwrap_or_default());
-    let metrics = proxy::Metrics::new(registry);
+    let metrics = gateway::Metrics::new(registry);
     let cache = if config.cache.enabled && !config.cache.dir.is_empty() {
         let opened = shopverse_edge_cache::EdgeCache::open(
             std::path::Path::new(&config.cache.dir),
@@ -436,8 +449,10 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
             tracing::warn!(error = %e, "Redis is not answering; rate limits are per gateway until it does");
         }
     }
-    let live = Arc::new(arc_swap::ArcSwap::from_pointee(config.clone()));
-    let gateway = proxy::Gateway {
+    let live = Arc::new(arc_swap::ArcSwap::from_pointee(live::Live::new(
+        config.clone(),
+    )));
+    let gateway = gateway::Gateway {
         router,
         upstreams,
         verifier,
@@ -446,7 +461,7 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
         openapi,
         cache,
         inflight: Default::default(),
-        request_ids: proxy::RequestIds::new(),
+        request_ids: gateway::RequestIds::new(),
         clock: gateway_clock,
         config: live.clone(),
     };
@@ -493,7 +508,7 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
             // Pass-through requests are served by the front; the rest by Pingora's proxy.
             let mut service = pingora::services::listening::Service::new(
                 "ShopVerse gateway".to_owned(),
-                front::Front::new(gateway, proxy),
+                h1::Front::new(gateway, proxy),
             );
             service.add_tcp(&addr.to_string());
             if let Some((tls_addr, settings)) = tls {

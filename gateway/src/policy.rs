@@ -8,7 +8,9 @@
 //!   `Host`, strict `Content-Length`, `Transfer-Encoding` that ends in `chunked` and names no
 //!   other coding, the header count and size limits.
 //! - [`stays_behind`]: the one table of request headers that never reach an upstream
-//!   (hop-by-hop, the identity headers a client claims in any spelling, the request id).
+//!   (hop-by-hop, the identity headers a client claims in any spelling, the request id);
+//!   [`strip_request_hop_by_hop`] and [`strip_response_hop_by_hop`] apply it, and the
+//!   response's hop-by-hop rules, to Pingora's header maps.
 //!
 //! A refusal says its status and why; the caller answers it in the gateway's JSON error shape
 //! and, for a framing refusal, closes the connection.
@@ -16,6 +18,8 @@
 use std::borrow::Cow;
 
 use http::StatusCode;
+use http::header::{self, HeaderName};
+use pingora::http::{RequestHeader, ResponseHeader};
 
 /// Why a request is refused before it goes anywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +423,90 @@ pub fn idempotent(method: &str) -> bool {
     )
 }
 
+// The same rules on Pingora's header maps, for the requests Pingora's server parsed.
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Header names a `Connection` header lists (at most a few are honoured), as
+/// [`nominated`] reads them: never `Host`.
+fn nominated_names(headers: &http::HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| nominated(v.as_bytes()))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .take(16)
+        .collect()
+}
+
+/// Hop-by-hop response headers besides the ones `Connection` names (`Transfer-Encoding`
+/// stays: it says how the body is framed).
+static RESPONSE_HOP: [&HeaderName; 6] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::TRAILER,
+    &header::UPGRADE,
+];
+
+/// One pass over the names (most requests have none of these), instead of a lookup per name.
+fn any_of(headers: &http::HeaderMap, names: &[&HeaderName]) -> bool {
+    headers.keys().any(|k| names.contains(&k))
+}
+
+/// `Connection: keep-alive` or `close` is the only one of `hop` present.
+fn plain_connection_only(headers: &http::HeaderMap, hop: &[&HeaderName]) -> bool {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    let plain = match (values.next(), values.next()) {
+        (Some(v), None) => {
+            v.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+                || v.as_bytes().eq_ignore_ascii_case(b"close")
+        }
+        _ => false,
+    };
+    plain
+        && !headers
+            .keys()
+            .any(|k| *k != header::CONNECTION && hop.contains(&k))
+}
+
+/// Removes the request headers that stay behind: [`stays_behind`] (the table
+/// the HTTP/1 front uses too) and the ones `Connection` names.
+pub fn strip_request_hop_by_hop(req: &mut RequestHeader) {
+    let behind = |k: &HeaderName| stays_behind(k.as_str().as_bytes());
+    if !req.headers.keys().any(behind) {
+        return;
+    }
+    let mut names = nominated_names(&req.headers);
+    names.extend(req.headers.keys().filter(|k| behind(k)).cloned());
+    for name in names {
+        req.remove_header(&name);
+    }
+}
+
+/// The upstream's connection headers are its own; Pingora writes the client's
+/// `Connection` itself.
+pub fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
+    if !any_of(&resp.headers, &RESPONSE_HOP) {
+        return;
+    }
+    if plain_connection_only(&resp.headers, &RESPONSE_HOP) {
+        // The usual case, `Connection: keep-alive` and nothing else: one removal.
+        resp.remove_header(&header::CONNECTION);
+        return;
+    }
+    for name in nominated_names(&resp.headers) {
+        if name != header::TRANSFER_ENCODING {
+            resp.remove_header(&name);
+        }
+    }
+    for name in RESPONSE_HOP {
+        resp.remove_header(name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,5 +747,50 @@ mod tests {
         }
         let named: Vec<&[u8]> = nominated(b"close, Host, x-secret ,keep-alive").collect();
         assert_eq!(named, [&b"x-secret"[..]]);
+    }
+}
+
+#[cfg(test)]
+mod hop_by_hop_tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("connection", "keep-alive, x-secret")
+            .unwrap();
+        req.insert_header("x-secret", "1").unwrap();
+        req.insert_header("keep-alive", "timeout=5").unwrap();
+        req.insert_header("te", "trailers").unwrap();
+        req.insert_header("upgrade", "h2c").unwrap();
+        req.insert_header("x_shopverse_user", "mallory").unwrap();
+        req.insert_header("accept", "*/*").unwrap();
+        strip_request_hop_by_hop(&mut req);
+        let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept"]);
+
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("connection", "close").unwrap();
+        resp.insert_header("keep-alive", "timeout=5").unwrap();
+        resp.insert_header("transfer-encoding", "chunked").unwrap();
+        strip_response_hop_by_hop(&mut resp);
+        let names: Vec<&str> = resp.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["transfer-encoding"]);
+
+        // The shortcut for a lone `Connection: keep-alive` leaves the rest alone...
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("connection", "keep-alive").unwrap();
+        resp.insert_header("content-length", "2").unwrap();
+        strip_response_hop_by_hop(&mut resp);
+        let names: Vec<&str> = resp.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
+        // ...and is not taken when another hop-by-hop header is there too.
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("connection", "close").unwrap();
+        req.insert_header("te", "trailers").unwrap();
+        req.insert_header("proxy-authorization", "Basic eA==")
+            .unwrap();
+        strip_request_hop_by_hop(&mut req);
+        assert!(req.headers.is_empty(), "{:?}", req.headers);
     }
 }

@@ -238,7 +238,6 @@ mod tests {
             per_secs,
             burst,
             by: LimitBy::Ip,
-            policy_header: Default::default(),
         }
     }
 

@@ -214,6 +214,105 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// Finds the end of a chunked body (RFC 9112 7.1) across the reads it arrives in.
+#[derive(Default, Debug)]
+pub(crate) struct Chunks {
+    state: ChunkState,
+    /// Bytes left in the current chunk's data.
+    left: u64,
+}
+
+#[derive(Default, Debug, PartialEq, Eq, Clone, Copy)]
+pub(super) enum ChunkState {
+    /// In the chunk-size digits.
+    #[default]
+    Size,
+    /// In extensions, up to the line's LF.
+    SizeLine,
+    Data,
+    /// The CR LF after a chunk's data.
+    DataEnd,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    /// In a trailer line, up to its LF.
+    TrailerLine,
+    /// The final empty line's LF.
+    LastLf,
+}
+
+impl Chunks {
+    /// How far into `data` the body ends, or `None` if it goes on past it.
+    pub(crate) fn scan(&mut self, data: &[u8]) -> std::io::Result<Option<usize>> {
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunked framing");
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.state {
+                ChunkState::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = u64::from((b as char).to_digit(16).ok_or_else(bad)?);
+                        self.left = self
+                            .left
+                            .checked_mul(16)
+                            .and_then(|v| v.checked_add(digit))
+                            .ok_or_else(bad)?;
+                    }
+                    b';' | b' ' | b'\t' | b'\r' => self.state = ChunkState::SizeLine,
+                    b'\n' => self.state = self.after_size(),
+                    _ => return Err(bad()),
+                },
+                ChunkState::SizeLine => {
+                    if b == b'\n' {
+                        self.state = self.after_size();
+                    }
+                }
+                ChunkState::Data => {
+                    let n = usize::try_from(self.left)
+                        .unwrap_or(usize::MAX)
+                        .min(data.len() - i);
+                    self.left -= n as u64;
+                    i += n;
+                    if self.left == 0 {
+                        self.state = ChunkState::DataEnd;
+                    }
+                    continue;
+                }
+                ChunkState::DataEnd => match b {
+                    b'\r' => {}
+                    b'\n' => self.state = ChunkState::Size,
+                    _ => return Err(bad()),
+                },
+                ChunkState::TrailerStart => match b {
+                    b'\r' => self.state = ChunkState::LastLf,
+                    b'\n' => return Ok(Some(i + 1)),
+                    _ => self.state = ChunkState::TrailerLine,
+                },
+                ChunkState::TrailerLine => {
+                    if b == b'\n' {
+                        self.state = ChunkState::TrailerStart;
+                    }
+                }
+                ChunkState::LastLf => {
+                    if b == b'\n' {
+                        return Ok(Some(i + 1));
+                    }
+                    return Err(bad());
+                }
+            }
+            i += 1;
+        }
+        Ok(None)
+    }
+
+    fn after_size(&mut self) -> ChunkState {
+        if self.left == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,5 +493,26 @@ mod tests {
                 assert_eq!(reference(&body[..*n]), Ok((data.clone(), *n)));
             }
         }
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_the_last_chunk_and_trailers_end() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        // In one piece...
+        assert_eq!(Chunks::default().scan(body).unwrap(), Some(end));
+        // ...and split at every byte.
+        for cut in 0..body.len() {
+            let mut c = Chunks::default();
+            let (a, b) = body.split_at(cut);
+            match c.scan(a).unwrap() {
+                Some(e) => assert_eq!(e, end, "cut at {cut}"),
+                None => assert_eq!(c.scan(b).unwrap().map(|e| e + cut), Some(end), "cut {cut}"),
+            }
+        }
+        assert_eq!(Chunks::default().scan(b"0\r\n\r\n").unwrap(), Some(5));
+        assert_eq!(Chunks::default().scan(b"3\r\nab").unwrap(), None);
+        assert!(Chunks::default().scan(b"zz\r\n").is_err());
+        assert!(Chunks::default().scan(b"2\r\nabX").is_err());
     }
 }

@@ -1,0 +1,187 @@
+//! What every request path shares: the gateway's state, its metrics and request ids.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use prometheus::{HistogramVec, IntCounterVec};
+
+use crate::auth::Verifier;
+use crate::live::Live;
+use crate::ratelimit::Limiter;
+use crate::router::Router;
+use crate::upstream::Upstreams;
+
+/// Everything shared across requests.
+pub struct Gateway {
+    pub(crate) router: Router,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) limiter: Limiter,
+    /// Policies and limits; SIGHUP swaps in a new one without touching connections.
+    pub(crate) config: Arc<arc_swap::ArcSwap<Live>>,
+    pub(crate) metrics: Metrics,
+    /// The OpenAPI document, rendered once.
+    pub(crate) openapi: Bytes,
+    /// The edge cache of public catalog responses, and who is fetching which key right now
+    /// (concurrent misses on one key wait for one upstream call).
+    pub(crate) cache: Option<Arc<shopverse_edge_cache::EdgeCache>>,
+    pub(crate) inflight:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) clock: Arc<dyn shopverse_kit::Clock>,
+    pub(crate) request_ids: RequestIds,
+}
+
+/// Request ids for requests that came without one: 32 hex digits, a random 64-bit prefix per
+/// gateway process and a counter. Unique across gateways without a system call per request
+/// (a random UUID was one `getrandom` each).
+pub struct RequestIds {
+    prefix: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> RequestIds {
+        RequestIds {
+            prefix: uuid::Uuid::new_v4().as_u64_pair().0,
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn next(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // By hand: `format!` costs more than the rest of the id's work together.
+        let mut id = String::with_capacity(32);
+        for word in [self.prefix, n] {
+            for shift in (0..16).rev() {
+                id.push(HEX[((word >> (shift * 4)) & 0xf) as usize] as char);
+            }
+        }
+        id
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub struct Metrics {
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub auth_failures: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub upstream_calls: IntCounterVec,
+    pub cache_stale: prometheus::IntCounter,
+    pub rate_limit_fallbacks: prometheus::IntCounter,
+}
+
+impl Metrics {
+    pub fn new(registry: &prometheus::Registry) -> Metrics {
+        use shopverse_kit::metrics::{int_counter_vec, register};
+        #[allow(clippy::expect_used)] // constant names and buckets
+        let latency = register(
+            registry,
+            HistogramVec::new(
+                prometheus::HistogramOpts::new(
+                    "gateway_request_duration_seconds",
+                    "Time to answer a request, by route",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ]),
+                &["route"],
+            )
+            .expect("valid histogram"),
+        );
+        Metrics {
+            requests: int_counter_vec(
+                registry,
+                "gateway_requests_total",
+                "Requests by route, method and status",
+                &[],
+                &["route", "method", "status"],
+            ),
+            latency,
+            auth_failures: int_counter_vec(
+                registry,
+                "gateway_auth_failures_total",
+                "Refused tokens by reason",
+                &[],
+                &["reason"],
+            ),
+            rate_limited: int_counter_vec(
+                registry,
+                "gateway_rate_limited_total",
+                "Requests refused by a rate limit, by policy",
+                &[],
+                &["policy"],
+            ),
+            rate_limit_fallbacks: shopverse_kit::metrics::int_counter(
+                registry,
+                "gateway_rate_limit_fallbacks_total",
+                "Rate-limit decisions taken locally because Redis did not answer",
+                &[],
+            ),
+            cache_stale: shopverse_kit::metrics::int_counter(
+                registry,
+                "gateway_edge_cache_stale_total",
+                "Stale cache entries served",
+                &[],
+            ),
+            upstream_calls: int_counter_vec(
+                registry,
+                "gateway_upstream_calls_total",
+                "Calls to a service, by service",
+                &[],
+                &["service"],
+            ),
+            upstream_errors: int_counter_vec(
+                registry,
+                "gateway_upstream_errors_total",
+                "Service calls that failed, by service and gRPC code",
+                &[],
+                &["service", "code"],
+            ),
+        }
+    }
+}
+
+impl Gateway {
+    /// Counts a finished request and its latency under its route.
+    pub(crate) fn record(&self, route: &str, method: &str, status: &str, start: Instant) {
+        self.metrics
+            .requests
+            .with_label_values(&[route, method, status])
+            .inc();
+        self.metrics
+            .latency
+            .with_label_values(&[route])
+            .observe(start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestIds;
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_differ_within_and_across_gateways() {
+        let known = RequestIds {
+            prefix: 0x0123_4567_89ab_cdef,
+            next: std::sync::atomic::AtomicU64::new(0xfe),
+        };
+        assert_eq!(known.next(), "0123456789abcdef00000000000000fe");
+        let (a, b) = (RequestIds::new(), RequestIds::new());
+        let ids = [a.next(), a.next(), b.next()];
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        assert_ne!(ids[0], ids[1]);
+        assert_ne!(ids[0], ids[2], "two gateways made the same id");
+    }
+}

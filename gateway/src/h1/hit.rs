@@ -1,0 +1,167 @@
+//! Fresh edge-cache hits, answered on the front.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use http::StatusCode;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::server::ShutdownWatch;
+use tokio::io::AsyncWriteExt;
+
+use super::head::facts;
+use super::write::{push_date, push_decimal, push_header, write_reply};
+use super::{Buffers, Front, Step};
+use crate::policy;
+
+impl Front {
+    /// A fresh edge-cache hit, answered here: a public GET or HEAD of a cached route, from a
+    /// caller that is not signed in and sent no `Origin`. Anything else, a miss included, is
+    /// left to Pingora's path, before it counts against a rate limit.
+    pub(super) async fn cache_hit(
+        &self,
+        io: &mut L4Stream,
+        (method, target, head_len, start): (&str, &policy::Target<'_>, usize, Instant),
+        headers: &[httparse::Header<'_>],
+        peer: Option<IpAddr>,
+        shutdown: &ShutdownWatch,
+        bufs: &mut Buffers,
+    ) -> Step {
+        let Some(cache) = &self.gateway.cache else {
+            return Step::HandOff;
+        };
+        let verb = match method {
+            "GET" => http::Method::GET,
+            "HEAD" => http::Method::HEAD,
+            _ => return Step::HandOff,
+        };
+        let Ok(facts) = facts(headers, &policy::Framing::default()) else {
+            return Step::HandOff;
+        };
+        if facts.authorization.is_some() || facts.origin || facts.no_cache {
+            return Step::HandOff;
+        }
+        let (path, query) = (&*target.path, target.query.unwrap_or(""));
+        let Ok(m) = self.gateway.router.find(&verb, path) else {
+            return Step::HandOff;
+        };
+        if !self.gateway.cacheable(&verb, m.route) {
+            return Step::HandOff;
+        }
+        let mut key = String::with_capacity(path.len() + 1 + query.len());
+        key.push_str(path);
+        key.push('?');
+        key.push_str(query);
+        let now_ms = self.gateway.clock.now_ms();
+        let Ok(Some((entry, shopverse_edge_cache::Freshness::Fresh))) = cache.get(&key, now_ms)
+        else {
+            return Step::HandOff;
+        };
+        let request_id = match facts.request_id {
+            Some(id) => id.to_owned(),
+            None => self.gateway.request_ids.next(),
+        };
+        let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
+        let keep_alive = !facts.close && !*shutdown.borrow();
+        let head_only = verb == http::Method::HEAD;
+        let reply = match self
+            .gateway
+            .admit(path, crate::router::Access::Public, None, ip)
+            .await
+        {
+            Ok(admitted)
+                if !crate::reply::etag_matches(
+                    facts.if_none_match,
+                    entry.etag.as_deref().unwrap_or(""),
+                ) =>
+            {
+                // The common answer, written straight from the entry.
+                let status = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
+                let hit = Hit {
+                    status,
+                    entry: &entry,
+                    max_age: entry.max_age_secs(now_ms),
+                    request_id: &request_id,
+                    limit_headers: &admitted.rate_headers,
+                    keep_alive,
+                };
+                let written = hit.write(io, head_only, &mut bufs.out).await;
+                self.gateway
+                    .record(&m.route.template, method, status.as_str(), start);
+                return Step::Done {
+                    consumed: head_len,
+                    keep_alive: keep_alive && written.is_ok(),
+                    carry: None,
+                };
+            }
+            Ok(admitted) => {
+                let mut reply = self
+                    .gateway
+                    .reply_from_entry(facts.if_none_match, &entry, "HIT");
+                reply.headers.extend(admitted.rate_headers);
+                reply
+            }
+            Err(refused) => refused,
+        };
+        let status = reply.status;
+        let written =
+            write_reply(io, reply, &request_id, keep_alive, head_only, &mut bufs.out).await;
+        self.gateway
+            .record(&m.route.template, method, status.as_str(), start);
+        Step::Done {
+            consumed: head_len,
+            keep_alive: keep_alive && written.is_ok(),
+            carry: None,
+        }
+    }
+}
+
+/// A fresh edge-cache hit's answer: the head `Gateway::reply_from_entry` and [`write_reply`]
+/// give (the same headers, in the same order), written without building a string per header.
+pub(super) struct Hit<'a> {
+    status: StatusCode,
+    entry: &'a shopverse_edge_cache::Entry,
+    max_age: u64,
+    request_id: &'a str,
+    limit_headers: &'a [(&'static str, String)],
+    keep_alive: bool,
+}
+
+impl Hit<'_> {
+    pub(super) async fn write(
+        &self,
+        io: &mut L4Stream,
+        head_only: bool,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        push_decimal(out, u64::from(self.status.as_u16()));
+        out.push(b' ');
+        out.extend_from_slice(self.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
+        push_decimal(out, self.entry.body.len() as u64);
+        out.extend_from_slice(b"\r\n");
+        push_header(out, "x-request-id", self.request_id);
+        for (name, value) in crate::reply::SECURITY_HEADERS {
+            push_header(out, name, value);
+        }
+        push_header(out, "x-cache", "HIT");
+        push_header(out, "etag", self.entry.etag.as_deref().unwrap_or(""));
+        out.extend_from_slice(b"cache-control: public, max-age=");
+        push_decimal(out, self.max_age);
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in self.limit_headers {
+            push_header(out, name, value);
+        }
+        push_date(out);
+        if !self.keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head_only {
+            out.extend_from_slice(&self.entry.body);
+        }
+        io.write_all(out).await?;
+        io.flush().await
+    }
+}
