@@ -21,14 +21,14 @@ pub struct Rendered {
     pub sms: String,
 }
 
-/// "EUR 12.34"
+/// "EUR 12.34", "JPY 500": as many decimals as the currency's minor unit has. A code that is
+/// not ISO 4217 (which no service lets in) is shown as it came, in minor units.
 pub fn money(m: Option<&Money>) -> String {
     match m {
-        Some(m) => {
-            let sign = if m.amount_minor < 0 { "-" } else { "" };
-            let a = m.amount_minor.unsigned_abs();
-            format!("{} {sign}{}.{:02}", m.currency, a / 100, a % 100)
-        }
+        Some(m) => match shopverse_money::Money::parse(m.amount_minor, &m.currency) {
+            Ok(money) => money.to_string(),
+            Err(_) => format!("{} {} (minor units)", m.currency, m.amount_minor),
+        },
         None => "-".into(),
     }
 }
@@ -200,5 +200,8 @@ mod tests {
         assert_eq!(money(Some(&m(1234, "EUR"))), "EUR 12.34");
         assert_eq!(money(Some(&m(5, "USD"))), "USD 0.05");
         assert_eq!(money(Some(&m(-150, "EUR"))), "EUR -1.50");
+        assert_eq!(money(Some(&m(500, "JPY"))), "JPY 500");
+        assert_eq!(money(Some(&m(1500, "KWD"))), "KWD 1.500");
+        assert_eq!(money(Some(&m(500, "ZZZ"))), "ZZZ 500 (minor units)");
     }
 }

@@ -74,6 +74,13 @@ fn status_name(s: OrderStatus) -> Option<&'static str> {
     }
 }
 
+fn proto_money(m: shopverse_money::Money) -> Money {
+    Money {
+        amount_minor: m.amount_minor(),
+        currency: m.currency().code().to_owned(),
+    }
+}
+
 fn money(amount_minor: i64, currency: &str) -> Option<Money> {
     Some(Money {
         amount_minor,
@@ -95,7 +102,8 @@ pub fn order_to_proto(o: &OrderRow) -> Order {
                 name: l.name.clone(),
                 unit_price: money(l.unit_price_minor, &o.currency),
                 quantity: i32::try_from(l.quantity).unwrap_or(i32::MAX),
-                line_total: money(l.unit_price_minor * l.quantity, &o.currency),
+                // Checked when the order was placed; saturating only guards a row edited by hand.
+                line_total: money(l.unit_price_minor.saturating_mul(l.quantity), &o.currency),
             })
             .collect(),
         subtotal: money(o.subtotal_minor, &o.currency),
@@ -219,7 +227,10 @@ impl Orders {
         mut known: Option<(&str, Priced)>,
     ) -> Result<Cart, ServiceError> {
         let mut out = Cart::default();
-        let mut subtotal: Option<Money> = None;
+        // `None` once the lines disagree in currency (a cart from before carts refused that) or
+        // the sum does not fit: no subtotal is shown rather than a wrong one.
+        let mut subtotal: Option<Result<shopverse_money::Money, shopverse_money::MoneyError>> =
+            None;
         for (product_id, qty) in lines {
             let quantity = i32::try_from(qty).unwrap_or(0);
             let priced = match known.take_if(|(id, _)| *id == product_id) {
@@ -228,17 +239,19 @@ impl Orders {
             };
             match priced {
                 Some(p) => {
-                    let total = p.price.amount_minor * qty;
-                    match &mut subtotal {
-                        Some(s) if s.currency == p.price.currency => s.amount_minor += total,
-                        Some(_) => {}
-                        None => subtotal = money(total, &p.price.currency),
-                    }
+                    let line =
+                        shopverse_money::Money::parse(p.price.amount_minor, &p.price.currency)
+                            .and_then(|price| price.checked_mul(qty));
+                    subtotal = Some(match (subtotal, line.clone()) {
+                        (None, line) => line,
+                        (Some(s), Ok(line)) => s.and_then(|s| s.checked_add(line)),
+                        (Some(_), Err(e)) => Err(e),
+                    });
                     out.lines.push(CartLine {
                         product_id,
                         sku: p.sku,
                         name: p.name,
-                        line_total: money(total, &p.price.currency),
+                        line_total: line.ok().map(proto_money),
                         unit_price: Some(p.price),
                         quantity,
                         available: true,
@@ -252,8 +265,33 @@ impl Orders {
                 }),
             }
         }
-        out.subtotal = subtotal;
+        out.subtotal = subtotal.and_then(Result::ok).map(proto_money);
         Ok(out)
+    }
+
+    /// A cart holds one currency: a product priced in another is refused, naming both.
+    async fn check_one_currency(
+        &self,
+        user_id: &str,
+        product_id: &str,
+        currency: &str,
+    ) -> Result<(), ServiceError> {
+        let mut conn = self.store().db.read().await?;
+        let lines = self.store().cart(&mut conn, user_id).await?;
+        drop(conn);
+        // Every line was checked against the others when it was added: one is enough.
+        for (other, _) in lines.iter().filter(|(id, _)| id != product_id) {
+            if let Some(p) = self.priced(other).await? {
+                if p.price.currency != currency {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "the cart holds {} items; a {currency} item cannot join them",
+                        p.price.currency
+                    )));
+                }
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     fn check_quantity(q: i32) -> Result<i64, ServiceError> {
@@ -280,6 +318,8 @@ impl Orders {
         let Some(priced) = self.priced(product_id).await? else {
             return Err(ServiceError::not_found("product", product_id));
         };
+        self.check_one_currency(user_id, product_id, &priced.price.currency)
+            .await?;
         // One statement under the writer turn (it checks the limits itself): a read-then-write
         // transaction held the orders file's turn across four hand-offs to SQLite's thread,
         // and every cart, checkout and saga step of the shop queues on that turn.
@@ -471,9 +511,11 @@ impl Orders {
             }
         }
 
-        // Price every line now; the order keeps these prices.
+        // Price every line now; the order keeps these prices. The totals are checked here,
+        // before any stock is held: a total that does not fit, mixes currencies or is not
+        // positive refuses the checkout.
         let mut lines = Vec::with_capacity(attempt.lines.len());
-        let mut currency: Option<String> = None;
+        let mut subtotal: Option<shopverse_money::Money> = None;
         for (product_id, qty) in &attempt.lines {
             let Some(p) = self.priced(product_id).await? else {
                 return self
@@ -485,8 +527,16 @@ impl Orders {
                     )
                     .await;
             };
-            match &currency {
-                Some(c) if *c != p.price.currency => {
+            let line_total = shopverse_money::Money::parse(p.price.amount_minor, &p.price.currency)
+                .and_then(|price| price.checked_mul(*qty));
+            let sum = match (subtotal, line_total) {
+                (_, Err(e)) => Err(e),
+                (None, Ok(line)) => Ok(line),
+                (Some(s), Ok(line)) => s.checked_add(line),
+            };
+            subtotal = match sum {
+                Ok(s) => Some(s),
+                Err(shopverse_money::MoneyError::CurrencyMismatch(..)) => {
                     return self
                         .refuse(
                             &order_id,
@@ -494,8 +544,12 @@ impl Orders {
                         )
                         .await;
                 }
-                _ => currency = Some(p.price.currency.clone()),
-            }
+                Err(e) => {
+                    return self
+                        .refuse(&order_id, format!("the order total cannot be made: {e}"))
+                        .await;
+                }
+            };
             lines.push(LineRow {
                 product_id: product_id.clone(),
                 sku: p.sku,
@@ -504,7 +558,30 @@ impl Orders {
                 quantity: *qty,
             });
         }
-        let currency = currency.unwrap_or_default();
+        let Some(subtotal) = subtotal else {
+            return self.refuse(&order_id, "the cart is empty".into()).await;
+        };
+        let shipping_fee = shopverse_money::Money::new(
+            if subtotal.amount_minor() >= self.config().free_shipping_from_minor {
+                0
+            } else {
+                self.config().shipping_fee_minor
+            },
+            subtotal.currency(),
+        );
+        let total = match subtotal.checked_add(shipping_fee) {
+            Ok(t) if t.is_positive() => t,
+            Ok(_) => {
+                return self
+                    .refuse(&order_id, "the order total must be positive".into())
+                    .await;
+            }
+            Err(e) => {
+                return self
+                    .refuse(&order_id, format!("the order total cannot be made: {e}"))
+                    .await;
+            }
+        };
 
         // Reserve all lines or none; idempotent per order id, so a retry after a crash is safe.
         let reservation = self
@@ -539,21 +616,15 @@ impl Orders {
             Err(e) => return Err(upstream(e)),
         }
 
-        let subtotal: i64 = lines.iter().map(|l| l.unit_price_minor * l.quantity).sum();
-        let shipping_fee = if subtotal >= self.config().free_shipping_from_minor {
-            0
-        } else {
-            self.config().shipping_fee_minor
-        };
         let now = self.now();
         let order = OrderRow {
             id: order_id.clone(),
             user_id: user_id.to_owned(),
             status: PENDING_PAYMENT.into(),
-            currency,
-            subtotal_minor: subtotal,
-            shipping_minor: shipping_fee,
-            total_minor: subtotal + shipping_fee,
+            currency: total.currency().code().to_owned(),
+            subtotal_minor: subtotal.amount_minor(),
+            shipping_minor: shipping_fee.amount_minor(),
+            total_minor: total.amount_minor(),
             shipping_address: shipping,
             payment_method_token: token,
             paid: false,

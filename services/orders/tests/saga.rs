@@ -1011,6 +1011,126 @@ async fn cart_add_keeps_its_limits_on_both_databases() {
     shop.stop().await;
 }
 
+/// The overflow a new user found: a price near i64's end times 99 wrapped to a negative total
+/// that was charged and confirmed. Prices are bounded now, a full cart at the bound adds up
+/// exactly to the unit, the provider captures exactly that, and a cart keeps one currency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_never_wraps_from_price_to_capture() {
+    let mut shop = Shop::start(true).await;
+    let create = |sku: &str, amount_minor: i64, currency: &str| {
+        as_user(
+            CreateProductRequest {
+                sku: sku.into(),
+                name: format!("Product {sku}"),
+                price: Some(Money {
+                    amount_minor,
+                    currency: currency.into(),
+                }),
+                initial_stock: 1_000,
+                ..Default::default()
+            },
+            "admin",
+            &[Role::Admin],
+        )
+    };
+    for (sku, amount, currency) in [
+        ("HUGE", 900_000_000_000_000_000, "EUR"),
+        ("OVER", 100_000_000_001, "EUR"),
+        ("NEG", -1, "EUR"),
+        ("CUR", 100, "EUX"),
+        ("LOW", 100, "eur"),
+    ] {
+        let e = shop
+            .products
+            .create_product(create(sku, amount, currency))
+            .await;
+        assert_eq!(
+            e.map_err(|e| e.code()).err(),
+            Some(Code::InvalidArgument),
+            "{sku}"
+        );
+    }
+
+    // Ten lines of 99 at the highest price: exact to the unit in the cart, the order and the
+    // provider's capture.
+    const MAX: i64 = 100_000_000_000;
+    for i in 0..10 {
+        let id = shop.product(&format!("MAX{i}"), MAX, 1_000).await;
+        shop.orders
+            .add_cart_item(who(
+                "midas",
+                AddCartItemRequest {
+                    product_id: id,
+                    quantity: 99,
+                },
+            ))
+            .await
+            .unwrap();
+    }
+    let cart = shop
+        .orders
+        .get_cart(who("midas", GetCartRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let want = 10 * 99 * MAX;
+    assert_eq!(cart.subtotal.as_ref().map(|m| m.amount_minor), Some(want));
+    assert!(
+        cart.lines
+            .iter()
+            .all(|l| l.line_total.as_ref().map(|m| m.amount_minor) == Some(99 * MAX))
+    );
+
+    // A yen product does not join a euro cart.
+    let yen = shop
+        .products
+        .create_product(create("YEN", 500, "JPY"))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let e = shop
+        .orders
+        .add_cart_item(who(
+            "midas",
+            AddCartItemRequest {
+                product_id: yen,
+                quantity: 1,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::FailedPrecondition,
+            "the cart holds EUR items; a JPY item cannot join them"
+        )
+    );
+
+    let order = shop
+        .orders
+        .checkout(who(
+            "midas",
+            checkout_request("pm_card_ok", "midas-checkout-1"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(order.total.as_ref().map(|m| m.amount_minor), Some(want));
+    shop.wait_for("midas", &order.id, OrderStatus::Confirmed, |o| o.paid)
+        .await;
+    let payment = shop.payment("midas", &order.id).await;
+    let captured: Vec<i64> = payment
+        .transactions
+        .iter()
+        .filter(|t| t.kind() == TransactionKind::Capture)
+        .filter_map(|t| t.amount.as_ref().map(|m| m.amount_minor))
+        .collect();
+    assert_eq!(captured, [want]);
+    shop.stop().await;
+}
+
 /// Records of `topic` about `key` with event type `kind`, from every partition.
 async fn records_of(
     platform: &Platform,

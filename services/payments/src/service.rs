@@ -234,9 +234,19 @@ impl Payments {
             Some(mut p) if p.status == "SUCCEEDED" => {
                 let reference = self
                     .provider
-                    .refund(&format!("refund:{}", order.id), p.amount_minor, &p.currency)
+                    .refund(
+                        &format!("refund:{}", order.id),
+                        &format!("charge:{}", order.id),
+                        p.amount_minor,
+                        &p.currency,
+                    )
                     .await
-                    .map_err(|e| HandlerError::Retryable(Box::new(e)))?;
+                    .map_err(|e| match e {
+                        // The provider will not change its mind: the dead-letter queue, where
+                        // an operator sees it.
+                        ProviderError::Refused(why) => HandlerError::Permanent(why),
+                        e => HandlerError::Retryable(Box::new(e)),
+                    })?;
                 p.status = "REFUNDED".into();
                 p.failure_reason = c.reason;
                 self.upsert(conn, &p, "").await?;

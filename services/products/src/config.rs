@@ -15,6 +15,9 @@ pub struct ProductsConfig {
     pub database: String,
     /// The currency new products default to and the seed uses (ISO 4217).
     pub default_currency: String,
+    /// The highest price a product may have, in minor units. The default (10^11, a billion
+    /// euros) keeps a full cart's total (100 lines of 99 items) far inside an i64.
+    pub max_price_minor: i64,
 }
 
 impl Default for ProductsConfig {
@@ -23,16 +26,24 @@ impl Default for ProductsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
             database: String::new(),
             default_currency: "EUR".into(),
+            max_price_minor: 100_000_000_000,
         }
     }
 }
 
 impl ProductsConfig {
     pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
-        if !crate::service::is_currency(&self.default_currency) {
+        if let Err(e) = shopverse_money::Currency::parse(&self.default_currency) {
             return Err(Invalid::new(
                 format!("{prefix}.default_currency"),
-                "must be an ISO 4217 code such as EUR",
+                e.to_string(),
+            ));
+        }
+        // 100 lines of 99 items at the highest price must still add up.
+        if !(1..=i64::MAX / 9_900 / 10).contains(&self.max_price_minor) {
+            return Err(Invalid::new(
+                format!("{prefix}.max_price_minor"),
+                format!("must be between 1 and {}", i64::MAX / 9_900 / 10),
             ));
         }
         shopverse_kit::config::check_database_url(&self.database)

@@ -43,21 +43,18 @@ pub struct Products {
     inner: Arc<Inner>,
 }
 
-pub fn is_currency(c: &str) -> bool {
-    c.len() == 3 && c.chars().all(|c| c.is_ascii_uppercase())
-}
-
-fn check_money(field: &str, m: &Money) -> Result<(), ServiceError> {
-    if m.amount_minor < 0 {
+/// A price as products keep it: an ISO 4217 currency and from 0 to `max` minor units.
+fn check_money(field: &str, m: &Money, max: i64) -> Result<(), ServiceError> {
+    if !(0..=max).contains(&m.amount_minor) {
         return Err(ServiceError::invalid(
             format!("{field}.amount_minor"),
-            "must not be negative",
+            format!("must be between 0 and {max}"),
         ));
     }
-    if !is_currency(&m.currency) {
+    if let Err(e) = shopverse_money::Currency::parse(&m.currency) {
         return Err(ServiceError::invalid(
             format!("{field}.currency"),
-            "must be an ISO 4217 code such as EUR",
+            e.to_string(),
         ));
     }
     Ok(())
@@ -525,7 +522,7 @@ impl Products {
         let price = req
             .price
             .ok_or_else(|| ServiceError::invalid("price", "is required"))?;
-        check_money("price", &price)?;
+        check_money("price", &price, self.config().max_price_minor)?;
         if req.initial_stock < 0 {
             return Err(ServiceError::invalid(
                 "initial_stock",
@@ -657,7 +654,7 @@ impl Products {
             p.description = check_text("description", d, 0, 5000)?;
         }
         if let Some(price) = &req.price {
-            check_money("price", price)?;
+            check_money("price", price, self.config().max_price_minor)?;
             p.price_minor = price.amount_minor;
             p.currency = price.currency.clone();
         }
