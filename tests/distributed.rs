@@ -217,12 +217,13 @@ impl Cluster {
     }
 
     async fn dbs(&self) -> Dbs {
-        common::saga::connect(
-            &self.dbs["orders"].url,
-            &self.dbs["products"].url,
-            &self.dbs["payments"].url,
-            &self.dbs["notifications"].url,
-        )
+        common::saga::connect(&common::saga::Urls {
+            orders: &self.dbs["orders"].url,
+            products: &self.dbs["products"].url,
+            payments: &self.dbs["payments"].url,
+            notifications: &self.dbs["notifications"].url,
+            provider: &self.simulator.url,
+        })
         .await
     }
 
@@ -378,7 +379,7 @@ async fn saga_across_processes_survives_killed_replicas() {
     assert!(placed.len() > 40, "only {} orders placed", placed.len());
     let dbs = c.dbs().await;
     settle(&dbs, Duration::from_secs(120)).await;
-    let confirmed = reconcile(&dbs, &initial).await;
+    let confirmed = reconcile(&dbs, &initial, &placed).await;
     assert!(confirmed > 20, "{confirmed} confirmed");
     shipments_match(&c, &dbs).await;
     dbs.close().await;
@@ -510,7 +511,7 @@ async fn broker_down_for_20s_mid_checkouts_then_everything_completes() {
     assert!(all_placed.len() > 120, "only {} placed", all_placed.len());
 
     settle(&dbs, Duration::from_secs(180)).await;
-    let confirmed = reconcile(&dbs, &initial).await;
+    let confirmed = reconcile(&dbs, &initial, &all_placed).await;
     assert!(confirmed > 60, "{confirmed} confirmed");
     shipments_match(&c, &dbs).await;
     dbs.close().await;

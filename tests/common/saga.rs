@@ -206,11 +206,11 @@ pub fn placed(results: &Mutex<HashMap<usize, Outcome>>) -> Vec<String> {
         .collect()
 }
 
-pub use shopverse_reconcile::Dbs;
+pub use shopverse_reconcile::{Dbs, Urls};
 
-/// The saga's databases, two connections each.
-pub async fn connect(orders: &str, products: &str, payments: &str, notifications: &str) -> Dbs {
-    Dbs::open(orders, products, payments, notifications, 2)
+/// The saga's databases and the provider's ledger, two connections each.
+pub async fn connect(urls: &Urls<'_>) -> Dbs {
+    Dbs::open(urls, 2)
         .await
         .expect("connect to the service databases")
 }
@@ -245,10 +245,11 @@ pub async fn stock_of(products_db: &sqlx::AnyPool, products: &[String]) -> HashM
     out
 }
 
-/// The reconciliation (see `shopverse_reconcile`), from the databases alone: fails the test
-/// with every violation found; returns the number of confirmed orders.
-pub async fn reconcile(dbs: &Dbs, initial: &HashMap<String, i64>) -> usize {
-    let report = shopverse_reconcile::check(dbs, initial)
+/// The reconciliation (see `shopverse_reconcile`), from the databases, the provider's ledger
+/// and `told` (the orders clients were told were placed): fails the test with every violation
+/// found; returns the number of confirmed orders.
+pub async fn reconcile(dbs: &Dbs, initial: &HashMap<String, i64>, told: &[String]) -> usize {
+    let report = shopverse_reconcile::check(dbs, initial, told)
         .await
         .expect("reading the service databases");
     assert!(

@@ -6,11 +6,13 @@
 //!   passwords on purpose slowly, and is not part of the mix), then runs goose users that each
 //!   take one shopper's token and browse (weight 7: the catalog list or one product), add to the
 //!   cart (2) or check out (1: with an item added first if the cart is empty). Writes one JSON
-//!   report.
+//!   report, with the ids of the orders the checkouts were told were placed.
 //! - `reconcile`: once nothing is in flight, checks the databases of the appliance against each
-//!   other (the saga's reconciliation): every order's reservation and payments match its fate,
-//!   no unit of stock is lost or made up, one `order.placed` notice per order. Writes one JSON
-//!   report and fails when the check does not hold.
+//!   other, against the payment provider's ledger and against those told ids (the saga's
+//!   reconciliation, `shopverse_reconcile`): every told order exists and settled, the provider
+//!   holds exactly each order's total if confirmed and nothing if cancelled, no unit of stock is
+//!   lost or made up, one `order.placed` notice per order. Writes one JSON report and fails when
+//!   the check does not hold.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -157,6 +159,8 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 static RUN: OnceLock<u64> = OnceLock::new();
 /// The shoppers' bearer tokens, one per goose user.
 static TOKENS: OnceLock<Vec<String>> = OnceLock::new();
+/// The ids of the orders checkouts were told were placed.
+static TOLD: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 #[derive(Clone)]
 struct Shopper {
@@ -269,7 +273,17 @@ async fn checkout(user: &mut GooseUser) -> TransactionResult {
         "shippingAddress": {"recipient": "Bench Shopper", "line1": "1 Main St", "city": "Berlin",
                             "postalCode": "10115", "country": "DE"},
     });
-    post_signed_in(user, "/v1/checkout", "checkout", &body).await?;
+    let r = post_signed_in(user, "/v1/checkout", "checkout", &body).await?;
+    // What the client was told: the reconciliation checks each of these orders exists and
+    // settled.
+    if let Ok(resp) = r.response
+        && resp.status().is_success()
+        && let Ok(order) = resp.json::<serde_json::Value>().await
+        && let Some(id) = order["id"].as_str()
+        && let Ok(mut told) = TOLD.lock()
+    {
+        told.push(id.to_owned());
+    }
     if let Some(s) = user.get_session_data_mut::<Shopper>() {
         s.cart_items = 0;
     }
@@ -390,15 +404,16 @@ async fn open_dbs(data_dir: &std::path::Path) -> Result<Dbs> {
             data_dir.join(format!("{name}.db")).display()
         )
     };
-    Dbs::open(
-        &url("orders"),
-        &url("products"),
-        &url("payments"),
-        &url("notifications"),
-        1,
-    )
-    .await
-    .with_context(|| format!("opening the databases in {}", data_dir.display()))
+    let urls = [
+        url("orders"),
+        url("products"),
+        url("payments"),
+        url("notifications"),
+        url("payment-simulator"),
+    ];
+    Dbs::open(&shopverse_reconcile::Urls::of(&urls), 1)
+        .await
+        .with_context(|| format!("opening the databases in {}", data_dir.display()))
 }
 
 async fn run(a: RunArgs) -> Result<()> {
@@ -508,6 +523,7 @@ async fn run(a: RunArgs) -> Result<()> {
         "payment_mix": mix_text,
         "by_request": by,
         "baseline": baseline,
+        "told": TOLD.lock().map(|t| t.clone()).unwrap_or_default(),
     });
     for tag in &tags {
         let (k, v) = tag
@@ -554,7 +570,15 @@ async fn reconcile(
     let pending = shopverse_reconcile::settle(&d, within).await?;
     // How long the saga ran on after the load stopped: the backlog the run left behind.
     let settle_seconds = t0.elapsed().as_secs_f64();
-    let mut found = shopverse_reconcile::check(&d, &baseline).await?;
+    let told: Vec<String> = run["told"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = shopverse_reconcile::check(&d, &baseline, &told).await?;
     let mut bad = std::mem::take(&mut found.violations);
     if pending > 0 {
         bad.insert(
@@ -578,7 +602,8 @@ async fn reconcile(
     }
     let counts = serde_json::json!({"orders": found.orders, "confirmed": found.confirmed,
         "cancelled": found.cancelled, "abandoned_checkouts": found.abandoned_checkouts,
-        "products": found.products});
+        "products": found.products, "told": told.len(),
+        "provider_captures": found.captures, "provider_refunds": found.refunds});
     let out = serde_json::json!({"ok": ok, "summary": summary, "counts": counts,
                                  "settle_seconds": settle_seconds,
                                  "violations": bad.iter().take(100).collect::<Vec<_>>()});
