@@ -423,7 +423,12 @@ async fn run_services(
             .local(&platform.local)
             .start()
             .await?;
-        reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());
+        reload_on_sighup(
+            cfg.source.clone(),
+            running.reloader(),
+            shutdown.clone(),
+            &registry_for_gateway,
+        );
         if let Some(cache) = running.cache.clone() {
             let _ = cache_slot.set(shopverse_gateway::purge_handler(cache));
         }
@@ -519,12 +524,21 @@ pub async fn up(
 }
 
 /// On SIGHUP, reads the configuration again and swaps the gateway's policies; a bad file is
-/// reported and the running policies stay.
+/// reported and the running policies stay. Each reload is counted in
+/// `shopverse_config_reloads_total{outcome="applied"|"refused"}`.
 fn reload_on_sighup(
     source: Option<PathBuf>,
     reloader: shopverse_gateway::Reloader,
     shutdown: shopverse_kit::CancellationToken,
+    registry: &prometheus::Registry,
 ) {
+    let reloads = shopverse_kit::metrics::int_counter_vec(
+        registry,
+        "shopverse_config_reloads_total",
+        "Configuration reloads on SIGHUP, by outcome (applied, refused)",
+        &[],
+        &["outcome"],
+    );
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -539,12 +553,14 @@ fn reload_on_sighup(
             match AppConfig::load(source.as_deref()) {
                 Ok(cfg) => {
                     let ignored = reloader.reload(cfg.gateway);
+                    reloads.with_label_values(&["applied"]).inc();
                     tracing::info!(
                         ?ignored,
                         "SIGHUP: gateway policies reloaded (listed keys need a restart)"
                     );
                 }
                 Err(e) => {
+                    reloads.with_label_values(&["refused"]).inc();
                     tracing::error!(error = %e, "SIGHUP: configuration not reloaded; keeping the running one")
                 }
             }
@@ -756,7 +772,12 @@ pub async fn gateway(
         .upgrade(upgrade)
         .start()
         .await?;
-    reload_on_sighup(cfg.source.clone(), running.reloader(), shutdown.clone());
+    reload_on_sighup(
+        cfg.source.clone(),
+        running.reloader(),
+        shutdown.clone(),
+        &registry,
+    );
     let ready: shopverse_kit::metrics::ReadyCheck = Arc::new(|| true);
     let purge = running.cache.clone().map(shopverse_gateway::purge_handler);
     let admin_task = tokio::spawn(shopverse_kit::metrics::serve_admin(

@@ -485,6 +485,7 @@ async fn forged_tokens_and_spoofed_identity_are_refused() {
 struct LoneGateway {
     child: std::process::Child,
     addr: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl LoneGateway {
@@ -542,14 +543,16 @@ impl LoneGateway {
         use std::io::BufRead;
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        let addr = loop {
+        let (addr, admin) = loop {
             line.clear();
             assert!(out.read_line(&mut line).unwrap() > 0, "no ready line");
             if let Some(rest) = line.trim().strip_prefix("ready: gateway=") {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
+                let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                let admin = rest.rsplit("admin=").next().unwrap().parse().unwrap();
+                break (addr, admin);
             }
         };
-        LoneGateway { child, addr }
+        LoneGateway { child, addr, admin }
     }
 
     fn stop(mut self) {
@@ -1065,7 +1068,18 @@ async fn sighup_reloads_policies() {
     let _ = std::process::Command::new("kill")
         .args(["-HUP", &gw.child.id().to_string()])
         .status();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A positive barrier: the gateway counts the refused reload; only then is the answer final.
+    let t0 = std::time::Instant::now();
+    while !http(gw.admin, "GET", "/metrics", &[], b"")
+        .body
+        .contains("shopverse_config_reloads_total{outcome=\"refused\"} 1")
+    {
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the broken file was never read"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(login(), 429);
     gw.stop();
 }

@@ -160,6 +160,30 @@ async fn publish(log: &EmbeddedLog, env: &shopverse_proto::events::v1::Envelope,
     .unwrap();
 }
 
+/// A positive barrier: waits until the notifications consumer has finished every record on
+/// `topic` published so far (its committed offset reached each partition's end; a record still
+/// running, waiting or parked holds the commit below it). Whatever those records were going to
+/// send has been sent by then, so a count taken after it is final.
+async fn drained(log: &EmbeddedLog, topic: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut behind = 0;
+        for p in 0..log.partitions(topic).await.unwrap() {
+            let end = log.end_offset(topic, p).await.unwrap();
+            let done = log.committed("notifications", topic, p).await.unwrap();
+            behind += (end - done).max(0);
+        }
+        if behind == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{behind} records of {topic} never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !f() {
@@ -185,24 +209,27 @@ async fn email_and_sms_once_per_event_and_channel_on_postgres() {
     pg.drop_db().await.expect("drop");
 }
 
-/// The notifications service with `config`, on an embedded log in `dir`.
+/// The notifications service with `config`, on an embedded log in `dir`; its metrics are in
+/// the returned registry.
 async fn serve(
     dir: &Path,
     config: NotificationsConfig,
 ) -> (
     shopverse_kit::testing::Spawned<shopverse_notifications::RunError>,
     EmbeddedLog,
+    prometheus::Registry,
 ) {
     let (platform, log) = shopverse_events::testing::platform(dir, Arc::new(SystemClock))
         .await
         .unwrap();
+    let registry = platform.registry.clone();
     let data = dir.to_owned();
     let server = spawn(|l, stop| async move {
         shopverse_notifications::run(l, config, &data, platform, stop).await
     })
     .await
     .unwrap();
-    (server, log)
+    (server, log, registry)
 }
 
 async fn once_per_event_and_channel(database: String) {
@@ -218,7 +245,7 @@ async fn once_per_event_and_channel(database: String) {
         sms_webhook_url: format!("http://{hook}/sms"),
         ..Default::default()
     };
-    let (server, log) = serve(dir.path(), config).await;
+    let (server, log, _) = serve(dir.path(), config).await;
 
     let now = SystemClock.now_ms();
     let welcome = new_envelope(
@@ -278,7 +305,7 @@ async fn once_per_event_and_channel(database: String) {
 
     // The same event delivered again (at-least-once): nothing new goes out.
     publish(&log, &placed, "shopverse.orders").await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    drained(&log, "shopverse.orders").await;
     assert_eq!(smtp.messages().len(), 2);
     assert_eq!(sms.lock().unwrap().len(), 1);
 
@@ -318,7 +345,7 @@ async fn once_per_event_and_channel(database: String) {
     failing.store(false, Ordering::SeqCst);
     assert_eq!(dlq::replay(&bus, None, None).await.unwrap().len(), 1);
     until("the replayed SMS", || sms.lock().unwrap().len() == 2).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    drained(&log, "shopverse.orders").await;
     assert_eq!(smtp.messages().len(), 3);
     assert_eq!(
         log.topics()
@@ -344,7 +371,7 @@ async fn an_order_event_before_its_users_registration_still_gets_its_email() {
         smtp_port: smtp.port,
         ..Default::default()
     };
-    let (server, log) = serve(dir.path(), config).await;
+    let (server, log, registry) = serve(dir.path(), config).await;
     let now = SystemClock.now_ms();
     let placed = new_envelope(
         &ORDER_PLACED,
@@ -364,7 +391,19 @@ async fn an_order_event_before_its_users_registration_still_gets_its_email() {
             .filter(|m| m.contains("Subject: Order order-0009 received"))
             .count()
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // A positive barrier: the consumer says it parked the record.
+    until("the order event parked", || {
+        registry.gather().iter().any(|f| {
+            f.name() == "events_retries_total"
+                && f.get_metric().iter().any(|m| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == "outcome" && l.value() == "parked")
+                        && m.get_counter().get_value() >= 1.0
+                })
+        })
+    })
+    .await;
     assert_eq!(registry_text(), 0);
     let welcome = new_envelope(
         &USER_REGISTERED,
@@ -405,7 +444,7 @@ async fn without_channels_each_event_lands_in_the_inbox_once() {
 
     let dir = tempfile::tempdir().unwrap();
     // No SMTP host, no SMS webhook: the in-app inbox only.
-    let (server, log) = serve(dir.path(), NotificationsConfig::default()).await;
+    let (server, log, _) = serve(dir.path(), NotificationsConfig::default()).await;
     let now = SystemClock.now_ms();
     let placed: Vec<_> = (1..=5)
         .map(|i| {
@@ -445,8 +484,8 @@ async fn without_channels_each_event_lands_in_the_inbox_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         got = list(client.clone()).await;
     }
-    // Long enough for the redelivered ones to have been handled too.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The redelivered ones have been handled too once the consumer has finished the topic.
+    drained(&log, "shopverse.orders").await;
     got = list(client.clone()).await;
     let mut subjects: Vec<String> = got.iter().map(|n| n.subject.clone()).collect();
     subjects.sort();
