@@ -103,6 +103,23 @@ impl Appliance {
         }
     }
 
+    /// Waits for the process to end by itself (at a crash point, say); its exit status.
+    pub fn wait_exit(mut self, within: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("still running after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then the process must exit 0 within the grace period.
     pub fn stop(mut self) {
         let mut child = self.child.take().expect("running");

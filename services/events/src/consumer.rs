@@ -501,6 +501,7 @@ impl<H: Handler> Consumer<H> {
             self.metrics.duplicates.inc_by(duplicates);
             return Ok(fresh);
         }
+        shopverse_kit::crash::point("consumer.after_inbox", self.handler.name());
         let mut todo = fresh.clone();
         for (i, env) in envs.iter().enumerate() {
             if todo.remove(&env.id) {

@@ -115,6 +115,8 @@ pub struct Relay {
     retention: Duration,
     wake: Arc<Notify>,
     metrics: RelayMetrics,
+    /// The service whose outbox this is.
+    service: String,
 }
 
 impl Relay {
@@ -149,6 +151,7 @@ impl Relay {
             retention: Duration::from_secs(24 * 3600),
             wake: Arc::new(Notify::new()),
             metrics,
+            service: service.to_owned(),
         }
     }
 
@@ -226,6 +229,7 @@ impl Relay {
             self.metrics.failures.inc();
             return Err(e.into());
         }
+        shopverse_kit::crash::point("relay.after_publish", &self.service);
         let mark = format!(
             "UPDATE outbox SET published_at = $1 WHERE id IN {}",
             placeholders(2, 1, ids.len())

@@ -16,6 +16,7 @@
 //!   metadata, and the one helper that enforces roles.
 //! - [`error`]: the domain error every service returns, mapped to `tonic::Status` in one place.
 //! - [`paging`]: cursor pagination by id (page size checks, opaque tokens).
+//! - [`crash`]: named crash points for the crash tests (compiled out of release builds).
 //! - [`clock`]: time as a dependency, so tests can drive token expiry and lockouts.
 //! - [`upstream`]: a channel to another service's replicas, balanced over the healthy ones.
 //! - [`validate`]: input rules several services share (text, postal addresses).
@@ -25,6 +26,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod crash;
 pub mod db;
 pub mod error;
 pub mod identity;

@@ -598,7 +598,9 @@ impl Orders {
             })
             .await;
         match reservation {
-            Ok(r) if r.get_ref().state() == ReservationState::Held => {}
+            Ok(r) if r.get_ref().state() == ReservationState::Held => {
+                shopverse_kit::crash::point("orders.after_reserve", "");
+            }
             Ok(_) => {
                 return Err(ServiceError::Aborted(
                     "this checkout was interrupted and given up; retry with a new idempotency key"
@@ -664,6 +666,7 @@ impl Orders {
             traceparent,
         };
         self.emit(&mut tx, &ORDER_PLACED, &order, origin).await?;
+        shopverse_kit::crash::point("orders.before_order_commit", "");
         tx.commit().await?;
         self.wake_relay();
         Ok(order)

@@ -202,6 +202,7 @@ impl Payments {
                 reference,
                 attempts,
             }) => {
+                shopverse_kit::crash::point("payments.after_charge", "");
                 p.status = "SUCCEEDED".into();
                 p.attempts = attempts;
                 self.upsert(conn, &p, &order.payment_method_token).await?;
