@@ -499,7 +499,7 @@ impl LoneGateway {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> LoneGateway {
-        Self::start_full(dir, name, env, "", args)
+        Self::start_full(dir, name, env, "", args, None)
     }
 
     /// `extra` is appended to the configuration file.
@@ -509,23 +509,26 @@ impl LoneGateway {
         env: &[(&str, &str)],
         extra: &str,
     ) -> LoneGateway {
-        Self::start_full(dir, name, env, extra, &[])
+        Self::start_full(dir, name, env, extra, &[], None)
     }
 
+    /// `users`: where the users service answers (none: nowhere).
     fn start_full(
         dir: &std::path::Path,
         name: &str,
         env: &[(&str, &str)],
         extra: &str,
         args: &[&str],
+        users: Option<SocketAddr>,
     ) -> LoneGateway {
         // Port 1: nothing listens there, and no test's port-0 server can be given it (a port
         // bound and released here could be, and then "down" answered).
         let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let users = users.unwrap_or(dead);
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
-            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n[gateway.upstreams]\nusers = [\"http://{dead}\"]\nproducts = [\"http://{dead}\"]\n{extra}"),
+            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n[gateway.upstreams]\nusers = [\"http://{users}\"]\nproducts = [\"http://{dead}\"]\n{extra}"),
         )
         .unwrap();
         #[allow(clippy::zombie_processes)] // `stop` and `Drop` reap it
@@ -1962,4 +1965,161 @@ async fn idle_upstream_connections_the_upstream_closed_are_closed() {
         "the gateway kept the closed upstream connection open for {after:?}"
     );
     app.stop();
+}
+
+/// A standalone gateway in front of a `serve users` that goes away: tokens keep verifying with
+/// the last good key set, a token with an unknown `kid` is refused at once and a burst of them
+/// fetches the key set at most once, and a key rotated while users was down is picked up when
+/// it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_service_down_leaves_verification_standing() {
+    let (up_addr, seen) =
+        recording_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let users_args = |listen: &str| {
+        vec![
+            "serve".to_owned(),
+            "users".into(),
+            "--data-dir".into(),
+            d.display().to_string(),
+            "--listen".into(),
+            listen.into(),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
+        ]
+    };
+    let users = Appliance::spawn(&users_args("127.0.0.1:0"), &[]);
+    let users_addr = users.addrs["users"];
+    let private = format!(
+        "[[gateway.passthrough]]\nprefix = \"/private/\"\nupstream = \"{up_addr}\"\naccess = \"customer\"\n"
+    );
+    let gw = LoneGateway::start_full(
+        d,
+        "lone",
+        &[("SHOPVERSE_GATEWAY__JWKS_REFETCH_MIN_SECS", "1")],
+        &private,
+        &[],
+        Some(users_addr),
+    );
+    let r = http(
+        gw.addr,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"una@example.com","password":"unas password"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Two tokens; the second is first shown to the gateway after users has gone.
+    let first = login(gw.addr, "una@example.com", "unas password");
+    let second = login(gw.addr, "una@example.com", "unas password");
+    let private_get = |t: &str| {
+        http(
+            gw.addr,
+            "GET",
+            "/private/x",
+            &[("authorization", &bearer(t))],
+            b"",
+        )
+        .status
+    };
+    assert_eq!(private_get(&first), 200);
+
+    users.kill9();
+    assert_eq!(private_get(&first), 200, "a token seen before");
+    assert_eq!(
+        private_get(&second),
+        200,
+        "a token not seen before, by the last key set"
+    );
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.contains("x-shopverse-user")),
+        "the upstream got the verified caller"
+    );
+
+    // Unknown kids while users is down: refused at once, one fetch at most for the burst.
+    let stranger = {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some("sv-not-a-key".into());
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&[9u8; 32]);
+        let claims = serde_json::json!({"iss": "shopverse", "aud": "shopverse-api", "sub": "x",
+            "roles": ["customer"], "iat": now(), "nbf": now(), "exp": now() + 600});
+        jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ed_der(&der)).unwrap()
+    };
+    let fetches = |gw: &LoneGateway| {
+        let text = http(gw.admin, "GET", "/metrics", &[], b"").body;
+        text.lines()
+            .filter(|l| l.starts_with("gateway_jwks_fetches_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // past the refetch interval
+    let before = fetches(&gw);
+    let t0 = std::time::Instant::now();
+    let burst: Vec<_> = (0..40)
+        .map(|_| {
+            let (addr, token) = (gw.addr, stranger.clone());
+            std::thread::spawn(move || {
+                http(
+                    addr,
+                    "GET",
+                    "/private/x",
+                    &[("authorization", &bearer(&token))],
+                    b"",
+                )
+                .status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(5),
+        "40 unknown-kid requests took {:?}",
+        t0.elapsed()
+    );
+    let during = fetches(&gw) - before;
+    assert!(during <= 1, "{during} key-set fetches for one burst");
+
+    // A key rotated while users is down; users comes back on its address: the new kid's tokens
+    // pass, after one refetch.
+    let (ok, _, err) = cli(d, &["keys", "rotate"], &[]);
+    assert!(ok, "{err}");
+    let users = Appliance::spawn(&users_args(&users_addr.to_string()), &[]);
+    let t0 = std::time::Instant::now();
+    let fresh = loop {
+        let r = http(
+            gw.addr,
+            "POST",
+            "/v1/auth/login",
+            &[],
+            br#"{"email":"una@example.com","password":"unas password"}"#,
+        );
+        if r.status == 200 {
+            break r.json()["accessToken"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "users never answered again: {}",
+            r.body
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_ne!(
+        fresh.split('.').next(),
+        first.split('.').next(),
+        "the new token names the rotated key"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // past the refetch interval
+    assert_eq!(private_get(&fresh), 200, "the rotated key was picked up");
+    assert_eq!(private_get(&second), 200, "the old key's tokens still pass");
+    users.stop();
+    gw.stop();
 }

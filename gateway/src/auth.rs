@@ -2,8 +2,9 @@
 //!
 //! The algorithm is pinned (a token saying `none` or `HS256` is refused before any key is
 //! looked at). Keys are fetched at start and every `jwks_refresh_secs`; a token with an unknown
-//! `kid` triggers one refetch (at most every ten seconds); while the users service is down the
-//! last good key set stays in use. Verified tokens are cached until they expire, so the hot path
+//! `kid` triggers one refetch (at most every `jwks_refetch_min_secs`, however many such tokens
+//! arrive at once: the first claims the turn); while the users service is down the last good
+//! key set stays in use, and a token with an unknown `kid` is refused at once. Verified tokens are cached until they expire, so the hot path
 //! is one hash lookup.
 
 use std::collections::HashMap;
@@ -75,6 +76,8 @@ pub struct Verifier {
     /// Unknown `kid`s refetch the key set at most this often.
     refetch_every: Duration,
     clock: Arc<dyn Clock>,
+    /// Key-set fetches by outcome (`ok`, `failed`), when counted ([`Verifier::counted`]).
+    fetches: Option<prometheus::IntCounterVec>,
 }
 
 impl Verifier {
@@ -102,7 +105,20 @@ impl Verifier {
             last_fetch: Mutex::new(None),
             refetch_every: Duration::from_secs(config.jwks_refetch_min_secs),
             clock,
+            fetches: None,
         }
+    }
+
+    /// Counts key-set fetches in `gateway_jwks_fetches_total{outcome}` of `registry`.
+    pub fn counted(mut self, registry: &prometheus::Registry) -> Verifier {
+        self.fetches = Some(shopverse_kit::metrics::int_counter_vec(
+            registry,
+            "gateway_jwks_fetches_total",
+            "Fetches of the users service's key set, by outcome (ok, failed)",
+            &[],
+            &["outcome"],
+        ));
+        self
     }
 
     /// Fetches the key set; on failure the previous one stays.
@@ -110,12 +126,30 @@ impl Verifier {
         if let Ok(mut last) = self.last_fetch.lock() {
             *last = Some(Instant::now());
         }
-        let jwks = self
-            .users
-            .clone()
-            .get_jwks(GetJwksRequest {})
-            .await?
-            .into_inner();
+        self.fetch().await
+    }
+
+    /// The turn to refetch for an unknown `kid`, if one is due: taken under the lock, so of
+    /// many such tokens at once only the first fetches.
+    fn claim_refetch(&self) -> bool {
+        let Ok(mut last) = self.last_fetch.lock() else {
+            return false;
+        };
+        if last.is_none_or(|t| t.elapsed() >= self.refetch_every) {
+            *last = Some(Instant::now());
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn fetch(&self) -> Result<usize, tonic::Status> {
+        let fetched = self.users.clone().get_jwks(GetJwksRequest {}).await;
+        if let Some(c) = &self.fetches {
+            let outcome = if fetched.is_ok() { "ok" } else { "failed" };
+            c.with_label_values(&[outcome]).inc();
+        }
+        let jwks = fetched?.into_inner();
         let mut keys = HashMap::new();
         for k in jwks.keys {
             if k.kty == "OKP"
@@ -185,13 +219,8 @@ impl Verifier {
         let key = match self.key(&kid) {
             Some(k) => k,
             None => {
-                let due = self
-                    .last_fetch
-                    .lock()
-                    .map(|l| l.is_none_or(|t| t.elapsed() >= self.refetch_every))
-                    .unwrap_or(false);
-                if due {
-                    let _ = self.refresh().await;
+                if self.claim_refetch() {
+                    let _ = self.fetch().await;
                 }
                 self.key(&kid).ok_or(AuthError::UnknownKey)?
             }

@@ -383,7 +383,7 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
         Duration::from_secs(config.health_check_secs),
         shutdown.clone(),
     ));
-    let verifier = Arc::new(auth::Verifier::new(users, &config, clock.clone()));
+    let verifier = Arc::new(auth::Verifier::new(users, &config, clock.clone()).counted(registry));
     tokio::spawn(verifier.clone().refresh_loop(
         Duration::from_secs(config.jwks_refresh_secs),
         shutdown.clone(),
