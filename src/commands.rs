@@ -74,16 +74,21 @@ impl ServiceName {
     }
 
     /// The configured database URL, password removed.
+    /// The service's database URL, as shown (the password removed).
     fn database(self, cfg: &AppConfig) -> String {
+        shopverse_kit::db::redact(&self.database_url(cfg))
+    }
+
+    fn database_url(self, cfg: &AppConfig) -> String {
         let (s, d) = (&cfg.services, &cfg.data.dir);
-        shopverse_kit::db::redact(&match self {
+        match self {
             ServiceName::Users => s.users.database_url(d),
             ServiceName::Products => s.products.database_url(d),
             ServiceName::Orders => s.orders.database_url(d),
             ServiceName::Payments => s.payments.database_url(d),
             ServiceName::Notifications => s.notifications.database_url(d),
             ServiceName::Delivery => s.delivery.database_url(d),
-        })
+        }
     }
 
     /// Starts this service on `listener` in `tasks`.
@@ -187,6 +192,76 @@ async fn provision_topics(bus: &dyn EventBus) {
 
 /// Watches the bus: `shopverse_events_bus_up` and readiness follow whether it answers; every
 /// half minute, how many dead-lettered events wait per topic.
+/// What each service's storage said to the last write probe: `None` while it takes writes.
+type StorageState = Arc<std::sync::Mutex<Vec<(&'static str, Option<String>)>>>;
+
+/// Probes each service's database with a one-row write every second (a full disk still
+/// answers reads), so `/readyz` names a service whose storage is out; `storage_up{service}`
+/// says the same to Prometheus. A probe that meets the service's own writer (busy) counts as
+/// up.
+fn watch_storage(
+    services: Vec<(&'static str, String)>,
+    registry: &prometheus::Registry,
+    stop: shopverse_kit::CancellationToken,
+) -> StorageState {
+    let up = shopverse_kit::metrics::int_gauge_vec(
+        registry,
+        "storage_up",
+        "Whether the service's database took the last probe write (1) or not (0)",
+        &[],
+        &["service"],
+    );
+    let state: StorageState = Arc::new(std::sync::Mutex::new(
+        services.iter().map(|(name, _)| (*name, None)).collect(),
+    ));
+    for (i, (name, url)) in services.into_iter().enumerate() {
+        let (state, up, stop) = (state.clone(), up.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut db = None;
+            loop {
+                if db.is_none() {
+                    db = shopverse_kit::Db::connect(&url, 1).await.ok();
+                }
+                let outcome = match &db {
+                    None => Err("cannot connect".to_owned()),
+                    Some(db) => {
+                        match shopverse_kit::db::probe_write(
+                            db,
+                            shopverse_kit::SystemClock.now_ms(),
+                        )
+                        .await
+                        {
+                            Ok(()) => Ok(()),
+                            Err(e) if shopverse_kit::db::is_busy(&e) => Ok(()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                };
+                up.with_label_values(&[name])
+                    .set(i64::from(outcome.is_ok()));
+                if let Ok(mut s) = state.lock() {
+                    let was_up = s[i].1.is_none();
+                    match &outcome {
+                        Err(e) if was_up => {
+                            tracing::error!(service = name, error = %e, "storage does not take writes; not ready");
+                        }
+                        Ok(()) if !was_up => {
+                            tracing::info!(service = name, "storage takes writes again");
+                        }
+                        _ => {}
+                    }
+                    s[i].1 = outcome.err();
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+    state
+}
+
 fn watch_bus(
     bus: Arc<dyn EventBus>,
     registry: &prometheus::Registry,
@@ -346,10 +421,37 @@ async fn run_services(
     }
     let admin = bind(admin_addr, "admin").await?;
     let admin_bound = admin.local_addr()?;
+    let storage = watch_storage(
+        services
+            .iter()
+            .map(|(name, _)| (name.as_str(), name.database_url(&cfg)))
+            .collect(),
+        &registry,
+        shutdown.clone(),
+    );
     let r = ready.clone();
     let b = bus_up.clone();
-    let check: shopverse_kit::metrics::ReadyCheck =
-        Arc::new(move || r.load(Ordering::Relaxed) && b.load(Ordering::Relaxed));
+    let check: shopverse_kit::metrics::ReadyCheck = Arc::new(move || {
+        if !r.load(Ordering::Relaxed) {
+            return Err("starting".into());
+        }
+        if !b.load(Ordering::Relaxed) {
+            return Err("the event bus does not answer".into());
+        }
+        let failing: Vec<String> = storage
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|(name, e)| e.as_ref().map(|e| format!("{name} storage: {e}")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if failing.is_empty() {
+            Ok(())
+        } else {
+            Err(failing.join("; "))
+        }
+    });
     let stop = shutdown.clone();
     let documents = if gateway_addr.is_some() {
         admin_documents()?
@@ -778,7 +880,7 @@ pub async fn gateway(
         shutdown.clone(),
         &registry,
     );
-    let ready: shopverse_kit::metrics::ReadyCheck = Arc::new(|| true);
+    let ready: shopverse_kit::metrics::ReadyCheck = Arc::new(|| Ok(()));
     let purge = running.cache.clone().map(shopverse_gateway::purge_handler);
     let admin_task = tokio::spawn(shopverse_kit::metrics::serve_admin(
         admin,

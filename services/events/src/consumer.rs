@@ -261,6 +261,19 @@ pub enum Tried {
     Done(Outcome),
     /// A retryable failure with tries left: park it and try again later.
     Retry(String),
+    /// The consumer's own storage is out (a full disk, a database refusing connections): not
+    /// the event's fault, so no try is spent; park it and try again in [`OUTAGE_WAIT`], for as
+    /// long as the outage lasts.
+    Wait(String),
+}
+
+/// How long a record waits for storage to come back between tries.
+pub const OUTAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a handler's retryable error is the storage being out of service.
+fn is_outage(e: &BoxError) -> bool {
+    e.downcast_ref::<sqlx::Error>()
+        .is_some_and(shopverse_kit::db::is_outage)
 }
 
 impl<H: Handler> Consumer<H> {
@@ -546,6 +559,13 @@ impl<H: Handler> Consumer<H> {
             Ok(outcome) => return Tried::Done(outcome),
             Err(HandlerError::Permanent(reason)) => {
                 return Tried::Done(self.dead_letter(record, &reason, attempt, shutdown).await);
+            }
+            Err(HandlerError::Retryable(e)) if is_outage(&e) => {
+                tracing::warn!(
+                    consumer = self.handler.name(), event_id = %env.id, event_type = %env.r#type,
+                    key = %record.key, error = %e, "storage unavailable; the record waits for it"
+                );
+                return Tried::Wait(e.to_string());
             }
             Err(HandlerError::Retryable(e)) => e.to_string(),
         };

@@ -255,6 +255,15 @@ fn settle<H: Handler>(consumer: &Consumer<H>, state: &mut State, batch: Batch) {
                 let due = Instant::now() + consumer.retry.backoff(tries);
                 state.park(record, tries, due);
             }
+            // The try is not counted: an outage of our own storage spends none of the record's.
+            Tried::Wait(_) => {
+                retries.with_label_values(&["parked"]).inc();
+                state.park(
+                    record,
+                    tries - 1,
+                    Instant::now() + super::consumer::OUTAGE_WAIT,
+                );
+            }
         }
     }
 }

@@ -672,6 +672,54 @@ pub fn is_busy(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether `e` says the storage itself is out of service (SQLite: the disk is full, an I/O
+/// error, the file cannot be opened; PostgreSQL: the connection failed or was cut, the server
+/// is shutting down or refuses connections, its disk is full), rather than that this request
+/// was wrong. Such a failure is the caller's to retry later: 503, not 500.
+pub fn is_outage(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            // PostgreSQL's SQLSTATEs are five characters; SQLite's extended codes are numbers
+            // below 10,000 whose low byte is the primary code.
+            Some(c) if c.len() == 5 => {
+                c.starts_with("08")
+                    || c.starts_with("57P")
+                    || matches!(c, "53100" | "53300" | "55000")
+            }
+            Some(c) => c
+                .parse::<u32>()
+                // SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN
+                .is_ok_and(|n| matches!(n & 0xff, 10 | 13 | 14)),
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// Writes one row, to prove the storage takes writes now (a full disk still serves reads):
+/// what `/readyz` asks of each service's database. The row lives in `readyz_probe`.
+pub async fn probe_write(db: &Db, now_ms: i64) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin_write().await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS readyz_probe (id BIGINT PRIMARY KEY, at BIGINT NOT NULL)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO readyz_probe (id, at) VALUES (1, $1) \
+         ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+    )
+    .bind(now_ms)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
 /// Removes the password from a database URL.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.find('@')) {

@@ -102,6 +102,10 @@ impl From<sqlx::Error> for ServiceError {
         if crate::db::is_busy(&e) {
             return ServiceError::Unavailable("the database is busy; try again".into());
         }
+        if crate::db::is_outage(&e) {
+            tracing::error!(error = %e, "storage unavailable");
+            return ServiceError::Unavailable("storage is unavailable; try again shortly".into());
+        }
         ServiceError::internal("talking to the database", e)
     }
 }
@@ -119,6 +123,11 @@ mod tests {
             ServiceError::internal("reading", std::io::Error::other("disk on fire")).into();
         assert_eq!(s.code(), Code::Internal);
         assert_eq!(s.message(), "internal error");
+        let full: Status =
+            ServiceError::from(sqlx::Error::Io(std::io::Error::other("ENOSPC"))).into();
+        assert_eq!(full.code(), Code::Unavailable);
+        let missing: Status = ServiceError::from(sqlx::Error::RowNotFound).into();
+        assert_eq!(missing.code(), Code::Internal, "a bug, not an outage");
         let s: Status = ServiceError::not_found("product", "p1").into();
         assert_eq!(
             (s.code(), s.message()),

@@ -26,8 +26,8 @@ pub fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Reg
     c
 }
 
-/// Answers "is this process ready for traffic?" for `/readyz`.
-pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+/// Answers "is this process ready for traffic?" for `/readyz`: `Err` says what is not.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// A fixed document the admin listener serves: `(path, content type, body)`.
 pub type AdminDocument = (String, String, Bytes);
@@ -116,12 +116,14 @@ fn admin_response(path: &str, registry: &Registry, ready: &ReadyCheck) -> Respon
             }
         }
         "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-        "/readyz" if ready() => (StatusCode::OK, "text/plain", b"ready\n".to_vec()),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            b"not ready\n".to_vec(),
-        ),
+        "/readyz" => match ready() {
+            Ok(()) => (StatusCode::OK, "text/plain", b"ready\n".to_vec()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n").into_bytes(),
+            ),
+        },
         _ => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));

@@ -67,6 +67,27 @@ impl PgTestDb {
         })
     }
 
+    /// Refuses (`false`) or allows new connections to the database; refusing also ends every
+    /// open one, as a database going away would.
+    pub async fn allow_connections(&self, allow: bool) -> Result<(), sqlx::Error> {
+        let mut conn = sqlx::AnyConnection::connect(&admin_url()).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {allow}",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await?;
+        if !allow {
+            sqlx::query(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+            )
+            .bind(&self.name)
+            .fetch_one(&mut conn)
+            .await?;
+        }
+        conn.close().await
+    }
+
     pub async fn drop_db(self) -> Result<(), sqlx::Error> {
         let mut conn = sqlx::AnyConnection::connect(&admin_url()).await?;
         sqlx::query(AssertSqlSafe(format!(
