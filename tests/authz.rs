@@ -81,16 +81,9 @@ fn snapshot(dir: &Path) -> String {
     out
 }
 
-fn login(gw: SocketAddr, email: &str, password: &str) -> String {
-    let r = http(
-        gw,
-        "POST",
-        "/v1/auth/login",
-        &[],
-        format!(r#"{{"email":"{email}","password":"{password}"}}"#).as_bytes(),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    format!("Bearer {}", r.json()["accessToken"].as_str().unwrap())
+/// The `Authorization` value of a signed-in `email`.
+fn bearer(gw: SocketAddr, email: &str, password: &str) -> String {
+    format!("Bearer {}", login(gw, email, password))
 }
 
 fn register(gw: SocketAddr, email: &str) -> (String, String) {
@@ -99,7 +92,7 @@ fn register(gw: SocketAddr, email: &str) -> (String, String) {
     let r = http(gw, "POST", "/v1/auth/register", &[], body.as_bytes());
     assert_eq!(r.status, 200, "{}", r.body);
     let id = r.json()["user"]["id"].as_str().unwrap().to_owned();
-    (id, login(gw, email, "a long password"))
+    (id, bearer(gw, email, "a long password"))
 }
 
 /// Polls `f` until it holds, for up to 30 s.
@@ -123,7 +116,7 @@ async fn every_route_by_every_caller() {
     assert!(ok, "{err}");
     let app = Appliance::start(d, &["--demo"]);
     let gw = app.addrs["gateway"];
-    let admin = login(gw, "root@example.com", "root password 123");
+    let admin = bearer(gw, "root@example.com", "root password 123");
     let (a_id, a) = register(gw, "a@example.com");
     let (_, b) = register(gw, "b@example.com");
 

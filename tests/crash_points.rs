@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -90,13 +89,7 @@ async fn crash_at(point: &str) {
     );
 
     let dbs = dbs(d).await;
-    settle(&dbs, Duration::from_secs(60)).await;
-    let mut initial = HashMap::new();
-    let events = format!("sqlite://{}/events.db", d.display());
-    for p in &products {
-        initial.insert(p.clone(), seeded_stock(&events, p).await);
-    }
-    reconcile(&dbs, &initial, &told).await;
+    settle_and_reconcile(&dbs, d, &products, &told).await;
     let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
         .bind(&told[0])
         .fetch_one(&dbs.orders)

@@ -18,18 +18,6 @@ fn bearer(t: &str) -> String {
     format!("Bearer {t}")
 }
 
-fn login(gw: SocketAddr, email: &str, password: &str) -> String {
-    let r = http(
-        gw,
-        "POST",
-        "/v1/auth/login",
-        &[],
-        format!(r#"{{"email":"{email}","password":"{password}"}}"#).as_bytes(),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()["accessToken"].as_str().unwrap().to_owned()
-}
-
 /// Signs `claims` with the users service's active key, read from its keys folder.
 fn sign_with_real_key(data: &std::path::Path, claims: &serde_json::Value) -> String {
     let manifest: serde_json::Value =

@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -189,13 +188,7 @@ async fn a_full_disk_is_503_and_the_appliance_recovers_by_itself() {
 
     let files = Urls::sqlite_files(d);
     let dbs = connect(&Urls::of(&files)).await;
-    settle(&dbs, Duration::from_secs(60)).await;
-    let events = format!("sqlite://{}/events.db", d.display());
-    let mut initial = HashMap::new();
-    for p in &products {
-        initial.insert(p.clone(), seeded_stock(&events, p).await);
-    }
-    reconcile(&dbs, &initial, &told).await;
+    settle_and_reconcile(&dbs, d, &products, &told).await;
     dbs.close().await;
     app.stop();
 }
@@ -259,13 +252,7 @@ async fn postgres_refusing_connections_is_503_and_the_appliance_recovers_by_itse
     let mut urls = Urls::of(&files);
     urls.orders = &pg.url;
     let dbs = connect(&urls).await;
-    settle(&dbs, Duration::from_secs(60)).await;
-    let events = format!("sqlite://{}/events.db", d.display());
-    let mut initial = HashMap::new();
-    for p in &products {
-        initial.insert(p.clone(), seeded_stock(&events, p).await);
-    }
-    reconcile(&dbs, &initial, &told).await;
+    settle_and_reconcile(&dbs, d, &products, &told).await;
     dbs.close().await;
     app.stop();
     pg.drop_db().await.unwrap();

@@ -41,6 +41,7 @@ impl Gateway {
                     pool::Limits {
                         upstream: Duration::from_millis(config.request_timeout_ms),
                         client_body: Duration::from_millis(config.client_body_timeout_ms),
+                        max_body: config.max_body_bytes,
                     }
                 };
                 let extra = std::mem::take(&mut ctx.rate_headers);

@@ -125,6 +125,13 @@ impl Reply {
                     serde_json::json!([]),
                 )
             }
+            pool::Failure::TooLarge { max } => Reply::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Code::InvalidArgument,
+                &format!("the request body is larger than {max} bytes"),
+                serde_json::json!([]),
+            )
+            .with("connection", "close"),
             pool::Failure::ClientTimeout => Reply::error(
                 StatusCode::REQUEST_TIMEOUT,
                 Code::DeadlineExceeded,

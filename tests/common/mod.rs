@@ -262,3 +262,19 @@ pub fn http(
         body: body.to_owned(),
     }
 }
+
+/// Signs in through the gateway at `gw`; the access token.
+pub fn login(gw: SocketAddr, email: &str, password: &str) -> String {
+    let r = http(
+        gw,
+        "POST",
+        "/v1/auth/login",
+        &[],
+        format!(r#"{{"email":"{email}","password":"{password}"}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["accessToken"]
+        .as_str()
+        .expect("an access token")
+        .to_owned()
+}

@@ -265,6 +265,24 @@ pub async fn reconcile(dbs: &Dbs, initial: &HashMap<String, i64>, told: &[String
 
 /// The stock a product was created with: its first `stock.changed` event, read from the
 /// embedded event log at `events_url`.
+/// Once nothing is in flight, the strict reconciliation of an appliance whose data directory is
+/// `dir` (its products' starting stock read from its event log), with `told` the orders its
+/// clients were told were placed.
+pub async fn settle_and_reconcile(
+    dbs: &Dbs,
+    dir: &std::path::Path,
+    products: &[String],
+    told: &[String],
+) -> usize {
+    settle(dbs, Duration::from_secs(90)).await;
+    let events = format!("sqlite://{}/events.db", dir.display());
+    let mut initial = HashMap::new();
+    for p in products {
+        initial.insert(p.clone(), seeded_stock(&events, p).await);
+    }
+    reconcile(dbs, &initial, told).await
+}
+
 pub async fn seeded_stock(events_url: &str, product: &str) -> i64 {
     use prost::Message;
     use sqlx::Row;

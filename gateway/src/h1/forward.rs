@@ -7,7 +7,10 @@
 //! that is needed, this module does the same HTTP work with Pingora's own HTTP/1 client session
 //! (framing, chunked bodies, keep-alive rules) and a pool per thread: an idle connection is
 //! tested once when it is taken, and a request that meets a connection the upstream has
-//! closed meanwhile is sent again on a new one if it had no body.
+//! closed meanwhile is sent again on a new one if it had no body. A body without a declared
+//! length (chunked) is read whole first, within the body limit, and sent with its length, as
+//! the front does: the upstream never sees a request cut short by bad framing or a body past
+//! the limit.
 //!
 //! Upgrades (WebSocket) and HTTP/2 clients still take Pingora's proxy path; see
 //! [`eligible`].
@@ -45,10 +48,24 @@ pub(crate) async fn forward(
 ) -> Result<(), Failure> {
     let has_body = !session.is_body_empty();
     let unavailable = |e: Box<pingora::Error>| classify(addr, e);
+    let declared = session
+        .req_header()
+        .headers
+        .contains_key(header::CONTENT_LENGTH);
+    let buffered = if has_body && !declared {
+        Some(read_whole(session, limits).await?)
+    } else {
+        None
+    };
+    let body = match &buffered {
+        Some(b) => Body::Buffered(b),
+        None if has_body => Body::Stream,
+        None => Body::None,
+    };
     let mut upstream = {
         let (mut up, reused) = connect(addr, limits).await?;
-        let req = upstream_request(session, has_body, &prepare).map_err(unavailable)?;
-        match send(session, &mut up, req, has_body, limits, addr).await {
+        let req = upstream_request(session, &body, &prepare).map_err(unavailable)?;
+        match send(session, &mut up, req, &body, limits, addr).await {
             Ok(()) => up,
             // A pooled connection the upstream closed meanwhile: once more on a new one, for
             // a method a client may repeat on its own (RFC 9110 9.2.2) with no body to read
@@ -59,8 +76,8 @@ pub(crate) async fn forward(
                     && crate::policy::idempotent(session.req_header().method.as_str()) =>
             {
                 let (mut up, _) = fresh(addr, limits).await?;
-                let req = upstream_request(session, has_body, &prepare).map_err(unavailable)?;
-                send(session, &mut up, req, has_body, limits, addr).await?;
+                let req = upstream_request(session, &body, &prepare).map_err(unavailable)?;
+                send(session, &mut up, req, &body, limits, addr).await?;
                 up
             }
             Err(e) => return Err(e),
@@ -143,18 +160,55 @@ pub(crate) async fn forward(
     Ok(())
 }
 
-/// Writes the request (and its body, read from the client) and reads the response header.
+/// A request's body, as it goes upstream.
+enum Body<'a> {
+    None,
+    /// Read whole already (it came without a declared length).
+    Buffered(&'a Bytes),
+    /// Its declared length, streamed from the client as it arrives.
+    Stream,
+}
+
+/// Reads a body without a declared length whole, within the client body timeout and at most
+/// `max_body` bytes (413 beyond, before anything went upstream).
+async fn read_whole(session: &mut Session, limits: Limits) -> Result<Bytes, Failure> {
+    let deadline = tokio::time::Instant::now() + limits.client_body;
+    let mut body = bytes::BytesMut::new();
+    loop {
+        let chunk = tokio::time::timeout_at(deadline, session.read_request_body())
+            .await
+            .map_err(|_| Failure::ClientTimeout)?
+            .map_err(Failure::Client)?;
+        match chunk {
+            Some(b) => {
+                if body.len() + b.len() > limits.max_body {
+                    return Err(Failure::TooLarge {
+                        max: limits.max_body,
+                    });
+                }
+                body.extend_from_slice(&b);
+            }
+            None => return Ok(body.freeze()),
+        }
+    }
+}
+
+/// Writes the request (and its body) and reads the response header.
 async fn send(
     session: &mut Session,
     up: &mut HttpSession,
     req: RequestHeader,
-    has_body: bool,
+    body: &Body<'_>,
     limits: Limits,
     addr: SocketAddr,
 ) -> Result<(), Failure> {
     let fail = |e| classify(addr, e);
     up.write_request_header(Box::new(req)).await.map_err(fail)?;
-    if has_body {
+    if let Body::Buffered(b) = body {
+        up.write_body(b).await.map_err(fail)?;
+        up.finish_body().await.map_err(fail)?;
+    }
+    if let Body::Stream = body {
         let deadline = tokio::time::Instant::now() + limits.client_body;
         loop {
             let chunk = tokio::time::timeout_at(deadline, session.read_request_body())
@@ -216,14 +270,15 @@ fn session_for(stream: Stream, limits: Limits) -> HttpSession {
 /// 7.6.1, and the gateway's own), HTTP/1.1, framed for its body.
 fn upstream_request(
     session: &Session,
-    has_body: bool,
+    body: &Body<'_>,
     prepare: &impl Fn(&mut RequestHeader) -> pingora::Result<()>,
 ) -> pingora::Result<RequestHeader> {
     let mut req = session.req_header().clone();
     strip_request_hop_by_hop(&mut req);
     req.set_version(http::Version::HTTP_11);
-    if has_body && req.headers.get(header::CONTENT_LENGTH).is_none() {
-        req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    if let Body::Buffered(b) = body {
+        req.remove_header(&header::TRANSFER_ENCODING);
+        req.insert_header(header::CONTENT_LENGTH, b.len())?;
     }
     prepare(&mut req)?;
     Ok(req)

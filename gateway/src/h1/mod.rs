@@ -303,6 +303,7 @@ impl Front {
         let limits = pool::Limits {
             upstream: Duration::from_millis(config.request_timeout_ms),
             client_body: Duration::from_millis(config.client_body_timeout_ms),
+            max_body: config.max_body_bytes,
         };
         let head_limits = policy::HeadLimits {
             max_headers: config.max_headers,

@@ -50,6 +50,9 @@ pub(crate) enum Failure {
     /// The client's request body did not arrive in time.
     #[error("the request body did not arrive in time")]
     ClientTimeout,
+    /// The client's request body is larger than the body limit.
+    #[error("the request body is larger than {max} bytes")]
+    TooLarge { max: usize },
     /// The client's request body could not be read.
     #[error("request body: {0}")]
     Client(Box<pingora::Error>),
@@ -65,6 +68,8 @@ pub(crate) struct Limits {
     pub upstream: Duration,
     /// The whole of the client's request body.
     pub client_body: Duration,
+    /// The largest request body accepted.
+    pub max_body: usize,
 }
 
 /// A pooled connection to `addr` that still looks open (`true`), or a new one.
