@@ -22,8 +22,6 @@ use prometheus::{IntCounter, IntGauge, Registry};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use shopverse_kit::metrics::{int_counter, int_gauge};
-
 const MAGIC: &[u8; 4] = b"SVC1";
 /// Hits refresh an entry's recency at most this often.
 const TOUCH_EVERY_MS: i64 = 60_000;
@@ -199,39 +197,33 @@ impl EdgeCache {
                 registry,
                 "edge_cache_hits_total",
                 "Responses served from the edge cache",
-                &[],
             ),
             misses: int_counter(
                 registry,
                 "edge_cache_misses_total",
                 "Lookups the edge cache could not serve",
-                &[],
             ),
             evictions: int_counter(
                 registry,
                 "edge_cache_evictions_total",
                 "Entries evicted to keep the disk bound",
-                &[],
             ),
             corrupt: int_counter(
                 registry,
                 "edge_cache_corrupt_total",
                 "Entries dropped because they failed their checksum",
-                &[],
             ),
             purges: int_counter(
                 registry,
                 "edge_cache_purged_total",
                 "Entries removed by purges",
-                &[],
             ),
             memory_bytes: int_gauge(
                 registry,
                 "edge_cache_memory_bytes",
                 "Bytes held in the memory tier",
-                &[],
             ),
-            disk_bytes: int_gauge(registry, "edge_cache_disk_bytes", "Bytes held on disk", &[]),
+            disk_bytes: int_gauge(registry, "edge_cache_disk_bytes", "Bytes held on disk"),
         };
         metrics
             .disk_bytes
@@ -446,6 +438,26 @@ impl EdgeCache {
         self.entries.insert(key, bytes)?;
         Ok(())
     }
+}
+
+/// A counter registered in `registry` (a name registered twice keeps its first collector).
+#[allow(clippy::expect_used)] // the names are constants of this file
+fn int_counter(registry: &prometheus::Registry, name: &str, help: &str) -> prometheus::IntCounter {
+    let c = prometheus::IntCounter::new(name, help).expect("a valid metric name");
+    if let Err(e) = registry.register(Box::new(c.clone())) {
+        tracing::debug!(error = %e, "metric already registered");
+    }
+    c
+}
+
+/// A gauge registered in `registry`, as [`int_counter`].
+#[allow(clippy::expect_used)] // the names are constants of this file
+fn int_gauge(registry: &prometheus::Registry, name: &str, help: &str) -> prometheus::IntGauge {
+    let g = prometheus::IntGauge::new(name, help).expect("a valid metric name");
+    if let Err(e) = registry.register(Box::new(g.clone())) {
+        tracing::debug!(error = %e, "metric already registered");
+    }
+    g
 }
 
 #[cfg(test)]
