@@ -20,7 +20,8 @@
 //! - [`clock`]: time as a dependency, so tests can drive token expiry and lockouts.
 //! - [`upstream`]: a channel to another service's replicas, balanced over the healthy ones.
 //! - [`validate`]: input rules several services share (text, postal addresses).
-//! - [`testing`]: helpers for tests (a fresh PostgreSQL database per run).
+//! - `testing` (the `testing` feature, for tests only): helpers for tests (a fresh PostgreSQL
+//!   database per run, port-0 servers).
 
 #![forbid(unsafe_code)]
 
@@ -38,6 +39,7 @@ pub mod server;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod upstream;
 pub mod validate;
