@@ -179,9 +179,19 @@ impl Relay {
                 .bind(i64::try_from(self.batch_size).unwrap_or(200))
                 .fetch_all(&mut *tx)
                 .await?;
-                let n = self.publish_rows(Some(&mut tx), &rows).await?;
-                tx.commit().await?;
-                Ok(n)
+                match self.publish_rows(Some(&mut tx), &rows).await {
+                    Ok(n) => {
+                        tx.commit().await?;
+                        Ok(n)
+                    }
+                    Err(e) => {
+                        // Released now, not when the dropped transaction's rollback gets its
+                        // turn on the pooled connection: until then the next batch (this
+                        // replica's retry included) would skip the locked rows as taken.
+                        let _ = tx.rollback().await;
+                        Err(e)
+                    }
+                }
             }
             // SQLite has one process per file. No transaction spans the publish: a read
             // transaction that later writes fails once another connection has committed.
