@@ -14,15 +14,58 @@ use shopverse_kit::{Identity, Role};
 use crate::auth::AuthError;
 use crate::config::LimitBy;
 use crate::gateway::Gateway;
-use crate::ratelimit::Decision;
 use crate::reply::{Reply, decimal};
 use crate::router::Access;
 
-/// An admitted request: its verified caller, if it sent a token, and the rate limit's headers
-/// for the answer.
+/// An admitted request: its verified caller, if it sent a token, and what the rate limit's
+/// headers say on the answer (none when no policy covers the path).
 pub(crate) struct Admitted {
     pub identity: Option<Arc<Identity>>,
-    pub rate_headers: Vec<(&'static str, String)>,
+    pub rate: Option<RateHeaders>,
+}
+
+/// `RateLimit-Policy` and `RateLimit` (the IETF draft's spelling) for one decision: the
+/// policy's shared texts and the decision's numbers. An answer the front writes itself takes
+/// them as bytes ([`RateHeaders::write`]), building no string; the others take
+/// [`RateHeaders::pairs`].
+#[derive(Clone, Debug)]
+pub(crate) struct RateHeaders {
+    /// `"name";q=burst;w=per_secs`.
+    policy: Arc<str>,
+    /// `"name"`.
+    name: Arc<str>,
+    remaining: u32,
+    reset_secs: u64,
+}
+
+impl RateHeaders {
+    /// The two header lines, `name: value\r\n` each.
+    pub(crate) fn write(&self, out: &mut Vec<u8>) {
+        let mut digits = [0; 20];
+        out.extend_from_slice(b"ratelimit-policy: ");
+        out.extend_from_slice(self.policy.as_bytes());
+        out.extend_from_slice(b"\r\nratelimit: ");
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(b";r=");
+        out.extend_from_slice(decimal(u64::from(self.remaining), &mut digits));
+        out.extend_from_slice(b";t=");
+        out.extend_from_slice(decimal(self.reset_secs, &mut digits));
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// The two headers as names and values.
+    pub(crate) fn pairs(&self) -> [(&'static str, String); 2] {
+        let mut now = String::with_capacity(self.name.len() + 24);
+        now.push_str(&self.name);
+        now.push_str(";r=");
+        push_decimal(&mut now, u64::from(self.remaining));
+        now.push_str(";t=");
+        push_decimal(&mut now, self.reset_secs);
+        [
+            ("ratelimit-policy", self.policy.to_string()),
+            ("ratelimit", now),
+        ]
+    }
 }
 
 impl Gateway {
@@ -37,11 +80,8 @@ impl Gateway {
         ip: Option<IpAddr>,
     ) -> Result<Admitted, Reply> {
         let identity = self.authorize(authorization, access).await?;
-        let rate_headers = self.rate_limit(path, identity.as_deref(), ip).await?;
-        Ok(Admitted {
-            identity,
-            rate_headers,
-        })
+        let rate = self.rate_limit(path, identity.as_deref(), ip).await?;
+        Ok(Admitted { identity, rate })
     }
 
     /// The caller's address: the peer's, or the right-most `X-Forwarded-For` entry when the
@@ -127,18 +167,26 @@ impl Gateway {
         path: &str,
         identity: Option<&Identity>,
         ip: Option<IpAddr>,
-    ) -> Result<Vec<(&'static str, String)>, Reply> {
+    ) -> Result<Option<RateHeaders>, Reply> {
         let config = self.config.load();
         let Some((i, policy)) = config.rate_limits.iter().enumerate().find(|(_, p)| {
             p.paths.is_empty() || p.paths.iter().any(|pre| path.starts_with(pre.as_str()))
         }) else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let consumer = consumer_key(&policy.by, identity, ip);
         let d = self.limiter.check(i, policy, &consumer).await;
-        let headers = rate_headers(policy, config.policy_header(i), &d);
+        let Some((policy_text, name)) = config.rate_texts(i) else {
+            return Ok(None);
+        };
+        let headers = RateHeaders {
+            policy: policy_text.clone(),
+            name: name.clone(),
+            remaining: d.remaining,
+            reset_secs: d.reset_secs,
+        };
         if d.allowed {
-            return Ok(Vec::from(headers));
+            return Ok(Some(headers));
         }
         self.metrics
             .rate_limited
@@ -154,29 +202,9 @@ impl Gateway {
             serde_json::json!([]),
         )
         .with("retry-after", d.retry_after_secs.to_string());
-        reply.headers.extend(headers);
+        reply.headers.extend(headers.pairs());
         Err(reply)
     }
-}
-
-/// `RateLimit-Policy` (`policy_header`) and `RateLimit` for a decision of `policy`. Built by hand: on an admitted
-/// request this runs every time, and `format!` cost more than the decision itself.
-fn rate_headers(
-    policy: &crate::config::RateLimitPolicy,
-    policy_header: &str,
-    d: &Decision,
-) -> [(&'static str, String); 2] {
-    let mut now = String::with_capacity(policy.name.len() + 24);
-    now.push('"');
-    now.push_str(&policy.name);
-    now.push_str("\";r=");
-    push_decimal(&mut now, u64::from(d.remaining));
-    now.push_str(";t=");
-    push_decimal(&mut now, d.reset_secs);
-    [
-        ("ratelimit-policy", policy_header.to_owned()),
-        ("ratelimit", now),
-    ]
 }
 
 /// Whose budget a request spends. Its `Display`, `user:<id>` or `ip:<address>`, is the key in
@@ -212,14 +240,13 @@ fn consumer_key<'a>(
 }
 
 fn push_decimal(s: &mut String, n: u64) {
-    for &d in decimal(n, &mut [0; 20]) {
-        s.push(char::from(d));
-    }
+    // The digits are ASCII: one validated copy rather than a `char` push per digit.
+    s.push_str(std::str::from_utf8(decimal(n, &mut [0; 20])).unwrap_or("0"));
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{IpAddr, LimitBy, consumer_key, rate_headers};
+    use super::{IpAddr, LimitBy, RateHeaders, consumer_key};
 
     #[test]
     fn rate_headers_read_as_the_ietf_draft_spells_them() {
@@ -235,19 +262,26 @@ mod tests {
             rate_limits: vec![policy.clone()],
             ..Default::default()
         });
+        let (policy_text, name) = live.rate_texts(0).unwrap().clone();
         for (remaining, reset) in [(0u32, 0u64), (7, 10), (99, 1234567890123)] {
-            let d = crate::ratelimit::Decision {
-                allowed: true,
-                limit: 100,
+            let h = RateHeaders {
+                policy: policy_text.clone(),
+                name: name.clone(),
                 remaining,
                 reset_secs: reset,
-                retry_after_secs: 0,
             };
-            let [p, r] = rate_headers(&policy, live.policy_header(0), &d);
+            let [p, r] = h.pairs();
             assert_eq!(p, ("ratelimit-policy", "\"default\";q=100;w=1".to_owned()));
             assert_eq!(
                 r,
                 ("ratelimit", format!("\"default\";r={remaining};t={reset}"))
+            );
+            // The bytes the front writes say the same.
+            let mut out = Vec::new();
+            h.write(&mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("ratelimit-policy: {}\r\nratelimit: {}\r\n", p.1, r.1)
             );
         }
     }

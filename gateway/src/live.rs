@@ -24,8 +24,9 @@ pub struct Live {
     pub config: GatewayConfig,
     passthrough: PrefixIndex,
     routes: Vec<PassRoute>,
-    /// `RateLimit-Policy` per policy of `config.rate_limits`, in order.
-    policy_headers: Vec<String>,
+    /// Per policy of `config.rate_limits`, in order: its `RateLimit-Policy` value and its
+    /// quoted name (how `RateLimit` begins), shared by every answer.
+    rate_texts: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl Live {
@@ -40,16 +41,19 @@ impl Live {
                 access: p.access,
             })
             .collect();
-        let policy_headers = config
+        let rate_texts = config
             .rate_limits
             .iter()
-            .map(|p| format!("\"{}\";q={};w={}", p.name, p.burst, p.per_secs))
+            .map(|p| {
+                let policy = format!("\"{}\";q={};w={}", p.name, p.burst, p.per_secs);
+                (policy.into(), format!("\"{}\"", p.name).into())
+            })
             .collect();
         Live {
             config,
             passthrough,
             routes,
-            policy_headers,
+            rate_texts,
         }
     }
 
@@ -60,9 +64,10 @@ impl Live {
             .and_then(|i| self.routes.get(i))
     }
 
-    /// The `RateLimit-Policy` value of `config.rate_limits[i]`: `"name";q=burst;w=per_secs`.
-    pub fn policy_header(&self, i: usize) -> &str {
-        self.policy_headers.get(i).map_or("", String::as_str)
+    /// The `RateLimit-Policy` value of `config.rate_limits[i]` (`"name";q=burst;w=per_secs`)
+    /// and its quoted name.
+    pub fn rate_texts(&self, i: usize) -> Option<&(Arc<str>, Arc<str>)> {
+        self.rate_texts.get(i)
     }
 }
 
@@ -101,7 +106,8 @@ mod tests {
         // The first listed prefix wins, as the configuration documents.
         assert_eq!(r, Some("passthrough:/static/"));
         assert!(live.passthrough_for("/v1/products").is_none());
-        assert_eq!(live.policy_header(0), "\"login\";q=10;w=60");
-        assert_eq!(live.policy_header(9), "");
+        let texts = live.rate_texts(0).map(|(p, n)| (&**p, &**n));
+        assert_eq!(texts, Some(("\"login\";q=10;w=60", "\"login\"")));
+        assert!(live.rate_texts(9).is_none());
     }
 }

@@ -44,7 +44,10 @@ impl Gateway {
                         max_body: config.max_body_bytes,
                     }
                 };
-                let extra = std::mem::take(&mut ctx.rate_headers);
+                let extra = ctx
+                    .rate
+                    .take()
+                    .map_or_else(Vec::new, |r| Vec::from(r.pairs()));
                 let prepare = |req: &mut RequestHeader| gateway_headers(req, ctx);
                 match forward::forward(session, addr, limits, prepare, extra).await {
                     Ok(()) => return Ok(()),
@@ -73,7 +76,7 @@ impl Gateway {
             .admit(path, access, authorization, self.client_ip(session))
             .await?;
         ctx.identity = admitted.identity;
-        ctx.rate_headers = admitted.rate_headers;
+        ctx.rate = admitted.rate;
         Ok(())
     }
 
@@ -110,7 +113,7 @@ impl Gateway {
             )
         })?;
         ctx.identity = admitted.identity;
-        ctx.rate_headers = admitted.rate_headers;
+        ctx.rate = admitted.rate;
         ctx.passthrough = Some((upstream, true));
         Ok(())
     }

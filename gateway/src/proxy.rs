@@ -53,7 +53,7 @@ pub struct Ctx {
     /// The verified caller of a pass-through request.
     pub(crate) identity: Option<Arc<Identity>>,
     /// The rate limit's headers, for a pass-through response.
-    pub(crate) rate_headers: Vec<(&'static str, String)>,
+    pub(crate) rate: Option<crate::admit::RateHeaders>,
     /// `Access-Control-Allow-Origin` for a cross-origin request from an allowed origin.
     pub(crate) cors: Option<String>,
 }
@@ -80,7 +80,7 @@ impl ProxyHttp for Shared {
             request_id: String::new(),
             passthrough: None,
             identity: None,
-            rate_headers: Vec::new(),
+            rate: None,
             cors: None,
         }
     }
@@ -148,7 +148,7 @@ impl ProxyHttp for Shared {
         upstream: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
-        for (name, value) in std::mem::take(&mut ctx.rate_headers) {
+        for (name, value) in ctx.rate.take().iter().flat_map(|r| r.pairs()) {
             upstream.insert_header(name, value)?;
         }
         Ok(())

@@ -81,7 +81,7 @@ impl Front {
                     entry: &entry,
                     max_age: entry.max_age_secs(now_ms),
                     request_id: &request_id,
-                    limit_headers: &admitted.rate_headers,
+                    rate: admitted.rate.as_ref(),
                     keep_alive,
                 };
                 let written = hit.write(io, head_only, &mut bufs.out).await;
@@ -97,7 +97,9 @@ impl Front {
                 let mut reply = self
                     .gateway
                     .reply_from_entry(facts.if_none_match, &entry, "HIT");
-                reply.headers.extend(admitted.rate_headers);
+                reply
+                    .headers
+                    .extend(admitted.rate.iter().flat_map(|r| r.pairs()));
                 reply
             }
             Err(refused) => refused,
@@ -122,7 +124,7 @@ pub(super) struct Hit<'a> {
     entry: &'a shopverse_edge_cache::Entry,
     max_age: u64,
     request_id: &'a str,
-    limit_headers: &'a [(&'static str, String)],
+    rate: Option<&'a crate::admit::RateHeaders>,
     keep_alive: bool,
 }
 
@@ -150,8 +152,8 @@ impl Hit<'_> {
         out.extend_from_slice(b"cache-control: public, max-age=");
         push_decimal(out, self.max_age);
         out.extend_from_slice(b"\r\n");
-        for (name, value) in self.limit_headers {
-            push_header(out, name, value);
+        if let Some(r) = self.rate {
+            r.write(out);
         }
         push_date(out);
         if !self.keep_alive {

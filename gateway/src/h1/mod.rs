@@ -451,7 +451,7 @@ impl Front {
                         io,
                         addr,
                         admitted.identity.as_deref(),
-                        &admitted.rate_headers,
+                        admitted.rate.as_ref(),
                         bufs,
                     )
                     .await

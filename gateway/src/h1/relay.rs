@@ -62,7 +62,7 @@ impl Exchange<'_> {
         io: &mut L4Stream,
         addr: SocketAddr,
         identity: Option<&shopverse_kit::Identity>,
-        rate_headers: &[(&'static str, String)],
+        rate: Option<&crate::admit::RateHeaders>,
         bufs: &mut Buffers,
     ) -> Result<Relayed, Reply> {
         self.request_head(identity, &mut bufs.out);
@@ -189,8 +189,8 @@ impl Exchange<'_> {
                 out.extend_from_slice(b"\r\n");
             }
         }
-        for (name, value) in rate_headers {
-            push_header(out, name, value);
+        if let Some(r) = rate {
+            r.write(out);
         }
         if !self.keep_alive {
             out.extend_from_slice(b"connection: close\r\n");

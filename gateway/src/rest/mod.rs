@@ -47,7 +47,9 @@ impl Gateway {
         let mut reply = self
             .answer(session, ctx, &m, &uri, admitted.identity.as_deref())
             .await;
-        reply.headers.extend(admitted.rate_headers);
+        reply
+            .headers
+            .extend(admitted.rate.iter().flat_map(|r| r.pairs()));
         reply
     }
 
