@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //! - [`config`]: the `services.orders` section.
+//! - [`domain`]: the order state machine as a type (`OrderState`: `PendingPayment → Confirmed
+//!   → Shipped → Delivered`, `→ Cancelled` from the first two) and the cart's limits; it
+//!   depends on nothing else here.
 //! - [`store`]: the database (SQLite or PostgreSQL, same SQL).
-//! - [`service`]: the gRPC service and the order state machine
-//!   (`PENDING_PAYMENT → CONFIRMED → SHIPPED → DELIVERED`, `→ CANCELLED` from the first two).
+//! - [`service`]: the gRPC service: cart, checkout, the transitions.
 //! - [`saga`]: the consumer of payment and shipment events, and the sweeper.
 //!
 //! # Checkout across two databases
@@ -19,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod domain;
 pub mod saga;
 pub mod service;
 pub mod store;

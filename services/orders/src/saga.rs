@@ -15,7 +15,8 @@ use shopverse_kit::CancellationToken;
 use shopverse_proto::payments::v1::PaymentEvent;
 use shopverse_proto::products::v1::ReservationRef;
 
-use crate::service::{CANCELLED, CONFIRMED, DELIVERED, Orders, PENDING_PAYMENT, SHIPPED};
+use crate::domain::OrderState;
+use crate::service::Orders;
 
 pub struct SagaHandler {
     orders: Orders,
@@ -68,30 +69,36 @@ impl Handler for SagaHandler {
         };
         let t = ev.r#type.as_str();
         if t == PAYMENT_SUCCEEDED.name {
-            if order.status == PENDING_PAYMENT {
+            if order.status == OrderState::PendingPayment {
                 self.orders
-                    .transition(conn, &mut order, CONFIRMED, "", Origin::Event(ev))
+                    .transition(
+                        conn,
+                        &mut order,
+                        OrderState::Confirmed,
+                        "",
+                        Origin::Event(ev),
+                    )
                     .await?;
             } else if !order.paid {
                 // Paid after it was cancelled (the deadline passed first): remember the money;
                 // payments refunds it when it sees the cancellation.
-                let status = order.status.clone();
+                let status = order.status;
                 order.paid = true;
                 order.updated_at = self.orders.now();
                 self.orders
                     .store()
-                    .update_order(conn, &order, &status)
+                    .update_order(conn, &order, status)
                     .await?;
             }
         } else if t == PAYMENT_FAILED.name {
             let p: PaymentEvent =
                 decode_payload(ev).map_err(|e| HandlerError::Permanent(e.to_string()))?;
-            if order.status == PENDING_PAYMENT {
+            if order.status == OrderState::PendingPayment {
                 self.orders
                     .transition(
                         conn,
                         &mut order,
-                        CANCELLED,
+                        OrderState::Cancelled,
                         &format!("payment failed: {}", p.reason),
                         Origin::Event(ev),
                     )
@@ -99,21 +106,27 @@ impl Handler for SagaHandler {
             }
         } else if t == PAYMENT_REFUNDED.name {
             if !order.refunded {
-                let status = order.status.clone();
+                let status = order.status;
                 order.refunded = true;
                 order.updated_at = self.orders.now();
                 self.orders
                     .store()
-                    .update_order(conn, &order, &status)
+                    .update_order(conn, &order, status)
                     .await?;
             }
         } else if t == SHIPMENT_SHIPPED.name {
             self.orders
-                .transition(conn, &mut order, SHIPPED, "", Origin::Event(ev))
+                .transition(conn, &mut order, OrderState::Shipped, "", Origin::Event(ev))
                 .await?;
         } else if t == SHIPMENT_DELIVERED.name {
             self.orders
-                .transition(conn, &mut order, DELIVERED, "", Origin::Event(ev))
+                .transition(
+                    conn,
+                    &mut order,
+                    OrderState::Delivered,
+                    "",
+                    Origin::Event(ev),
+                )
                 .await?;
         }
         Ok(())
@@ -129,12 +142,12 @@ pub async fn sweep(orders: &Orders) -> Result<usize, shopverse_kit::ServiceError
         let Some(mut order) = orders.store().order(&mut tx, &id).await? else {
             continue;
         };
-        if order.status == PENDING_PAYMENT && order.payment_deadline < now {
+        if order.status == OrderState::PendingPayment && order.payment_deadline < now {
             if orders
                 .transition(
                     &mut tx,
                     &mut order,
-                    CANCELLED,
+                    OrderState::Cancelled,
                     "payment deadline passed",
                     Origin::Keyed {
                         key: &id,

@@ -28,51 +28,10 @@ use shopverse_proto::products::v1::{
 };
 
 use crate::config::OrdersConfig;
+use crate::domain::{MAX_CART_LINES, MAX_LINE_QUANTITY, OrderState};
 use crate::store::{CheckoutRow, LineRow, OrderRow, Store};
 
 const SOURCE: &str = "orders";
-pub const MAX_CART_LINES: usize = 100;
-pub const MAX_LINE_QUANTITY: i64 = 99;
-
-pub const PENDING_PAYMENT: &str = "PENDING_PAYMENT";
-pub const CONFIRMED: &str = "CONFIRMED";
-pub const SHIPPED: &str = "SHIPPED";
-pub const DELIVERED: &str = "DELIVERED";
-pub const CANCELLED: &str = "CANCELLED";
-
-/// The order state machine: which status may follow which.
-pub fn allowed(from: &str, to: &str) -> bool {
-    matches!(
-        (from, to),
-        (PENDING_PAYMENT, CONFIRMED)
-            | (CONFIRMED, SHIPPED)
-            | (SHIPPED, DELIVERED)
-            | (PENDING_PAYMENT, CANCELLED)
-            | (CONFIRMED, CANCELLED)
-    )
-}
-
-fn status_enum(s: &str) -> OrderStatus {
-    match s {
-        PENDING_PAYMENT => OrderStatus::PendingPayment,
-        CONFIRMED => OrderStatus::Confirmed,
-        SHIPPED => OrderStatus::Shipped,
-        DELIVERED => OrderStatus::Delivered,
-        CANCELLED => OrderStatus::Cancelled,
-        _ => OrderStatus::Unspecified,
-    }
-}
-
-fn status_name(s: OrderStatus) -> Option<&'static str> {
-    match s {
-        OrderStatus::PendingPayment => Some(PENDING_PAYMENT),
-        OrderStatus::Confirmed => Some(CONFIRMED),
-        OrderStatus::Shipped => Some(SHIPPED),
-        OrderStatus::Delivered => Some(DELIVERED),
-        OrderStatus::Cancelled => Some(CANCELLED),
-        OrderStatus::Unspecified => None,
-    }
-}
 
 fn proto_money(m: shopverse_money::Money) -> Money {
     Money {
@@ -92,7 +51,7 @@ pub fn order_to_proto(o: &OrderRow) -> Order {
     Order {
         id: o.id.clone(),
         user_id: o.user_id.clone(),
-        status: status_enum(&o.status).into(),
+        status: o.status.to_proto().into(),
         lines: o
             .lines
             .iter()
@@ -622,7 +581,7 @@ impl Orders {
         let order = OrderRow {
             id: order_id.clone(),
             user_id: user_id.to_owned(),
-            status: PENDING_PAYMENT.into(),
+            status: OrderState::PendingPayment,
             currency: total.currency().code().to_owned(),
             subtotal_minor: subtotal.amount_minor(),
             shipping_minor: shipping_fee.amount_minor(),
@@ -711,29 +670,28 @@ impl Orders {
         &self,
         conn: &mut sqlx::AnyConnection,
         order: &mut OrderRow,
-        to: &str,
+        to: OrderState,
         reason: &str,
         origin: Origin<'_>,
     ) -> Result<bool, sqlx::Error> {
-        if !allowed(&order.status, to) {
+        if !order.status.can_become(to) {
             return Ok(false);
         }
-        let from = std::mem::replace(&mut order.status, to.to_owned());
-        if to == CONFIRMED {
-            order.paid = true;
-        }
-        if to == CANCELLED {
-            order.cancel_reason = reason.to_owned();
+        let from = std::mem::replace(&mut order.status, to);
+        match to {
+            OrderState::Confirmed => order.paid = true,
+            OrderState::Cancelled => order.cancel_reason = reason.to_owned(),
+            _ => {}
         }
         order.updated_at = self.now();
-        if !self.store().update_order(conn, order, &from).await? {
+        if !self.store().update_order(conn, order, from).await? {
             return Ok(false);
         }
         let kind = match to {
-            CONFIRMED => &ORDER_CONFIRMED,
-            SHIPPED => &ORDER_SHIPPED,
-            DELIVERED => &ORDER_DELIVERED,
-            _ => &ORDER_CANCELLED,
+            OrderState::Confirmed => &ORDER_CONFIRMED,
+            OrderState::Shipped => &ORDER_SHIPPED,
+            OrderState::Delivered => &ORDER_DELIVERED,
+            OrderState::PendingPayment | OrderState::Cancelled => &ORDER_CANCELLED,
         };
         self.emit(conn, kind, order, origin).await?;
         Ok(true)
@@ -767,7 +725,7 @@ impl Orders {
             .order(&mut tx, order_id)
             .await?
             .ok_or_else(|| ServiceError::not_found("order", order_id))?;
-        if order.status == CANCELLED {
+        if order.status == OrderState::Cancelled {
             return Ok(order);
         }
         let why = if reason.is_empty() {
@@ -779,7 +737,7 @@ impl Orders {
             .transition(
                 &mut tx,
                 &mut order,
-                CANCELLED,
+                OrderState::Cancelled,
                 &why,
                 Origin::Keyed {
                     key: order_id,
@@ -790,7 +748,7 @@ impl Orders {
         {
             return Err(ServiceError::FailedPrecondition(format!(
                 "order {order_id} is {}; only unshipped orders can be cancelled",
-                order.status.to_lowercase()
+                order.status.as_str().to_lowercase()
             )));
         }
         tx.commit().await?;
@@ -801,7 +759,7 @@ impl Orders {
     async fn list(
         &self,
         user: Option<&str>,
-        status: Option<&str>,
+        status: Option<OrderState>,
         page_size: i32,
         token: &str,
     ) -> Result<ListOrdersResponse, ServiceError> {
@@ -936,8 +894,13 @@ impl OrdersService for Orders {
         let status = OrderStatus::try_from(r.status)
             .map_err(|_| Status::from(ServiceError::invalid("status", "unknown status")))?;
         reply(
-            self.list(None, status_name(status), r.page_size, &r.page_token)
-                .await,
+            self.list(
+                None,
+                OrderState::from_proto(status),
+                r.page_size,
+                &r.page_token,
+            )
+            .await,
         )
     }
 }

@@ -7,7 +7,7 @@ use shopverse_kit::db::placeholders;
 use shopverse_kit::validate::{address_from_json, address_to_json};
 use shopverse_proto::common::v1::Address;
 
-use crate::service::{MAX_CART_LINES, MAX_LINE_QUANTITY};
+use crate::domain::{MAX_CART_LINES, MAX_LINE_QUANTITY, OrderState};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineRow {
@@ -22,7 +22,7 @@ pub struct LineRow {
 pub struct OrderRow {
     pub id: String,
     pub user_id: String,
-    pub status: String,
+    pub status: OrderState,
     pub currency: String,
     pub subtotal_minor: i64,
     pub shipping_minor: i64,
@@ -54,7 +54,14 @@ fn order_from_row(r: &sqlx::any::AnyRow) -> Result<OrderRow, sqlx::Error> {
     Ok(OrderRow {
         id: r.try_get("id")?,
         user_id: r.try_get("user_id")?,
-        status: r.try_get("status")?,
+        status: {
+            let s: String = r.try_get("status")?;
+            OrderState::parse(&s).ok_or_else(|| {
+                sqlx::Error::Decode(
+                    format!("order status `{s}` is not one of the state machine's").into(),
+                )
+            })?
+        },
         currency: r.try_get("currency")?,
         subtotal_minor: r.try_get("subtotal_minor")?,
         shipping_minor: r.try_get("shipping_minor")?,
@@ -281,7 +288,7 @@ impl Store {
         )
         .bind(&o.id)
         .bind(&o.user_id)
-        .bind(&o.status)
+        .bind(o.status.as_str())
         .bind(&o.currency)
         .bind(o.subtotal_minor)
         .bind(o.shipping_minor)
@@ -368,7 +375,7 @@ impl Store {
     pub async fn list(
         &self,
         user_id: Option<&str>,
-        status: Option<&str>,
+        status: Option<OrderState>,
         before_id: &str,
         limit: i64,
     ) -> Result<Vec<OrderRow>, sqlx::Error> {
@@ -379,7 +386,7 @@ impl Store {
         let mut conn = self.db.read().await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(user_id.unwrap_or_default())
-            .bind(status.unwrap_or_default())
+            .bind(status.map_or("", OrderState::as_str))
             .bind(before_id)
             .bind(limit)
             .fetch_all(&mut *conn)
@@ -406,19 +413,19 @@ impl Store {
         &self,
         conn: &mut AnyConnection,
         o: &OrderRow,
-        from: &str,
+        from: OrderState,
     ) -> Result<bool, sqlx::Error> {
         let n = sqlx::query(
             "UPDATE orders SET status = $1, paid = $2, refunded = $3, cancel_reason = $4, updated_at = $5 \
              WHERE id = $6 AND status = $7",
         )
-        .bind(&o.status)
+        .bind(o.status.as_str())
         .bind(i64::from(o.paid))
         .bind(i64::from(o.refunded))
         .bind(&o.cancel_reason)
         .bind(o.updated_at)
         .bind(&o.id)
-        .bind(from)
+        .bind(from.as_str())
         .execute(conn)
         .await?
         .rows_affected();
