@@ -14,6 +14,7 @@ use shopverse_kit::{Identity, Role};
 use crate::auth::AuthError;
 use crate::config::LimitBy;
 use crate::gateway::Gateway;
+use crate::live::RateTexts;
 use crate::reply::{Reply, decimal};
 use crate::router::Access;
 
@@ -30,10 +31,7 @@ pub(crate) struct Admitted {
 /// [`RateHeaders::pairs`].
 #[derive(Clone, Debug)]
 pub(crate) struct RateHeaders {
-    /// `"name";q=burst;w=per_secs`.
-    policy: Arc<str>,
-    /// `"name"`.
-    name: Arc<str>,
+    texts: Arc<RateTexts>,
     remaining: u32,
     reset_secs: u64,
 }
@@ -42,11 +40,7 @@ impl RateHeaders {
     /// The two header lines, `name: value\r\n` each.
     pub(crate) fn write(&self, out: &mut Vec<u8>) {
         let mut digits = [0; 20];
-        out.extend_from_slice(b"ratelimit-policy: ");
-        out.extend_from_slice(self.policy.as_bytes());
-        out.extend_from_slice(b"\r\nratelimit: ");
-        out.extend_from_slice(self.name.as_bytes());
-        out.extend_from_slice(b";r=");
+        out.extend_from_slice(self.texts.head.as_bytes());
         out.extend_from_slice(decimal(u64::from(self.remaining), &mut digits));
         out.extend_from_slice(b";t=");
         out.extend_from_slice(decimal(self.reset_secs, &mut digits));
@@ -55,14 +49,14 @@ impl RateHeaders {
 
     /// The two headers as names and values.
     pub(crate) fn pairs(&self) -> [(&'static str, String); 2] {
-        let mut now = String::with_capacity(self.name.len() + 24);
-        now.push_str(&self.name);
+        let mut now = String::with_capacity(self.texts.name.len() + 24);
+        now.push_str(&self.texts.name);
         now.push_str(";r=");
         push_decimal(&mut now, u64::from(self.remaining));
         now.push_str(";t=");
         push_decimal(&mut now, self.reset_secs);
         [
-            ("ratelimit-policy", self.policy.to_string()),
+            ("ratelimit-policy", self.texts.policy.clone()),
             ("ratelimit", now),
         ]
     }
@@ -176,12 +170,11 @@ impl Gateway {
         };
         let consumer = consumer_key(&policy.by, identity, ip);
         let d = self.limiter.check(i, policy, &consumer).await;
-        let Some((policy_text, name)) = config.rate_texts(i) else {
+        let Some(texts) = config.rate_texts(i) else {
             return Ok(None);
         };
         let headers = RateHeaders {
-            policy: policy_text.clone(),
-            name: name.clone(),
+            texts: texts.clone(),
             remaining: d.remaining,
             reset_secs: d.reset_secs,
         };
@@ -262,11 +255,10 @@ mod tests {
             rate_limits: vec![policy.clone()],
             ..Default::default()
         });
-        let (policy_text, name) = live.rate_texts(0).unwrap().clone();
+        let texts = live.rate_texts(0).unwrap().clone();
         for (remaining, reset) in [(0u32, 0u64), (7, 10), (99, 1234567890123)] {
             let h = RateHeaders {
-                policy: policy_text.clone(),
-                name: name.clone(),
+                texts: texts.clone(),
                 remaining,
                 reset_secs: reset,
             };

@@ -11,6 +11,18 @@ use crate::prefix::PrefixIndex;
 use crate::router::Access;
 use crate::upstream::Target;
 
+/// What a rate-limit policy's headers are made of, the same on every answer.
+#[derive(Debug)]
+pub struct RateTexts {
+    /// The `RateLimit-Policy` value: `"name";q=burst;w=per_secs`.
+    pub policy: String,
+    /// The quoted name, how a `RateLimit` value begins.
+    pub name: String,
+    /// Both header lines up to the remaining count, as the front writes them:
+    /// `ratelimit-policy: <policy>\r\nratelimit: "name";r=`.
+    pub head: String,
+}
+
 /// A pass-through route, compiled.
 pub struct PassRoute {
     /// The metrics label, `passthrough:<prefix>`, shared by every request on the route.
@@ -24,9 +36,8 @@ pub struct Live {
     pub config: GatewayConfig,
     passthrough: PrefixIndex,
     routes: Vec<PassRoute>,
-    /// Per policy of `config.rate_limits`, in order: its `RateLimit-Policy` value and its
-    /// quoted name (how `RateLimit` begins), shared by every answer.
-    rate_texts: Vec<(Arc<str>, Arc<str>)>,
+    /// Per policy of `config.rate_limits`, in order: the texts its headers are made of.
+    rate_texts: Vec<Arc<RateTexts>>,
 }
 
 impl Live {
@@ -46,7 +57,12 @@ impl Live {
             .iter()
             .map(|p| {
                 let policy = format!("\"{}\";q={};w={}", p.name, p.burst, p.per_secs);
-                (policy.into(), format!("\"{}\"", p.name).into())
+                let head = format!("ratelimit-policy: {policy}\r\nratelimit: \"{}\";r=", p.name);
+                Arc::new(RateTexts {
+                    name: format!("\"{}\"", p.name),
+                    policy,
+                    head,
+                })
             })
             .collect();
         Live {
@@ -64,9 +80,8 @@ impl Live {
             .and_then(|i| self.routes.get(i))
     }
 
-    /// The `RateLimit-Policy` value of `config.rate_limits[i]` (`"name";q=burst;w=per_secs`)
-    /// and its quoted name.
-    pub fn rate_texts(&self, i: usize) -> Option<&(Arc<str>, Arc<str>)> {
+    /// The texts of `config.rate_limits[i]`'s headers.
+    pub fn rate_texts(&self, i: usize) -> Option<&Arc<RateTexts>> {
         self.rate_texts.get(i)
     }
 }
@@ -106,8 +121,17 @@ mod tests {
         // The first listed prefix wins, as the configuration documents.
         assert_eq!(r, Some("passthrough:/static/"));
         assert!(live.passthrough_for("/v1/products").is_none());
-        let texts = live.rate_texts(0).map(|(p, n)| (&**p, &**n));
-        assert_eq!(texts, Some(("\"login\";q=10;w=60", "\"login\"")));
+        let texts = live
+            .rate_texts(0)
+            .map(|t| (t.policy.as_str(), t.name.as_str(), t.head.as_str()));
+        assert_eq!(
+            texts,
+            Some((
+                "\"login\";q=10;w=60",
+                "\"login\"",
+                "ratelimit-policy: \"login\";q=10;w=60\r\nratelimit: \"login\";r="
+            ))
+        );
         assert!(live.rate_texts(9).is_none());
     }
 }

@@ -203,16 +203,34 @@ pub(crate) const SECURITY_HEADERS: [(&str, &str); 3] = [
     ("referrer-policy", "no-referrer"),
 ];
 
+/// `00`, `01`, ... `99`: two digits per division.
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut t = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        t[2 * i] = b'0' + (i / 10) as u8;
+        t[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    t
+};
+
 /// `n`'s decimal digits, written into the end of `digits`.
 pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[i] = b'0' + n as u8;
     }
     &digits[i..]
 }
@@ -220,6 +238,20 @@ pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::{Reply, StatusCode};
+
+    #[test]
+    fn decimals_read_as_format_would_write_them() {
+        let mut n = 1u64;
+        let mut cases = vec![0, 9, 10, 99, 100, 101, 999, 1000, u64::MAX, u64::MAX - 1];
+        while n < u64::MAX / 7 {
+            cases.extend([n, n - 1, n + 1]);
+            n = n * 7 + 3;
+        }
+        for n in cases {
+            let got = super::decimal(n, &mut [0; 20]).to_vec();
+            assert_eq!(String::from_utf8(got).unwrap(), n.to_string());
+        }
+    }
 
     #[test]
     fn a_304_and_a_204_carry_no_length() {
