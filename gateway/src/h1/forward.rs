@@ -169,17 +169,24 @@ enum Body<'a> {
     Stream,
 }
 
+/// The client's next piece of request body (`None`: the body is over), before `deadline`.
+async fn next_piece(
+    session: &mut Session,
+    deadline: tokio::time::Instant,
+) -> Result<Option<Bytes>, Failure> {
+    tokio::time::timeout_at(deadline, session.read_request_body())
+        .await
+        .map_err(|_| Failure::ClientTimeout)?
+        .map_err(Failure::Client)
+}
+
 /// Reads a body without a declared length whole, within the client body timeout and at most
 /// `max_body` bytes (413 beyond, before anything went upstream).
 async fn read_whole(session: &mut Session, limits: Limits) -> Result<Bytes, Failure> {
     let deadline = tokio::time::Instant::now() + limits.client_body;
     let mut body = bytes::BytesMut::new();
     loop {
-        let chunk = tokio::time::timeout_at(deadline, session.read_request_body())
-            .await
-            .map_err(|_| Failure::ClientTimeout)?
-            .map_err(Failure::Client)?;
-        match chunk {
+        match next_piece(session, deadline).await? {
             Some(b) => {
                 if body.len() + b.len() > limits.max_body {
                     return Err(Failure::TooLarge {
@@ -211,13 +218,8 @@ async fn send(
     if let Body::Stream = body {
         let deadline = tokio::time::Instant::now() + limits.client_body;
         loop {
-            let chunk = tokio::time::timeout_at(deadline, session.read_request_body())
-                .await
-                .map_err(|_| Failure::ClientTimeout)?
-                .map_err(Failure::Client)?;
-            match chunk {
-                // A read that ended inside chunk framing yields no data: writing it would
-                // send Pingora's chunked writer's terminating empty chunk.
+            match next_piece(session, deadline).await? {
+                // A read with no data writes nothing (an empty write is not data upstream).
                 Some(b) if b.is_empty() => {}
                 Some(b) => {
                     up.write_body(&b).await.map_err(fail)?;
