@@ -75,6 +75,56 @@ impl OrderState {
     }
 }
 
+/// Where a checkout attempt is: `Reserving` (stock being held under the order id), then
+/// `Placed` (the order exists) or `Failed` (refused, with the reason); a `Reserving` attempt
+/// left too long goes `Abandoning` (its stock being released) and then `Abandoned`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckoutState {
+    Reserving,
+    Placed,
+    Failed,
+    Abandoning,
+    Abandoned,
+}
+
+impl CheckoutState {
+    pub const ALL: [CheckoutState; 5] = [
+        CheckoutState::Reserving,
+        CheckoutState::Placed,
+        CheckoutState::Failed,
+        CheckoutState::Abandoning,
+        CheckoutState::Abandoned,
+    ];
+
+    /// As the database stores it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckoutState::Reserving => "RESERVING",
+            CheckoutState::Placed => "PLACED",
+            CheckoutState::Failed => "FAILED",
+            CheckoutState::Abandoning => "ABANDONING",
+            CheckoutState::Abandoned => "ABANDONED",
+        }
+    }
+
+    /// The state a stored name stands for.
+    pub fn parse(s: &str) -> Option<CheckoutState> {
+        CheckoutState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether an attempt may move from `self` to `to`.
+    pub fn can_become(self, to: CheckoutState) -> bool {
+        use CheckoutState::*;
+        matches!(
+            (self, to),
+            (Reserving, Placed)
+                | (Reserving, Failed)
+                | (Reserving, Abandoning)
+                | (Abandoning, Abandoned)
+        )
+    }
+}
+
 impl std::fmt::Display for OrderState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -84,6 +134,24 @@ impl std::fmt::Display for OrderState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkout_states_round_trip_and_end_where_they_should() {
+        for s in CheckoutState::ALL {
+            assert_eq!(CheckoutState::parse(s.as_str()), Some(s));
+        }
+        // Placed, Failed and Abandoned are final.
+        for end in [
+            CheckoutState::Placed,
+            CheckoutState::Failed,
+            CheckoutState::Abandoned,
+        ] {
+            assert!(
+                CheckoutState::ALL.iter().all(|to| !end.can_become(*to)),
+                "{end:?}"
+            );
+        }
+    }
 
     #[test]
     fn statuses_round_trip_and_only_forward_moves_are_allowed() {

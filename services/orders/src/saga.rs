@@ -15,7 +15,7 @@ use shopverse_kit::CancellationToken;
 use shopverse_proto::payments::v1::PaymentEvent;
 use shopverse_proto::products::v1::ReservationRef;
 
-use crate::domain::OrderState;
+use crate::domain::{CheckoutState, OrderState};
 use crate::service::Orders;
 
 pub struct SagaHandler {
@@ -164,17 +164,32 @@ pub async fn sweep(orders: &Orders) -> Result<usize, shopverse_kit::ServiceError
     // A checkout that reserved stock but never placed its order (the process died, or the
     // client went away mid-call): release its reservation.
     let stale = now - orders.config().checkout_abandon_secs * 1000;
-    for id in orders.store().checkouts_in("RESERVING", stale).await? {
+    for id in orders
+        .store()
+        .checkouts_in(CheckoutState::Reserving, stale)
+        .await?
+    {
         let mut conn = orders.store().db.write_conn().await?;
         if orders
             .store()
-            .move_checkout(&mut conn, &id, "RESERVING", "ABANDONING", None, now)
+            .move_checkout(
+                &mut conn,
+                &id,
+                CheckoutState::Reserving,
+                CheckoutState::Abandoning,
+                None,
+                now,
+            )
             .await?
         {
             moved += 1;
         }
     }
-    for id in orders.store().checkouts_in("ABANDONING", i64::MAX).await? {
+    for id in orders
+        .store()
+        .checkouts_in(CheckoutState::Abandoning, i64::MAX)
+        .await?
+    {
         match orders
             .products()
             .release_reservation(ReservationRef {
@@ -192,7 +207,14 @@ pub async fn sweep(orders: &Orders) -> Result<usize, shopverse_kit::ServiceError
         let mut conn = orders.store().db.write_conn().await?;
         orders
             .store()
-            .move_checkout(&mut conn, &id, "ABANDONING", "ABANDONED", None, now)
+            .move_checkout(
+                &mut conn,
+                &id,
+                CheckoutState::Abandoning,
+                CheckoutState::Abandoned,
+                None,
+                now,
+            )
             .await?;
         moved += 1;
     }

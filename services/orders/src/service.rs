@@ -28,7 +28,7 @@ use shopverse_proto::products::v1::{
 };
 
 use crate::config::OrdersConfig;
-use crate::domain::{MAX_CART_LINES, MAX_LINE_QUANTITY, OrderState};
+use crate::domain::{CheckoutState, MAX_CART_LINES, MAX_LINE_QUANTITY, OrderState};
 use crate::store::{CheckoutRow, LineRow, OrderRow, Store};
 
 const SOURCE: &str = "orders";
@@ -383,7 +383,7 @@ impl Orders {
             let attempt = CheckoutRow {
                 request_hash: hash.to_owned(),
                 order_id: uuid::Uuid::now_v7().to_string(),
-                state: "RESERVING".into(),
+                state: CheckoutState::Reserving,
                 lines,
                 error: None,
             };
@@ -412,8 +412,8 @@ impl Orders {
             .move_checkout(
                 &mut conn,
                 order_id,
-                "RESERVING",
-                "FAILED",
+                CheckoutState::Reserving,
+                CheckoutState::Failed,
                 Some(&message),
                 self.now(),
             )
@@ -454,15 +454,15 @@ impl Orders {
 
         let attempt = self.attempt(user_id, &key, &hash).await?;
         let order_id = attempt.order_id.clone();
-        match attempt.state.as_str() {
-            "RESERVING" => {}
-            "PLACED" => return self.order_of(&order_id).await,
-            "FAILED" => {
+        match attempt.state {
+            CheckoutState::Reserving => {}
+            CheckoutState::Placed => return self.order_of(&order_id).await,
+            CheckoutState::Failed => {
                 return Err(ServiceError::FailedPrecondition(
                     attempt.error.unwrap_or_else(|| "checkout failed".into()),
                 ));
             }
-            _ => {
+            CheckoutState::Abandoning | CheckoutState::Abandoned => {
                 return Err(ServiceError::Aborted(
                     "this checkout was interrupted and given up; retry with a new idempotency key"
                         .into(),
@@ -599,14 +599,21 @@ impl Orders {
         let mut tx = self.store().db.begin_write().await?;
         if !self
             .store()
-            .move_checkout(&mut tx, &order_id, "RESERVING", "PLACED", None, now)
+            .move_checkout(
+                &mut tx,
+                &order_id,
+                CheckoutState::Reserving,
+                CheckoutState::Placed,
+                None,
+                now,
+            )
             .await?
         {
             // Another request with the same key placed it, or the sweeper gave it up.
             tx.rollback().await?;
             let mut conn = self.store().db.read().await?;
             return match self.store().checkout(&mut conn, user_id, &key).await? {
-                Some(c) if c.state == "PLACED" => self.order_of(&order_id).await,
+                Some(c) if c.state == CheckoutState::Placed => self.order_of(&order_id).await,
                 _ => Err(ServiceError::Aborted(
                     "this checkout was interrupted and given up; retry with a new idempotency key"
                         .into(),

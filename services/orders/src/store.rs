@@ -7,7 +7,7 @@ use shopverse_kit::db::placeholders;
 use shopverse_kit::validate::{address_from_json, address_to_json};
 use shopverse_proto::common::v1::Address;
 
-use crate::domain::{MAX_CART_LINES, MAX_LINE_QUANTITY, OrderState};
+use crate::domain::{CheckoutState, MAX_CART_LINES, MAX_LINE_QUANTITY, OrderState};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineRow {
@@ -42,7 +42,7 @@ pub struct OrderRow {
 pub struct CheckoutRow {
     pub request_hash: String,
     pub order_id: String,
-    pub state: String,
+    pub state: CheckoutState,
     pub lines: Vec<(String, i64)>,
     pub error: Option<String>,
 }
@@ -213,7 +213,12 @@ impl Store {
             Ok(CheckoutRow {
                 request_hash: r.try_get("request_hash")?,
                 order_id: r.try_get("order_id")?,
-                state: r.try_get("state")?,
+                state: {
+                    let s: String = r.try_get("state")?;
+                    CheckoutState::parse(&s).ok_or_else(|| {
+                        sqlx::Error::Decode(format!("checkout state `{s}` is unknown").into())
+                    })?
+                },
                 lines: serde_json::from_str(&r.try_get::<String, _>("lines")?).unwrap_or_default(),
                 error: r.try_get("error")?,
             })
@@ -245,22 +250,26 @@ impl Store {
         Ok(())
     }
 
-    /// Moves a checkout from `from` to `to`; false when it was no longer in `from`.
+    /// Moves a checkout from `from` to `to`; false when it was no longer in `from`, or the
+    /// move is not one the attempt's states allow.
     pub async fn move_checkout(
         &self,
         conn: &mut AnyConnection,
         order_id: &str,
-        from: &str,
-        to: &str,
+        from: CheckoutState,
+        to: CheckoutState,
         error: Option<&str>,
         now: i64,
     ) -> Result<bool, sqlx::Error> {
+        if !from.can_become(to) {
+            return Ok(false);
+        }
         let n = sqlx::query("UPDATE checkouts SET state = $1, error = $2, updated_at = $3 WHERE order_id = $4 AND state = $5")
-            .bind(to)
+            .bind(to.as_str())
             .bind(error)
             .bind(now)
             .bind(order_id)
-            .bind(from)
+            .bind(from.as_str())
             .execute(conn)
             .await?
             .rows_affected();
@@ -268,9 +277,13 @@ impl Store {
     }
 
     /// Order ids of checkouts in `state` last touched before `before`.
-    pub async fn checkouts_in(&self, state: &str, before: i64) -> Result<Vec<String>, sqlx::Error> {
+    pub async fn checkouts_in(
+        &self,
+        state: CheckoutState,
+        before: i64,
+    ) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar("SELECT order_id FROM checkouts WHERE state = $1 AND updated_at < $2 ORDER BY created_at LIMIT 100")
-            .bind(state)
+            .bind(state.as_str())
             .bind(before)
             .fetch_all(&mut *self.db.read().await?)
             .await
