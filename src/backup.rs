@@ -54,7 +54,7 @@ fn databases(cfg: &AppConfig) -> Vec<(String, String)> {
     ];
     // Kafka keeps its own log (back it up with the cluster's own tools); the outboxes hold
     // whatever was not yet published.
-    if cfg.events.backend == "embedded" {
+    if cfg.events.backend == crate::config::EventsBackend::Embedded {
         all.push(("events".into(), cfg.events_url()));
     }
     all

@@ -16,7 +16,7 @@ use shopverse_events::kafka::KafkaBus;
 use shopverse_events::{EventBus, Platform};
 use shopverse_kit::{Clock, SystemClock};
 
-use crate::config::AppConfig;
+use crate::config::{AppConfig, EventsBackend};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ServiceName {
@@ -139,20 +139,20 @@ async fn open_bus(
     cfg: &AppConfig,
     registry: &prometheus::Registry,
 ) -> anyhow::Result<Arc<dyn EventBus>> {
-    match cfg.events.backend.as_str() {
-        "kafka" => Ok(Arc::new(KafkaBus::new(
+    match cfg.events.backend {
+        EventsBackend::Kafka => Ok(Arc::new(KafkaBus::new(
             cfg.events.kafka.clone(),
             cfg.events.partitions,
             registry,
         )?)),
-        _ => Ok(Arc::new(open_log(cfg).await?)),
+        EventsBackend::Embedded => Ok(Arc::new(open_log(cfg).await?)),
     }
 }
 
 /// The event bus for commands that only inspect it: an embedded log must already exist, a
 /// Kafka cluster must answer.
 async fn existing_bus(cfg: &AppConfig) -> anyhow::Result<Arc<dyn EventBus>> {
-    if cfg.events.backend == "embedded" {
+    if cfg.events.backend == EventsBackend::Embedded {
         let url = cfg.events_url();
         let path = url
             .trim_start_matches("sqlite://")
@@ -476,7 +476,7 @@ async fn run_services(
     started.ready_line.push(format!("admin={admin_bound}"));
     started.rows.push((
         "events".into(),
-        cfg.events.backend.clone(),
+        cfg.events.backend.as_str().to_owned(),
         platform.bus.describe(),
     ));
 

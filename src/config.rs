@@ -46,11 +46,30 @@ impl Default for DataConfig {
     }
 }
 
+/// Where events go between services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventsBackend {
+    /// The appliance's log, in one SQLite file.
+    Embedded,
+    /// A Kafka cluster (`[events.kafka]`).
+    Kafka,
+}
+
+impl EventsBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventsBackend::Embedded => "embedded",
+            EventsBackend::Kafka => "kafka",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     /// `embedded` (the appliance's log in one SQLite file) or `kafka` (`[events.kafka]`).
-    pub backend: String,
+    pub backend: EventsBackend,
     /// The embedded log's file; empty: `<data.dir>/events.db`.
     pub path: String,
     /// Partitions of each new topic.
@@ -65,7 +84,7 @@ pub struct EventsConfig {
 impl Default for EventsConfig {
     fn default() -> Self {
         Self {
-            backend: "embedded".into(),
+            backend: EventsBackend::Embedded,
             path: String::new(),
             partitions: 4,
             kafka: Default::default(),
@@ -119,15 +138,8 @@ impl Validate for AppConfig {
         if self.data.dir.as_os_str().is_empty() {
             return Err(Invalid::new("data.dir", "must not be empty"));
         }
-        match self.events.backend.as_str() {
-            "embedded" => {}
-            "kafka" => self.events.kafka.validate("events.kafka")?,
-            other => {
-                return Err(Invalid::new(
-                    "events.backend",
-                    format!("unknown backend `{other}`; use `embedded` or `kafka`"),
-                ));
-            }
+        if self.events.backend == EventsBackend::Kafka {
+            self.events.kafka.validate("events.kafka")?;
         }
         self.events.consumers.validate("events.consumers")?;
         if !(1..=256).contains(&self.events.partitions) {

@@ -327,6 +327,21 @@ fn every_shipped_config_is_valid_and_bad_ones_are_named() {
         ),
         "{stdout}"
     );
+    // A backend that does not exist is named with the ones that do.
+    std::fs::write(&bad, "[events]\nbackend = \"nats\"\n").expect("write");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "key `events.backend`: unknown variant `nats`, expected `embedded` or `kafka`"
+        ),
+        "{stdout}"
+    );
     std::fs::write(&bad, "[services.users]\nlisten = \"nowhere\"\n").expect("write");
     let out = Command::new(BIN)
         .arg("check-config")
