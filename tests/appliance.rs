@@ -313,14 +313,21 @@ fn every_shipped_config_is_valid_and_bad_ones_are_named() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[services.users]\naccess_ttl_secs = 5\n").expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // `check-config` on `bad` holding `text`: whether it passed, and what it printed.
+    let check = |text: &str| {
+        std::fs::write(&bad, text).expect("write");
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(&bad)
+            .output()
+            .expect("run");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, stdout) = check("[services.users]\naccess_ttl_secs = 5\n");
+    assert!(!ok);
     assert!(
         stdout.contains(
             "bad.toml: key `services.users.access_ttl_secs`: must be between 60 and 86400 seconds"
@@ -328,27 +335,15 @@ fn every_shipped_config_is_valid_and_bad_ones_are_named() {
         "{stdout}"
     );
     // A backend that does not exist is named with the ones that do.
-    std::fs::write(&bad, "[events]\nbackend = \"nats\"\n").expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ok, stdout) = check("[events]\nbackend = \"nats\"\n");
+    assert!(!ok);
     assert!(
         stdout.contains(
             "key `events.backend`: unknown variant `nats`, expected `embedded` or `kafka`"
         ),
         "{stdout}"
     );
-    std::fs::write(&bad, "[services.users]\nlisten = \"nowhere\"\n").expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .expect("run");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (_, stdout) = check("[services.users]\nlisten = \"nowhere\"\n");
     assert!(
         stdout.contains("key `services.users.listen`: invalid socket address"),
         "{stdout}"

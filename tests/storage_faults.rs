@@ -71,14 +71,6 @@ fn readyz(admin: SocketAddr) -> (u16, String) {
     http_get(admin, "/readyz")
 }
 
-fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < within, "never: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Adds one unit of `product` to the cart and checks out; the two statuses and the order id.
 fn buy(gw: SocketAddr, token: &str, product: &str, key: &str) -> (u16, u16, Option<String>) {
     let auth = [("authorization", token)];
@@ -101,12 +93,8 @@ const LIMITS: (&str, &str) = (
 
 /// Registers and signs in a customer; the `Authorization` value.
 fn customer(gw: SocketAddr, email: &str) -> String {
-    let body = format!(r#"{{"email":"{email}","password":"a long password"}}"#);
-    let r = http(gw, "POST", "/v1/auth/register", &[], body.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.body);
-    let r = http(gw, "POST", "/v1/auth/login", &[], body.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.body);
-    format!("Bearer {}", r.json()["accessToken"].as_str().unwrap())
+    register(gw, email, "a long password");
+    format!("Bearer {}", login(gw, email, "a long password"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,3 +278,23 @@ pub fn login(gw: SocketAddr, email: &str, password: &str) -> String {
         .expect("an access token")
         .to_owned()
 }
+
+/// Registers `email` through the gateway at `gw`; the new user's id.
+pub fn register(gw: SocketAddr, email: &str, password: &str) -> String {
+    let body = format!(r#"{{"email":"{email}","password":"{password}","displayName":"{email}"}}"#);
+    let r = http(gw, "POST", "/v1/auth/register", &[], body.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["user"]["id"]
+        .as_str()
+        .expect("the new user's id")
+        .to_owned()
+}
+
+/// Polls `f` every 50 ms until it holds, failing the test after `within`.
+pub fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "never: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
