@@ -1,6 +1,7 @@
 //! The configuration a gateway serves with: the `[gateway]` section as it was read, and what
 //! is compiled from it once, when it is loaded (the pass-through route index with each route's
-//! metrics label and parsed upstream, each rate-limit policy's header). A reload compiles a new
+//! metrics label and parsed upstream, each rate-limit policy's header texts, the head and relay
+//! limits). A reload compiles a new
 //! `Live` and swaps it in whole, so a request never sees an index of one configuration with
 //! the routes of another.
 
@@ -34,6 +35,10 @@ pub struct PassRoute {
 
 pub struct Live {
     pub config: GatewayConfig,
+    /// The framing and size limits every request head is held to.
+    pub head_limits: crate::policy::HeadLimits,
+    /// The time and body limits of a relayed pass-through request.
+    pub(crate) relay_limits: crate::h1::pool::Limits,
     passthrough: PrefixIndex,
     routes: Vec<PassRoute>,
     /// Per policy of `config.rate_limits`, in order: the texts its headers are made of.
@@ -65,7 +70,19 @@ impl Live {
                 })
             })
             .collect();
+        let head_limits = crate::policy::HeadLimits {
+            max_headers: config.max_headers,
+            max_header_bytes: config.max_header_bytes,
+            max_body_bytes: config.max_body_bytes,
+        };
+        let relay_limits = crate::h1::pool::Limits {
+            upstream: std::time::Duration::from_millis(config.request_timeout_ms),
+            client_body: std::time::Duration::from_millis(config.client_body_timeout_ms),
+            max_body: config.max_body_bytes,
+        };
         Live {
+            head_limits,
+            relay_limits,
             config,
             passthrough,
             routes,

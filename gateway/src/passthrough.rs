@@ -1,8 +1,6 @@
 //! Pass-through and gRPC requests on Pingora's path: the gateway's own request headers, the
 //! direct HTTP/1 relay, and gRPC's refusals.
 
-use std::time::Duration;
-
 use http::StatusCode;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::Session;
@@ -29,21 +27,9 @@ impl Gateway {
             ));
         };
         let reply = match target.resolve().await {
-            Err(e) => Reply::error(
-                StatusCode::BAD_GATEWAY,
-                Code::Unavailable,
-                &format!("upstream address: {e}"),
-                serde_json::json!([]),
-            ),
+            Err(e) => Reply::upstream_address(&e),
             Ok(addr) => {
-                let limits = {
-                    let config = self.config.load();
-                    pool::Limits {
-                        upstream: Duration::from_millis(config.request_timeout_ms),
-                        client_body: Duration::from_millis(config.client_body_timeout_ms),
-                        max_body: config.max_body_bytes,
-                    }
-                };
+                let limits = self.config.load().relay_limits;
                 let extra = ctx
                     .rate
                     .take()

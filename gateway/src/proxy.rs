@@ -251,14 +251,7 @@ impl Gateway {
             reason,
         };
         let req = session.req_header();
-        let limits = {
-            let config = self.config.load();
-            policy::HeadLimits {
-                max_headers: config.max_headers,
-                max_header_bytes: config.max_header_bytes,
-                max_body_bytes: config.max_body_bytes,
-            }
-        };
+        let limits = self.config.load().head_limits;
         let headers = req
             .headers
             .iter()

@@ -112,6 +112,16 @@ impl Reply {
         self
     }
 
+    /// A pass-through upstream whose configured address does not resolve: 502.
+    pub(crate) fn upstream_address(e: &impl std::fmt::Display) -> Reply {
+        Reply::error(
+            StatusCode::BAD_GATEWAY,
+            Code::Unavailable,
+            &format!("upstream address: {e}"),
+            serde_json::json!([]),
+        )
+    }
+
     /// The answer to a pass-through request that failed before its response began, on
     /// either HTTP/1 path.
     pub(crate) fn for_failure(e: pool::Failure, route: &str) -> Reply {

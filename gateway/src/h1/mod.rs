@@ -42,7 +42,6 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, Stream};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::Code;
 
 use crate::gateway::Gateway;
 use crate::policy;
@@ -300,16 +299,7 @@ impl Front {
         // The one policy, before anything else: framing and limits, then the target; then
         // the route, on the normalised path. One look at the configuration for all of it.
         let config = self.gateway.config.load();
-        let limits = pool::Limits {
-            upstream: Duration::from_millis(config.request_timeout_ms),
-            client_body: Duration::from_millis(config.client_body_timeout_ms),
-            max_body: config.max_body_bytes,
-        };
-        let head_limits = policy::HeadLimits {
-            max_headers: config.max_headers,
-            max_header_bytes: config.max_header_bytes,
-            max_body_bytes: config.max_body_bytes,
-        };
+        let (limits, head_limits) = (config.relay_limits, config.head_limits);
         let checked = policy::check_head(
             true,
             req.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
@@ -439,12 +429,7 @@ impl Front {
             keep_alive,
         };
         let outcome = match upstream.resolve().await {
-            Err(e) => Err(Reply::error(
-                StatusCode::BAD_GATEWAY,
-                Code::Unavailable,
-                &format!("upstream address: {e}"),
-                serde_json::json!([]),
-            )),
+            Err(e) => Err(Reply::upstream_address(&e)),
             Ok(addr) => {
                 exchange
                     .run(
