@@ -42,16 +42,15 @@ pub struct ManifestFile {
 
 /// The databases of this configuration: `(name, url)`.
 fn databases(cfg: &AppConfig) -> Vec<(String, String)> {
-    let (s, d) = (&cfg.services, &cfg.data.dir);
-    let mut all = vec![
-        ("users".into(), s.users.database_url(d)),
-        ("products".into(), s.products.database_url(d)),
-        ("orders".into(), s.orders.database_url(d)),
-        ("payments".into(), s.payments.database_url(d)),
-        ("payment-simulator".into(), s.payments.simulator_url(d)),
-        ("notifications".into(), s.notifications.database_url(d)),
-        ("delivery".into(), s.delivery.database_url(d)),
-    ];
+    let mut all: Vec<(String, String)> = shopverse::services::ALL
+        .iter()
+        .map(|u| (u.name().to_owned(), u.database_url(cfg)))
+        .collect();
+    // The payment provider's ledger: the simulator's own store.
+    all.push((
+        "payment-simulator".into(),
+        cfg.services.payments.simulator_url(&cfg.data.dir),
+    ));
     // Kafka keeps its own log (back it up with the cluster's own tools); the outboxes hold
     // whatever was not yet published.
     if cfg.events.backend == crate::config::EventsBackend::Embedded {
@@ -74,28 +73,6 @@ fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
         .map(|b| format!("{b:02x}"))
         .collect();
     Ok((hex, bytes.len() as u64))
-}
-
-/// The data directory's lock: held by a running `up`/`serve`, so `restore` can refuse.
-pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
-    let path = dir.join("shopverse.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "another shopverse process is using the data dir {}",
-            dir.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
 }
 
 /// How long one try waits for each file's write lock, and how many tries the cut gets.
@@ -319,7 +296,8 @@ pub async fn restore(cfg: &AppConfig, from: &Path) -> anyhow::Result<usize> {
             );
         }
     }
-    let _lock = lock_data_dir(&cfg.data.dir).context("stop ShopVerse before restoring")?;
+    let _lock = shopverse::appliance::lock_data_dir(&cfg.data.dir)
+        .context("stop ShopVerse before restoring")?;
     let urls = databases(cfg);
     let mut restored = 0;
     for f in &manifest.files {

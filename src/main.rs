@@ -5,7 +5,8 @@
 
 mod backup;
 mod commands;
-mod config;
+
+use shopverse::config;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -138,8 +139,8 @@ struct ServeArgs {
     #[command(flatten)]
     common: Common,
     /// Which service.
-    #[arg(value_enum)]
-    service: commands::ServiceName,
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(shopverse::services::names()))]
+    service: String,
     /// gRPC listen address; overrides the configured one.
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -252,28 +253,24 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Up(a) => {
             let cfg = load(&a.common)?;
-            let any = a.any_ports_on.map(|ip| SocketAddr::new(ip, 0));
-            let pick = |x: Option<SocketAddr>| x.or(any);
-            let overrides = [
-                (ServiceName::Users, pick(a.users_addr)),
-                (ServiceName::Products, pick(a.products_addr)),
-                (ServiceName::Orders, pick(a.orders_addr)),
-                (ServiceName::Payments, pick(a.payments_addr)),
-                (ServiceName::Notifications, pick(a.notifications_addr)),
-                (ServiceName::Delivery, pick(a.delivery_addr)),
-            ];
-            up(
-                cfg,
-                a.demo,
-                &overrides,
-                pick(a.admin_addr),
-                pick(a.gateway_addr),
-            )
-            .await?;
+            let listen = Listen {
+                services: vec![
+                    ("users", a.users_addr),
+                    ("products", a.products_addr),
+                    ("orders", a.orders_addr),
+                    ("payments", a.payments_addr),
+                    ("notifications", a.notifications_addr),
+                    ("delivery", a.delivery_addr),
+                ],
+                admin: a.admin_addr,
+                gateway: a.gateway_addr,
+                any_ports_on: a.any_ports_on,
+            };
+            up(cfg, a.demo, listen).await?;
         }
         Command::Serve(a) => {
             let cfg = load(&a.common)?;
-            serve(cfg, a.service, a.listen, a.admin_addr).await?;
+            serve(cfg, &a.service, a.listen, a.admin_addr).await?;
         }
         Command::Gateway {
             common,
@@ -290,7 +287,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
             seed(cfg).await?;
             if a.orders {
-                println!("{}", demo_orders(addrs.0, addrs.1, addrs.2).await?);
+                println!(
+                    "{}",
+                    shopverse::demo::place_orders(addrs.0, addrs.1, addrs.2).await?
+                );
             }
         }
         Command::Keys {

@@ -215,17 +215,20 @@ async fn serve(
     dir: &Path,
     config: NotificationsConfig,
 ) -> (
-    shopverse_kit::testing::Spawned<shopverse_notifications::RunError>,
+    shopverse_kit::testing::Spawned<shopverse_runtime::RunError>,
     EmbeddedLog,
     prometheus::Registry,
 ) {
-    let (platform, log) = shopverse_events::testing::platform(dir, Arc::new(SystemClock))
+    let (platform, log) = shopverse_runtime::testing::platform(dir, Arc::new(SystemClock))
         .await
         .unwrap();
     let registry = platform.registry.clone();
     let data = dir.to_owned();
     let server = spawn(|l, stop| async move {
-        shopverse_notifications::run(l, config, &data, platform, stop).await
+        shopverse_runtime::serve::<shopverse_notifications::NotificationsService>(
+            l, config, &data, platform, stop,
+        )
+        .await
     })
     .await
     .unwrap();

@@ -75,8 +75,14 @@ impl OrdersConfig {
         shopverse_kit::config::check_database_url(&self.database)
             .map_err(|r| Invalid::new(key("database"), r))
     }
+}
 
-    pub fn database_url(&self, data_dir: &Path) -> String {
+impl shopverse_runtime::ServiceConfig for OrdersConfig {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn database_url(&self, data_dir: &Path) -> String {
         shopverse_kit::config::database_url_or_default(&self.database, data_dir, "orders")
     }
 }

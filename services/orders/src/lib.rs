@@ -26,17 +26,12 @@ pub mod saga;
 pub mod service;
 pub mod store;
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-use shopverse_events::Platform;
-use shopverse_events::outbox::Relay;
-use shopverse_kit::CancellationToken;
-use shopverse_kit::db::{Db, MigrationSpec};
+use shopverse_kit::db::MigrationSpec;
+use shopverse_runtime::{Context, RunError, Service};
 
 pub use config::OrdersConfig;
 pub use service::Orders;
@@ -49,75 +44,32 @@ pub const MIGRATIONS: &[MigrationSpec] = &[(
     include_str!("../migrations/0001_orders.sql"),
 )];
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("orders database: {0}")]
-    Db(#[from] shopverse_kit::db::DbError),
-    #[error("orders: products_url {url}: {source}")]
-    Endpoint {
-        url: String,
-        #[source]
-        source: shopverse_kit::upstream::UpstreamError,
-    },
-    #[error("orders gRPC server: {0}")]
-    Serve(#[from] shopverse_kit::server::ServeError),
-}
+/// The orders service, as [`shopverse_runtime::serve`] runs it: the gRPC server, the relay, the
+/// saga's consumer and the sweeper.
+pub struct OrdersService;
 
-pub async fn open_db(config: &OrdersConfig, data_dir: &Path) -> Result<Db, RunError> {
-    Ok(shopverse_events::open_service_db(&config.database_url(data_dir), MIGRATIONS).await?)
-}
+impl Service for OrdersService {
+    const NAME: &'static str = "orders";
+    const GRPC_NAME: &'static str = SERVICE_NAME;
+    const MIGRATIONS: &'static [MigrationSpec] = MIGRATIONS;
+    type Config = OrdersConfig;
 
-/// Runs the orders service on `listener` until `shutdown`: gRPC, relay, saga consumer, sweeper.
-pub async fn run(
-    listener: TcpListener,
-    config: OrdersConfig,
-    data_dir: &Path,
-    platform: Platform,
-    shutdown: CancellationToken,
-) -> Result<(), RunError> {
-    let db = open_db(&config, data_dir).await?;
-    let products = shopverse_kit::upstream::balanced(
-        &config.products_url,
-        shopverse_proto::products::v1::products_service_server::SERVICE_NAME,
-        Duration::from_secs(10),
-        &platform.local,
-        shutdown.clone(),
-    )
-    .map_err(|source| RunError::Endpoint {
-        url: config.products_url.clone(),
-        source,
-    })?;
-    let relay = Relay::new(
-        db.clone(),
-        platform.bus.clone(),
-        "orders",
-        &platform.registry,
-    );
-    let orders = Orders::new(db.clone(), products, config, &platform, relay.waker());
-    let background = vec![
-        shopverse_events::consumer_task(
-            Arc::new(saga::SagaHandler::new(orders.clone())),
-            db.clone(),
-            &relay,
-            &platform,
-            shutdown.clone(),
-        ),
-        Box::pin(saga::run_sweeper(orders.clone(), shutdown.clone()))
-            as futures::future::BoxFuture<'static, ()>,
-    ];
-    let routes = Routes::new(orders.into_server());
-    shopverse_events::run_service(
-        listener,
-        shopverse_events::ServiceParts {
-            routes,
-            names: &[SERVICE_NAME],
-            db,
-            relay,
-            background,
-        },
-        &platform,
-        shutdown,
-    )
-    .await
-    .map_err(Into::into)
+    async fn build(cx: &mut Context<OrdersConfig>) -> Result<Routes, RunError> {
+        let products = cx.peer(
+            "products",
+            shopverse_proto::products::v1::products_service_server::SERVICE_NAME,
+            &cx.config.products_url,
+            Duration::from_secs(10),
+        )?;
+        let orders = Orders::new(
+            cx.db.clone(),
+            products,
+            cx.config.clone(),
+            &cx.platform,
+            cx.relay_waker(),
+        );
+        cx.consume(saga::SagaHandler::new(orders.clone()));
+        cx.spawn(saga::run_sweeper(orders.clone(), cx.shutdown()));
+        Ok(Routes::new(orders.into_server()))
+    }
 }

@@ -8,7 +8,6 @@ use shopverse_kit::Link;
 use tokio::sync::Notify;
 use tonic::{Code, Request, Response, Status};
 
-use shopverse_events::Platform;
 use shopverse_events::envelope::{
     EventType, ORDER_CANCELLED, ORDER_CONFIRMED, ORDER_DELIVERED, ORDER_PLACED, ORDER_SHIPPED,
     Origin, new_envelope,
@@ -26,6 +25,7 @@ use shopverse_proto::products::v1::products_service_client::ProductsServiceClien
 use shopverse_proto::products::v1::{
     GetProductRequest, ReservationLine, ReservationState, ReserveStockRequest,
 };
+use shopverse_runtime::Platform;
 
 use crate::config::OrdersConfig;
 use crate::domain::{CheckoutState, MAX_CART_LINES, MAX_LINE_QUANTITY, OrderState};

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shopverse_events::Platform;
 use shopverse_kit::Clock;
 use shopverse_kit::testing::{PgTestDb, Spawned, as_user, channel, spawn};
 use shopverse_kit::{ManualClock, Role, SystemClock};
@@ -20,6 +19,7 @@ use shopverse_proto::payments::v1::payments_service_client::PaymentsServiceClien
 use shopverse_proto::payments::v1::{GetPaymentRequest, PaymentStatus, TransactionKind};
 use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
 use shopverse_proto::products::v1::{CreateProductRequest, GetStockRequest};
+use shopverse_runtime::Platform;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -65,7 +65,7 @@ impl Shop {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(SystemClock.now_ms());
         let (platform, _log) =
-            shopverse_events::testing::platform(dir.path(), Arc::new(clock.clone()))
+            shopverse_runtime::testing::platform(dir.path(), Arc::new(clock.clone()))
                 .await
                 .unwrap();
         let data = dir.path().to_owned();
@@ -77,7 +77,7 @@ impl Shop {
                 database: products_db,
                 ..Default::default()
             };
-            shopverse_products::run(l, cfg, &d, p, stop)
+            shopverse_runtime::serve::<shopverse_products::ProductsService>(l, cfg, &d, p, stop)
                 .await
                 .map_err(Err::from)
         })
@@ -95,7 +95,7 @@ impl Shop {
             ..Default::default()
         };
         let orders = spawn(|l, stop| async move {
-            shopverse_orders::run(l, cfg, &d, p, stop)
+            shopverse_runtime::serve::<shopverse_orders::OrdersService>(l, cfg, &d, p, stop)
                 .await
                 .map_err(Err::from)
         })
@@ -110,7 +110,7 @@ impl Shop {
                 database: delivery_db,
                 ..Default::default()
             };
-            shopverse_delivery::run(l, cfg, &d, p, stop)
+            shopverse_runtime::serve::<shopverse_delivery::DeliveryService>(l, cfg, &d, p, stop)
                 .await
                 .map_err(Err::from)
         })
@@ -144,7 +144,7 @@ impl Shop {
             ..Default::default()
         };
         let payments = spawn(|l, stop| async move {
-            shopverse_payments::run(l, cfg, &d, p, stop)
+            shopverse_runtime::serve::<shopverse_payments::PaymentsService>(l, cfg, &d, p, stop)
                 .await
                 .map_err(Err::from)
         })
@@ -936,7 +936,7 @@ async fn cart_add_keeps_its_limits_on_both_databases() {
         format!("sqlite://{}/orders.db", dir.path().display()),
         pg.url.clone(),
     ] {
-        let db = shopverse_events::open_service_db(&url, shopverse_orders::MIGRATIONS)
+        let db = shopverse_runtime::open_db_at(&url, shopverse_orders::MIGRATIONS)
             .await
             .unwrap();
         let store = shopverse_orders::store::Store { db: db.clone() };

@@ -53,15 +53,21 @@ impl PaymentsConfig {
             .map_err(|r| Invalid::new(key("simulator_database"), r))
     }
 
-    pub fn database_url(&self, data_dir: &Path) -> String {
-        shopverse_kit::config::database_url_or_default(&self.database, data_dir, "payments")
-    }
-
     pub fn simulator_url(&self, data_dir: &Path) -> String {
         shopverse_kit::config::database_url_or_default(
             &self.simulator_database,
             data_dir,
             "payment-simulator",
         )
+    }
+}
+
+impl shopverse_runtime::ServiceConfig for PaymentsConfig {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn database_url(&self, data_dir: &Path) -> String {
+        shopverse_kit::config::database_url_or_default(&self.database, data_dir, "payments")
     }
 }

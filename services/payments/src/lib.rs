@@ -17,16 +17,12 @@ pub mod config;
 pub mod provider;
 pub mod service;
 
-use std::path::Path;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-use shopverse_events::Platform;
-use shopverse_events::outbox::Relay;
-use shopverse_kit::CancellationToken;
-use shopverse_kit::db::{Db, MigrationSpec};
+use shopverse_kit::db::MigrationSpec;
+use shopverse_runtime::{Context, RunError, Service};
 
 pub use config::PaymentsConfig;
 pub use service::Payments;
@@ -39,57 +35,24 @@ pub const MIGRATIONS: &[MigrationSpec] = &[(
     include_str!("../migrations/0001_payments.sql"),
 )];
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("payments database: {0}")]
-    Db(#[from] shopverse_kit::db::DbError),
-    #[error("payments gRPC server: {0}")]
-    Serve(#[from] shopverse_kit::server::ServeError),
-}
+/// The payments service, as [`shopverse_runtime::serve`] runs it: the gRPC server (read a
+/// payment), the relay, and the consumer that charges and refunds.
+pub struct PaymentsService;
 
-pub async fn open_db(config: &PaymentsConfig, data_dir: &Path) -> Result<Db, RunError> {
-    Ok(shopverse_events::open_service_db(&config.database_url(data_dir), MIGRATIONS).await?)
-}
+impl Service for PaymentsService {
+    const NAME: &'static str = "payments";
+    const GRPC_NAME: &'static str = SERVICE_NAME;
+    const MIGRATIONS: &'static [MigrationSpec] = MIGRATIONS;
+    type Config = PaymentsConfig;
 
-/// Runs the payments service on `listener` until `shutdown`: gRPC, relay and the consumer.
-pub async fn run(
-    listener: TcpListener,
-    config: PaymentsConfig,
-    data_dir: &Path,
-    platform: Platform,
-    shutdown: CancellationToken,
-) -> Result<(), RunError> {
-    let db = open_db(&config, data_dir).await?;
-    let provider =
-        provider::Simulator::open(&config.simulator_url(data_dir), config.flaky_failures).await?;
-    let payments = Payments::new(db.clone(), Arc::new(provider), platform.clock.clone());
-    let relay = Relay::new(
-        db.clone(),
-        platform.bus.clone(),
-        "payments",
-        &platform.registry,
-    );
-    let handler = Arc::new(service::PaymentHandler(payments.clone()));
-    let background = vec![shopverse_events::consumer_task(
-        handler,
-        db.clone(),
-        &relay,
-        &platform,
-        shutdown.clone(),
-    )];
-    let routes = Routes::new(payments.into_server());
-    shopverse_events::run_service(
-        listener,
-        shopverse_events::ServiceParts {
-            routes,
-            names: &[SERVICE_NAME],
-            db,
-            relay,
-            background,
-        },
-        &platform,
-        shutdown,
-    )
-    .await
-    .map_err(Into::into)
+    async fn build(cx: &mut Context<PaymentsConfig>) -> Result<Routes, RunError> {
+        let provider = provider::Simulator::open(
+            &cx.config.simulator_url(&cx.data_dir),
+            cx.config.flaky_failures,
+        )
+        .await?;
+        let payments = Payments::new(cx.db.clone(), Arc::new(provider), cx.platform.clock.clone());
+        cx.consume(service::PaymentHandler(payments.clone()));
+        Ok(Routes::new(payments.into_server()))
+    }
 }

@@ -49,8 +49,14 @@ impl ProductsConfig {
         shopverse_kit::config::check_database_url(&self.database)
             .map_err(|r| Invalid::new(format!("{prefix}.database"), r))
     }
+}
 
-    pub fn database_url(&self, data_dir: &Path) -> String {
+impl shopverse_runtime::ServiceConfig for ProductsConfig {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn database_url(&self, data_dir: &Path) -> String {
         shopverse_kit::config::database_url_or_default(&self.database, data_dir, "products")
     }
 }

@@ -18,16 +18,10 @@ pub mod repo;
 pub mod seed;
 pub mod service;
 
-use std::path::Path;
-use std::sync::Arc;
-
-use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-use shopverse_events::Platform;
-use shopverse_events::outbox::Relay;
-use shopverse_kit::CancellationToken;
-use shopverse_kit::db::{Db, MigrationSpec};
+use shopverse_kit::db::MigrationSpec;
+use shopverse_runtime::{Context, RunError, Service};
 
 pub use config::ProductsConfig;
 pub use service::Products;
@@ -40,56 +34,24 @@ pub const MIGRATIONS: &[MigrationSpec] = &[(
     include_str!("../migrations/0001_catalog.sql"),
 )];
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("products database: {0}")]
-    Db(#[from] shopverse_kit::db::DbError),
-    #[error("products gRPC server: {0}")]
-    Serve(#[from] shopverse_kit::server::ServeError),
-}
+/// The products service, as [`shopverse_runtime::serve`] runs it: the gRPC server, the relay,
+/// and the consumer that settles stock when orders end.
+pub struct ProductsService;
 
-/// Connects to the products database and applies its migrations (and the outbox's).
-pub async fn open_db(config: &ProductsConfig, data_dir: &Path) -> Result<Db, RunError> {
-    Ok(shopverse_events::open_service_db(&config.database_url(data_dir), MIGRATIONS).await?)
-}
+impl Service for ProductsService {
+    const NAME: &'static str = "products";
+    const GRPC_NAME: &'static str = SERVICE_NAME;
+    const MIGRATIONS: &'static [MigrationSpec] = MIGRATIONS;
+    type Config = ProductsConfig;
 
-/// Runs the products service on `listener` until `shutdown`: the gRPC server and the relay.
-pub async fn run(
-    listener: TcpListener,
-    config: ProductsConfig,
-    data_dir: &Path,
-    platform: Platform,
-    shutdown: CancellationToken,
-) -> Result<(), RunError> {
-    let db = open_db(&config, data_dir).await?;
-    let relay = Relay::new(
-        db.clone(),
-        platform.bus.clone(),
-        "products",
-        &platform.registry,
-    );
-    let products = Products::new(db.clone(), config, &platform, relay.waker());
-    let consumer = Arc::new(consumer::StockSettler::new(products.clone()));
-    let background = vec![shopverse_events::consumer_task(
-        consumer,
-        db.clone(),
-        &relay,
-        &platform,
-        shutdown.clone(),
-    )];
-    let routes = Routes::new(products.into_server());
-    shopverse_events::run_service(
-        listener,
-        shopverse_events::ServiceParts {
-            routes,
-            names: &[SERVICE_NAME],
-            db,
-            relay,
-            background,
-        },
-        &platform,
-        shutdown,
-    )
-    .await
-    .map_err(Into::into)
+    async fn build(cx: &mut Context<ProductsConfig>) -> Result<Routes, RunError> {
+        let products = Products::new(
+            cx.db.clone(),
+            cx.config.clone(),
+            &cx.platform,
+            cx.relay_waker(),
+        );
+        cx.consume(consumer::StockSettler::new(products.clone()));
+        Ok(Routes::new(products.into_server()))
+    }
 }

@@ -9,7 +9,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
-use shopverse_events::Platform;
 use shopverse_events::envelope::{
     Envelope, EventType, Origin, PRODUCT_ARCHIVED, PRODUCT_CREATED, PRODUCT_UPDATED, STOCK_CHANGED,
     new_envelope,
@@ -24,6 +23,7 @@ use shopverse_proto::products::v1::products_service_server::{
     ProductsService, ProductsServiceServer,
 };
 use shopverse_proto::products::v1::*;
+use shopverse_runtime::Platform;
 
 use crate::config::ProductsConfig;
 use crate::repo::{CategoryRow, CursorKey, ListQuery, ProductRow, Repo, Sort, StockRow};

@@ -19,14 +19,14 @@ use tonic::transport::Channel;
 
 struct Running {
     client: ProductsServiceClient<Channel>,
-    server: Spawned<shopverse_products::RunError>,
+    server: Spawned<shopverse_runtime::RunError>,
     log: EmbeddedLog,
     _dir: tempfile::TempDir,
 }
 
 async fn start(database: Option<&str>) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (platform, log) = shopverse_events::testing::platform(dir.path(), Arc::new(SystemClock))
+    let (platform, log) = shopverse_runtime::testing::platform(dir.path(), Arc::new(SystemClock))
         .await
         .expect("platform");
     let config = ProductsConfig {
@@ -35,7 +35,10 @@ async fn start(database: Option<&str>) -> Running {
     };
     let data = dir.path().to_owned();
     let server = spawn(|listener, stop| async move {
-        shopverse_products::run(listener, config, &data, platform, stop).await
+        shopverse_runtime::serve::<shopverse_products::ProductsService>(
+            listener, config, &data, platform, stop,
+        )
+        .await
     })
     .await
     .expect("bind");
@@ -716,7 +719,7 @@ async fn stock_events(log: &EmbeddedLog, product: &str) -> Vec<(String, i64, i64
 async fn the_demo_seed_is_idempotent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = ProductsConfig::default();
-    let db = shopverse_products::open_db(&config, dir.path())
+    let db = shopverse_runtime::open_db::<shopverse_products::ProductsService>(&config, dir.path())
         .await
         .expect("db");
     let products = shopverse_products::Products::standalone(db, config, Arc::new(SystemClock));

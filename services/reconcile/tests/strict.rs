@@ -18,7 +18,7 @@ async fn world(dir: &std::path::Path) -> Dbs {
         (&files[2], shopverse_payments::MIGRATIONS),
         (&files[3], shopverse_notifications::MIGRATIONS),
     ] {
-        shopverse_events::open_service_db(url, own)
+        shopverse_runtime::open_db_at(url, own)
             .await
             .unwrap()
             .close()

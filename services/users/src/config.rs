@@ -79,15 +79,21 @@ impl UsersConfig {
             .map_err(|r| Invalid::new(key("database"), r))
     }
 
-    pub fn database_url(&self, data_dir: &Path) -> String {
-        shopverse_kit::config::database_url_or_default(&self.database, data_dir, "users")
-    }
-
     pub fn keys_dir(&self, data_dir: &Path) -> std::path::PathBuf {
         if self.keys_dir.is_empty() {
             data_dir.join("keys")
         } else {
             self.keys_dir.clone().into()
         }
+    }
+}
+
+impl shopverse_runtime::ServiceConfig for UsersConfig {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn database_url(&self, data_dir: &Path) -> String {
+        shopverse_kit::config::database_url_or_default(&self.database, data_dir, "users")
     }
 }

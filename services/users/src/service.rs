@@ -14,7 +14,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, OnceCell};
 use tonic::{Request, Response, Status};
 
-use shopverse_events::Platform;
 use shopverse_events::envelope::{Origin, USER_REGISTERED, new_envelope};
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::clock::to_timestamp;
@@ -23,6 +22,7 @@ use shopverse_kit::metrics::int_counter_vec;
 use shopverse_kit::{Clock, Db, ServiceError};
 use shopverse_proto::users::v1::users_service_server::{UsersService, UsersServiceServer};
 use shopverse_proto::users::v1::*;
+use shopverse_runtime::Platform;
 
 use crate::config::UsersConfig;
 use crate::keys::KeyStore;

@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 
 struct Running {
     client: UsersServiceClient<Channel>,
-    server: Spawned<shopverse_users::RunError>,
+    server: Spawned<shopverse_runtime::RunError>,
     clock: ManualClock,
     log: EmbeddedLog,
     dir: tempfile::TempDir,
@@ -30,7 +30,7 @@ struct Running {
 async fn start(database: Option<&str>) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(SystemClock.now_ms());
-    let (platform, log) = shopverse_events::testing::platform(dir.path(), Arc::new(clock.clone()))
+    let (platform, log) = shopverse_runtime::testing::platform(dir.path(), Arc::new(clock.clone()))
         .await
         .expect("platform");
     let config = UsersConfig {
@@ -41,7 +41,10 @@ async fn start(database: Option<&str>) -> Running {
     };
     let data = dir.path().to_owned();
     let server = spawn(|listener, stop| async move {
-        shopverse_users::run(listener, config, &data, platform, stop).await
+        shopverse_runtime::serve::<shopverse_users::UsersService>(
+            listener, config, &data, platform, stop,
+        )
+        .await
     })
     .await
     .expect("bind");
