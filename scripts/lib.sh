@@ -46,6 +46,17 @@ ensure_test_python() {
   echo "test tools (aiosmtpd, openapi-spec-validator, kubernetes-validate) in $venv"
 }
 
+# cargo-nextest, the test runner: it runs each test in a process of its own, so every test
+# that starts the appliance in-process gets the one gateway (Pingora server) a process can
+# start. Installed with cargo when missing.
+ensure_nextest() {
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing cargo-nextest"
+    cargo install --locked cargo-nextest
+  fi
+  cargo nextest --version | head -1
+}
+
 pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 -U postgres -t 2 2>/dev/null; }
 
 # PostgreSQL on 127.0.0.1:5432 that user postgres reaches without a password.

@@ -20,7 +20,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_demo_register_login_and_browse_over_grpc() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let app = Appliance::start(dir.path(), &["--demo"]);
+    let app = Appliance::binary(dir.path(), &["--demo"], &[]);
     assert!(
         app.stdout
             .iter()
@@ -157,7 +157,7 @@ async fn up_demo_register_login_and_browse_over_grpc() {
     app.stop();
 
     // Restarted on the same data: the account and the catalog are still there, nothing re-seeded.
-    let app = Appliance::start(dir.path(), &["--demo"]);
+    let app = Appliance::binary(dir.path(), &["--demo"], &[]);
     assert!(
         app.stdout.iter().any(|l| l.ends_with("has 3 orders")),
         "demo orders are not placed twice: {:#?}",

@@ -38,7 +38,7 @@ async fn crash_at(point: &str) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // The demo catalog (and the demo customer's three orders) first, without the crash point.
-    let app = Appliance::start_with_env(d, &["--demo"], &ENV);
+    let app = Appliance::binary(d, &["--demo"], &ENV);
     let products = five_products(app.products).await;
     // Settled, so the crash point below is met by this test's checkout, not a demo order's.
     let settled = dbs(d).await;
@@ -47,7 +47,7 @@ async fn crash_at(point: &str) {
     app.stop();
     let mut env = ENV.to_vec();
     env.push(("SHOPVERSE_CRASH_AT", point));
-    let app = Appliance::start_with_env(d, &[], &env);
+    let app = Appliance::binary(d, &[], &env);
     let mut job = jobs(1, &products[..1], "crash").remove(0);
     job.token = "pm_card_ok";
     let first = checkout(&app, &job, true).await;
@@ -58,7 +58,7 @@ async fn crash_at(point: &str) {
         "{point}: the process did not end at its crash point ({status}); first call: {first:?}"
     );
 
-    let app = Appliance::start_with_env(d, &[], &ENV);
+    let app = Appliance::binary(d, &[], &ENV);
     let mut told = Vec::new();
     let mut out = first;
     for attempt in 0..3 {

@@ -156,7 +156,7 @@ fn speaks_the_systemd_notify_protocol() {
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let sock_str = sock_path.display().to_string();
-    let app = Appliance::start_with_env(
+    let app = Appliance::binary(
         dir.path(),
         &[],
         &[("NOTIFY_SOCKET", &sock_str), ("WATCHDOG_USEC", "200000")],
@@ -266,7 +266,8 @@ async fn online_backup_under_writes_then_restore() {
     );
     assert!(ok, "{err}");
     assert!(out.contains("restored"), "{out}");
-    let app = Appliance::start(target.path(), &[]);
+    // A second appliance in this process: the binary (Pingora starts once per process).
+    let app = Appliance::binary(target.path(), &[], &[]);
     let mut users = UsersServiceClient::new(channel(app.users).await);
     let mut found = Vec::new();
     let mut token = String::new();

@@ -40,7 +40,7 @@ async fn sigkill_mid_checkouts_then_everything_reconciles() {
         ("SHOPVERSE_SERVICES__ORDERS__CHECKOUT_ABANDON_SECS", "2"),
         ("SHOPVERSE_SERVICES__ORDERS__SWEEP_INTERVAL_MS", "100"),
     ];
-    let app = Appliance::start_with_env(dir.path(), &["--demo"], &env);
+    let app = Appliance::binary(dir.path(), &["--demo"], &env);
     // Five products with little stock, so some checkouts are refused for stock too.
     let products = five_products(app.products).await;
     // Phase 1: checkouts until KILL_AFTER have been handed out, then SIGKILL mid-flight.
@@ -63,7 +63,7 @@ async fn sigkill_mid_checkouts_then_everything_reconciles() {
 
     // Phase 2: restart on the same data. Clients retry half the interrupted checkouts with the
     // same idempotency key (the other half never come back), then the rest run.
-    let app = Appliance::start_with_env(dir.path(), &["--demo"], &env);
+    let app = Appliance::binary(dir.path(), &["--demo"], &env);
     let mut orders = OrdersServiceClient::new(channel(app.addrs["orders"]).await);
     let interrupted: Vec<usize> = {
         let r = results.lock().unwrap();
@@ -121,7 +121,7 @@ async fn a_backup_under_checkouts_restores_and_settles_once() {
         ("SHOPVERSE_SERVICES__ORDERS__CHECKOUT_ABANDON_SECS", "2"),
         ("SHOPVERSE_SERVICES__ORDERS__SWEEP_INTERVAL_MS", "100"),
     ];
-    let app = Appliance::start_with_env(live.path(), &["--demo"], &env);
+    let app = Appliance::binary(live.path(), &["--demo"], &env);
     let products = five_products(app.products).await;
     let total = 150;
     let mut run = Checkouts::start(
@@ -152,7 +152,7 @@ async fn a_backup_under_checkouts_restores_and_settles_once() {
         &[],
     );
     assert!(ok, "{err}");
-    let app = Appliance::start_with_env(restored.path(), &[], &env);
+    let app = Appliance::binary(restored.path(), &[], &env);
     let d = restored.path();
     let dbs = saga_dbs(d).await;
     settle(&dbs, Duration::from_secs(90)).await;

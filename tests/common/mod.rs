@@ -1,4 +1,5 @@
-//! What the black-box tests share: starting the real `shopverse` binary and talking to it.
+//! What the end-to-end tests share: starting ShopVerse (in this process, or the real binary
+//! where a test needs a process: signals, crashes, output) and talking to it.
 
 #![allow(dead_code)] // each test binary uses a different part
 
@@ -14,28 +15,119 @@ pub mod saga;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shopverse");
 
-/// A running `shopverse up`; killed if the test fails before stopping it.
+/// A running appliance: in this process, or a `shopverse` child process. Stopped (or killed)
+/// when dropped.
 pub struct Appliance {
     child: Option<Child>,
+    inside: Option<InProcess>,
     pub users: SocketAddr,
     pub products: SocketAddr,
     pub admin: SocketAddr,
-    /// Every `name=address` of the ready line.
+    /// Every component's address, by name (`gateway`, `orders`, `admin`, ...).
     pub addrs: std::collections::HashMap<String, SocketAddr>,
+    /// What a child process printed up to its ready line.
     pub stdout: Vec<String>,
 }
 
+/// An appliance on its own runtime thread in this process.
+struct InProcess {
+    stop: shopverse_kit::CancellationToken,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
+
 impl Appliance {
+    /// Every service and the gateway in this process, on any ports, with the built-in
+    /// configuration; `extra` may hold `--demo`.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Appliance {
         Self::start_with_env(data_dir, extra, &[])
     }
 
+    /// [`Appliance::start`] with `SHOPVERSE_*` configuration overrides.
     pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Appliance {
+        let demo = match extra {
+            [] => false,
+            ["--demo"] => true,
+            other => panic!("in-process appliance: unsupported arguments {other:?}"),
+        };
+        let overrides: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| {
+                assert!(k.starts_with("SHOPVERSE_"), "not a configuration key: {k}");
+                ((*k).to_owned(), (*v).to_owned())
+            })
+            .collect();
+        // Pingora's server (the gateway) starts once per process; a second one, started after
+        // the first stopped, never listens. Tests run one process each (cargo nextest).
+        static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        assert!(
+            !STARTED.swap(true, std::sync::atomic::Ordering::SeqCst),
+            "one in-process appliance per test process: start any other with Appliance::binary"
+        );
+        let mut cfg: shopverse::AppConfig =
+            shopverse_kit::config::from_str("", "built-in defaults", overrides)
+                .unwrap_or_else(|e| panic!("configuration: {e}"));
+        cfg.data.dir = data_dir.to_owned();
+        // Warnings and errors on stderr, as a child process with RUST_LOG=warn would print them.
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
+        shopverse_kit::telemetry::init(&cfg.telemetry, Some(&filter));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(run_in_process(cfg, demo, tx))
+        });
+        let started = rx.recv_timeout(Duration::from_secs(120));
+        let (line, stop) = match started {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => panic!("the appliance did not start: {e}"),
+            Err(_) => panic!(
+                "the appliance did not start within 120 s: {:?}",
+                thread.join()
+            ),
+        };
+        let mut app = Self::empty();
+        app.inside = Some(InProcess { stop, thread });
+        app.read_ready_line(&line);
+        app
+    }
+
+    /// The real binary: `shopverse up --data-dir DIR --any-ports-on 127.0.0.1 EXTRA` with `env`.
+    pub fn binary(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Appliance {
         let mut args: Vec<std::ffi::OsString> = vec!["up".into(), "--data-dir".into()];
         args.push(data_dir.into());
         args.extend(["--any-ports-on", "127.0.0.1"].map(Into::into));
         args.extend(extra.iter().map(Into::into));
         Self::spawn(&args, env)
+    }
+
+    fn empty() -> Appliance {
+        let none: SocketAddr = "0.0.0.0:0".parse().expect("addr");
+        Appliance {
+            child: None,
+            inside: None,
+            users: none,
+            products: none,
+            admin: none,
+            addrs: Default::default(),
+            stdout: Vec::new(),
+        }
+    }
+
+    fn read_ready_line(&mut self, rest: &str) {
+        for part in rest.split_whitespace() {
+            let (name, addr) = part.split_once('=').expect("name=addr");
+            let addr: SocketAddr = addr.parse().expect("socket address");
+            self.addrs.insert(name.to_owned(), addr);
+            match name {
+                "users" => self.users = addr,
+                "products" => self.products = addr,
+                "admin" => self.admin = addr,
+                _ => {}
+            }
+        }
     }
 
     /// Runs `shopverse ARGS` and waits for its `ready:` line.
@@ -59,14 +151,8 @@ impl Appliance {
         });
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut lines = Vec::new();
-        let mut app = Appliance {
-            child: Some(child),
-            users: "0.0.0.0:0".parse().expect("addr"),
-            products: "0.0.0.0:0".parse().expect("addr"),
-            admin: "0.0.0.0:0".parse().expect("addr"),
-            addrs: Default::default(),
-            stdout: Vec::new(),
-        };
+        let mut app = Self::empty();
+        app.child = Some(child);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx
@@ -74,38 +160,31 @@ impl Appliance {
                 .unwrap_or_else(|_| panic!("no ready line; output so far: {lines:#?}"));
             lines.push(line.clone());
             if let Some(rest) = line.strip_prefix("ready: ") {
-                for part in rest.split_whitespace() {
-                    let (name, addr) = part.split_once('=').expect("name=addr");
-                    let addr: SocketAddr = addr.parse().expect("socket address");
-                    app.addrs.insert(name.to_owned(), addr);
-                    match name {
-                        "users" => app.users = addr,
-                        "products" => app.products = addr,
-                        "admin" => app.admin = addr,
-                        _ => {}
-                    }
-                }
+                app.read_ready_line(rest);
                 app.stdout = lines;
                 return app;
             }
         }
     }
 
+    /// The child process's id.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("a child process")
     }
 
     /// SIGKILL: no chance to clean up.
     pub fn kill9(mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().expect("SIGKILL");
-            c.wait().expect("reaped");
-        }
+        let mut c = self.child.take().expect("a child process");
+        c.kill().expect("SIGKILL");
+        c.wait().expect("reaped");
     }
 
     /// Waits for the process to end by itself (at a crash point, say); its exit status.
     pub fn wait_exit(mut self, within: Duration) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
+        let mut child = self.child.take().expect("a child process");
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
@@ -120,8 +199,20 @@ impl Appliance {
         }
     }
 
-    /// SIGTERM, then the process must exit 0 within the grace period.
+    /// Stops it as an operator would (SIGTERM to a child): it must end cleanly within 20 s.
     pub fn stop(mut self) {
+        if let Some(inside) = self.inside.take() {
+            inside.stop.cancel();
+            let t0 = Instant::now();
+            let ended = inside.thread.join().expect("the appliance thread panicked");
+            assert!(ended.is_ok(), "stopped with an error: {ended:?}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "took {:?} to stop",
+                t0.elapsed()
+            );
+            return;
+        }
         let mut child = self.child.take().expect("running");
         let status = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -143,11 +234,61 @@ impl Appliance {
     }
 }
 
+type Started = Result<(String, shopverse_kit::CancellationToken), String>;
+
+/// Starts the appliance (seeding and placing the demo orders first if `demo`, as `up --demo`
+/// does), reports its ready line through `started`, and runs it until stopped.
+async fn run_in_process(
+    cfg: shopverse::AppConfig,
+    demo: bool,
+    started: std::sync::mpsc::Sender<Started>,
+) -> Result<(), String> {
+    let start = async {
+        if demo {
+            std::fs::create_dir_all(&cfg.data.dir).map_err(|e| e.to_string())?;
+            if shopverse::demo::catalog_is_empty(&cfg)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                shopverse::demo::seed(&cfg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let running = shopverse::Appliance::new(cfg)
+            .any_ports([127, 0, 0, 1].into())
+            .start()
+            .await
+            .map_err(|e| e.to_string())?;
+        if demo {
+            let at = |n| running.service(n).expect("every service runs");
+            shopverse::demo::place_orders(at("users"), at("products"), at("orders"))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(running)
+    };
+    match start.await {
+        Ok(running) => {
+            let _ = started.send(Ok((running.ready_line(), running.shutdown_token())));
+            running.wait().await.map_err(|e| e.to_string())
+        }
+        Err(e) => {
+            let _ = started.send(Err(e.clone()));
+            Err(e)
+        }
+    }
+}
+
 impl Drop for Appliance {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(inside) = self.inside.take() {
+            inside.stop.cancel();
+            let _ = inside.thread.join();
         }
     }
 }
