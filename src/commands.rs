@@ -299,7 +299,7 @@ pub async fn admin_create(
         &cfg.data.dir,
     )
     .await?;
-    let result = shopverse_users::service::create_admin(&db, &SystemClock, email, &password).await;
+    let result = shopverse_users::app::create_admin(&db, &SystemClock, email, &password).await;
     db.close().await;
     match result {
         Ok((user, true)) => println!("created admin {} ({})", user.email, user.id),

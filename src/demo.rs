@@ -49,7 +49,7 @@ pub async fn seed(cfg: &AppConfig) -> Result<SeedReport, DemoError> {
 pub async fn catalog_is_empty(cfg: &AppConfig) -> Result<bool, DemoError> {
     let db = shopverse_runtime::open_db::<ProductsService>(&cfg.services.products, &cfg.data.dir)
         .await?;
-    let n = shopverse_products::repo::Repo { db: db.clone() }
+    let n = shopverse_products::store::Repo { db: db.clone() }
         .count_products()
         .await;
     db.close().await;

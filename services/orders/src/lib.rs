@@ -5,9 +5,12 @@
 //! - [`domain`]: the order state machine as a type (`OrderState`: `PendingPayment → Confirmed
 //!   → Shipped → Delivered`, `→ Cancelled` from the first two) and the cart's limits; it
 //!   depends on nothing else here.
-//! - [`store`]: the database (SQLite or PostgreSQL, same SQL).
-//! - [`service`]: the gRPC service: cart, checkout, the transitions.
-//! - [`saga`]: the consumer of payment and shipment events, and the sweeper.
+//! - [`store`]: all SQL (SQLite or PostgreSQL, same statements).
+//! - [`app`]: the use cases: cart, checkout, the transitions.
+//! - [`grpc`]: `shopverse.orders.v1.OrdersService`, mapping only.
+//! - [`events`]: the consumer of payment and shipment events, and the sweeper.
+//!
+//! Dependencies run `grpc`/`events` → `app` → `store`/`domain`.
 //!
 //! # Checkout across two databases
 //! Stock lives in the products service, orders here, so checkout cannot be one transaction.
@@ -20,10 +23,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod config;
 pub mod domain;
-pub mod saga;
-pub mod service;
+pub mod events;
+pub mod grpc;
 pub mod store;
 
 use std::time::Duration;
@@ -33,8 +37,8 @@ use tonic::service::Routes;
 use shopverse_kit::db::MigrationSpec;
 use shopverse_runtime::{Context, RunError, Service};
 
+pub use app::Orders;
 pub use config::OrdersConfig;
-pub use service::Orders;
 
 pub const SERVICE_NAME: &str = "shopverse.orders.v1.OrdersService";
 
@@ -68,8 +72,8 @@ impl Service for OrdersService {
             &cx.platform,
             cx.relay_waker(),
         );
-        cx.consume(saga::SagaHandler::new(orders.clone()));
-        cx.spawn(saga::run_sweeper(orders.clone(), cx.shutdown()));
+        cx.consume(events::SagaHandler::new(orders.clone()));
+        cx.spawn(events::run_sweeper(orders.clone(), cx.shutdown()));
         Ok(Routes::new(orders.into_server()))
     }
 }

@@ -3,7 +3,9 @@
 //! # Layout
 //! - [`config`]: the `services.payments` section.
 //! - [`provider`]: the provider trait and the simulator (its rules are documented there).
-//! - [`service`]: the gRPC service (read a payment) and the consumer of order events.
+//! - [`app`]: charging and refunding an order, and its SQL (no `store` module of its own yet).
+//! - [`grpc`]: `shopverse.payments.v1.PaymentsService` (read a payment).
+//! - [`events`]: the consumer of order events.
 //!
 //! # Exactly once
 //! Three guards, each enough for its failure: the consumer's inbox (a redelivered event is
@@ -13,9 +15,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod config;
+pub mod events;
+pub mod grpc;
 pub mod provider;
-pub mod service;
 
 use std::sync::Arc;
 
@@ -24,8 +28,8 @@ use tonic::service::Routes;
 use shopverse_kit::db::MigrationSpec;
 use shopverse_runtime::{Context, RunError, Service};
 
+pub use app::Payments;
 pub use config::PaymentsConfig;
-pub use service::Payments;
 
 pub const SERVICE_NAME: &str = "shopverse.payments.v1.PaymentsService";
 
@@ -52,7 +56,7 @@ impl Service for PaymentsService {
         )
         .await?;
         let payments = Payments::new(cx.db.clone(), Arc::new(provider), cx.platform.clock.clone());
-        cx.consume(service::PaymentHandler(payments.clone()));
+        cx.consume(events::PaymentHandler(payments.clone()));
         Ok(Routes::new(payments.into_server()))
     }
 }

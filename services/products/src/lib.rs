@@ -1,10 +1,14 @@
 //! The products service: the category tree, the catalog and the stock behind it.
 //!
 //! # Layout
+//! Dependencies run `grpc`/`events` → `app` → `store`:
 //! - [`config`]: the `services.products` section.
-//! - [`repo`]: the database (SQLite or PostgreSQL, same SQL).
-//! - [`service`]: the gRPC service (`shopverse.products.v1.ProductsService`): public browsing,
-//!   admin edits with optimistic concurrency, and the internal stock reservation RPCs orders use.
+//! - [`store`]: all SQL (SQLite or PostgreSQL, same statements).
+//! - [`app`]: the use cases: public browsing, admin edits with optimistic concurrency, stock
+//!   reservation for orders; and the input rules (prices, SKUs, attributes), which have no
+//!   `domain` module of their own yet.
+//! - [`grpc`]: `shopverse.products.v1.ProductsService`, mapping only.
+//! - [`events`]: the consumer that commits or releases stock when an order ends.
 //! - [`seed`]: the demo catalog (`shopverse seed`, `shopverse up --demo`).
 //!
 //! Stock never goes negative: a reservation is one conditional `UPDATE … WHERE available >= n`
@@ -12,19 +16,20 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod config;
-pub mod consumer;
-pub mod repo;
+pub mod events;
+pub mod grpc;
 pub mod seed;
-pub mod service;
+pub mod store;
 
 use tonic::service::Routes;
 
 use shopverse_kit::db::MigrationSpec;
 use shopverse_runtime::{Context, RunError, Service};
 
+pub use app::Products;
 pub use config::ProductsConfig;
-pub use service::Products;
 
 pub const SERVICE_NAME: &str = "shopverse.products.v1.ProductsService";
 
@@ -51,7 +56,7 @@ impl Service for ProductsService {
             &cx.platform,
             cx.relay_waker(),
         );
-        cx.consume(consumer::StockSettler::new(products.clone()));
+        cx.consume(events::StockSettler::new(products.clone()));
         Ok(Routes::new(products.into_server()))
     }
 }

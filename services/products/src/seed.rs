@@ -8,7 +8,7 @@ use shopverse_kit::ServiceError;
 use shopverse_proto::common::v1::Money;
 use shopverse_proto::products::v1::{CreateCategoryRequest, CreateProductRequest};
 
-use crate::service::Products;
+use crate::app::Products;
 
 /// `(slug, name, parent slug)`
 const CATEGORIES: &[(&str, &str, Option<&str>)] = &[

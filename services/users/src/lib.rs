@@ -1,29 +1,32 @@
 //! The users service: accounts, sign-in, tokens and the keys that sign them.
 //!
 //! # Layout
+//! Dependencies run `grpc` → `app` → `store`/`domain`/`keys`:
 //! - [`config`]: the `services.users` section.
-//! - [`validate`]: input rules (email, password, names, addresses).
+//! - [`domain`]: input rules (email, password, names, addresses).
 //! - [`keys`]: Ed25519 signing keys on disk, rotation, the published key set.
-//! - [`repo`]: the database (SQLite or PostgreSQL, same SQL).
-//! - [`service`]: the gRPC service (`shopverse.users.v1.UsersService`).
+//! - [`store`]: all SQL (SQLite or PostgreSQL, same statements).
+//! - [`app`]: the use cases: register, sign in, refresh, profiles, roles.
+//! - [`grpc`]: `shopverse.users.v1.UsersService`, mapping only.
 //!
 //! [`UsersService`] is the service as the runtime runs it.
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod config;
+pub mod domain;
+pub mod grpc;
 pub mod keys;
-pub mod repo;
-pub mod service;
-pub mod validate;
+pub mod store;
 
 use tonic::service::Routes;
 
 use shopverse_kit::db::MigrationSpec;
 use shopverse_runtime::{Context, RunError, Service};
 
+pub use app::Users;
 pub use config::UsersConfig;
-pub use service::Users;
 
 pub const SERVICE_NAME: &str = "shopverse.users.v1.UsersService";
 

@@ -15,7 +15,7 @@ use shopverse_proto::common::v1::Address;
 use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
 use shopverse_proto::users::v1::*;
 use shopverse_users::UsersConfig;
-use shopverse_users::service::Claims;
+use shopverse_users::app::Claims;
 use tonic::Code;
 use tonic::transport::Channel;
 

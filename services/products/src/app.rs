@@ -7,7 +7,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
-use tonic::{Request, Response, Status};
 
 use shopverse_events::envelope::{
     Envelope, EventType, Origin, PRODUCT_ARCHIVED, PRODUCT_CREATED, PRODUCT_UPDATED, STOCK_CHANGED,
@@ -16,25 +15,23 @@ use shopverse_events::envelope::{
 use shopverse_events::outbox::{enqueue, enqueue_all};
 use shopverse_kit::clock::to_timestamp;
 use shopverse_kit::db::is_unique_violation;
-use shopverse_kit::identity::{Identity, Role, require};
+use shopverse_kit::identity::Identity;
 use shopverse_kit::{Clock, Db, ServiceError};
 use shopverse_proto::common::v1::Money;
-use shopverse_proto::products::v1::products_service_server::{
-    ProductsService, ProductsServiceServer,
-};
+use shopverse_proto::products::v1::products_service_server::ProductsServiceServer;
 use shopverse_proto::products::v1::*;
 use shopverse_runtime::Platform;
 
 use crate::config::ProductsConfig;
-use crate::repo::{CategoryRow, CursorKey, ListQuery, ProductRow, Repo, Sort, StockRow};
+use crate::store::{CategoryRow, CursorKey, ListQuery, ProductRow, Repo, Sort, StockRow};
 
 const SOURCE: &str = "products";
 pub const MAX_RESERVATION_LINES: usize = 100;
 
-struct Inner {
-    repo: Repo,
-    config: ProductsConfig,
-    clock: Arc<dyn Clock>,
+pub(crate) struct Inner {
+    pub(crate) repo: Repo,
+    pub(crate) config: ProductsConfig,
+    pub(crate) clock: Arc<dyn Clock>,
     relay_wake: Arc<Notify>,
 }
 
@@ -44,7 +41,7 @@ pub struct Products {
 }
 
 /// A price as products keep it: an ISO 4217 currency and from 0 to `max` minor units.
-fn check_money(field: &str, m: &Money, max: i64) -> Result<(), ServiceError> {
+pub(crate) fn check_money(field: &str, m: &Money, max: i64) -> Result<(), ServiceError> {
     if !(0..=max).contains(&m.amount_minor) {
         return Err(ServiceError::invalid(
             format!("{field}.amount_minor"),
@@ -60,7 +57,12 @@ fn check_money(field: &str, m: &Money, max: i64) -> Result<(), ServiceError> {
     Ok(())
 }
 
-fn check_text(field: &str, v: &str, min: usize, max: usize) -> Result<String, ServiceError> {
+pub(crate) fn check_text(
+    field: &str,
+    v: &str,
+    min: usize,
+    max: usize,
+) -> Result<String, ServiceError> {
     let v = v.trim();
     let n = v.chars().count();
     if n < min {
@@ -82,7 +84,7 @@ fn check_text(field: &str, v: &str, min: usize, max: usize) -> Result<String, Se
     Ok(v.to_owned())
 }
 
-fn check_sku(sku: &str) -> Result<String, ServiceError> {
+pub(crate) fn check_sku(sku: &str) -> Result<String, ServiceError> {
     let sku = sku.trim();
     if sku.is_empty()
         || sku.len() > 64
@@ -98,7 +100,7 @@ fn check_sku(sku: &str) -> Result<String, ServiceError> {
     Ok(sku.to_owned())
 }
 
-fn check_attributes(
+pub(crate) fn check_attributes(
     attrs: &HashMap<String, String>,
 ) -> Result<BTreeMap<String, String>, ServiceError> {
     if attrs.len() > 50 {
@@ -114,7 +116,7 @@ fn check_attributes(
         .collect()
 }
 
-fn check_images(urls: &[String]) -> Result<Vec<String>, ServiceError> {
+pub(crate) fn check_images(urls: &[String]) -> Result<Vec<String>, ServiceError> {
     if urls.len() > 20 {
         return Err(ServiceError::invalid("image_urls", "at most 20 images"));
     }
@@ -136,7 +138,7 @@ fn check_images(urls: &[String]) -> Result<Vec<String>, ServiceError> {
         .collect()
 }
 
-fn slugify(name: &str) -> String {
+pub(crate) fn slugify(name: &str) -> String {
     let mut s = String::new();
     for c in name.to_lowercase().chars() {
         if c.is_ascii_alphanumeric() {
@@ -172,7 +174,7 @@ pub fn product_to_proto(p: &ProductRow) -> Product {
     }
 }
 
-fn stock_to_proto(product_id: &str, s: StockRow) -> Stock {
+pub(crate) fn stock_to_proto(product_id: &str, s: StockRow) -> Stock {
     Stock {
         product_id: product_id.to_owned(),
         available: s.available,
@@ -181,7 +183,7 @@ fn stock_to_proto(product_id: &str, s: StockRow) -> Stock {
 }
 
 /// Categories ordered parents first, then by name.
-fn tree_order(mut cats: Vec<CategoryRow>) -> Vec<CategoryRow> {
+pub(crate) fn tree_order(mut cats: Vec<CategoryRow>) -> Vec<CategoryRow> {
     let mut out = Vec::with_capacity(cats.len());
     let mut placed: std::collections::HashSet<String> = std::collections::HashSet::new();
     while !cats.is_empty() {
@@ -203,7 +205,7 @@ fn tree_order(mut cats: Vec<CategoryRow>) -> Vec<CategoryRow> {
 }
 
 /// `root` and every category below it.
-fn descendants(cats: &[CategoryRow], root: &str) -> Vec<String> {
+pub(crate) fn descendants(cats: &[CategoryRow], root: &str) -> Vec<String> {
     let mut out = vec![root.to_owned()];
     let mut i = 0;
     while i < out.len() {
@@ -219,7 +221,7 @@ fn descendants(cats: &[CategoryRow], root: &str) -> Vec<String> {
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
-struct PageToken {
+pub(crate) struct PageToken {
     /// Sort order the token belongs to.
     s: i32,
     /// Hash of the filters; a token only continues the query it came from.
@@ -228,7 +230,7 @@ struct PageToken {
     i: String,
 }
 
-fn filter_hash(req: &ListProductsRequest) -> String {
+pub(crate) fn filter_hash(req: &ListProductsRequest) -> String {
     let h = Sha256::digest(format!(
         "{}\x00{}\x00{}",
         req.category_id,
@@ -271,15 +273,15 @@ impl Products {
         ProductsServiceServer::new(self)
     }
 
-    fn now(&self) -> i64 {
+    pub(crate) fn now(&self) -> i64 {
         self.inner.clock.now_ms()
     }
 
-    fn repo(&self) -> &Repo {
+    pub(crate) fn repo(&self) -> &Repo {
         &self.inner.repo
     }
 
-    async fn emit_product(
+    pub(crate) async fn emit_product(
         &self,
         conn: &mut sqlx::AnyConnection,
         kind: &EventType,
@@ -292,7 +294,7 @@ impl Products {
         enqueue(conn, kind, &env).await
     }
 
-    async fn emit_stock(
+    pub(crate) async fn emit_stock(
         &self,
         conn: &mut sqlx::AnyConnection,
         product_id: &str,
@@ -311,7 +313,13 @@ impl Products {
     /// The `stock.changed` event of `product_id` at stock `s`. One caused by an order's
     /// reservation moving (reserved, committed, released) happens once per order, product and
     /// reason, and its id says so: settling the same order twice raises the same event.
-    fn stock_event(&self, product_id: &str, s: StockRow, reason: &str, order_id: &str) -> Envelope {
+    pub(crate) fn stock_event(
+        &self,
+        product_id: &str,
+        s: StockRow,
+        reason: &str,
+        order_id: &str,
+    ) -> Envelope {
         let payload = StockChanged {
             stock: Some(stock_to_proto(product_id, s)),
             reason: reason.to_owned(),
@@ -489,7 +497,7 @@ impl Products {
     }
 
     /// A product the caller may see: archived ones only for admins.
-    fn visible(
+    pub(crate) fn visible(
         p: Option<ProductRow>,
         caller: Option<&Identity>,
         what: &str,
@@ -584,7 +592,7 @@ impl Products {
     }
 
     /// Reads the product to change in `tx`, checking the caller's version.
-    async fn for_update(
+    pub(crate) async fn for_update(
         &self,
         tx: &mut sqlx::AnyConnection,
         id: &str,
@@ -618,7 +626,7 @@ impl Products {
         Ok(p)
     }
 
-    async fn save(
+    pub(crate) async fn save(
         &self,
         mut tx: shopverse_kit::db::WriteTx,
         mut p: ProductRow,
@@ -733,7 +741,11 @@ impl Products {
             .ok_or_else(|| ServiceError::not_found("product", &req.product_id))
     }
 
-    fn reservation(order_id: &str, state: &str, lines: Vec<(String, i64)>) -> Reservation {
+    pub(crate) fn reservation(
+        order_id: &str,
+        state: &str,
+        lines: Vec<(String, i64)>,
+    ) -> Reservation {
         let state = match state {
             "HELD" => ReservationState::Held,
             "COMMITTED" => ReservationState::Committed,
@@ -849,7 +861,11 @@ impl Products {
     }
 
     /// Moves a HELD reservation to `target`; idempotent when it is already there.
-    async fn settle(&self, order_id: &str, target: &str) -> Result<Reservation, ServiceError> {
+    pub(crate) async fn settle(
+        &self,
+        order_id: &str,
+        target: &str,
+    ) -> Result<Reservation, ServiceError> {
         if order_id.is_empty() {
             return Err(ServiceError::invalid("order_id", "is required"));
         }
@@ -920,148 +936,6 @@ impl Products {
 
     pub async fn by_sku(&self, sku: &str) -> Result<Option<ProductRow>, ServiceError> {
         Ok(self.repo().product_by_sku(sku).await?)
-    }
-}
-
-fn reply<T>(r: Result<T, ServiceError>) -> Result<Response<T>, Status> {
-    r.map(Response::new).map_err(Status::from)
-}
-
-#[tonic::async_trait]
-impl ProductsService for Products {
-    #[tracing::instrument(skip_all)]
-    async fn list_categories(
-        &self,
-        _req: Request<ListCategoriesRequest>,
-    ) -> Result<Response<ListCategoriesResponse>, Status> {
-        reply(
-            self.list_categories()
-                .await
-                .map(|categories| ListCategoriesResponse { categories }),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn create_category(
-        &self,
-        req: Request<CreateCategoryRequest>,
-    ) -> Result<Response<Category>, Status> {
-        require(&req, Role::Admin)?;
-        reply(self.create_category(req.into_inner()).await)
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn list_products(
-        &self,
-        req: Request<ListProductsRequest>,
-    ) -> Result<Response<ListProductsResponse>, Status> {
-        let caller = Identity::from_metadata(req.metadata());
-        reply(self.list_products(req.into_inner(), caller.as_ref()).await)
-    }
-
-    #[tracing::instrument(skip_all, fields(id = %req.get_ref().id))]
-    async fn get_product(
-        &self,
-        req: Request<GetProductRequest>,
-    ) -> Result<Response<Product>, Status> {
-        let caller = Identity::from_metadata(req.metadata());
-        reply(
-            self.get_product(&req.get_ref().id, caller.as_ref())
-                .await
-                .map(|p| product_to_proto(&p)),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn get_product_by_sku(
-        &self,
-        req: Request<GetProductBySkuRequest>,
-    ) -> Result<Response<Product>, Status> {
-        let caller = Identity::from_metadata(req.metadata());
-        let sku = &req.get_ref().sku;
-        if sku.is_empty() {
-            return Err(ServiceError::invalid("sku", "is required").into());
-        }
-        let found = self
-            .repo()
-            .product_by_sku(sku)
-            .await
-            .map_err(ServiceError::from)?;
-        reply(Self::visible(found, caller.as_ref(), sku).map(|p| product_to_proto(&p)))
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn create_product(
-        &self,
-        req: Request<CreateProductRequest>,
-    ) -> Result<Response<Product>, Status> {
-        require(&req, Role::Admin)?;
-        reply(
-            self.create_product(req.into_inner())
-                .await
-                .map(|p| product_to_proto(&p)),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn update_product(
-        &self,
-        req: Request<UpdateProductRequest>,
-    ) -> Result<Response<Product>, Status> {
-        require(&req, Role::Admin)?;
-        reply(
-            self.update_product(req.into_inner())
-                .await
-                .map(|p| product_to_proto(&p)),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn archive_product(
-        &self,
-        req: Request<ArchiveProductRequest>,
-    ) -> Result<Response<Product>, Status> {
-        require(&req, Role::Admin)?;
-        reply(
-            self.archive_product(req.into_inner())
-                .await
-                .map(|p| product_to_proto(&p)),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn get_stock(&self, req: Request<GetStockRequest>) -> Result<Response<Stock>, Status> {
-        reply(self.get_stock(&req.get_ref().product_id).await)
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn set_stock(&self, req: Request<SetStockRequest>) -> Result<Response<Stock>, Status> {
-        require(&req, Role::Admin)?;
-        reply(self.set_stock(req.into_inner()).await)
-    }
-
-    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
-    async fn reserve_stock(
-        &self,
-        req: Request<ReserveStockRequest>,
-    ) -> Result<Response<Reservation>, Status> {
-        reply(self.reserve(req.into_inner()).await)
-    }
-
-    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
-    async fn commit_reservation(
-        &self,
-        req: Request<ReservationRef>,
-    ) -> Result<Response<Reservation>, Status> {
-        reply(self.settle(&req.get_ref().order_id, "COMMITTED").await)
-    }
-
-    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
-    async fn release_reservation(
-        &self,
-        req: Request<ReservationRef>,
-    ) -> Result<Response<Reservation>, Status> {
-        reply(self.settle(&req.get_ref().order_id, "RELEASED").await)
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use shopverse_kit::Link;
 use tokio::sync::Notify;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Status};
 
 use shopverse_events::envelope::{
     EventType, ORDER_CANCELLED, ORDER_CONFIRMED, ORDER_DELIVERED, ORDER_PLACED, ORDER_SHIPPED,
@@ -15,11 +15,11 @@ use shopverse_events::envelope::{
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::clock::to_timestamp;
 use shopverse_kit::db::is_unique_violation;
-use shopverse_kit::identity::{Identity, Role, require};
+use shopverse_kit::identity::Identity;
 use shopverse_kit::validate::{address, address_to_json, text};
 use shopverse_kit::{Clock, Db, ServiceError};
 use shopverse_proto::common::v1::Money;
-use shopverse_proto::orders::v1::orders_service_server::{OrdersService, OrdersServiceServer};
+use shopverse_proto::orders::v1::orders_service_server::OrdersServiceServer;
 use shopverse_proto::orders::v1::*;
 use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
 use shopverse_proto::products::v1::{
@@ -33,14 +33,14 @@ use crate::store::{CheckoutRow, LineRow, OrderRow, Store};
 
 const SOURCE: &str = "orders";
 
-fn proto_money(m: shopverse_money::Money) -> Money {
+pub(crate) fn proto_money(m: shopverse_money::Money) -> Money {
     Money {
         amount_minor: m.amount_minor(),
         currency: m.currency().code().to_owned(),
     }
 }
 
-fn money(amount_minor: i64, currency: &str) -> Option<Money> {
+pub(crate) fn money(amount_minor: i64, currency: &str) -> Option<Money> {
     Some(Money {
         amount_minor,
         currency: currency.to_owned(),
@@ -80,17 +80,17 @@ pub fn order_to_proto(o: &OrderRow) -> Order {
 }
 
 /// A product as the cart and checkout see it.
-struct Priced {
+pub(crate) struct Priced {
     sku: String,
     name: String,
     price: Money,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     store: Store,
     products: ProductsServiceClient<Link>,
-    config: OrdersConfig,
-    clock: Arc<dyn Clock>,
+    pub(crate) config: OrdersConfig,
+    pub(crate) clock: Arc<dyn Clock>,
     relay_wake: Arc<Notify>,
 }
 
@@ -99,7 +99,7 @@ pub struct Orders {
     inner: Arc<Inner>,
 }
 
-fn upstream(e: Status) -> ServiceError {
+pub(crate) fn upstream(e: Status) -> ServiceError {
     ServiceError::Unavailable(format!(
         "the products service did not answer: {}",
         e.message()
@@ -150,7 +150,7 @@ impl Orders {
     }
 
     /// The product now; `None` when it is gone or archived.
-    async fn priced(&self, product_id: &str) -> Result<Option<Priced>, ServiceError> {
+    pub(crate) async fn priced(&self, product_id: &str) -> Result<Option<Priced>, ServiceError> {
         match self
             .products()
             .get_product(GetProductRequest {
@@ -180,7 +180,7 @@ impl Orders {
 
     /// The cart of `lines` at today's prices; `known` is one product already priced for this
     /// answer (the one just added), not asked for again.
-    async fn priced_cart(
+    pub(crate) async fn priced_cart(
         &self,
         lines: Vec<(String, i64)>,
         mut known: Option<(&str, Priced)>,
@@ -229,7 +229,7 @@ impl Orders {
     }
 
     /// A cart holds one currency: a product priced in another is refused, naming both.
-    async fn check_one_currency(
+    pub(crate) async fn check_one_currency(
         &self,
         user_id: &str,
         product_id: &str,
@@ -253,7 +253,7 @@ impl Orders {
         Ok(())
     }
 
-    fn check_quantity(q: i32) -> Result<i64, ServiceError> {
+    pub(crate) fn check_quantity(q: i32) -> Result<i64, ServiceError> {
         let q = i64::from(q);
         if !(1..=MAX_LINE_QUANTITY).contains(&q) {
             return Err(ServiceError::invalid(
@@ -358,7 +358,7 @@ impl Orders {
     }
 
     /// Finds the checkout attempt for `key`, or starts one from the current cart.
-    async fn attempt(
+    pub(crate) async fn attempt(
         &self,
         user_id: &str,
         key: &str,
@@ -406,7 +406,11 @@ impl Orders {
         ))
     }
 
-    async fn refuse(&self, order_id: &str, message: String) -> Result<OrderRow, ServiceError> {
+    pub(crate) async fn refuse(
+        &self,
+        order_id: &str,
+        message: String,
+    ) -> Result<OrderRow, ServiceError> {
         let mut conn = self.store().db.write_conn().await?;
         self.store()
             .move_checkout(
@@ -638,7 +642,7 @@ impl Orders {
         Ok(order)
     }
 
-    async fn order_of(&self, order_id: &str) -> Result<OrderRow, ServiceError> {
+    pub(crate) async fn order_of(&self, order_id: &str) -> Result<OrderRow, ServiceError> {
         let mut conn = self.store().db.read().await?;
         self.store()
             .order(&mut conn, order_id)
@@ -705,7 +709,11 @@ impl Orders {
     }
 
     /// The owner's (or an admin's) view of an order; anyone else is told it does not exist.
-    async fn visible(&self, caller: &Identity, order_id: &str) -> Result<OrderRow, ServiceError> {
+    pub(crate) async fn visible(
+        &self,
+        caller: &Identity,
+        order_id: &str,
+    ) -> Result<OrderRow, ServiceError> {
         if order_id.is_empty() {
             return Err(ServiceError::invalid("order_id", "is required"));
         }
@@ -763,7 +771,7 @@ impl Orders {
         Ok(order)
     }
 
-    async fn list(
+    pub(crate) async fn list(
         &self,
         user: Option<&str>,
         status: Option<OrderState>,
@@ -780,134 +788,5 @@ impl Orders {
             next_page_token,
             orders: rows.iter().map(order_to_proto).collect(),
         })
-    }
-}
-
-fn reply<T>(r: Result<T, ServiceError>) -> Result<Response<T>, Status> {
-    r.map(Response::new).map_err(Status::from)
-}
-
-fn traceparent<T>(req: &Request<T>) -> Option<String> {
-    req.metadata()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
-#[tonic::async_trait]
-impl OrdersService for Orders {
-    #[tracing::instrument(skip_all)]
-    async fn get_cart(&self, req: Request<GetCartRequest>) -> Result<Response<Cart>, Status> {
-        let id = require(&req, Role::Customer)?;
-        reply(self.cart(&id.user_id).await)
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn add_cart_item(
-        &self,
-        req: Request<AddCartItemRequest>,
-    ) -> Result<Response<Cart>, Status> {
-        let id = require(&req, Role::Customer)?;
-        let r = req.into_inner();
-        reply(self.add_item(&id.user_id, &r.product_id, r.quantity).await)
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn set_cart_item_quantity(
-        &self,
-        req: Request<SetCartItemQuantityRequest>,
-    ) -> Result<Response<Cart>, Status> {
-        let id = require(&req, Role::Customer)?;
-        let r = req.into_inner();
-        reply(
-            self.set_quantity(&id.user_id, &r.product_id, r.quantity)
-                .await,
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn remove_cart_item(
-        &self,
-        req: Request<RemoveCartItemRequest>,
-    ) -> Result<Response<Cart>, Status> {
-        let id = require(&req, Role::Customer)?;
-        reply(
-            self.remove_item(&id.user_id, &req.get_ref().product_id)
-                .await,
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn clear_cart(&self, req: Request<ClearCartRequest>) -> Result<Response<Cart>, Status> {
-        let id = require(&req, Role::Customer)?;
-        reply(self.clear(&id.user_id).await)
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn checkout(&self, req: Request<CheckoutRequest>) -> Result<Response<Order>, Status> {
-        let id = require(&req, Role::Customer)?;
-        let tp = traceparent(&req);
-        reply(
-            self.checkout(&id.user_id, req.into_inner(), tp.as_deref())
-                .await
-                .map(|o| order_to_proto(&o)),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn list_my_orders(
-        &self,
-        req: Request<ListMyOrdersRequest>,
-    ) -> Result<Response<ListOrdersResponse>, Status> {
-        let id = require(&req, Role::Customer)?;
-        let r = req.into_inner();
-        reply(
-            self.list(Some(&id.user_id), None, r.page_size, &r.page_token)
-                .await,
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn get_order(&self, req: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
-        let id = require(&req, Role::Customer)?;
-        reply(
-            self.visible(&id, &req.get_ref().order_id)
-                .await
-                .map(|o| order_to_proto(&o)),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn cancel_order(
-        &self,
-        req: Request<CancelOrderRequest>,
-    ) -> Result<Response<Order>, Status> {
-        let id = require(&req, Role::Customer)?;
-        let r = req.into_inner();
-        reply(
-            self.cancel(&id, &r.order_id, &r.reason)
-                .await
-                .map(|o| order_to_proto(&o)),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn admin_list_orders(
-        &self,
-        req: Request<AdminListOrdersRequest>,
-    ) -> Result<Response<ListOrdersResponse>, Status> {
-        require(&req, Role::Admin)?;
-        let r = req.into_inner();
-        let status = OrderStatus::try_from(r.status)
-            .map_err(|_| Status::from(ServiceError::invalid("status", "unknown status")))?;
-        reply(
-            self.list(
-                None,
-                OrderState::from_proto(status),
-                r.page_size,
-                &r.page_token,
-            )
-            .await,
-        )
     }
 }

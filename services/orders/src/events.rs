@@ -15,8 +15,8 @@ use shopverse_kit::CancellationToken;
 use shopverse_proto::payments::v1::PaymentEvent;
 use shopverse_proto::products::v1::ReservationRef;
 
+use crate::app::Orders;
 use crate::domain::{CheckoutState, OrderState};
-use crate::service::Orders;
 
 pub struct SagaHandler {
     orders: Orders,

@@ -12,22 +12,22 @@ use prometheus::IntCounterVec;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, OnceCell};
-use tonic::{Request, Response, Status};
+use tonic::Request;
 
 use shopverse_events::envelope::{Origin, USER_REGISTERED, new_envelope};
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::clock::to_timestamp;
-use shopverse_kit::identity::{Role, require};
+use shopverse_kit::identity::Role;
 use shopverse_kit::metrics::int_counter_vec;
 use shopverse_kit::{Clock, Db, ServiceError};
-use shopverse_proto::users::v1::users_service_server::{UsersService, UsersServiceServer};
+use shopverse_proto::users::v1::users_service_server::UsersServiceServer;
 use shopverse_proto::users::v1::*;
 use shopverse_runtime::Platform;
 
 use crate::config::UsersConfig;
+use crate::domain;
 use crate::keys::KeyStore;
-use crate::repo::{Repo, UserRow};
-use crate::validate;
+use crate::store::{Repo, UserRow};
 
 const SOURCE: &str = "users";
 const INVALID_LOGIN: &str = "invalid email or password";
@@ -45,11 +45,11 @@ pub struct Claims {
     pub jti: String,
 }
 
-struct Inner {
-    repo: Repo,
+pub(crate) struct Inner {
+    pub(crate) repo: Repo,
     keys: KeyStore,
-    config: UsersConfig,
-    clock: Arc<dyn Clock>,
+    pub(crate) config: UsersConfig,
+    pub(crate) clock: Arc<dyn Clock>,
     relay_wake: Arc<Notify>,
     /// A hash to verify against when the email is unknown, so both answers take as long.
     dummy_hash: OnceCell<String>,
@@ -62,19 +62,19 @@ pub struct Users {
     inner: Arc<Inner>,
 }
 
-fn hash_token(token: &str) -> String {
+pub(crate) fn hash_token(token: &str) -> String {
     Sha256::digest(token.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
 }
 
-fn new_refresh_token() -> String {
+pub(crate) fn new_refresh_token() -> String {
     let bytes: [u8; 32] = rand::random();
     format!("svr_{}", URL_SAFE_NO_PAD.encode(bytes))
 }
 
-async fn hash_password(pw: String) -> Result<String, ServiceError> {
+pub(crate) async fn hash_password(pw: String) -> Result<String, ServiceError> {
     tokio::task::spawn_blocking(move || {
         Argon2::default()
             .hash_password(pw.as_bytes())
@@ -85,7 +85,7 @@ async fn hash_password(pw: String) -> Result<String, ServiceError> {
     .map_err(|e| ServiceError::internal("hashing a password", e))?
 }
 
-async fn verify_password(pw: String, hash: String) -> Result<bool, ServiceError> {
+pub(crate) async fn verify_password(pw: String, hash: String) -> Result<bool, ServiceError> {
     tokio::task::spawn_blocking(move || {
         let parsed = PasswordHash::new(&hash)
             .map_err(|e| ServiceError::internal("reading a password hash", e.to_string()))?;
@@ -109,7 +109,7 @@ pub fn user_to_proto(u: &UserRow) -> User {
     }
 }
 
-fn traceparent<T>(req: &Request<T>) -> Option<String> {
+pub(crate) fn traceparent<T>(req: &Request<T>) -> Option<String> {
     req.metadata()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -117,6 +117,14 @@ fn traceparent<T>(req: &Request<T>) -> Option<String> {
 }
 
 impl Users {
+    /// The signing keys a verifier should know now: the current one and those retired less
+    /// than a token's lifetime ago.
+    pub fn published_keys(&self) -> Vec<crate::keys::PublicKey> {
+        self.inner
+            .keys
+            .published(self.now(), self.inner.config.access_ttl_secs)
+    }
+
     pub fn new(
         db: Db,
         keys: KeyStore,
@@ -155,11 +163,11 @@ impl Users {
         UsersServiceServer::new(self)
     }
 
-    fn now(&self) -> i64 {
+    pub(crate) fn now(&self) -> i64 {
         self.inner.clock.now_ms()
     }
 
-    fn repo(&self) -> &Repo {
+    pub(crate) fn repo(&self) -> &Repo {
         &self.inner.repo
     }
 
@@ -186,7 +194,7 @@ impl Users {
         Ok(user)
     }
 
-    fn sign_access(&self, user: &UserRow) -> Result<String, ServiceError> {
+    pub(crate) fn sign_access(&self, user: &UserRow) -> Result<String, ServiceError> {
         let now_s = self.now().div_euclid(1000);
         let claims = Claims {
             iss: self.inner.config.issuer.clone(),
@@ -210,7 +218,7 @@ impl Users {
     }
 
     /// Issues a refresh token in `family` and an access token, inside `conn`'s transaction.
-    async fn issue_pair(
+    pub(crate) async fn issue_pair(
         &self,
         conn: &mut sqlx::AnyConnection,
         user: &UserRow,
@@ -238,7 +246,7 @@ impl Users {
         })
     }
 
-    async fn dummy_hash(&self) -> Result<String, ServiceError> {
+    pub(crate) async fn dummy_hash(&self) -> Result<String, ServiceError> {
         self.inner
             .dummy_hash
             .get_or_try_init(|| hash_password(URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())))
@@ -246,8 +254,8 @@ impl Users {
             .cloned()
     }
 
-    async fn login(&self, req: LoginRequest) -> Result<TokenPair, ServiceError> {
-        let email = validate::normalize_email(&req.email)?;
+    pub(crate) async fn login(&self, req: LoginRequest) -> Result<TokenPair, ServiceError> {
+        let email = domain::normalize_email(&req.email)?;
         let now = self.now();
         let cfg = &self.inner.config;
         if let Some(until) = self.repo().login_locked(&email, now).await? {
@@ -289,7 +297,7 @@ impl Users {
         Ok(pair)
     }
 
-    async fn refresh(&self, req: RefreshRequest) -> Result<TokenPair, ServiceError> {
+    pub(crate) async fn refresh(&self, req: RefreshRequest) -> Result<TokenPair, ServiceError> {
         if req.refresh_token.is_empty() {
             return Err(ServiceError::invalid("refresh_token", "is required"));
         }
@@ -335,7 +343,7 @@ impl Users {
         Ok(pair)
     }
 
-    async fn logout(&self, req: LogoutRequest) -> Result<LogoutResponse, ServiceError> {
+    pub(crate) async fn logout(&self, req: LogoutRequest) -> Result<LogoutResponse, ServiceError> {
         if req.refresh_token.is_empty() {
             return Err(ServiceError::invalid("refresh_token", "is required"));
         }
@@ -354,7 +362,7 @@ impl Users {
         Ok(LogoutResponse {})
     }
 
-    async fn me(&self, user_id: &str) -> Result<UserRow, ServiceError> {
+    pub(crate) async fn me(&self, user_id: &str) -> Result<UserRow, ServiceError> {
         let mut conn = self.repo().db.read().await?;
         self.repo()
             .user_by_id(&mut conn, user_id)
@@ -362,7 +370,7 @@ impl Users {
             .ok_or_else(|| ServiceError::not_found("user", user_id))
     }
 
-    async fn update_me(
+    pub(crate) async fn update_me(
         &self,
         user_id: &str,
         req: UpdateMeRequest,
@@ -370,7 +378,7 @@ impl Users {
         let addresses = req
             .addresses
             .as_ref()
-            .map(|a| validate::addresses(&a.addresses))
+            .map(|a| domain::addresses(&a.addresses))
             .transpose()?;
         let mut tx = self.repo().db.begin_write().await?;
         let mut user = self
@@ -382,7 +390,7 @@ impl Users {
             if name.trim().is_empty() {
                 return Err(ServiceError::invalid("display_name", "must not be empty"));
             }
-            user.display_name = validate::display_name(&name, &user.email)?;
+            user.display_name = domain::display_name(&name, &user.email)?;
         }
         if let Some(a) = addresses {
             user.addresses = a;
@@ -393,7 +401,11 @@ impl Users {
         Ok(user)
     }
 
-    async fn set_roles(&self, caller: &str, req: SetRolesRequest) -> Result<UserRow, ServiceError> {
+    pub(crate) async fn set_roles(
+        &self,
+        caller: &str,
+        req: SetRolesRequest,
+    ) -> Result<UserRow, ServiceError> {
         if req.user_id.is_empty() {
             return Err(ServiceError::invalid("user_id", "is required"));
         }
@@ -433,12 +445,15 @@ impl Users {
         Ok(user)
     }
 
-    async fn list_users(&self, req: ListUsersRequest) -> Result<ListUsersResponse, ServiceError> {
+    pub(crate) async fn list_users(
+        &self,
+        req: ListUsersRequest,
+    ) -> Result<ListUsersResponse, ServiceError> {
         let page = shopverse_kit::paging::Page::parse(req.page_size, &req.page_token, 50, 200)?;
         let email = if req.email.is_empty() {
             None
         } else {
-            Some(validate::normalize_email(&req.email)?)
+            Some(domain::normalize_email(&req.email)?)
         };
         let mut rows = self
             .repo()
@@ -462,9 +477,9 @@ pub async fn create_user(
     roles: &[Role],
     traceparent: Option<&str>,
 ) -> Result<UserRow, ServiceError> {
-    let email = validate::normalize_email(email)?;
-    validate::check_password(password)?;
-    let display_name = validate::display_name(display_name, &email)?;
+    let email = domain::normalize_email(email)?;
+    domain::check_password(password)?;
+    let display_name = domain::display_name(display_name, &email)?;
     let password_hash = hash_password(password.to_owned()).await?;
     let user = UserRow {
         id: uuid::Uuid::now_v7().to_string(),
@@ -505,7 +520,7 @@ pub async fn create_admin(
     password: &str,
 ) -> Result<(UserRow, bool), ServiceError> {
     let repo = Repo { db: db.clone() };
-    let normalized = validate::normalize_email(email)?;
+    let normalized = domain::normalize_email(email)?;
     let mut tx = db.begin_write().await?;
     if let Some(mut user) = repo.user_by_email(&mut tx, &normalized).await? {
         if !user.roles.iter().any(|r| r == "admin") {
@@ -528,105 +543,4 @@ pub async fn create_admin(
     )
     .await?;
     Ok((user, true))
-}
-
-fn reply<T>(r: Result<T, ServiceError>) -> Result<Response<T>, Status> {
-    r.map(Response::new).map_err(Status::from)
-}
-
-#[tonic::async_trait]
-impl UsersService for Users {
-    #[tracing::instrument(skip_all)]
-    async fn register(
-        &self,
-        req: Request<RegisterRequest>,
-    ) -> Result<Response<RegisterResponse>, Status> {
-        let tp = traceparent(&req);
-        let r = req.into_inner();
-        reply(
-            self.create_user(
-                &r.email,
-                &r.password,
-                &r.display_name,
-                &[Role::Customer],
-                tp.as_deref(),
-            )
-            .await
-            .map(|u| RegisterResponse {
-                user: Some(user_to_proto(&u)),
-            }),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn login(&self, req: Request<LoginRequest>) -> Result<Response<TokenPair>, Status> {
-        reply(self.login(req.into_inner()).await)
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn refresh(&self, req: Request<RefreshRequest>) -> Result<Response<TokenPair>, Status> {
-        reply(self.refresh(req.into_inner()).await)
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn logout(
-        &self,
-        req: Request<LogoutRequest>,
-    ) -> Result<Response<LogoutResponse>, Status> {
-        reply(self.logout(req.into_inner()).await)
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn get_me(&self, req: Request<GetMeRequest>) -> Result<Response<User>, Status> {
-        let id = require(&req, Role::Customer)?;
-        reply(self.me(&id.user_id).await.map(|u| user_to_proto(&u)))
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn update_me(&self, req: Request<UpdateMeRequest>) -> Result<Response<User>, Status> {
-        let id = require(&req, Role::Customer)?;
-        reply(
-            self.update_me(&id.user_id, req.into_inner())
-                .await
-                .map(|u| user_to_proto(&u)),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn list_users(
-        &self,
-        req: Request<ListUsersRequest>,
-    ) -> Result<Response<ListUsersResponse>, Status> {
-        require(&req, Role::Admin)?;
-        reply(self.list_users(req.into_inner()).await)
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn set_roles(&self, req: Request<SetRolesRequest>) -> Result<Response<User>, Status> {
-        let id = require(&req, Role::Admin)?;
-        reply(
-            self.set_roles(&id.user_id, req.into_inner())
-                .await
-                .map(|u| user_to_proto(&u)),
-        )
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn get_jwks(&self, _req: Request<GetJwksRequest>) -> Result<Response<Jwks>, Status> {
-        let keys = self
-            .inner
-            .keys
-            .published(self.now(), self.inner.config.access_ttl_secs)
-            .into_iter()
-            .map(|k| Jwk {
-                kty: "OKP".into(),
-                crv: "Ed25519".into(),
-                x: k.x,
-                kid: k.kid,
-                alg: "EdDSA".into(),
-                r#use: "sig".into(),
-            })
-            .collect();
-        Ok(Response::new(Jwks { keys }))
-    }
 }

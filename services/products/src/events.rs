@@ -6,7 +6,7 @@ use shopverse_events::consumer::{Handler, HandlerError};
 use shopverse_events::envelope::{Envelope, ORDER_CANCELLED, ORDER_CONFIRMED, TOPIC_ORDERS};
 use shopverse_kit::ServiceError;
 
-use crate::service::Products;
+use crate::app::Products;
 
 pub struct StockSettler {
     products: Products,

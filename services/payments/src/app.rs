@@ -3,25 +3,20 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
-use tonic::{Request, Response, Status};
 
-use shopverse_events::consumer::{Handler, HandlerError};
+use shopverse_events::consumer::HandlerError;
 use shopverse_events::envelope::{
-    Envelope, EventType, ORDER_CANCELLED, ORDER_PLACED, Origin, PAYMENT_FAILED, PAYMENT_REFUNDED,
-    PAYMENT_SUCCEEDED, TOPIC_ORDERS, decode_payload, new_envelope,
+    Envelope, EventType, Origin, PAYMENT_FAILED, PAYMENT_REFUNDED, PAYMENT_SUCCEEDED,
+    decode_payload, new_envelope,
 };
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::clock::to_timestamp;
 use shopverse_kit::db::placeholders;
-use shopverse_kit::identity::{Role, require};
 use shopverse_kit::{Clock, Db, ServiceError};
 use shopverse_proto::common::v1::Money;
 use shopverse_proto::orders::v1::{OrderCancelled, OrderEvent};
-use shopverse_proto::payments::v1::payments_service_server::{
-    PaymentsService, PaymentsServiceServer,
-};
+use shopverse_proto::payments::v1::payments_service_server::PaymentsServiceServer;
 use shopverse_proto::payments::v1::*;
 
 use crate::provider::{ChargeOutcome, PaymentProvider, ProviderError};
@@ -46,7 +41,7 @@ pub struct Payments {
     clock: Arc<dyn Clock>,
 }
 
-async fn payment(
+pub(crate) async fn payment(
     conn: &mut AnyConnection,
     order_id: &str,
 ) -> Result<Option<PaymentRow>, sqlx::Error> {
@@ -83,7 +78,7 @@ impl Payments {
         PaymentsServiceServer::new(self)
     }
 
-    async fn upsert(
+    pub(crate) async fn upsert(
         &self,
         conn: &mut AnyConnection,
         p: &PaymentRow,
@@ -111,7 +106,7 @@ impl Payments {
     }
 
     /// Records the provider's transactions of `kinds` for `p`, in one statement.
-    async fn record(
+    pub(crate) async fn record(
         &self,
         conn: &mut AnyConnection,
         p: &PaymentRow,
@@ -139,7 +134,7 @@ impl Payments {
         Ok(())
     }
 
-    async fn emit(
+    pub(crate) async fn emit(
         &self,
         conn: &mut AnyConnection,
         kind: &EventType,
@@ -167,7 +162,11 @@ impl Payments {
     }
 
     /// `order.placed`: charge once.
-    async fn charge(&self, conn: &mut AnyConnection, ev: &Envelope) -> Result<(), HandlerError> {
+    pub(crate) async fn charge(
+        &self,
+        conn: &mut AnyConnection,
+        ev: &Envelope,
+    ) -> Result<(), HandlerError> {
         let order = decode_payload::<OrderEvent>(ev)
             .map_err(|e| HandlerError::Permanent(e.to_string()))?
             .order
@@ -225,7 +224,11 @@ impl Payments {
     }
 
     /// `order.cancelled`: refund what was captured, once.
-    async fn refund(&self, conn: &mut AnyConnection, ev: &Envelope) -> Result<(), HandlerError> {
+    pub(crate) async fn refund(
+        &self,
+        conn: &mut AnyConnection,
+        ev: &Envelope,
+    ) -> Result<(), HandlerError> {
         let c: OrderCancelled =
             decode_payload(ev).map_err(|e| HandlerError::Permanent(e.to_string()))?;
         let order = c
@@ -323,55 +326,5 @@ impl Payments {
             failure_reason: p.failure_reason,
             attempts: i32::try_from(p.attempts).unwrap_or(0),
         }))
-    }
-}
-
-/// The consumer: `order.placed` charges, `order.cancelled` refunds.
-pub struct PaymentHandler(pub Payments);
-
-#[async_trait]
-impl Handler for PaymentHandler {
-    fn name(&self) -> &str {
-        "payments"
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec![TOPIC_ORDERS.to_owned()]
-    }
-
-    /// No effects outside this database: the inbox insert alone refuses a redelivery.
-    fn prepares(&self) -> bool {
-        false
-    }
-
-    fn wants(&self, t: &str) -> bool {
-        t == ORDER_PLACED.name || t == ORDER_CANCELLED.name
-    }
-
-    async fn handle(&self, conn: &mut AnyConnection, ev: &Envelope) -> Result<(), HandlerError> {
-        if ev.r#type == ORDER_PLACED.name {
-            self.0.charge(conn, ev).await
-        } else {
-            self.0.refund(conn, ev).await
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl PaymentsService for Payments {
-    #[tracing::instrument(skip_all)]
-    async fn get_payment(
-        &self,
-        req: Request<GetPaymentRequest>,
-    ) -> Result<Response<Payment>, Status> {
-        let caller = require(&req, Role::Customer)?;
-        let order_id = &req.get_ref().order_id;
-        if order_id.is_empty() {
-            return Err(ServiceError::invalid("order_id", "is required").into());
-        }
-        match self.get(order_id).await? {
-            Some(p) if p.user_id == caller.user_id || caller.is_admin() => Ok(Response::new(p)),
-            _ => Err(ServiceError::not_found("payment for order", order_id).into()),
-        }
     }
 }
