@@ -1,9 +1,9 @@
-//! The gRPC service `shopverse.payments.v1.PaymentsService` and the consumer that charges and
-//! refunds orders.
+//! The payments service's use cases: charge a placed order once, refund a cancelled paid one,
+//! read a payment.
 
 use std::sync::Arc;
 
-use sqlx::{AnyConnection, AssertSqlSafe, Row};
+use sqlx::AnyConnection;
 
 use shopverse_events::consumer::HandlerError;
 use shopverse_events::envelope::{
@@ -11,8 +11,6 @@ use shopverse_events::envelope::{
     decode_payload, new_envelope,
 };
 use shopverse_events::outbox::enqueue;
-use shopverse_kit::clock::to_timestamp;
-use shopverse_kit::db::placeholders;
 use shopverse_kit::{Clock, Db, ServiceError};
 use shopverse_proto::common::v1::Money;
 use shopverse_proto::orders::v1::{OrderCancelled, OrderEvent};
@@ -20,49 +18,15 @@ use shopverse_proto::payments::v1::payments_service_server::PaymentsServiceServe
 use shopverse_proto::payments::v1::*;
 
 use crate::provider::{ChargeOutcome, PaymentProvider, ProviderError};
+use crate::store::{self, PaymentRow};
 
 const SOURCE: &str = "payments";
-
-#[derive(Debug, Clone)]
-pub struct PaymentRow {
-    pub order_id: String,
-    pub user_id: String,
-    pub status: String,
-    pub amount_minor: i64,
-    pub currency: String,
-    pub failure_reason: String,
-    pub attempts: i64,
-}
 
 #[derive(Clone)]
 pub struct Payments {
     db: Db,
     provider: Arc<dyn PaymentProvider>,
     clock: Arc<dyn Clock>,
-}
-
-pub(crate) async fn payment(
-    conn: &mut AnyConnection,
-    order_id: &str,
-) -> Result<Option<PaymentRow>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT order_id, user_id, status, amount_minor, currency, failure_reason, attempts FROM payments WHERE order_id = $1",
-    )
-    .bind(order_id)
-    .fetch_optional(conn)
-    .await?;
-    row.map(|r| {
-        Ok(PaymentRow {
-            order_id: r.try_get("order_id")?,
-            user_id: r.try_get("user_id")?,
-            status: r.try_get("status")?,
-            amount_minor: r.try_get("amount_minor")?,
-            currency: r.try_get("currency")?,
-            failure_reason: r.try_get("failure_reason")?,
-            attempts: r.try_get("attempts")?,
-        })
-    })
-    .transpose()
 }
 
 impl Payments {
@@ -76,62 +40,6 @@ impl Payments {
 
     pub fn into_server(self) -> PaymentsServiceServer<Payments> {
         PaymentsServiceServer::new(self)
-    }
-
-    pub(crate) async fn upsert(
-        &self,
-        conn: &mut AnyConnection,
-        p: &PaymentRow,
-        method: &str,
-    ) -> Result<(), sqlx::Error> {
-        let now = self.clock.now_ms();
-        sqlx::query(
-            "INSERT INTO payments (order_id, user_id, status, amount_minor, currency, payment_method, failure_reason, attempts, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
-             ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, failure_reason = excluded.failure_reason, \
-             attempts = excluded.attempts, updated_at = excluded.updated_at",
-        )
-        .bind(&p.order_id)
-        .bind(&p.user_id)
-        .bind(&p.status)
-        .bind(p.amount_minor)
-        .bind(&p.currency)
-        .bind(method)
-        .bind(&p.failure_reason)
-        .bind(p.attempts)
-        .bind(now)
-        .execute(conn)
-        .await?;
-        Ok(())
-    }
-
-    /// Records the provider's transactions of `kinds` for `p`, in one statement.
-    pub(crate) async fn record(
-        &self,
-        conn: &mut AnyConnection,
-        p: &PaymentRow,
-        kinds: &[&str],
-        reference: &str,
-    ) -> Result<(), sqlx::Error> {
-        let sql = format!(
-            "INSERT INTO transactions (id, order_id, kind, amount_minor, currency, provider_ref, created_at) \
-             VALUES {}",
-            placeholders(1, kinds.len(), 7)
-        );
-        let now = self.clock.now_ms();
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for kind in kinds {
-            q = q
-                .bind(uuid::Uuid::now_v7().to_string())
-                .bind(&p.order_id)
-                .bind(*kind)
-                .bind(p.amount_minor)
-                .bind(&p.currency)
-                .bind(reference)
-                .bind(now);
-        }
-        q.execute(conn).await?;
-        Ok(())
     }
 
     pub(crate) async fn emit(
@@ -171,7 +79,7 @@ impl Payments {
             .map_err(|e| HandlerError::Permanent(e.to_string()))?
             .order
             .ok_or_else(|| HandlerError::Permanent("order.placed without an order".into()))?;
-        if let Some(existing) = payment(conn, &order.id).await?
+        if let Some(existing) = store::payment(conn, &order.id).await?
             && existing.status != "PENDING"
         {
             return Ok(());
@@ -204,15 +112,21 @@ impl Payments {
                 shopverse_kit::crash::point("payments.after_charge", "");
                 p.status = "SUCCEEDED".into();
                 p.attempts = attempts;
-                self.upsert(conn, &p, &order.payment_method_token).await?;
-                self.record(conn, &p, &["AUTHORIZE", "CAPTURE"], &reference)
-                    .await?;
+                store::upsert(conn, &p, &order.payment_method_token, self.clock.now_ms()).await?;
+                store::record(
+                    conn,
+                    &p,
+                    &["AUTHORIZE", "CAPTURE"],
+                    &reference,
+                    self.clock.now_ms(),
+                )
+                .await?;
                 self.emit(conn, &PAYMENT_SUCCEEDED, &p, ev).await?;
             }
             Ok(ChargeOutcome::Declined { reason }) => {
                 p.status = "FAILED".into();
                 p.failure_reason = reason;
-                self.upsert(conn, &p, &order.payment_method_token).await?;
+                store::upsert(conn, &p, &order.payment_method_token, self.clock.now_ms()).await?;
                 self.emit(conn, &PAYMENT_FAILED, &p, ev).await?;
             }
             Err(e @ ProviderError::Transient(_)) => {
@@ -234,7 +148,7 @@ impl Payments {
         let order = c
             .order
             .ok_or_else(|| HandlerError::Permanent("order.cancelled without an order".into()))?;
-        match payment(conn, &order.id).await? {
+        match store::payment(conn, &order.id).await? {
             Some(mut p) if p.status == "SUCCEEDED" => {
                 let reference = self
                     .provider
@@ -253,8 +167,8 @@ impl Payments {
                     })?;
                 p.status = "REFUNDED".into();
                 p.failure_reason = c.reason;
-                self.upsert(conn, &p, "").await?;
-                self.record(conn, &p, &["REFUND"], &reference).await?;
+                store::upsert(conn, &p, "", self.clock.now_ms()).await?;
+                store::record(conn, &p, &["REFUND"], &reference, self.clock.now_ms()).await?;
                 self.emit(conn, &PAYMENT_REFUNDED, &p, ev).await?;
             }
             Some(_) => {}
@@ -270,7 +184,7 @@ impl Payments {
                     failure_reason: "order cancelled before payment".into(),
                     attempts: 0,
                 };
-                self.upsert(conn, &p, &order.payment_method_token).await?;
+                store::upsert(conn, &p, &order.payment_method_token, self.clock.now_ms()).await?;
             }
         }
         Ok(())
@@ -278,35 +192,10 @@ impl Payments {
 
     pub async fn get(&self, order_id: &str) -> Result<Option<Payment>, ServiceError> {
         let mut conn = self.db.read().await?;
-        let Some(p) = payment(&mut conn, order_id).await? else {
+        let Some(p) = store::payment(&mut conn, order_id).await? else {
             return Ok(None);
         };
-        let rows = sqlx::query(
-            "SELECT id, kind, amount_minor, currency, provider_ref, created_at FROM transactions WHERE order_id = $1 ORDER BY created_at, id",
-        )
-        .bind(order_id)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut transactions = Vec::new();
-        for r in &rows {
-            let kind: String = r.try_get("kind")?;
-            transactions.push(Transaction {
-                id: r.try_get("id")?,
-                kind: match kind.as_str() {
-                    "AUTHORIZE" => TransactionKind::Authorize,
-                    "CAPTURE" => TransactionKind::Capture,
-                    "REFUND" => TransactionKind::Refund,
-                    _ => TransactionKind::Unspecified,
-                }
-                .into(),
-                amount: Some(Money {
-                    amount_minor: r.try_get("amount_minor")?,
-                    currency: r.try_get("currency")?,
-                }),
-                provider_ref: r.try_get("provider_ref")?,
-                created_at: Some(to_timestamp(r.try_get("created_at")?)),
-            });
-        }
+        let transactions = store::transactions(&mut conn, order_id).await?;
         let status = match p.status.as_str() {
             "PENDING" => PaymentStatus::Pending,
             "SUCCEEDED" => PaymentStatus::Succeeded,

@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`config`]: the `services.payments` section.
 //! - [`provider`]: the provider trait and the simulator (its rules are documented there).
-//! - [`app`]: charging and refunding an order, and its SQL (no `store` module of its own yet).
+//! - [`store`]: all SQL.
+//! - [`app`]: the use cases: charge an order once, refund it, read a payment.
 //! - [`grpc`]: `shopverse.payments.v1.PaymentsService` (read a payment).
 //! - [`events`]: the consumer of order events.
 //!
@@ -20,6 +21,7 @@ pub mod config;
 pub mod events;
 pub mod grpc;
 pub mod provider;
+pub mod store;
 
 use std::sync::Arc;
 

@@ -1,12 +1,13 @@
 //! The products service: the category tree, the catalog and the stock behind it.
 //!
 //! # Layout
-//! Dependencies run `grpc`/`events` → `app` → `store`:
+//! Dependencies run `grpc`/`events` → `app` → `store`/`domain`:
 //! - [`config`]: the `services.products` section.
 //! - [`store`]: all SQL (SQLite or PostgreSQL, same statements).
+//! - [`domain`]: the catalog's rules: prices, names, SKUs, attributes, images, slugs, the
+//!   category tree.
 //! - [`app`]: the use cases: public browsing, admin edits with optimistic concurrency, stock
-//!   reservation for orders; and the input rules (prices, SKUs, attributes), which have no
-//!   `domain` module of their own yet.
+//!   reservation for orders.
 //! - [`grpc`]: `shopverse.products.v1.ProductsService`, mapping only.
 //! - [`events`]: the consumer that commits or releases stock when an order ends.
 //! - [`seed`]: the demo catalog (`shopverse seed`, `shopverse up --demo`).
@@ -18,6 +19,7 @@
 
 pub mod app;
 pub mod config;
+pub mod domain;
 pub mod events;
 pub mod grpc;
 pub mod seed;
