@@ -379,7 +379,15 @@ impl InlineConnection {
         // finds nothing needs none).
         let mut column_names: Option<Arc<sqlx_core::HashMap<UStr, usize>>> = None;
         let mut rows = stmt.raw_query();
+        // A statement that writes is stepped to its end whatever `limit` says: in autocommit
+        // mode its change commits on the step that finishes it, and only that step reports a
+        // commit that fails (a full disk, a deferred constraint). Left unfinished, the
+        // statement is reset on drop, which rolls the change back and drops the error: the
+        // caller would be told of a write that did not happen.
         while let Some(row) = rows.next().map_err(map_error)? {
+            if limit.is_some_and(|l| out.len() >= l) {
+                continue;
+            }
             let column_names = column_names
                 .get_or_insert_with(|| {
                     Arc::new(
@@ -420,7 +428,7 @@ impl InlineConnection {
                 columns,
                 values,
             });
-            if limit.is_some_and(|l| out.len() >= l) {
+            if readonly && limit.is_some_and(|l| out.len() >= l) {
                 break;
             }
         }
@@ -860,6 +868,49 @@ mod tests {
             .execute(&mut c)
             .await;
         assert!(missing.is_err(), "an unbound parameter is refused");
+    }
+
+    /// A write whose commit fails on its last step (here a deferred foreign key; in production
+    /// a full disk) is an error even when the caller wants one row of its RETURNING, and the
+    /// row is not there afterwards.
+    #[tokio::test]
+    async fn a_returning_write_whose_commit_fails_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = open(&dir, "rwc").await;
+        c.execute("PRAGMA foreign_keys = ON").await.expect("pragma");
+        c.execute("CREATE TABLE parent (id BIGINT PRIMARY KEY)")
+            .await
+            .expect("parent");
+        c.execute(
+            "CREATE TABLE child (id BIGINT PRIMARY KEY, \
+             p BIGINT REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .await
+        .expect("child");
+        let one: Result<Option<i64>, _> =
+            sqlx::query_scalar("INSERT INTO child (id, p) VALUES (1, 99) RETURNING id")
+                .fetch_optional(&mut c)
+                .await;
+        assert!(one.is_err(), "the failed commit is reported: {one:?}");
+        let first: Result<i64, _> =
+            sqlx::query_scalar("INSERT INTO child (id, p) VALUES (2, 99) RETURNING id")
+                .fetch_one(&mut c)
+                .await;
+        assert!(first.is_err(), "fetch_one too: {first:?}");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM child")
+            .fetch_one(&mut c)
+            .await
+            .expect("count");
+        assert_eq!(n, 0, "nothing was written");
+        c.execute("INSERT INTO parent (id) VALUES (99)")
+            .await
+            .expect("parent row");
+        let ok: Option<i64> =
+            sqlx::query_scalar("INSERT INTO child (id, p) VALUES (3, 99) RETURNING id")
+                .fetch_optional(&mut c)
+                .await
+                .expect("a valid write");
+        assert_eq!(ok, Some(3));
     }
 
     #[tokio::test]
