@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
+pub mod gateway;
 pub mod saga;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shopverse");

@@ -1,0 +1,731 @@
+//! Who may do what: forged and spoofed tokens refused, verification standing while users is
+//! down, rate limits shared by two gateways, and the authorization matrix below.
+//!
+//! The authorization matrix through the gateway: every REST route, called by nobody, by
+//! customer A (who owns an order, its payment and shipment, a cart and notifications), by
+//! customer B and by an administrator, each answer checked against the table below: 401 without
+//! a token, 403 for a missing role, 404 for another customer's resource. After each refusal
+//! every table of every service's database is read again and must be unchanged.
+//!
+//! Callers allowed through are sent requests that cannot change anything (a body the service
+//! refuses, or a read), so the table also shows they got past the gateway's access rule.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::gateway::*;
+use crate::common::*;
+
+/// Who calls.
+#[derive(Clone, Copy, Debug)]
+enum Caller {
+    Anonymous,
+    A,
+    B,
+    Admin,
+}
+
+const CALLERS: [Caller; 4] = [Caller::Anonymous, Caller::A, Caller::B, Caller::Admin];
+
+/// Every table of every service database, as text: what a refusal must leave as it was.
+/// The outboxes, inboxes, migration records and readiness probes are left out (the relays
+/// stamp outbox rows as they publish, `/readyz`'s probe writes a row every second; nothing a
+/// request does is only there).
+fn snapshot(dir: &Path) -> String {
+    let mut out = String::new();
+    for db in [
+        "users",
+        "products",
+        "orders",
+        "payments",
+        "delivery",
+        "notifications",
+        "payment-simulator",
+    ] {
+        let conn = rusqlite::Connection::open_with_flags(
+            dir.join(format!("{db}.db")),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        tables.retain(|t| {
+            !matches!(
+                t.as_str(),
+                "outbox" | "inbox" | "_sqlx_migrations" | "readyz_probe"
+            )
+        });
+        for t in tables {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\"")).unwrap();
+            let n = stmt.column_count();
+            let mut rows: Vec<String> = stmt
+                .query_map([], |r| {
+                    Ok((0..n)
+                        .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                        .collect::<Vec<_>>()
+                        .join("|"))
+                })
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            rows.sort();
+            out.push_str(&format!("{db}.{t}:\n{}\n", rows.join("\n")));
+        }
+    }
+    out
+}
+
+/// The `Authorization` value of a signed-in `email`.
+fn bearer_of(gw: SocketAddr, email: &str, password: &str) -> String {
+    format!("Bearer {}", login(gw, email, password))
+}
+
+/// Registers and signs in `email`: its id and `Authorization` value.
+fn customer(gw: SocketAddr, email: &str) -> (String, String) {
+    let id = register(gw, email, "a long password");
+    (id, bearer_of(gw, email, "a long password"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_by_every_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ok, _, err) = cli(
+        d,
+        &["admin", "create", "--email", "root@example.com"],
+        &[("SHOPVERSE_ADMIN_PASSWORD", "root password 123")],
+    );
+    assert!(ok, "{err}");
+    let app = Appliance::start(d, &["--demo"]);
+    let gw = app.addrs["gateway"];
+    let admin = bearer_of(gw, "root@example.com", "root password 123");
+    let (a_id, a) = customer(gw, "a@example.com");
+    let (_, b) = customer(gw, "b@example.com");
+
+    // A's world: a paid order with its shipment, and an item still in the cart.
+    let products = http(gw, "GET", "/v1/products?pageSize=2", &[], b"").json();
+    let p = products["products"][0]["id"].as_str().unwrap().to_owned();
+    let sku = products["products"][0]["sku"].as_str().unwrap().to_owned();
+    let p2 = products["products"][1]["id"].as_str().unwrap().to_owned();
+    let as_a = [("authorization", a.as_str())];
+    let add = format!(r#"{{"productId":"{p}","quantity":1}}"#);
+    assert_eq!(
+        http(gw, "POST", "/v1/cart/items", &as_a, add.as_bytes()).status,
+        200
+    );
+    let checkout = r#"{"idempotencyKey":"authz-order-1","paymentMethodToken":"pm_card_ok",
+        "shippingAddress":{"recipient":"A","line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}"#;
+    let order = http(gw, "POST", "/v1/checkout", &as_a, checkout.as_bytes());
+    assert_eq!(order.status, 200, "{}", order.body);
+    let o = order.json()["id"].as_str().unwrap().to_owned();
+    until(
+        "A's order confirmed and its shipment made",
+        Duration::from_secs(30),
+        || http(gw, "GET", &format!("/v1/orders/{o}/shipment"), &as_a, b"").status == 200,
+    );
+    until("A's notices", Duration::from_secs(30), || {
+        let n = http(gw, "GET", "/v1/notifications", &as_a, b"").json();
+        n["notifications"].as_array().is_some_and(|n| n.len() >= 2)
+    });
+    let add2 = format!(r#"{{"productId":"{p2}","quantity":2}}"#);
+    assert_eq!(
+        http(gw, "POST", "/v1/cart/items", &as_a, add2.as_bytes()).status,
+        200
+    );
+    // Nothing in flight any more: the outboxes drained, the notices written.
+    let settled = {
+        let files = crate::common::saga::Urls::sqlite_files(d);
+        crate::common::saga::connect(&crate::common::saga::Urls::of(&files)).await
+    };
+    crate::common::saga::settle(&settled, Duration::from_secs(30)).await;
+    settled.close().await;
+
+    use Caller::*;
+    // (method, path, body, [anonymous, A, B, admin]); 0: not sent (it would change something
+    // the caller may change; the allowed case is shown by a refused body elsewhere).
+    let rows: Vec<(&str, String, &str, [u16; 4])> = vec![
+        ("GET", "/v1/categories".into(), "", [200, 200, 200, 200]),
+        ("POST", "/v1/categories".into(), "{}", [401, 403, 403, 400]),
+        ("GET", "/v1/products".into(), "", [200, 200, 200, 200]),
+        ("GET", format!("/v1/products/{p}"), "", [200, 200, 200, 200]),
+        ("GET", format!("/v1/skus/{sku}"), "", [200, 200, 200, 200]),
+        ("POST", "/v1/products".into(), "{}", [401, 403, 403, 400]),
+        (
+            "PATCH",
+            format!("/v1/products/{p}"),
+            r#"{"name":""}"#,
+            [401, 403, 403, 400],
+        ),
+        (
+            "POST",
+            format!("/v1/products/{p}:archive"),
+            r#"{"expectedVersion":99}"#,
+            [401, 403, 403, 400],
+        ),
+        (
+            "GET",
+            format!("/v1/products/{p}/stock"),
+            "",
+            [200, 200, 200, 200],
+        ),
+        (
+            "PUT",
+            format!("/v1/products/{p}/stock"),
+            r#"{"available":-1}"#,
+            [401, 403, 403, 400],
+        ),
+        ("GET", "/v1/me".into(), "", [401, 200, 200, 200]),
+        (
+            "PATCH",
+            "/v1/me".into(),
+            r#"{"displayName":""}"#,
+            [401, 400, 400, 400],
+        ),
+        ("GET", "/v1/admin/users".into(), "", [401, 403, 403, 200]),
+        (
+            "PUT",
+            format!("/v1/admin/users/{a_id}/roles"),
+            r#"{"roles":["admin"]}"#,
+            [401, 403, 403, 0],
+        ),
+        (
+            "PUT",
+            format!("/v1/admin/users/{a_id}/roles"),
+            r#"{"roles":["king"]}"#,
+            [401, 403, 403, 400],
+        ),
+        ("GET", "/v1/cart".into(), "", [401, 200, 200, 200]),
+        (
+            "POST",
+            "/v1/cart/items".into(),
+            r#"{"productId":"x","quantity":0}"#,
+            [401, 400, 400, 400],
+        ),
+        (
+            "PUT",
+            format!("/v1/cart/items/{p2}"),
+            r#"{"quantity":0}"#,
+            [401, 400, 400, 400],
+        ),
+        ("DELETE", format!("/v1/cart/items/{p2}"), "", [401, 0, 0, 0]),
+        ("DELETE", "/v1/cart".into(), "", [401, 0, 0, 0]),
+        ("POST", "/v1/checkout".into(), "{}", [401, 400, 400, 400]),
+        ("GET", "/v1/orders".into(), "", [401, 200, 200, 200]),
+        ("GET", format!("/v1/orders/{o}"), "", [401, 200, 404, 200]),
+        (
+            "POST",
+            format!("/v1/orders/{o}:cancel"),
+            "{}",
+            [401, 0, 404, 0],
+        ),
+        ("GET", "/v1/admin/orders".into(), "", [401, 403, 403, 200]),
+        (
+            "GET",
+            format!("/v1/orders/{o}/payment"),
+            "",
+            [401, 200, 404, 200],
+        ),
+        (
+            "GET",
+            format!("/v1/orders/{o}/shipment"),
+            "",
+            [401, 200, 404, 200],
+        ),
+        (
+            "POST",
+            format!("/v1/orders/{o}/shipment:ship"),
+            "{}",
+            [401, 403, 403, 0],
+        ),
+        (
+            "POST",
+            format!("/v1/orders/{o}/shipment:deliver"),
+            "{}",
+            [401, 403, 403, 0],
+        ),
+        ("GET", "/v1/notifications".into(), "", [401, 200, 200, 200]),
+        (
+            "GET",
+            "/.well-known/jwks.json".into(),
+            "",
+            [200, 200, 200, 200],
+        ),
+    ];
+    let mut before = snapshot(d);
+    let mut wrong = Vec::new();
+    for (method, path, body, want) in &rows {
+        for (caller, want) in CALLERS.iter().zip(want) {
+            if *want == 0 {
+                continue;
+            }
+            let token = match caller {
+                Anonymous => None,
+                A => Some(a.as_str()),
+                B => Some(b.as_str()),
+                Admin => Some(admin.as_str()),
+            };
+            let headers: Vec<(&str, &str)> =
+                token.map(|t| ("authorization", t)).into_iter().collect();
+            let r = http(gw, method, path, &headers, body.as_bytes());
+            if r.status != *want {
+                wrong.push(format!(
+                    "{method} {path} as {caller:?}: {} (want {want}) {}",
+                    r.status, r.body
+                ));
+            }
+            let after = snapshot(d);
+            if r.status >= 400 && after != before {
+                wrong.push(format!(
+                    "{method} {path} as {caller:?} was refused ({}) but changed the data",
+                    r.status
+                ));
+            }
+            before = after;
+            // B sees none of A's things in its own lists.
+            if matches!(caller, B) && r.status == 200 && r.body.contains(&o) {
+                wrong.push(format!("{method} {path} shows B A's order"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the matrix does not hold:\n{}",
+        wrong.join("\n")
+    );
+
+    // What the table could not send: the administrator does ship and deliver A's order, and A
+    // is still a customer only.
+    let as_admin = [("authorization", admin.as_str())];
+    let unshipped = snapshot(d);
+    for step in ["ship", "deliver"] {
+        let r = http(
+            gw,
+            "POST",
+            &format!("/v1/orders/{o}/shipment:{step}"),
+            &as_admin,
+            b"{}",
+        );
+        assert_eq!(r.status, 200, "{step}: {}", r.body);
+    }
+    // The snapshot sees a change when there is one (else the checks above prove nothing).
+    assert_ne!(snapshot(d), unshipped);
+    let me = http(gw, "GET", "/v1/me", &as_a, b"").json();
+    assert_eq!(me["roles"], serde_json::json!(["customer"]), "{me}");
+
+    // The cache purge is on the admin listener only, and that listens on loopback.
+    assert!(app.admin.ip().is_loopback(), "{}", app.admin);
+    assert_eq!(
+        http(gw, "POST", "/cache/purge?all=true", &as_admin, b"").status,
+        404
+    );
+    assert_eq!(
+        http(app.admin, "POST", "/cache/purge?all=true", &[], b"").status,
+        200
+    );
+
+    // X-Forwarded-For from a peer that is not a trusted proxy changes nothing: the rate limit
+    // keeps counting against the peer's own address.
+    let remaining = |xff: &str| {
+        let r = http(
+            gw,
+            "POST",
+            "/v1/auth/login",
+            &[("x-forwarded-for", xff)],
+            b"{}",
+        );
+        let header = r.header("ratelimit").unwrap_or_default().to_owned();
+        header
+            .split(";r=")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("no ratelimit header: {header:?}"))
+    };
+    let first = remaining("203.0.113.7");
+    assert_eq!(remaining("198.51.100.1"), first - 1);
+    assert_eq!(remaining("192.0.2.44, 203.0.113.9"), first - 2);
+    app.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tokens_and_spoofed_identity_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start_with_env(
+        dir.path(),
+        &[],
+        &[("SHOPVERSE_GATEWAY__JWKS_REFETCH_MIN_SECS", "1")],
+    );
+    let gw = app.addrs["gateway"];
+    http(
+        gw,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"eve@example.com","password":"eves password"}"#,
+    );
+    let good = login(gw, "eve@example.com", "eves password");
+    let me = |t: &str| http(gw, "GET", "/v1/me", &[("authorization", &bearer(t))], b"").status;
+    assert_eq!(me(&good), 200);
+    let sub = {
+        let claims = good.split('.').nth(1).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&URL_SAFE_NO_PAD.decode(claims).unwrap())
+            .unwrap()["sub"]
+            .clone()
+    };
+    let claims = |over: serde_json::Value| {
+        let mut c = serde_json::json!({"iss": "shopverse", "aud": "shopverse-api", "sub": sub, "roles": ["customer", "admin"], "iat": now(), "nbf": now(), "exp": now() + 600});
+        for (k, v) in over.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let data = dir.path();
+    // Signed by the real key, with bad claims.
+    assert_eq!(
+        me(&sign_with_real_key(data, &claims(serde_json::json!({})))),
+        200,
+        "control: a well-formed token passes"
+    );
+    for (name, over) in [
+        ("expired", serde_json::json!({"exp": now() - 3600})),
+        ("not yet valid", serde_json::json!({"nbf": now() + 3600})),
+        ("wrong audience", serde_json::json!({"aud": "someone-else"})),
+        ("wrong issuer", serde_json::json!({"iss": "evil"})),
+    ] {
+        assert_eq!(me(&sign_with_real_key(data, &claims(over))), 401, "{name}");
+    }
+    let parts: Vec<&str> = good.split('.').collect();
+    // alg: none.
+    let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let admin_claims = URL_SAFE_NO_PAD.encode(claims(serde_json::json!({})).to_string());
+    assert_eq!(
+        me(&format!("{none_header}.{admin_claims}.")),
+        401,
+        "alg none"
+    );
+    // HS256 keyed with the public key.
+    let jwks = http(gw, "GET", "/.well-known/jwks.json", &[], b"").json();
+    let x = URL_SAFE_NO_PAD
+        .decode(jwks["keys"][0]["x"].as_str().unwrap())
+        .unwrap();
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = jwks["keys"][0]["kid"].as_str().map(str::to_owned);
+    let hs256 = jsonwebtoken::encode(
+        &hs,
+        &claims(serde_json::json!({})),
+        &EncodingKey::from_secret(&x).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(me(&hs256), 401, "HS256 with the public key");
+    // Unknown kid, tampered payload, truncated, garbage.
+    let mut unknown = Header::new(Algorithm::EdDSA);
+    unknown.kid = Some("sv-not-a-key".into());
+    let stranger_der = {
+        let mut d = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        d.extend_from_slice(&[7u8; 32]);
+        d
+    };
+    let foreign = jsonwebtoken::encode(
+        &unknown,
+        &claims(serde_json::json!({})),
+        &EncodingKey::from_ed_der(&stranger_der),
+    )
+    .unwrap();
+    assert_eq!(me(&foreign), 401, "unknown kid");
+    assert_eq!(
+        me(&format!("{}.{}.{}", parts[0], admin_claims, parts[2])),
+        401,
+        "tampered payload"
+    );
+    assert_eq!(me(&good[..good.len() - 10]), 401, "truncated");
+    assert_eq!(me("garbage"), 401, "garbage");
+    let r = http(
+        gw,
+        "GET",
+        "/v1/me",
+        &[("authorization", "Basic Zm9vOmJhcg==")],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+
+    // Spoofed identity headers are ignored: without a token they do not sign anyone in, with
+    // one they do not change who it is.
+    let r = http(
+        gw,
+        "GET",
+        "/v1/admin/users",
+        &[
+            ("x-shopverse-user", "admin"),
+            ("x-shopverse-roles", "admin"),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    let r = http(
+        gw,
+        "GET",
+        "/v1/admin/users",
+        &[
+            ("authorization", &bearer(&good)),
+            ("x-shopverse-roles", "admin"),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 403);
+    let r = http(
+        gw,
+        "GET",
+        "/v1/me",
+        &[
+            ("authorization", &bearer(&good)),
+            ("x-shopverse-user", "someone-else"),
+        ],
+        b"",
+    );
+    assert_eq!(r.json()["email"], "eve@example.com");
+
+    // Rotation: a token from the new key passes without restarting the gateway.
+    let (ok, _, err) = cli(data, &["keys", "rotate"], &[]);
+    assert!(ok, "{err}");
+    // The unknown-kid probe above just refetched; refetches are rate-limited to one a second here.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let fresh = login(gw, "eve@example.com", "eves password");
+    assert_eq!(me(&fresh), 200, "new kid accepted");
+    assert_eq!(me(&good), 200, "old tokens stay valid until they expire");
+
+    // The login policy: 10 per minute per IP, then 429 with Retry-After and RateLimit headers.
+    let mut last = None;
+    for _ in 0..12 {
+        last = Some(http(
+            gw,
+            "POST",
+            "/v1/auth/login",
+            &[],
+            br#"{"email":"eve@example.com","password":"wrong password"}"#,
+        ));
+    }
+    let r = last.unwrap();
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    assert!(
+        r.header("ratelimit-policy").unwrap().contains("q=10;w=60"),
+        "{:?}",
+        r.headers
+    );
+    assert!(r.header("ratelimit").is_some());
+
+    // Auth failures are counted by reason.
+    let metrics = http(app.admin, "GET", "/metrics", &[], b"").body;
+    assert!(
+        metrics.contains("shopverse_gateway_auth_failures_total{reason=\"expired\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shopverse_gateway_rate_limited_total{policy=\"login\"}"),
+        "{metrics}"
+    );
+    app.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sharing_redis_admit_what_one_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("shopverse-test:{}:", uuid::Uuid::new_v4());
+    let redis =
+        std::env::var("SHOPVERSE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let env = [
+        ("SHOPVERSE_GATEWAY__REDIS_URL", redis.as_str()),
+        ("SHOPVERSE_GATEWAY__REDIS_PREFIX", prefix.as_str()),
+    ];
+    let a = LoneGateway::start(dir.path(), "a", &env);
+    let b = LoneGateway::start(dir.path(), "b", &env);
+    // The login policy admits 10 a minute per IP; 6 attempts at each gateway.
+    let mut limited = 0;
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { a.addr } else { b.addr };
+        let r = http(
+            gw,
+            "POST",
+            "/v1/auth/login",
+            &[],
+            br#"{"email":"x@example.com","password":"whatever pw"}"#,
+        );
+        match r.status {
+            429 => limited += 1,
+            503 => {} // admitted, and the users service is not running
+            s => panic!("{s}: {}", r.body),
+        }
+    }
+    assert_eq!(limited, 2, "together they admitted exactly 10");
+    a.stop();
+    b.stop();
+}
+
+/// A standalone gateway in front of a `serve users` that goes away: tokens keep verifying with
+/// the last good key set, a token with an unknown `kid` is refused at once and a burst of them
+/// fetches the key set at most once, and a key rotated while users was down is picked up when
+/// it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_service_down_leaves_verification_standing() {
+    let (up_addr, seen) =
+        recording_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let users_args = |listen: &str| {
+        vec![
+            "serve".to_owned(),
+            "users".into(),
+            "--data-dir".into(),
+            d.display().to_string(),
+            "--listen".into(),
+            listen.into(),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
+        ]
+    };
+    let users = Appliance::spawn(&users_args("127.0.0.1:0"), &[]);
+    let users_addr = users.addrs["users"];
+    let private = format!(
+        "[[gateway.passthrough]]\nprefix = \"/private/\"\nupstream = \"{up_addr}\"\naccess = \"customer\"\n"
+    );
+    let gw = LoneGateway::start_full(
+        d,
+        "lone",
+        &[("SHOPVERSE_GATEWAY__JWKS_REFETCH_MIN_SECS", "1")],
+        &private,
+        &[],
+        Some(users_addr),
+    );
+    let r = http(
+        gw.addr,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"una@example.com","password":"unas password"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Two tokens; the second is first shown to the gateway after users has gone.
+    let first = login(gw.addr, "una@example.com", "unas password");
+    let second = login(gw.addr, "una@example.com", "unas password");
+    let private_get = |t: &str| {
+        http(
+            gw.addr,
+            "GET",
+            "/private/x",
+            &[("authorization", &bearer(t))],
+            b"",
+        )
+        .status
+    };
+    assert_eq!(private_get(&first), 200);
+
+    users.kill9();
+    assert_eq!(private_get(&first), 200, "a token seen before");
+    assert_eq!(
+        private_get(&second),
+        200,
+        "a token not seen before, by the last key set"
+    );
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.contains("x-shopverse-user")),
+        "the upstream got the verified caller"
+    );
+
+    // Unknown kids while users is down: refused at once, one fetch at most for the burst.
+    let stranger = {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some("sv-not-a-key".into());
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&[9u8; 32]);
+        let claims = serde_json::json!({"iss": "shopverse", "aud": "shopverse-api", "sub": "x",
+            "roles": ["customer"], "iat": now(), "nbf": now(), "exp": now() + 600});
+        jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ed_der(&der)).unwrap()
+    };
+    let fetches = |gw: &LoneGateway| {
+        let text = http(gw.admin, "GET", "/metrics", &[], b"").body;
+        text.lines()
+            .filter(|l| l.starts_with("gateway_jwks_fetches_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // past the refetch interval
+    let before = fetches(&gw);
+    let t0 = std::time::Instant::now();
+    let burst: Vec<_> = (0..40)
+        .map(|_| {
+            let (addr, token) = (gw.addr, stranger.clone());
+            std::thread::spawn(move || {
+                http(
+                    addr,
+                    "GET",
+                    "/private/x",
+                    &[("authorization", &bearer(&token))],
+                    b"",
+                )
+                .status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(5),
+        "40 unknown-kid requests took {:?}",
+        t0.elapsed()
+    );
+    let during = fetches(&gw) - before;
+    assert!(during <= 1, "{during} key-set fetches for one burst");
+
+    // A key rotated while users is down; users comes back on its address: the new kid's tokens
+    // pass, after one refetch.
+    let (ok, _, err) = cli(d, &["keys", "rotate"], &[]);
+    assert!(ok, "{err}");
+    let users = Appliance::spawn(&users_args(&users_addr.to_string()), &[]);
+    let t0 = std::time::Instant::now();
+    let fresh = loop {
+        let r = http(
+            gw.addr,
+            "POST",
+            "/v1/auth/login",
+            &[],
+            br#"{"email":"una@example.com","password":"unas password"}"#,
+        );
+        if r.status == 200 {
+            break r.json()["accessToken"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "users never answered again: {}",
+            r.body
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_ne!(
+        fresh.split('.').next(),
+        first.split('.').next(),
+        "the new token names the rotated key"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // past the refetch interval
+    assert_eq!(private_get(&fresh), 200, "the rotated key was picked up");
+    assert_eq!(private_get(&second), 200, "the old key's tokens still pass");
+    users.stop();
+    gw.stop();
+}

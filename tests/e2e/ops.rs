@@ -1,0 +1,535 @@
+//! Operations: the systemd units pass `systemd-analyze`, the install script stages and removes
+//! cleanly and idempotently, and the process speaks the systemd notify protocol.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::gateway::*;
+use crate::common::*;
+
+const UNITS: &[&str] = &[
+    "shopverse.service",
+    "shopverse-gateway.service",
+    "shopverse@.service",
+];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn units_verify_and_score_2_or_less() {
+    let dir = tempfile::tempdir().unwrap();
+    for unit in UNITS {
+        // `verify` checks that ExecStart exists: point it at the binary under test.
+        let text = std::fs::read_to_string(repo().join("systemd").join(unit))
+            .unwrap()
+            .replace("/usr/local/bin/shopverse", BIN);
+        let path = dir.path().join(unit);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (scripts/test installs it)");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{unit}: {said}"
+        );
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("{unit}: {text}"));
+        let score: f64 = line
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(score <= 2.0, "{unit}: exposure {score}");
+    }
+}
+
+fn install(root: &Path, extra: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(repo().join("systemd/install.sh"))
+        .args(["--root"])
+        .arg(root)
+        .args(["--binary", BIN])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn files(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().filter_map(Result::ok) {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn install_is_idempotent_keeps_edits_and_uninstalls() {
+    let root = tempfile::tempdir().unwrap();
+    install(root.path(), &[]);
+    let first = files(root.path());
+    for must in [
+        "usr/local/bin/shopverse",
+        "etc/systemd/system/shopverse.service",
+        "etc/systemd/system/shopverse@.service",
+        "etc/shopverse/shopverse.toml",
+        "etc/shopverse/distributed/orders.toml",
+    ] {
+        assert!(
+            first.contains(&must.to_owned()),
+            "{must} missing: {first:?}"
+        );
+    }
+    install(root.path(), &[]);
+    assert_eq!(files(root.path()), first, "a second run changes nothing");
+
+    // An operator's edit survives a reinstall; the shipped file lands next to it.
+    let conf = root.path().join("etc/shopverse/shopverse.toml");
+    std::fs::write(&conf, "[data]\ndir = \"/srv/shop\"\n").unwrap();
+    let said = install(root.path(), &[]);
+    assert!(said.contains("kept your"), "{said}");
+    assert_eq!(
+        std::fs::read_to_string(&conf).unwrap(),
+        "[data]\ndir = \"/srv/shop\"\n"
+    );
+    assert!(
+        root.path()
+            .join("etc/shopverse/shopverse.toml.dist")
+            .exists()
+    );
+
+    install(root.path(), &["--uninstall"]);
+    let left = files(root.path());
+    assert!(
+        !left
+            .iter()
+            .any(|f| f.starts_with("usr/local/bin") || f.starts_with("etc/systemd")),
+        "{left:?}"
+    );
+    assert!(
+        left.contains(&"etc/shopverse/shopverse.toml".to_owned()),
+        "configuration stays"
+    );
+    install(root.path(), &["--uninstall", "--purge"]);
+    assert!(files(root.path()).is_empty());
+}
+
+#[test]
+fn speaks_the_systemd_notify_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let sock_str = sock_path.display().to_string();
+    let app = Appliance::binary(
+        dir.path(),
+        &[],
+        &[("NOTIFY_SOCKET", &sock_str), ("WATCHDOG_USEC", "200000")],
+    );
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    let t0 = Instant::now();
+    while !(got.contains("READY=1") && got.contains("WATCHDOG=1")) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{got}");
+        let n = sock.recv(&mut buf).unwrap();
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        got.push('\n');
+    }
+    assert!(got.contains("STATUS=gateway="), "{got}");
+    app.stop();
+    let t0 = Instant::now();
+    while !got.contains("STOPPING=1") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{got}");
+        let n = sock.recv(&mut buf).unwrap();
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_backup_under_writes_then_restore() {
+    use shopverse_proto::users::v1::ListUsersRequest;
+    use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
+    let live = tempfile::tempdir().unwrap();
+    let backup_dir = live.path().join("backup");
+    let app = Appliance::start(live.path(), &["--demo"]);
+    let users_addr = app.users;
+
+    // A writer registers accounts without pause; we note which were confirmed before the backup.
+    let confirmed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c2, s2) = (confirmed.clone(), stop.clone());
+    let writer = tokio::spawn(async move {
+        let mut users = UsersServiceClient::new(channel(users_addr).await);
+        let mut i = 0;
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
+            let email = format!("load-{i}@example.com");
+            let r = users
+                .register(shopverse_proto::users::v1::RegisterRequest {
+                    email: email.clone(),
+                    password: "a long password".into(),
+                    display_name: String::new(),
+                })
+                .await;
+            if r.is_ok() {
+                c2.lock().unwrap().push(email);
+            }
+            i += 1;
+        }
+    });
+    while confirmed.lock().unwrap().len() < 15 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before: Vec<String> = confirmed.lock().unwrap().clone();
+    let (ok, out, err) = cli(
+        live.path(),
+        &["backup", "--to", backup_dir.to_str().unwrap()],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("backup complete"), "{out}");
+    let during = confirmed.lock().unwrap().len();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    assert!(during > before.len(), "writes went on during the backup");
+
+    // Restoring under a running appliance is refused.
+    let (ok, _, err) = cli(
+        live.path(),
+        &["restore", "--from", backup_dir.to_str().unwrap()],
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("stop ShopVerse before restoring"), "{err}");
+    app.stop();
+
+    // A damaged backup is refused whole.
+    let damaged = live.path().join("damaged");
+    std::fs::create_dir_all(&damaged).unwrap();
+    for e in std::fs::read_dir(&backup_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+    {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::write(damaged.join("users.db"), b"garbage").unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let (ok, _, err) = cli(
+        target.path(),
+        &["restore", "--from", damaged.to_str().unwrap()],
+        &[],
+    );
+    assert!(!ok && err.contains("checksum mismatch"), "{err}");
+
+    // Restore into a new data dir and start there: every account confirmed before the backup
+    // began is present.
+    let (ok, out, err) = cli(
+        target.path(),
+        &["restore", "--from", backup_dir.to_str().unwrap()],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("restored"), "{out}");
+    // A second appliance in this process: the binary (Pingora starts once per process).
+    let app = Appliance::binary(target.path(), &[], &[]);
+    let mut users = UsersServiceClient::new(channel(app.users).await);
+    let mut found = Vec::new();
+    let mut token = String::new();
+    loop {
+        let mut req = tonic::Request::new(ListUsersRequest {
+            page_size: 200,
+            page_token: token.clone(),
+            email: String::new(),
+        });
+        shopverse_kit::Identity {
+            user_id: "ops".into(),
+            roles: vec![shopverse_kit::Role::Admin],
+        }
+        .write_to(req.metadata_mut());
+        let page = users.list_users(req).await.unwrap().into_inner();
+        found.extend(page.users.into_iter().map(|u| u.email));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    for email in &before {
+        assert!(found.contains(email), "{email} lost by the backup");
+    }
+    // The restored signing keys still verify what they signed.
+    let keys_before = std::fs::read_dir(backup_dir.join("keys")).unwrap().count();
+    assert!(keys_before >= 2, "the key file and the manifest");
+    app.stop();
+}
+
+fn python() -> String {
+    std::env::var("SHOPVERSE_TEST_PYTHON")
+        .expect("SHOPVERSE_TEST_PYTHON: scripts/test sets it up (see README)")
+}
+
+#[test]
+fn compose_file_is_accepted_by_docker_compose() {
+    // The secrets the file names, as a deployer would create them (from the examples).
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = dir.path().join("deploy");
+    std::fs::create_dir_all(deploy.join("secrets")).unwrap();
+    std::fs::copy(
+        repo().join("deploy/compose.yaml"),
+        deploy.join("compose.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("deploy/postgres-init.sql"),
+        deploy.join("postgres-init.sql"),
+    )
+    .unwrap();
+    for e in std::fs::read_dir(repo().join("deploy/secrets"))
+        .unwrap()
+        .filter_map(Result::ok)
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(base) = name.strip_suffix(".example") {
+            std::fs::copy(e.path(), deploy.join("secrets").join(base)).unwrap();
+        }
+    }
+    let out = Command::new("docker-compose")
+        .args(["-f"])
+        .arg(deploy.join("compose.yaml"))
+        .args(["config", "-q"])
+        .output()
+        .expect("docker-compose (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kubernetes_manifests_validate_and_their_configs_load() {
+    let dir = repo().join("deploy/kubernetes");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let validator = Path::new(&python()).with_file_name("kubernetes-validate");
+    let out = Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The configuration files inside the ConfigMap pass check-config.
+    let tmp = tempfile::tempdir().unwrap();
+    let script = "import sys, yaml\nfor d in yaml.safe_load_all(open(sys.argv[1])):\n  if d and d.get('kind') == 'ConfigMap':\n    for k, v in d['data'].items():\n      open(sys.argv[2] + '/' + k, 'w').write(v)\n";
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(dir.join("01-config.yaml"))
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let configs: Vec<PathBuf> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(configs.len(), 2);
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .args(&configs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |burst: u32| {
+        format!(
+            "[[gateway.rate_limits]]\nname = \"login\"\npaths = [\"/v1/auth/\"]\nrequests = {burst}\nper_secs = 3600\nburst = {burst}\nby = \"ip\"\n"
+        )
+    };
+    let gw = LoneGateway::start_with(dir.path(), "hup", &[], &policy(1000));
+    let login = || {
+        http(
+            gw.addr,
+            "POST",
+            "/v1/auth/login",
+            &[],
+            br#"{"email":"a@b.co","password":"whatever pw"}"#,
+        )
+        .status
+    };
+    for _ in 0..5 {
+        assert_eq!(login(), 503, "admitted (users is not running)");
+    }
+    // Tighten the policy in the file and send SIGHUP: no restart, the next requests see it.
+    let cfg = dir.path().join("hup.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&policy(1000), &policy(1));
+    std::fs::write(&cfg, text).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status();
+    let t0 = std::time::Instant::now();
+    loop {
+        if login() == 429 {
+            break;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the reloaded policy never applied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A broken file is refused and the running policy stays.
+    std::fs::write(&cfg, "[gateway\n").unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status();
+    // A positive barrier: the gateway counts the refused reload; only then is the answer final.
+    let t0 = std::time::Instant::now();
+    while !http(gw.admin, "GET", "/metrics", &[], b"")
+        .body
+        .contains("shopverse_config_reloads_total{outcome=\"refused\"} 1")
+    {
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the broken file was never read"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(login(), 429);
+    gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_refuses_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let listen = port.to_string();
+    // No rate limit: the client's steady requests would otherwise use up the per-IP burst, and
+    // the last check would get 429 rather than the new process's own 503.
+    let env = [
+        ("SHOPVERSE_GATEWAY__LISTEN", listen.as_str()),
+        ("SHOPVERSE_GATEWAY__RATE_LIMITS", "[]"),
+    ];
+    let old = LoneGateway::start(dir.path(), "old", &env);
+    assert_eq!(old.addr, port);
+    // Clients keep coming on new connections the whole time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s2, addr) = (stop.clone(), old.addr);
+    let client = std::thread::spawn(move || {
+        let (mut answered, mut refused) = (0, Vec::<String>::new());
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
+            let r = http(addr, "GET", "/v1/categories", &[], b"");
+            // 503: the gateway answered (its services are not running); 429: its rate limit
+            // answered. Anything else (no answer at all) counts as refused.
+            if r.status == 503 || r.status == 429 {
+                answered += 1
+            } else {
+                refused.push(format!("{} {}", r.status, r.body));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        (answered, refused)
+    });
+    // A client that connected to the old process and has not sent its request yet when that
+    // process stops accepting is still answered. Pingora stops accepting 5 s after SIGQUIT and
+    // ends the runtime a second (the configured grace) later; the request comes in between.
+    let mut quiet = std::net::TcpStream::connect(old.addr).unwrap();
+    quiet
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // The new binary takes the sockets over; the old one hands them over on SIGQUIT and leaves.
+    let new = LoneGateway::start_with_args(dir.path(), "old", &env, &["--upgrade"]);
+    let _ = std::process::Command::new("kill")
+        .args(["-QUIT", &old.child.id().to_string()])
+        .status();
+    let late = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        std::thread::sleep(std::time::Duration::from_millis(5_500));
+        let _ = quiet.write_all(b"GET /v1/categories HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut resp = String::new();
+        let _ = quiet.read_to_string(&mut resp);
+        resp
+    });
+    let mut old = old;
+    let status = old.child.wait().unwrap();
+    let late = late.join().unwrap();
+    assert!(late.starts_with("HTTP/1.1 503"), "{late:?}");
+    assert!(
+        late.to_ascii_lowercase().contains("connection: close"),
+        "{late:?}"
+    );
+    assert!(status.success(), "the old gateway exits cleanly: {status}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (answered, refused) = client.join().unwrap();
+    assert!(answered > 10, "{answered}");
+    assert!(
+        refused.is_empty(),
+        "refused during the upgrade: {refused:?}"
+    );
+    assert_eq!(
+        http(new.addr, "GET", "/v1/categories", &[], b"").status,
+        503,
+        "the new process serves"
+    );
+    new.stop();
+}

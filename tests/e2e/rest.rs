@@ -1,0 +1,626 @@
+//! REST through the gateway: the routes, their RPCs, the OpenAPI document, gRPC clients, CORS,
+//! TLS, and the answers for a service that is down or a client that is slow.
+
+use std::net::SocketAddr;
+
+use crate::common::gateway::*;
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_through_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let gw = app.addrs["gateway"];
+
+    // Public catalog routes, with path variables and query parameters.
+    let r = http(gw, "GET", "/v1/categories", &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.json()["categories"].as_array().unwrap().len() >= 5);
+    let r = http(
+        gw,
+        "GET",
+        "/v1/products?page_size=3&sort=PRODUCT_SORT_PRICE_ASC",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let products = r.json()["products"].as_array().unwrap().clone();
+    assert_eq!(products.len(), 3);
+    let cheapest = &products[0];
+    assert!(
+        cheapest["price"]["amountMinor"]
+            .as_str()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            > 0
+    );
+    let id = cheapest["id"].as_str().unwrap();
+    let r = http(gw, "GET", &format!("/v1/products/{id}"), &[], b"");
+    assert_eq!((r.status, r.json()["id"].as_str()), (200, Some(id)));
+    let sku = cheapest["sku"].as_str().unwrap();
+    assert_eq!(
+        http(gw, "GET", &format!("/v1/skus/{sku}"), &[], b"").json()["id"].as_str(),
+        Some(id)
+    );
+    let r = http(gw, "GET", &format!("/v1/products/{id}/stock"), &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-request-id").is_some());
+    let r = http(gw, "GET", "/v1/products/does-not-exist", &[], b"");
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+    let r = http(
+        gw,
+        "GET",
+        "/v1/products",
+        &[("x-request-id", "trace-me-123")],
+        b"",
+    );
+    assert_eq!(r.header("x-request-id"), Some("trace-me-123"));
+
+    // Accounts: register, login, profile; errors map to HTTP statuses with the JSON shape.
+    let r = http(
+        gw,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"gw@example.com","password":"gateway password","displayName":"Gee"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http(
+        gw,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"gw@example.com","password":"gateway password"}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (409, Some("ALREADY_EXISTS"))
+    );
+    let r = http(
+        gw,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"nope","password":"gateway password"}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["details"][0]["field"], "email");
+    let token = login(gw, "gw@example.com", "gateway password");
+    let auth = bearer(&token);
+    let r = http(gw, "GET", "/v1/me", &[("authorization", &auth)], b"");
+    assert_eq!(
+        (r.status, r.json()["displayName"].as_str()),
+        (200, Some("Gee"))
+    );
+    let r = http(
+        gw,
+        "PATCH",
+        "/v1/me",
+        &[("authorization", &auth)],
+        br#"{"displayName":"G. W."}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["displayName"].as_str()),
+        (200, Some("G. W."))
+    );
+
+    // Cart and checkout through REST, then the order is readable by its owner only.
+    let r = http(
+        gw,
+        "POST",
+        "/v1/cart/items",
+        &[("authorization", &auth)],
+        format!(r#"{{"productId":"{id}","quantity":2}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["lines"][0]["quantity"], 2);
+    let r = http(
+        gw,
+        "PUT",
+        &format!("/v1/cart/items/{id}"),
+        &[("authorization", &auth)],
+        br#"{"quantity":1}"#,
+    );
+    assert_eq!(r.json()["lines"][0]["quantity"], 1);
+    let checkout = br#"{"idempotencyKey":"gateway-order-1","paymentMethodToken":"pm_card_ok","shippingAddress":{"line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}"#;
+    let r = http(
+        gw,
+        "POST",
+        "/v1/checkout",
+        &[("authorization", &auth)],
+        checkout,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let order = r.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(r.json()["status"], "ORDER_STATUS_PENDING_PAYMENT");
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = http(
+            gw,
+            "GET",
+            &format!("/v1/orders/{order}"),
+            &[("authorization", &auth)],
+            b"",
+        );
+        if r.json()["status"] == "ORDER_STATUS_CONFIRMED" {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "{}", r.body);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = http(
+        gw,
+        "GET",
+        &format!("/v1/orders/{order}/payment"),
+        &[("authorization", &auth)],
+        b"",
+    );
+    assert_eq!(r.json()["status"], "PAYMENT_STATUS_SUCCEEDED");
+    http(
+        gw,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"other@example.com","password":"another password"}"#,
+    );
+    let other = bearer(&login(gw, "other@example.com", "another password"));
+    assert_eq!(
+        http(
+            gw,
+            "GET",
+            &format!("/v1/orders/{order}"),
+            &[("authorization", &other)],
+            b""
+        )
+        .status,
+        404
+    );
+
+    // Routing errors.
+    let r = http(gw, "PUT", "/v1/categories", &[], b"");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, POST"));
+    assert_eq!(http(gw, "GET", "/v1/nothing/here", &[], b"").status, 404);
+    assert_eq!(
+        http(
+            gw,
+            "GET",
+            "/v1/admin/users",
+            &[("authorization", &auth)],
+            b""
+        )
+        .status,
+        403
+    );
+    let r = http(gw, "GET", "/v1/me", &[], b"");
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+
+    // Bad input is a 4xx with the JSON error, never a 5xx.
+    for (body, field) in [
+        (
+            &br#"{"productId": "p", "quantity": "lots"}"#[..],
+            Some("quantity"),
+        ),
+        (br#"{"productId": "p", "bogus": true}"#, None),
+        (br#"{"productId": "#, None),
+        (b"[1, 2, 3]", None),
+    ] {
+        let r = http(
+            gw,
+            "POST",
+            "/v1/cart/items",
+            &[("authorization", &auth)],
+            body,
+        );
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.json()["code"], "INVALID_ARGUMENT");
+        if let Some(f) = field {
+            assert_eq!(r.json()["details"][0]["field"], f);
+        }
+    }
+    let big = vec![b'x'; 2 << 20];
+    let r = http(
+        gw,
+        "POST",
+        "/v1/cart/items",
+        &[("authorization", &auth)],
+        &big,
+    );
+    assert_eq!(r.status, 413);
+    let many: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("x-junk-{i}"), "y".repeat(100)))
+        .collect();
+    let many_refs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = http(gw, "GET", "/v1/categories", &many_refs, b"");
+    assert_eq!(r.status, 431, "too many headers");
+    assert_eq!(r.json()["code"], "INVALID_ARGUMENT");
+    let r = http(gw, "GET", "/v1/products?page_size=many", &[], b"");
+    assert_eq!(
+        (r.status, r.json()["details"][0]["field"].as_str()),
+        (400, Some("page_size"))
+    );
+    app.stop();
+}
+
+/// Every REST route of the OpenAPI document (the protos' `google.api.http` rules) answered by
+/// its RPC: a JSON reply or a JSON error the service chose, never a routing miss or a 5xx.
+#[test]
+fn every_rest_route_reaches_its_rpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = cli(
+        dir.path(),
+        &["admin", "create", "--email", "root@example.com"],
+        &[("SHOPVERSE_ADMIN_PASSWORD", "root password 123")],
+    );
+    assert!(ok, "{err}");
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let gw = app.addrs["gateway"];
+    let auth = bearer(&login(gw, "root@example.com", "root password 123"));
+    let doc = http(gw, "GET", "/openapi.json", &[], b"").json();
+    let mut calls = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            // Each `{variable}` becomes `x`; a custom verb (`{id}:archive`) stays.
+            let mut concrete = String::new();
+            let mut in_var = false;
+            for c in path.chars() {
+                match c {
+                    '{' => {
+                        in_var = true;
+                        concrete.push('x');
+                    }
+                    '}' => in_var = false,
+                    c if !in_var => concrete.push(c),
+                    _ => {}
+                }
+            }
+            let body: &[u8] = if op.get("requestBody").is_some() {
+                b"{}"
+            } else {
+                b""
+            };
+            let r = http(
+                gw,
+                &method.to_uppercase(),
+                &concrete,
+                &[("authorization", &auth)],
+                body,
+            );
+            calls += 1;
+            assert!(
+                r.status > 0 && r.status < 500,
+                "{method} {path} ({concrete}): {} {}",
+                r.status,
+                r.body
+            );
+            let j = r.json();
+            if r.status >= 400 {
+                assert!(
+                    j["code"].is_string() && j["message"].is_string(),
+                    "{method} {path}: {}",
+                    r.body
+                );
+                assert!(
+                    !j["message"].as_str().unwrap().starts_with("no route for"),
+                    "{method} {path} did not route: {}",
+                    r.body
+                );
+                assert_ne!(r.status, 405, "{method} {path}");
+            }
+        }
+    }
+    assert!(calls >= 30, "{calls} routes");
+    app.stop();
+}
+
+#[test]
+fn the_openapi_document_is_valid_openapi_3_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &[]);
+    let from_admin = http(app.admin, "GET", "/openapi.json", &[], b"");
+    let from_gateway = http(app.addrs["gateway"], "GET", "/openapi.json", &[], b"");
+    app.stop();
+    assert_eq!(from_admin.status, 200);
+    assert_eq!(from_admin.json(), from_gateway.json());
+    let doc = dir.path().join("openapi.json");
+    std::fs::write(&doc, &from_admin.body).unwrap();
+    let python = std::env::var("SHOPVERSE_TEST_PYTHON")
+        .expect("SHOPVERSE_TEST_PYTHON: scripts/test sets it up (see README)");
+    let out = std::process::Command::new(python)
+        .args(["-c", "import json, sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1]))); print('valid')"])
+        .arg(&doc)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        from_admin.json()["paths"]["/v1/checkout"]["post"]["x-shopverse-role"],
+        "customer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_come_through_the_gateway_with_the_same_auth() {
+    use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
+    use shopverse_proto::products::v1::{ListProductsRequest, ReserveStockRequest};
+    use shopverse_proto::users::v1::GetMeRequest;
+    use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let gw = app.addrs["gateway"];
+    // HTTP/2 in cleartext to the gateway's one port, as grpcurl -plaintext would.
+    let ch = channel(gw).await;
+    let mut products = ProductsServiceClient::new(ch.clone());
+    let page = products
+        .list_products(ListProductsRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("a public method passes")
+        .into_inner();
+    assert_eq!(page.products.len(), 2);
+    let e = products
+        .reserve_stock(ReserveStockRequest {
+            order_id: "x".into(),
+            lines: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "internal methods stay inside: {e:?}"
+    );
+
+    let mut users = UsersServiceClient::new(ch);
+    let e = users.get_me(GetMeRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    // A spoofed identity without a token is not enough.
+    let mut spoof = tonic::Request::new(GetMeRequest {});
+    spoof
+        .metadata_mut()
+        .insert("x-shopverse-user", "someone".parse().unwrap());
+    spoof
+        .metadata_mut()
+        .insert("x-shopverse-roles", "admin".parse().unwrap());
+    assert_eq!(
+        users.get_me(spoof).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+
+    http(
+        gw,
+        "POST",
+        "/v1/auth/register",
+        &[],
+        br#"{"email":"grpc@example.com","password":"grpc password"}"#,
+    );
+    let token = login(gw, "grpc@example.com", "grpc password");
+    let mut req = tonic::Request::new(GetMeRequest {});
+    req.metadata_mut()
+        .insert("authorization", bearer(&token).parse().unwrap());
+    req.metadata_mut()
+        .insert("x-shopverse-user", "someone-else".parse().unwrap());
+    let me = users
+        .get_me(req)
+        .await
+        .expect("a signed-in call passes")
+        .into_inner();
+    assert_eq!(
+        me.email, "grpc@example.com",
+        "the verified identity, not the spoofed one"
+    );
+    app.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_for_configured_origins_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = LoneGateway::start(
+        dir.path(),
+        "cors",
+        &[(
+            "SHOPVERSE_GATEWAY__CORS__ALLOWED_ORIGINS",
+            r#"["https://shop.example"]"#,
+        )],
+    );
+    let pre = |origin: &str| {
+        http(
+            gw.addr,
+            "OPTIONS",
+            "/v1/products/p1",
+            &[
+                ("origin", origin),
+                ("access-control-request-method", "PATCH"),
+                ("access-control-request-headers", "authorization"),
+            ],
+            b"",
+        )
+    };
+    let ok = pre("https://shop.example");
+    assert_eq!(ok.status, 204, "{}", ok.body);
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://shop.example")
+    );
+    assert_eq!(
+        ok.header("access-control-allow-methods"),
+        Some("GET, PATCH")
+    );
+    assert!(
+        ok.header("access-control-allow-headers")
+            .unwrap()
+            .contains("authorization")
+    );
+    assert_eq!(pre("https://evil.example").status, 403);
+    // Actual requests carry the header for allowed origins only (even errors, so a browser
+    // can read them).
+    let r = http(
+        gw.addr,
+        "GET",
+        "/v1/categories",
+        &[("origin", "https://shop.example")],
+        b"",
+    );
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://shop.example")
+    );
+    let r = http(
+        gw.addr,
+        "GET",
+        "/v1/categories",
+        &[("origin", "https://evil.example")],
+        b"",
+    );
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_tls_1_2_and_1_3_and_http2_by_alpn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (scripts/test installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let env = [
+        ("SHOPVERSE_GATEWAY__TLS__LISTEN", free.to_string()),
+        (
+            "SHOPVERSE_GATEWAY__TLS__CERT_PATH",
+            cert.display().to_string(),
+        ),
+        (
+            "SHOPVERSE_GATEWAY__TLS__KEY_PATH",
+            key.display().to_string(),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = LoneGateway::start(dir.path(), "tls", &env);
+    let curl = |extra: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                "--cacert",
+            ])
+            .arg(&cert)
+            .args(extra)
+            .arg(format!("https://127.0.0.1:{}/v1/categories", free.port()))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The products service is not running: a 503 with the JSON error, over TLS.
+    assert_eq!(curl(&["--http2"]), "2 503", "HTTP/2 negotiated by ALPN");
+    assert_eq!(curl(&["--http1.1"]), "1.1 503");
+    assert_eq!(
+        curl(&["--http2", "--tlsv1.2", "--tls-max", "1.2"]),
+        "2 503",
+        "TLS 1.2"
+    );
+    assert_eq!(curl(&["--http2", "--tlsv1.3"]), "2 503", "TLS 1.3");
+    gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_is_down_is_a_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = LoneGateway::start(dir.path(), "gw", &[]);
+    let r = http(gw.addr, "GET", "/v1/categories", &[], b"");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["code"], "UNAVAILABLE");
+    assert_eq!(r.json()["message"], "the products service is unavailable");
+    gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_in_a_pool_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    // Nothing listens on port 1, and no other test's server can be given it.
+    let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let pool = format!(r#"["http://{dead}", "http://{}"]"#, app.products);
+    let users = format!(r#"["http://{}"]"#, app.users);
+    let gw = LoneGateway::start(
+        dir.path(),
+        "pool",
+        &[
+            ("SHOPVERSE_GATEWAY__UPSTREAMS__PRODUCTS", pool.as_str()),
+            ("SHOPVERSE_GATEWAY__UPSTREAMS__USERS", users.as_str()),
+        ],
+    );
+    // Reads are retried on the live endpoint at once, and the dead one is ejected.
+    for _ in 0..20 {
+        let r = http(gw.addr, "GET", "/v1/categories", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    gw.stop();
+    app.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_is_a_408() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let gw = LoneGateway::start(
+        dir.path(),
+        "slow",
+        &[("SHOPVERSE_GATEWAY__CLIENT_BODY_TIMEOUT_MS", "300")],
+    );
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // Promise 100 bytes, send 10, then stall.
+    s.write_all(
+        b"POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"email\":",
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("DEADLINE_EXCEEDED"), "{resp}");
+    gw.stop();
+}
