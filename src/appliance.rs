@@ -250,7 +250,7 @@ impl Appliance {
             platform.local.declare(at);
             let run = unit.start(&cfg, listener, platform.clone(), shutdown.clone());
             tasks.spawn(async move { Ok(run.await?) });
-            let db = shopverse_kit::db::redact(&unit.database_url(&cfg));
+            let db = shopverse_storage::redact(&unit.database_url(&cfg));
             rows.push((
                 unit.name().to_owned(),
                 at.to_string(),
@@ -549,14 +549,14 @@ fn watch_storage(
             let mut db = None;
             loop {
                 if db.is_none() {
-                    db = shopverse_kit::Db::connect(&url, 1).await.ok();
+                    db = shopverse_storage::Db::connect(&url, 1).await.ok();
                 }
                 let outcome = match &db {
                     None => Err("cannot connect".to_owned()),
                     Some(db) => {
-                        match shopverse_kit::db::probe_write(db, SystemClock.now_ms()).await {
+                        match shopverse_storage::probe_write(db, SystemClock.now_ms()).await {
                             Ok(()) => Ok(()),
-                            Err(e) if shopverse_kit::db::is_busy(&e) => Ok(()),
+                            Err(e) if shopverse_storage::is_busy(&e) => Ok(()),
                             Err(e) => Err(e.to_string()),
                         }
                     }

@@ -168,7 +168,7 @@ pub async fn backup(cfg: &AppConfig, to: &Path) -> anyhow::Result<Manifest> {
         bail!("{} is not empty; back up into a new folder", to.display());
     }
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    shopverse_kit::db::install_drivers();
+    shopverse_storage::install_drivers();
     let mut files = Vec::new();
     let all = databases(cfg);
     let mut sqlite = Vec::new();
@@ -196,7 +196,7 @@ pub async fn backup(cfg: &AppConfig, to: &Path) -> anyhow::Result<Manifest> {
         );
     }
     for (name, url) in all {
-        let origin = shopverse_kit::db::redact(&url);
+        let origin = shopverse_storage::redact(&url);
         if let Some(path) = sqlite_path(&url) {
             if !path.exists() {
                 continue;

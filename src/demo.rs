@@ -58,7 +58,7 @@ pub async fn catalog_is_empty(cfg: &AppConfig) -> Result<bool, DemoError> {
 
 /// Where [`seed`] writes, as shown (password removed).
 pub fn catalog_url(cfg: &AppConfig) -> String {
-    shopverse_kit::db::redact(&cfg.services.products.database_url(&cfg.data.dir))
+    shopverse_storage::redact(&cfg.services.products.database_url(&cfg.data.dir))
 }
 
 pub const DEMO_EMAIL: &str = "demo@shopverse.example";

@@ -11,10 +11,10 @@ use shopverse_events::envelope::{
     decode_payload, new_envelope,
 };
 use shopverse_events::outbox::enqueue;
-use shopverse_kit::db::Db;
 use shopverse_kit::{Clock, ServiceError};
 use shopverse_proto::delivery::v1::ShipmentEvent;
 use shopverse_proto::orders::v1::OrderEvent;
+use shopverse_storage::Db;
 
 use crate::config::DeliveryConfig;
 use crate::domain::{self, DAY_MS, ShipmentState};

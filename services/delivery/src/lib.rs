@@ -21,9 +21,9 @@ pub mod store;
 
 use tonic::service::Routes;
 
-use shopverse_kit::db::MigrationSpec;
 use shopverse_proto::delivery::v1::delivery_service_server::DeliveryServiceServer;
 use shopverse_runtime::{Context, RunError, Service};
+use shopverse_storage::MigrationSpec;
 
 pub use app::Delivery;
 pub use config::DeliveryConfig;

@@ -27,9 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use shopverse_kit::clock::{Clock, SystemClock};
 use shopverse_kit::config::Invalid;
-use shopverse_kit::db::{Db, placeholders};
 use shopverse_kit::error::BoxError;
 use shopverse_kit::metrics::{int_counter, int_counter_vec, int_gauge};
+use shopverse_storage::{Db, placeholders};
 
 use crate::bus::{BusError, EventBus, OutRecord, Record};
 use crate::envelope::{Envelope, check_known, decode_envelope, dlq_topic};
@@ -273,7 +273,7 @@ pub const OUTAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Whether a handler's retryable error is the storage being out of service.
 fn is_outage(e: &BoxError) -> bool {
     e.downcast_ref::<sqlx::Error>()
-        .is_some_and(shopverse_kit::db::is_outage)
+        .is_some_and(shopverse_storage::is_outage)
 }
 
 impl<H: Handler> Consumer<H> {

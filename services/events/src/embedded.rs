@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 
 use shopverse_kit::clock::{Clock, SystemClock};
-use shopverse_kit::db::{Db, MigrationSpec, placeholders};
+use shopverse_storage::{Db, MigrationSpec, placeholders};
 
 use crate::bus::{BusError, EventBus, OutRecord, Record, Subscription, partition_for};
 
@@ -94,7 +94,7 @@ impl EmbeddedLog {
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
                 db,
-                url: shopverse_kit::db::redact(url),
+                url: shopverse_storage::redact(url),
                 partitions: partitions.max(1),
                 appended: Notify::new(),
                 active_groups: Mutex::new(HashSet::new()),
@@ -131,7 +131,7 @@ impl EmbeddedLog {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("opening the embedded event log: {0}")]
-    Db(#[from] shopverse_kit::db::DbError),
+    Db(#[from] shopverse_storage::DbError),
 }
 
 fn decode_headers(s: &str) -> Vec<(String, String)> {

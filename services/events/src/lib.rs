@@ -33,7 +33,7 @@ pub use bus::{BusError, EventBus, OutRecord, Record, Subscription};
 pub use envelope::{Envelope, EventType};
 
 /// Migrations every service that publishes or consumes runs in its own database (outbox, inbox).
-pub const MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[
+pub const MIGRATIONS: &[shopverse_storage::MigrationSpec] = &[
     (
         1000,
         "event outbox and inbox",

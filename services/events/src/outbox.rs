@@ -16,8 +16,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use shopverse_kit::clock::{Clock, SystemClock};
-use shopverse_kit::db::{Db, DbKind, placeholders};
 use shopverse_kit::metrics::{int_counter, int_gauge};
+use shopverse_storage::{Db, DbKind, placeholders};
 
 use crate::bus::{BusError, EventBus, OutRecord};
 use crate::envelope::{Envelope, EventType};

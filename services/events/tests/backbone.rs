@@ -16,11 +16,11 @@ use shopverse_events::kafka::{KafkaBus, KafkaConfig};
 use shopverse_events::outbox::{Relay, enqueue};
 use shopverse_events::{MIGRATIONS, dlq};
 use shopverse_kit::CancellationToken;
-use shopverse_kit::db::Db;
 use shopverse_kit::testing::PgTestDb;
 use shopverse_proto::users::v1::UserRegistered;
+use shopverse_storage::Db;
 
-const APP_MIGRATIONS: &[shopverse_kit::db::MigrationSpec] = &[(
+const APP_MIGRATIONS: &[shopverse_storage::MigrationSpec] = &[(
     1,
     "test tables",
     "CREATE TABLE things (id TEXT PRIMARY KEY); CREATE TABLE effects (event_id TEXT NOT NULL, subject TEXT NOT NULL);",

@@ -99,10 +99,10 @@ impl From<ServiceError> for Status {
 /// Storage errors are internal unless they say something the caller can act on.
 impl From<sqlx::Error> for ServiceError {
     fn from(e: sqlx::Error) -> Self {
-        if crate::db::is_busy(&e) {
+        if shopverse_storage::is_busy(&e) {
             return ServiceError::Unavailable("the database is busy; try again".into());
         }
-        if crate::db::is_outage(&e) {
+        if shopverse_storage::is_outage(&e) {
             tracing::error!(error = %e, "storage unavailable");
             return ServiceError::Unavailable("storage is unavailable; try again shortly".into());
         }

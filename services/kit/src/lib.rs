@@ -10,8 +10,6 @@
 //!   listener the caller made (port 0 in tests), graceful shutdown with a bounded grace period.
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
 //! - [`systemd`]: `sd_notify` (READY, STOPPING, watchdog) for `Type=notify` units.
-//! - [`db`]: storage through `sqlx` on SQLite (default, WAL, one file per service) or PostgreSQL,
-//!   with the same migrations and queries for both.
 //! - [`identity`]: who is calling, from the gateway's `x-shopverse-user` / `x-shopverse-roles`
 //!   metadata, and the one helper that enforces roles.
 //! - [`error`]: the domain error every service returns, mapped to `tonic::Status` in one place.
@@ -28,10 +26,8 @@
 pub mod clock;
 pub mod config;
 pub mod crash;
-pub mod db;
 pub mod error;
 pub mod identity;
-pub mod inline;
 pub mod link;
 pub mod metrics;
 pub mod paging;
@@ -45,7 +41,6 @@ pub mod upstream;
 pub mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use db::{Db, DbKind};
 pub use error::ServiceError;
 pub use identity::{Identity, Role};
 pub use link::{Link, LocalServices};

@@ -30,7 +30,7 @@ pub struct PgTestDb {
 
 impl PgTestDb {
     pub async fn create() -> Result<PgTestDb, sqlx::Error> {
-        crate::db::install_drivers();
+        shopverse_storage::install_drivers();
         let admin = admin_url();
         let mut conn = sqlx::AnyConnection::connect(&admin).await?;
         let now = SystemClock.now_secs();

@@ -7,9 +7,9 @@ use sqlx::AnyConnection;
 
 use shopverse_events::consumer::HandlerError;
 use shopverse_events::envelope::Envelope;
-use shopverse_kit::db::Db;
 use shopverse_kit::{Clock, ServiceError};
 use shopverse_proto::notifications::v1::Notification;
+use shopverse_storage::Db;
 
 use crate::store::{self, NewItem};
 use crate::{channels, templates};

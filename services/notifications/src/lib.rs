@@ -34,9 +34,9 @@ use std::time::Duration;
 
 use tonic::service::Routes;
 
-use shopverse_kit::db::MigrationSpec;
 use shopverse_proto::notifications::v1::notifications_service_server::NotificationsServiceServer;
 use shopverse_runtime::{Context, RunError, Service};
+use shopverse_storage::MigrationSpec;
 
 pub use app::Notifications;
 pub use config::NotificationsConfig;

@@ -3,8 +3,8 @@
 use sqlx::{AnyConnection, Row};
 
 use shopverse_kit::clock::to_timestamp;
-use shopverse_kit::db::Db;
 use shopverse_proto::notifications::v1::Notification;
+use shopverse_storage::Db;
 
 /// Whether `channel` already sent event `event_id`.
 pub async fn delivered(db: &Db, event_id: &str, channel: &str) -> Result<bool, sqlx::Error> {

@@ -14,10 +14,9 @@ use shopverse_events::envelope::{
 };
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::clock::to_timestamp;
-use shopverse_kit::db::is_unique_violation;
 use shopverse_kit::identity::Identity;
 use shopverse_kit::validate::{address, address_to_json, text};
-use shopverse_kit::{Clock, Db, ServiceError};
+use shopverse_kit::{Clock, ServiceError};
 use shopverse_proto::common::v1::Money;
 use shopverse_proto::orders::v1::orders_service_server::OrdersServiceServer;
 use shopverse_proto::orders::v1::*;
@@ -26,6 +25,8 @@ use shopverse_proto::products::v1::{
     GetProductRequest, ReservationLine, ReservationState, ReserveStockRequest,
 };
 use shopverse_runtime::Platform;
+use shopverse_storage::Db;
+use shopverse_storage::is_unique_violation;
 
 use crate::config::OrdersConfig;
 use crate::domain::{CheckoutState, MAX_CART_LINES, MAX_LINE_QUANTITY, OrderState};

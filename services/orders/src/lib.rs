@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use tonic::service::Routes;
 
-use shopverse_kit::db::MigrationSpec;
 use shopverse_runtime::{Context, RunError, Service};
+use shopverse_storage::MigrationSpec;
 
 pub use app::Orders;
 pub use config::OrdersConfig;

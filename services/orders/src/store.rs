@@ -2,10 +2,10 @@
 
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
-use shopverse_kit::Db;
-use shopverse_kit::db::placeholders;
 use shopverse_kit::validate::{address_from_json, address_to_json};
 use shopverse_proto::common::v1::Address;
+use shopverse_storage::Db;
+use shopverse_storage::placeholders;
 
 use crate::domain::{CheckoutState, MAX_CART_LINES, MAX_LINE_QUANTITY, OrderState};
 

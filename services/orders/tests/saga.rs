@@ -1187,9 +1187,9 @@ async fn a_cause_handled_twice_raises_the_same_event() {
 
     // Orders forgets: the order back to waiting for payment, the inbox row and the outbox row
     // gone.
-    shopverse_kit::db::install_drivers();
+    shopverse_storage::install_drivers();
     let url = format!("sqlite://{}/orders.db", shop.dir.path().display());
-    let db = shopverse_kit::Db::connect(&url, 1).await.unwrap();
+    let db = shopverse_storage::Db::connect(&url, 1).await.unwrap();
     let mut tx = db.begin_write().await.unwrap();
     for (sql, bind) in [
         (

@@ -11,11 +11,12 @@ use shopverse_events::envelope::{
     decode_payload, new_envelope,
 };
 use shopverse_events::outbox::enqueue;
-use shopverse_kit::{Clock, Db, ServiceError};
+use shopverse_kit::{Clock, ServiceError};
 use shopverse_proto::common::v1::Money;
 use shopverse_proto::orders::v1::{OrderCancelled, OrderEvent};
 use shopverse_proto::payments::v1::payments_service_server::PaymentsServiceServer;
 use shopverse_proto::payments::v1::*;
+use shopverse_storage::Db;
 
 use crate::provider::{ChargeOutcome, PaymentProvider, ProviderError};
 use crate::store::{self, PaymentRow};

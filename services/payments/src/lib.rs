@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use tonic::service::Routes;
 
-use shopverse_kit::db::MigrationSpec;
 use shopverse_runtime::{Context, RunError, Service};
+use shopverse_storage::MigrationSpec;
 
 pub use app::Payments;
 pub use config::PaymentsConfig;

@@ -19,8 +19,8 @@
 //! make it forget.
 
 use async_trait::async_trait;
-use shopverse_kit::db::{Db, MigrationSpec};
 use shopverse_kit::{Clock, SystemClock};
+use shopverse_storage::{Db, MigrationSpec};
 use sqlx::Row;
 
 pub const MIGRATIONS: &[MigrationSpec] = &[
@@ -94,7 +94,7 @@ impl Simulator {
     pub async fn open(
         url: &str,
         flaky_failures: i64,
-    ) -> Result<Simulator, shopverse_kit::db::DbError> {
+    ) -> Result<Simulator, shopverse_storage::DbError> {
         let db = Db::connect(url, 4).await?;
         db.migrate(&[MIGRATIONS]).await?;
         Ok(Simulator { db, flaky_failures })

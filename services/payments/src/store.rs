@@ -4,9 +4,9 @@
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use shopverse_kit::clock::to_timestamp;
-use shopverse_kit::db::placeholders;
 use shopverse_proto::common::v1::Money;
 use shopverse_proto::payments::v1::{Transaction, TransactionKind};
+use shopverse_storage::placeholders;
 
 #[derive(Debug, Clone)]
 pub struct PaymentRow {

@@ -14,13 +14,14 @@ use shopverse_events::envelope::{
 };
 use shopverse_events::outbox::{enqueue, enqueue_all};
 use shopverse_kit::clock::to_timestamp;
-use shopverse_kit::db::is_unique_violation;
 use shopverse_kit::identity::Identity;
-use shopverse_kit::{Clock, Db, ServiceError};
+use shopverse_kit::{Clock, ServiceError};
 use shopverse_proto::common::v1::Money;
 use shopverse_proto::products::v1::products_service_server::ProductsServiceServer;
 use shopverse_proto::products::v1::*;
 use shopverse_runtime::Platform;
+use shopverse_storage::Db;
+use shopverse_storage::is_unique_violation;
 
 use crate::config::ProductsConfig;
 use crate::domain::*;
@@ -481,7 +482,7 @@ impl Products {
 
     pub(crate) async fn save(
         &self,
-        mut tx: shopverse_kit::db::WriteTx,
+        mut tx: shopverse_storage::WriteTx,
         mut p: ProductRow,
         expected: i64,
         kind: &EventType,

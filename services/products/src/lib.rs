@@ -27,8 +27,8 @@ pub mod store;
 
 use tonic::service::Routes;
 
-use shopverse_kit::db::MigrationSpec;
 use shopverse_runtime::{Context, RunError, Service};
+use shopverse_storage::MigrationSpec;
 
 pub use app::Products;
 pub use config::ProductsConfig;

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
-use shopverse_kit::Db;
-use shopverse_kit::db::placeholders;
+use shopverse_storage::Db;
+use shopverse_storage::placeholders;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CategoryRow {

@@ -70,7 +70,7 @@ pub struct Dbs {
 impl Dbs {
     /// Opens the five databases, `max_connections` each.
     pub async fn open(urls: &Urls<'_>, max_connections: u32) -> Result<Dbs, sqlx::Error> {
-        shopverse_kit::db::install_drivers();
+        shopverse_storage::install_drivers();
         let open = |url: &str| {
             let url = url.to_owned();
             async move {

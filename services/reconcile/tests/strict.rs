@@ -24,7 +24,7 @@ async fn world(dir: &std::path::Path) -> Dbs {
             .close()
             .await;
     }
-    let sim = shopverse_kit::Db::connect(&files[4], 1).await.unwrap();
+    let sim = shopverse_storage::Db::connect(&files[4], 1).await.unwrap();
     sim.migrate(&[shopverse_payments::provider::MIGRATIONS])
         .await
         .unwrap();

@@ -27,8 +27,8 @@ use tonic::service::Routes;
 use shopverse_events::EventBus;
 use shopverse_events::consumer::{Consumer, ConsumerConfig, Handler};
 use shopverse_events::outbox::Relay;
-use shopverse_kit::db::{Db, DbError, MigrationSpec};
 use shopverse_kit::{CancellationToken, Clock, Link, LocalServices};
+use shopverse_storage::{Db, DbError, MigrationSpec};
 
 /// What a service takes from the process it runs in: the event bus, the metrics registry, the
 /// clock, how long shutdown may wait for in-flight calls, which gRPC addresses the process

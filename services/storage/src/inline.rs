@@ -10,11 +10,11 @@
 //! The services' code is unchanged: it holds an `AnyConnection` and uses `sqlx::query` as on
 //! PostgreSQL. What differs:
 //! - A statement blocks the runtime's thread while SQLite runs it. The writers of a file queue
-//!   in the process ([`crate::db`]), readers never wait in WAL mode, and the long jobs (the
+//!   in the process ([`crate`]), readers never wait in WAL mode, and the long jobs (the
 //!   background checkpoint, migrations) stay on `sqlx`'s threaded driver, so the wait is
 //!   SQLite's own work. A write that meets another process's write lock waits in SQLite's
 //!   busy handler on this thread, up to the busy timeout.
-//! - No migrations through this driver: [`crate::db::Db::migrate`] uses `sqlx`'s.
+//! - No migrations through this driver: [`crate::Db::migrate`] uses `sqlx`'s.
 //!
 //! Values map as `sqlx`'s SQLite driver maps them for `Any`: integers are `BIGINT`, reals
 //! `DOUBLE`, text and blobs as such; parameters are `$N` (or `?N`) by number, else by position.
@@ -804,7 +804,7 @@ mod tests {
     use sqlx::{AnyConnection, Connection, Executor, Row};
 
     async fn open(dir: &tempfile::TempDir, mode: &str) -> AnyConnection {
-        crate::db::install_drivers();
+        crate::install_drivers();
         let url = format!(
             "sqlite-inline://{}?mode={mode}",
             dir.path().join("t.db").display()
@@ -928,7 +928,7 @@ mod tests {
             .execute(&mut c)
             .await;
         let err = dup.expect_err("a duplicate");
-        assert!(crate::db::is_unique_violation(&err), "{err}");
+        assert!(crate::is_unique_violation(&err), "{err}");
         assert_eq!(
             err.as_database_error().and_then(|d| d.code()).as_deref(),
             Some("2067")

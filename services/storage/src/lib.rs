@@ -20,9 +20,13 @@
 //! the holder, the taking one was paid while the others queued.
 //!
 //! On SQLite the services' connections (the writer, the readers, the pool) run statements on
-//! the calling task's thread ([`crate::inline`]): `sqlx`'s SQLite driver hands each statement
+//! the calling task's thread (`inline`): `sqlx`'s SQLite driver hands each statement
 //! to a thread of its own, and on the checkout path those hand-offs were half the CPU time.
 //! Migrations and the background checkpoint stay on `sqlx`'s driver, off the runtime.
+
+#![forbid(unsafe_code)]
+
+mod inline;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -41,7 +45,7 @@ use sqlx::{
 
 /// Installs the `Any` drivers: PostgreSQL, `sqlx`'s SQLite (threaded: migrations, the
 /// background checkpoint, other processes' `sqlite:` URLs) and the inline SQLite the services'
-/// own connections use ([`crate::inline`]). Call before any `Any` connection; idempotent.
+/// own connections use (`inline`). Call before any `Any` connection; idempotent.
 pub fn install_drivers() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -49,7 +53,7 @@ pub fn install_drivers() {
         let _ = sqlx::any::install_drivers(&[
             sqlx::postgres::any::DRIVER,
             sqlx::sqlite::any::DRIVER,
-            crate::inline::DRIVER,
+            inline::DRIVER,
         ]);
     });
 }

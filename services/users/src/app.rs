@@ -19,10 +19,11 @@ use shopverse_events::outbox::enqueue;
 use shopverse_kit::clock::to_timestamp;
 use shopverse_kit::identity::Role;
 use shopverse_kit::metrics::int_counter_vec;
-use shopverse_kit::{Clock, Db, ServiceError};
+use shopverse_kit::{Clock, ServiceError};
 use shopverse_proto::users::v1::users_service_server::UsersServiceServer;
 use shopverse_proto::users::v1::*;
 use shopverse_runtime::Platform;
+use shopverse_storage::Db;
 
 use crate::config::UsersConfig;
 use crate::domain;

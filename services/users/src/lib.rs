@@ -22,8 +22,8 @@ pub mod store;
 
 use tonic::service::Routes;
 
-use shopverse_kit::db::MigrationSpec;
 use shopverse_runtime::{Context, RunError, Service};
+use shopverse_storage::MigrationSpec;
 
 pub use app::Users;
 pub use config::UsersConfig;

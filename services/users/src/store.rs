@@ -2,8 +2,9 @@
 
 use sqlx::{AnyConnection, Row};
 
-use shopverse_kit::{Db, ServiceError};
+use shopverse_kit::ServiceError;
 use shopverse_proto::common::v1::Address;
+use shopverse_storage::Db;
 
 #[derive(Debug, Clone)]
 pub struct UserRow {
@@ -114,7 +115,7 @@ impl Repo {
         .await;
         match res {
             Ok(_) => Ok(()),
-            Err(e) if shopverse_kit::db::is_unique_violation(&e) => Err(
+            Err(e) if shopverse_storage::is_unique_violation(&e) => Err(
                 ServiceError::AlreadyExists("an account with this email already exists".into()),
             ),
             Err(e) => Err(e.into()),

@@ -286,7 +286,7 @@ pub async fn settle_and_reconcile(
 pub async fn seeded_stock(events_url: &str, product: &str) -> i64 {
     use prost::Message;
     use sqlx::Row;
-    shopverse_kit::db::install_drivers();
+    shopverse_storage::install_drivers();
     let log = sqlx::AnyPool::connect(events_url)
         .await
         .expect("the event log");
