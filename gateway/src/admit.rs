@@ -263,7 +263,9 @@ mod tests {
                 reset_secs: reset,
             };
             let [p, r] = h.pairs();
-            assert_eq!(p, ("ratelimit-policy", "\"default\";q=100;w=1".to_owned()));
+            // The quota is the sustained rate (50/s), not the burst (100): a client that paces
+            // itself by it is never refused.
+            assert_eq!(p, ("ratelimit-policy", "\"default\";q=50;w=1".to_owned()));
             assert_eq!(
                 r,
                 ("ratelimit", format!("\"default\";r={remaining};t={reset}"))

@@ -15,7 +15,8 @@ use crate::upstream::Target;
 /// What a rate-limit policy's headers are made of, the same on every answer.
 #[derive(Debug)]
 pub struct RateTexts {
-    /// The `RateLimit-Policy` value: `"name";q=burst;w=per_secs`.
+    /// The `RateLimit-Policy` value: `"name";q=requests;w=per_secs`, the rate a client can
+    /// keep up (the burst above it is what `RateLimit`'s `r=` shows while it lasts).
     pub policy: String,
     /// The quoted name, how a `RateLimit` value begins.
     pub name: String,
@@ -61,7 +62,7 @@ impl Live {
             .rate_limits
             .iter()
             .map(|p| {
-                let policy = format!("\"{}\";q={};w={}", p.name, p.burst, p.per_secs);
+                let policy = format!("\"{}\";q={};w={}", p.name, p.requests, p.per_secs);
                 let head = format!("ratelimit-policy: {policy}\r\nratelimit: \"{}\";r=", p.name);
                 Arc::new(RateTexts {
                     name: format!("\"{}\"", p.name),
