@@ -2,55 +2,49 @@
 //! TLS, and the answers for a service that is down or a client that is slow.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use crate::common::gateway::*;
 use crate::common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rest_through_the_gateway() {
+/// A customer's `Authorization` value: registered and signed in through the gateway.
+fn customer(gw: SocketAddr, email: &str) -> String {
+    register(gw, email, "a long password");
+    bearer(&login(gw, email, "a long password"))
+}
+
+/// `method path` as `auth`, with `body`.
+fn call(gw: SocketAddr, method: &str, path: &str, auth: &str, body: &[u8]) -> HttpResponse {
+    http(gw, method, path, &[("authorization", auth)], body)
+}
+
+#[test]
+fn catalog_routes_take_path_variables_and_queries() {
     let dir = tempfile::tempdir().unwrap();
     let app = Appliance::start(dir.path(), &["--demo"]);
     let gw = app.addrs["gateway"];
-
-    // Public catalog routes, with path variables and query parameters.
     let r = http(gw, "GET", "/v1/categories", &[], b"");
     assert_eq!(r.status, 200);
     assert!(r.json()["categories"].as_array().unwrap().len() >= 5);
-    let r = http(
-        gw,
-        "GET",
-        "/v1/products?page_size=3&sort=PRODUCT_SORT_PRICE_ASC",
-        &[],
-        b"",
-    );
+    let path = "/v1/products?page_size=3&sort=PRODUCT_SORT_PRICE_ASC";
+    let r = http(gw, "GET", path, &[], b"");
     assert_eq!(r.status, 200, "{}", r.body);
     let products = r.json()["products"].as_array().unwrap().clone();
     assert_eq!(products.len(), 3);
-    let cheapest = &products[0];
-    assert!(
-        cheapest["price"]["amountMinor"]
-            .as_str()
-            .unwrap()
-            .parse::<i64>()
-            .unwrap()
-            > 0
-    );
-    let id = cheapest["id"].as_str().unwrap();
+    let price = products[0]["price"]["amountMinor"].as_str().unwrap();
+    assert!(price.parse::<i64>().unwrap() > 0);
+    let id = products[0]["id"].as_str().unwrap();
     let r = http(gw, "GET", &format!("/v1/products/{id}"), &[], b"");
     assert_eq!((r.status, r.json()["id"].as_str()), (200, Some(id)));
-    let sku = cheapest["sku"].as_str().unwrap();
-    assert_eq!(
-        http(gw, "GET", &format!("/v1/skus/{sku}"), &[], b"").json()["id"].as_str(),
-        Some(id)
-    );
+    let sku = products[0]["sku"].as_str().unwrap();
+    let r = http(gw, "GET", &format!("/v1/skus/{sku}"), &[], b"");
+    assert_eq!(r.json()["id"].as_str(), Some(id));
     let r = http(gw, "GET", &format!("/v1/products/{id}/stock"), &[], b"");
     assert_eq!(r.status, 200);
     assert!(r.header("x-request-id").is_some());
     let r = http(gw, "GET", "/v1/products/does-not-exist", &[], b"");
-    assert_eq!(
-        (r.status, r.json()["code"].as_str()),
-        (404, Some("NOT_FOUND"))
-    );
+    let answer = (r.status, r.json()["code"].as_str().map(str::to_owned));
+    assert_eq!(answer, (404, Some("NOT_FOUND".to_owned())));
     let r = http(
         gw,
         "GET",
@@ -59,148 +53,100 @@ async fn rest_through_the_gateway() {
         b"",
     );
     assert_eq!(r.header("x-request-id"), Some("trace-me-123"));
+    app.stop();
+}
 
-    // Accounts: register, login, profile; errors map to HTTP statuses with the JSON shape.
-    let r = http(
-        gw,
-        "POST",
-        "/v1/auth/register",
-        &[],
+#[test]
+fn accounts_register_sign_in_and_edit_their_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &[]);
+    let gw = app.addrs["gateway"];
+    let register = |body: &[u8]| http(gw, "POST", "/v1/auth/register", &[], body);
+    let r = register(
         br#"{"email":"gw@example.com","password":"gateway password","displayName":"Gee"}"#,
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = http(
-        gw,
-        "POST",
-        "/v1/auth/register",
-        &[],
-        br#"{"email":"gw@example.com","password":"gateway password"}"#,
-    );
+    let r = register(br#"{"email":"gw@example.com","password":"gateway password"}"#);
     assert_eq!(
         (r.status, r.json()["code"].as_str()),
         (409, Some("ALREADY_EXISTS"))
     );
-    let r = http(
-        gw,
-        "POST",
-        "/v1/auth/register",
-        &[],
-        br#"{"email":"nope","password":"gateway password"}"#,
-    );
+    let r = register(br#"{"email":"nope","password":"gateway password"}"#);
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["details"][0]["field"], "email");
-    let token = login(gw, "gw@example.com", "gateway password");
-    let auth = bearer(&token);
-    let r = http(gw, "GET", "/v1/me", &[("authorization", &auth)], b"");
+    let auth = bearer(&login(gw, "gw@example.com", "gateway password"));
+    let r = call(gw, "GET", "/v1/me", &auth, b"");
     assert_eq!(
         (r.status, r.json()["displayName"].as_str()),
         (200, Some("Gee"))
     );
-    let r = http(
-        gw,
-        "PATCH",
-        "/v1/me",
-        &[("authorization", &auth)],
-        br#"{"displayName":"G. W."}"#,
-    );
+    let r = call(gw, "PATCH", "/v1/me", &auth, br#"{"displayName":"G. W."}"#);
     assert_eq!(
         (r.status, r.json()["displayName"].as_str()),
         (200, Some("G. W."))
     );
+    app.stop();
+}
 
-    // Cart and checkout through REST, then the order is readable by its owner only.
-    let r = http(
-        gw,
-        "POST",
-        "/v1/cart/items",
-        &[("authorization", &auth)],
-        format!(r#"{{"productId":"{id}","quantity":2}}"#).as_bytes(),
-    );
+#[test]
+fn a_cart_checks_out_and_its_order_is_its_owners_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let gw = app.addrs["gateway"];
+    let r = http(gw, "GET", "/v1/products?page_size=1", &[], b"");
+    let id = r.json()["products"][0]["id"].as_str().unwrap().to_owned();
+    let auth = customer(gw, "gw@example.com");
+    let line = format!(r#"{{"productId":"{id}","quantity":2}}"#);
+    let r = call(gw, "POST", "/v1/cart/items", &auth, line.as_bytes());
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["lines"][0]["quantity"], 2);
-    let r = http(
+    let r = call(
         gw,
         "PUT",
         &format!("/v1/cart/items/{id}"),
-        &[("authorization", &auth)],
+        &auth,
         br#"{"quantity":1}"#,
     );
     assert_eq!(r.json()["lines"][0]["quantity"], 1);
     let checkout = br#"{"idempotencyKey":"gateway-order-1","paymentMethodToken":"pm_card_ok","shippingAddress":{"line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}"#;
-    let r = http(
-        gw,
-        "POST",
-        "/v1/checkout",
-        &[("authorization", &auth)],
-        checkout,
-    );
+    let r = call(gw, "POST", "/v1/checkout", &auth, checkout);
     assert_eq!(r.status, 200, "{}", r.body);
     let order = r.json()["id"].as_str().unwrap().to_owned();
     assert_eq!(r.json()["status"], "ORDER_STATUS_PENDING_PAYMENT");
-    let t0 = std::time::Instant::now();
-    loop {
-        let r = http(
-            gw,
-            "GET",
-            &format!("/v1/orders/{order}"),
-            &[("authorization", &auth)],
-            b"",
-        );
-        if r.json()["status"] == "ORDER_STATUS_CONFIRMED" {
-            break;
-        }
-        assert!(t0.elapsed().as_secs() < 20, "{}", r.body);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let r = http(
-        gw,
-        "GET",
-        &format!("/v1/orders/{order}/payment"),
-        &[("authorization", &auth)],
-        b"",
-    );
+    let path = format!("/v1/orders/{order}");
+    until("the order is confirmed", Duration::from_secs(20), || {
+        call(gw, "GET", &path, &auth, b"").json()["status"] == "ORDER_STATUS_CONFIRMED"
+    });
+    let r = call(gw, "GET", &format!("{path}/payment"), &auth, b"");
     assert_eq!(r.json()["status"], "PAYMENT_STATUS_SUCCEEDED");
-    http(
-        gw,
-        "POST",
-        "/v1/auth/register",
-        &[],
-        br#"{"email":"other@example.com","password":"another password"}"#,
-    );
-    let other = bearer(&login(gw, "other@example.com", "another password"));
-    assert_eq!(
-        http(
-            gw,
-            "GET",
-            &format!("/v1/orders/{order}"),
-            &[("authorization", &other)],
-            b""
-        )
-        .status,
-        404
-    );
+    let other = customer(gw, "other@example.com");
+    assert_eq!(call(gw, "GET", &path, &other, b"").status, 404);
+    app.stop();
+}
 
-    // Routing errors.
+#[test]
+fn routing_errors_are_405_404_403_and_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &[]);
+    let gw = app.addrs["gateway"];
+    let auth = customer(gw, "gw@example.com");
     let r = http(gw, "PUT", "/v1/categories", &[], b"");
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("GET, POST"));
     assert_eq!(http(gw, "GET", "/v1/nothing/here", &[], b"").status, 404);
-    assert_eq!(
-        http(
-            gw,
-            "GET",
-            "/v1/admin/users",
-            &[("authorization", &auth)],
-            b""
-        )
-        .status,
-        403
-    );
+    assert_eq!(call(gw, "GET", "/v1/admin/users", &auth, b"").status, 403);
     let r = http(gw, "GET", "/v1/me", &[], b"");
     assert_eq!(r.status, 401);
     assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+    app.stop();
+}
 
-    // Bad input is a 4xx with the JSON error, never a 5xx.
+#[test]
+fn bad_input_is_a_4xx_with_the_json_error_never_a_5xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &[]);
+    let gw = app.addrs["gateway"];
+    let auth = customer(gw, "gw@example.com");
     for (body, field) in [
         (
             &br#"{"productId": "p", "quantity": "lots"}"#[..],
@@ -210,13 +156,7 @@ async fn rest_through_the_gateway() {
         (br#"{"productId": "#, None),
         (b"[1, 2, 3]", None),
     ] {
-        let r = http(
-            gw,
-            "POST",
-            "/v1/cart/items",
-            &[("authorization", &auth)],
-            body,
-        );
+        let r = call(gw, "POST", "/v1/cart/items", &auth, body);
         assert_eq!(r.status, 400, "{}", r.body);
         assert_eq!(r.json()["code"], "INVALID_ARGUMENT");
         if let Some(f) = field {
@@ -224,26 +164,20 @@ async fn rest_through_the_gateway() {
         }
     }
     let big = vec![b'x'; 2 << 20];
-    let r = http(
-        gw,
-        "POST",
-        "/v1/cart/items",
-        &[("authorization", &auth)],
-        &big,
-    );
-    assert_eq!(r.status, 413);
+    assert_eq!(call(gw, "POST", "/v1/cart/items", &auth, &big).status, 413);
     let many: Vec<(String, String)> = (0..200)
         .map(|i| (format!("x-junk-{i}"), "y".repeat(100)))
         .collect();
-    let many_refs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let r = http(gw, "GET", "/v1/categories", &many_refs, b"");
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = http(gw, "GET", "/v1/categories", &many, b"");
     assert_eq!(r.status, 431, "too many headers");
     assert_eq!(r.json()["code"], "INVALID_ARGUMENT");
     let r = http(gw, "GET", "/v1/products?page_size=many", &[], b"");
-    assert_eq!(
-        (r.status, r.json()["details"][0]["field"].as_str()),
-        (400, Some("page_size"))
+    let answer = (
+        r.status,
+        r.json()["details"][0]["field"].as_str().map(str::to_owned),
     );
+    assert_eq!(answer, (400, Some("page_size".to_owned())));
     app.stop();
 }
 
