@@ -356,44 +356,46 @@ async fn every_route_by_every_caller() {
     app.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_tokens_and_spoofed_identity_are_refused() {
+/// An appliance with customer Eve signed in: it, its data dir, the gateway, Eve's token and
+/// her user id.
+fn eve(env: &[(&str, &str)]) -> (Appliance, tempfile::TempDir, SocketAddr, String, String) {
     let dir = tempfile::tempdir().unwrap();
-    let app = Appliance::start_with_env(
-        dir.path(),
-        &[],
-        &[("SHOPVERSE_GATEWAY__JWKS_REFETCH_MIN_SECS", "1")],
-    );
+    let app = Appliance::start_with_env(dir.path(), &[], env);
     let gw = app.addrs["gateway"];
-    http(
-        gw,
-        "POST",
-        "/v1/auth/register",
-        &[],
-        br#"{"email":"eve@example.com","password":"eves password"}"#,
-    );
+    register(gw, "eve@example.com", "eves password");
     let good = login(gw, "eve@example.com", "eves password");
-    let me = |t: &str| http(gw, "GET", "/v1/me", &[("authorization", &bearer(t))], b"").status;
-    assert_eq!(me(&good), 200);
-    let sub = {
-        let claims = good.split('.').nth(1).unwrap();
-        serde_json::from_slice::<serde_json::Value>(&URL_SAFE_NO_PAD.decode(claims).unwrap())
-            .unwrap()["sub"]
-            .clone()
-    };
-    let claims = |over: serde_json::Value| {
-        let mut c = serde_json::json!({"iss": "shopverse", "aud": "shopverse-api", "sub": sub, "roles": ["customer", "admin"], "iat": now(), "nbf": now(), "exp": now() + 600});
-        for (k, v) in over.as_object().unwrap() {
-            c[k] = v.clone();
-        }
-        c
-    };
-    let data = dir.path();
-    // Signed by the real key, with bad claims.
+    let claims = URL_SAFE_NO_PAD
+        .decode(good.split('.').nth(1).unwrap())
+        .unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(&claims).unwrap();
+    let sub = claims["sub"].as_str().unwrap().to_owned();
+    (app, dir, gw, good, sub)
+}
+
+/// Eve's claims with the administrator's role added and `over` laid on top.
+fn claims(sub: &str, over: serde_json::Value) -> serde_json::Value {
+    let mut c = serde_json::json!({"iss": "shopverse", "aud": "shopverse-api", "sub": sub,
+        "roles": ["customer", "admin"], "iat": now(), "nbf": now(), "exp": now() + 600});
+    for (k, v) in over.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+/// `GET /v1/me` with token `t`: the status.
+fn me(gw: SocketAddr, t: &str) -> u16 {
+    http(gw, "GET", "/v1/me", &[("authorization", &bearer(t))], b"").status
+}
+
+#[test]
+fn tokens_signed_by_the_real_key_with_bad_claims_are_401() {
+    let (app, dir, gw, good, sub) = eve(&[]);
+    assert_eq!(me(gw, &good), 200);
+    let signed = |over| sign_with_real_key(dir.path(), &claims(&sub, over));
     assert_eq!(
-        me(&sign_with_real_key(data, &claims(serde_json::json!({})))),
+        me(gw, &signed(serde_json::json!({}))),
         200,
-        "control: a well-formed token passes"
+        "control: a well-formed token"
     );
     for (name, over) in [
         ("expired", serde_json::json!({"exp": now() - 3600})),
@@ -401,141 +403,120 @@ async fn forged_tokens_and_spoofed_identity_are_refused() {
         ("wrong audience", serde_json::json!({"aud": "someone-else"})),
         ("wrong issuer", serde_json::json!({"iss": "evil"})),
     ] {
-        assert_eq!(me(&sign_with_real_key(data, &claims(over))), 401, "{name}");
+        assert_eq!(me(gw, &signed(over)), 401, "{name}");
     }
-    let parts: Vec<&str> = good.split('.').collect();
-    // alg: none.
+    let metrics = http(app.admin, "GET", "/metrics", &[], b"").body;
+    let expired = "shopverse_gateway_auth_failures_total{reason=\"expired\"}";
+    assert!(
+        metrics.contains(expired),
+        "failures counted by reason: {metrics}"
+    );
+    app.stop();
+}
+
+#[test]
+fn forged_tokens_are_401() {
+    let (app, _dir, gw, good, sub) = eve(&[]);
+    let admin_claims = URL_SAFE_NO_PAD.encode(claims(&sub, serde_json::json!({})).to_string());
     let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
-    let admin_claims = URL_SAFE_NO_PAD.encode(claims(serde_json::json!({})).to_string());
     assert_eq!(
-        me(&format!("{none_header}.{admin_claims}.")),
+        me(gw, &format!("{none_header}.{admin_claims}.")),
         401,
         "alg none"
     );
-    // HS256 keyed with the public key.
     let jwks = http(gw, "GET", "/.well-known/jwks.json", &[], b"").json();
     let x = URL_SAFE_NO_PAD
         .decode(jwks["keys"][0]["x"].as_str().unwrap())
         .unwrap();
     let mut hs = Header::new(Algorithm::HS256);
     hs.kid = jwks["keys"][0]["kid"].as_str().map(str::to_owned);
-    let hs256 = jsonwebtoken::encode(
-        &hs,
-        &claims(serde_json::json!({})),
-        &EncodingKey::from_secret(&x).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(me(&hs256), 401, "HS256 with the public key");
-    // Unknown kid, tampered payload, truncated, garbage.
+    let key = EncodingKey::from_secret(&x).unwrap();
+    let hs256 = jsonwebtoken::encode(&hs, &claims(&sub, serde_json::json!({})), &key).unwrap();
+    assert_eq!(me(gw, &hs256), 401, "HS256 keyed with the public key");
     let mut unknown = Header::new(Algorithm::EdDSA);
     unknown.kid = Some("sv-not-a-key".into());
-    let stranger_der = {
-        let mut d = vec![
-            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
-            0x04, 0x20,
-        ];
-        d.extend_from_slice(&[7u8; 32]);
-        d
-    };
-    let foreign = jsonwebtoken::encode(
-        &unknown,
-        &claims(serde_json::json!({})),
-        &EncodingKey::from_ed_der(&stranger_der),
-    )
-    .unwrap();
-    assert_eq!(me(&foreign), 401, "unknown kid");
+    let mut stranger = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    stranger.extend_from_slice(&[7u8; 32]);
+    let key = EncodingKey::from_ed_der(&stranger);
+    let foreign = jsonwebtoken::encode(&unknown, &claims(&sub, serde_json::json!({})), &key);
+    assert_eq!(me(gw, &foreign.unwrap()), 401, "unknown kid");
+    let parts: Vec<&str> = good.split('.').collect();
+    let tampered = format!("{}.{}.{}", parts[0], admin_claims, parts[2]);
+    assert_eq!(me(gw, &tampered), 401, "tampered payload");
+    assert_eq!(me(gw, &good[..good.len() - 10]), 401, "truncated");
+    assert_eq!(me(gw, "garbage"), 401, "garbage");
+    let basic = [("authorization", "Basic Zm9vOmJhcg==")];
+    assert_eq!(http(gw, "GET", "/v1/me", &basic, b"").status, 401);
+    app.stop();
+}
+
+#[test]
+fn spoofed_identity_headers_change_nothing() {
+    let (app, _dir, gw, good, _) = eve(&[]);
+    // Without a token they sign no one in; with one they do not change who it is.
+    let spoofed = [
+        ("x-shopverse-user", "admin"),
+        ("x-shopverse-roles", "admin"),
+    ];
     assert_eq!(
-        me(&format!("{}.{}.{}", parts[0], admin_claims, parts[2])),
-        401,
-        "tampered payload"
+        http(gw, "GET", "/v1/admin/users", &spoofed, b"").status,
+        401
     );
-    assert_eq!(me(&good[..good.len() - 10]), 401, "truncated");
-    assert_eq!(me("garbage"), 401, "garbage");
-    let r = http(
-        gw,
-        "GET",
-        "/v1/me",
-        &[("authorization", "Basic Zm9vOmJhcg==")],
-        b"",
+    let auth = bearer(&good);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("x-shopverse-roles", "admin"),
+    ];
+    assert_eq!(
+        http(gw, "GET", "/v1/admin/users", &headers, b"").status,
+        403
     );
-    assert_eq!(r.status, 401);
-
-    // Spoofed identity headers are ignored: without a token they do not sign anyone in, with
-    // one they do not change who it is.
-    let r = http(
-        gw,
-        "GET",
-        "/v1/admin/users",
-        &[
-            ("x-shopverse-user", "admin"),
-            ("x-shopverse-roles", "admin"),
-        ],
-        b"",
-    );
-    assert_eq!(r.status, 401);
-    let r = http(
-        gw,
-        "GET",
-        "/v1/admin/users",
-        &[
-            ("authorization", &bearer(&good)),
-            ("x-shopverse-roles", "admin"),
-        ],
-        b"",
-    );
-    assert_eq!(r.status, 403);
-    let r = http(
-        gw,
-        "GET",
-        "/v1/me",
-        &[
-            ("authorization", &bearer(&good)),
-            ("x-shopverse-user", "someone-else"),
-        ],
-        b"",
-    );
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("x-shopverse-user", "someone-else"),
+    ];
+    let r = http(gw, "GET", "/v1/me", &headers, b"");
     assert_eq!(r.json()["email"], "eve@example.com");
+    app.stop();
+}
 
-    // Rotation: a token from the new key passes without restarting the gateway.
-    let (ok, _, err) = cli(data, &["keys", "rotate"], &[]);
+#[test]
+fn a_rotated_key_is_taken_without_a_restart() {
+    let (app, dir, gw, good, _) = eve(&[("SHOPVERSE_GATEWAY__JWKS_REFETCH_MIN_SECS", "1")]);
+    assert_eq!(me(gw, &good), 200);
+    let (ok, _, err) = cli(dir.path(), &["keys", "rotate"], &[]);
     assert!(ok, "{err}");
-    // The unknown-kid probe above just refetched; refetches are rate-limited to one a second here.
+    // Refetches of the key set are rate-limited to one a second here.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let fresh = login(gw, "eve@example.com", "eves password");
-    assert_eq!(me(&fresh), 200, "new kid accepted");
-    assert_eq!(me(&good), 200, "old tokens stay valid until they expire");
+    assert_eq!(me(gw, &fresh), 200, "new kid accepted");
+    assert_eq!(
+        me(gw, &good),
+        200,
+        "old tokens stay valid until they expire"
+    );
+    app.stop();
+}
 
-    // The login policy: 10 per minute per IP, then 429 with Retry-After and RateLimit headers.
-    let mut last = None;
-    for _ in 0..12 {
-        last = Some(http(
-            gw,
-            "POST",
-            "/v1/auth/login",
-            &[],
-            br#"{"email":"eve@example.com","password":"wrong password"}"#,
-        ));
+#[test]
+fn sign_in_is_limited_to_10_a_minute_per_address() {
+    let (app, _dir, gw, _, _) = eve(&[]);
+    let wrong = br#"{"email":"eve@example.com","password":"wrong password"}"#;
+    let mut r = http(gw, "POST", "/v1/auth/login", &[], wrong);
+    for _ in 0..11 {
+        r = http(gw, "POST", "/v1/auth/login", &[], wrong);
     }
-    let r = last.unwrap();
     assert_eq!(r.status, 429, "{}", r.body);
     assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
-    assert!(
-        r.header("ratelimit-policy").unwrap().contains("q=10;w=60"),
-        "{:?}",
-        r.headers
-    );
+    let policy = r.header("ratelimit-policy").unwrap();
+    assert!(policy.contains("q=10;w=60"), "{:?}", r.headers);
     assert!(r.header("ratelimit").is_some());
-
-    // Auth failures are counted by reason.
     let metrics = http(app.admin, "GET", "/metrics", &[], b"").body;
-    assert!(
-        metrics.contains("shopverse_gateway_auth_failures_total{reason=\"expired\"}"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("shopverse_gateway_rate_limited_total{policy=\"login\"}"),
-        "{metrics}"
-    );
+    let limited = "shopverse_gateway_rate_limited_total{policy=\"login\"}";
+    assert!(metrics.contains(limited), "{metrics}");
     app.stop();
 }
 
