@@ -84,17 +84,6 @@ fn snapshot(dir: &Path) -> String {
     out
 }
 
-/// The `Authorization` value of a signed-in `email`.
-fn bearer_of(gw: SocketAddr, email: &str, password: &str) -> String {
-    format!("Bearer {}", login(gw, email, password))
-}
-
-/// Registers and signs in `email`: its id and `Authorization` value.
-fn customer(gw: SocketAddr, email: &str) -> (String, String) {
-    let id = register(gw, email, "a long password");
-    (id, bearer_of(gw, email, "a long password"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_by_every_caller() {
     let dir = tempfile::tempdir().unwrap();
@@ -107,7 +96,7 @@ async fn every_route_by_every_caller() {
     assert!(ok, "{err}");
     let app = Appliance::start(d, &["--demo"]);
     let gw = app.addrs["gateway"];
-    let admin = bearer_of(gw, "root@example.com", "root password 123");
+    let admin = bearer(&login(gw, "root@example.com", "root password 123"));
     let (a_id, a) = customer(gw, "a@example.com");
     let (_, b) = customer(gw, "b@example.com");
 

@@ -100,12 +100,6 @@ const LIMITS: (&str, &str) = (
     r#"[{name = "default", requests = 100000, per_secs = 1, burst = 100000, by = "user"}]"#,
 );
 
-/// Registers and signs in a customer; the `Authorization` value.
-fn customer(gw: SocketAddr, email: &str) -> String {
-    register(gw, email, "a long password");
-    format!("Bearer {}", login(gw, email, "a long password"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_503_and_the_appliance_recovers_by_itself() {
     let fs = Tmpfs::mount(96);
@@ -113,7 +107,7 @@ async fn a_full_disk_is_503_and_the_appliance_recovers_by_itself() {
     let app = Appliance::start_with_env(d, &["--demo"], &[LIMITS]);
     let (gw, admin) = (app.addrs["gateway"], app.admin);
     let products = five_products(app.products).await;
-    let token = customer(gw, "fay@example.com");
+    let (_, token) = customer(gw, "fay@example.com");
     let mut told = Vec::new();
     let (_, status, id) = buy(gw, &token, &products[0], "full-before");
     assert_eq!(status, 200);
@@ -234,7 +228,7 @@ async fn postgres_refusing_connections_is_503_and_the_appliance_recovers_by_itse
     );
     let (gw, admin) = (app.addrs["gateway"], app.admin);
     let products = five_products(app.products).await;
-    let token = customer(gw, "pia@example.com");
+    let (_, token) = customer(gw, "pia@example.com");
     let mut told = Vec::new();
     let (_, status, id) = buy(gw, &token, &products[0], "pg-before");
     assert_eq!(status, 200);

@@ -296,11 +296,6 @@ async fn online_backup_under_writes_then_restore() {
     app.stop();
 }
 
-fn python() -> String {
-    std::env::var("SHOPVERSE_TEST_PYTHON")
-        .expect("SHOPVERSE_TEST_PYTHON: scripts/test sets it up (see README)")
-}
-
 #[test]
 fn compose_file_is_accepted_by_docker_compose() {
     // The secrets the file names, as a deployer would create them (from the examples).

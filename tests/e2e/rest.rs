@@ -7,12 +7,6 @@ use std::time::Duration;
 use crate::common::gateway::*;
 use crate::common::*;
 
-/// A customer's `Authorization` value: registered and signed in through the gateway.
-fn customer(gw: SocketAddr, email: &str) -> String {
-    register(gw, email, "a long password");
-    bearer(&login(gw, email, "a long password"))
-}
-
 /// `method path` as `auth`, with `body`.
 fn call(gw: SocketAddr, method: &str, path: &str, auth: &str, body: &[u8]) -> HttpResponse {
     http(gw, method, path, &[("authorization", auth)], body)
@@ -95,7 +89,7 @@ fn a_cart_checks_out_and_its_order_is_its_owners_alone() {
     let gw = app.addrs["gateway"];
     let r = http(gw, "GET", "/v1/products?page_size=1", &[], b"");
     let id = r.json()["products"][0]["id"].as_str().unwrap().to_owned();
-    let auth = customer(gw, "gw@example.com");
+    let (_, auth) = customer(gw, "gw@example.com");
     let line = format!(r#"{{"productId":"{id}","quantity":2}}"#);
     let r = call(gw, "POST", "/v1/cart/items", &auth, line.as_bytes());
     assert_eq!(r.status, 200, "{}", r.body);
@@ -119,7 +113,7 @@ fn a_cart_checks_out_and_its_order_is_its_owners_alone() {
     });
     let r = call(gw, "GET", &format!("{path}/payment"), &auth, b"");
     assert_eq!(r.json()["status"], "PAYMENT_STATUS_SUCCEEDED");
-    let other = customer(gw, "other@example.com");
+    let (_, other) = customer(gw, "other@example.com");
     assert_eq!(call(gw, "GET", &path, &other, b"").status, 404);
     app.stop();
 }
@@ -129,7 +123,7 @@ fn routing_errors_are_405_404_403_and_401() {
     let dir = tempfile::tempdir().unwrap();
     let app = Appliance::start(dir.path(), &[]);
     let gw = app.addrs["gateway"];
-    let auth = customer(gw, "gw@example.com");
+    let (_, auth) = customer(gw, "gw@example.com");
     let r = http(gw, "PUT", "/v1/categories", &[], b"");
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("GET, POST"));
@@ -146,7 +140,7 @@ fn bad_input_is_a_4xx_with_the_json_error_never_a_5xx() {
     let dir = tempfile::tempdir().unwrap();
     let app = Appliance::start(dir.path(), &[]);
     let gw = app.addrs["gateway"];
-    let auth = customer(gw, "gw@example.com");
+    let (_, auth) = customer(gw, "gw@example.com");
     for (body, field) in [
         (
             &br#"{"productId": "p", "quantity": "lots"}"#[..],
@@ -263,9 +257,7 @@ fn the_openapi_document_is_valid_openapi_3_1() {
     assert_eq!(from_admin.json(), from_gateway.json());
     let doc = dir.path().join("openapi.json");
     std::fs::write(&doc, &from_admin.body).unwrap();
-    let python = std::env::var("SHOPVERSE_TEST_PYTHON")
-        .expect("SHOPVERSE_TEST_PYTHON: scripts/test sets it up (see README)");
-    let out = std::process::Command::new(python)
+    let out = std::process::Command::new(python())
         .args(["-c", "import json, sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1]))); print('valid')"])
         .arg(&doc)
         .output()

@@ -8,10 +8,6 @@ use std::net::SocketAddr;
 
 use super::*;
 
-pub fn bearer(t: &str) -> String {
-    format!("Bearer {t}")
-}
-
 /// Signs `claims` with the users service's active key, read from its keys folder.
 pub fn sign_with_real_key(data: &std::path::Path, claims: &serde_json::Value) -> String {
     let manifest: serde_json::Value =

@@ -440,3 +440,24 @@ pub fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `Authorization: Bearer <token>`.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// The password the tests' customers sign up with.
+pub const PASSWORD: &str = "a long password";
+
+/// Registers `email` through the gateway at `gw` and signs it in: its user id and its
+/// `Authorization` value.
+pub fn customer(gw: SocketAddr, email: &str) -> (String, String) {
+    let id = register(gw, email, PASSWORD);
+    (id, bearer(&login(gw, email, PASSWORD)))
+}
+
+/// The Python with the test tools (aiosmtpd and the validators) that scripts/test sets up.
+pub fn python() -> String {
+    std::env::var("SHOPVERSE_TEST_PYTHON")
+        .expect("SHOPVERSE_TEST_PYTHON: scripts/test sets it up (see README)")
+}
