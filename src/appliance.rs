@@ -236,7 +236,7 @@ impl Appliance {
             registry: registry.clone(),
             clock: Arc::new(SystemClock),
             grace: Duration::from_secs(cfg.shutdown.grace_secs),
-            local: shopverse_kit::LocalServices::default(),
+            local: shopverse_rpc::LocalServices::default(),
             peers: Arc::new(bound.iter().map(|(u, _, at)| (u.name(), *at)).collect()),
             consumers: cfg.events.consumers.clone(),
         };
@@ -659,8 +659,7 @@ async fn wait_serving(
             let serving = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
                 Ok(e) => match e.connect_timeout(Duration::from_secs(1)).connect().await {
                     Ok(channel) => {
-                        shopverse_kit::upstream::is_serving(channel, name, Duration::from_secs(2))
-                            .await
+                        shopverse_rpc::pool::is_serving(channel, name, Duration::from_secs(2)).await
                     }
                     Err(_) => false,
                 },

@@ -65,7 +65,7 @@ struct Claims {
 }
 
 pub struct Verifier {
-    users: UsersServiceClient<shopverse_kit::Link>,
+    users: UsersServiceClient<shopverse_rpc::Link>,
     keys: RwLock<HashMap<String, DecodingKey>>,
     validation: Validation,
     /// Shared identities: a hit hands out a reference count, not a copy of the caller.
@@ -82,7 +82,7 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(
-        users: impl Into<shopverse_kit::Link>,
+        users: impl Into<shopverse_rpc::Link>,
         config: &crate::config::GatewayConfig,
         clock: Arc<dyn Clock>,
     ) -> Verifier {

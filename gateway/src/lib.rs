@@ -210,7 +210,7 @@ pub struct Builder {
     shutdown: CancellationToken,
     upgrade: Option<Upgrade>,
     events: Option<Arc<dyn shopverse_events::EventBus>>,
-    local: shopverse_kit::LocalServices,
+    local: shopverse_rpc::LocalServices,
 }
 
 impl Builder {
@@ -222,7 +222,7 @@ impl Builder {
             shutdown: CancellationToken::new(),
             upgrade: None,
             events: None,
-            local: shopverse_kit::LocalServices::default(),
+            local: shopverse_rpc::LocalServices::default(),
         }
     }
 
@@ -257,7 +257,7 @@ impl Builder {
     }
 
     /// The services this process runs itself, which the gateway calls in-process.
-    pub fn local(mut self, local: &shopverse_kit::LocalServices) -> Builder {
+    pub fn local(mut self, local: &shopverse_rpc::LocalServices) -> Builder {
         self.local = local.clone();
         self
     }
@@ -379,10 +379,7 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
         local,
     )?;
     let users = upstreams.channel("users").ok_or(GatewayError::NoUsers)?;
-    tokio::spawn(upstreams.clone().health_loop(
-        Duration::from_secs(config.health_check_secs),
-        shutdown.clone(),
-    ));
+    upstreams.check_until(Duration::from_secs(config.health_check_secs), &shutdown);
     let verifier = Arc::new(auth::Verifier::new(users, &config, clock.clone()).counted(registry));
     tokio::spawn(verifier.clone().refresh_loop(
         Duration::from_secs(config.jwks_refresh_secs),

@@ -1,15 +1,17 @@
-//! Calls to the services: a pool of endpoints per service with health checks, ejection and
-//! retries; requests and responses are already-encoded protobuf bytes (the transcoder encodes).
+//! Calls to the services: one [`Pool`] of endpoints per service (health checks, ejection, round
+//! robin: the same pool the services use to reach each other) and retries of idempotent calls;
+//! requests and responses are already-encoded protobuf bytes (the transcoder encodes).
+
+pub use shopverse_rpc::Target;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
-use shopverse_kit::{Link, LocalServices};
+use shopverse_kit::CancellationToken;
+use shopverse_rpc::{Link, LocalServices, Pool, PoolError};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::Endpoint;
 use tonic::{Status, metadata::MetadataMap};
 
 /// Passes bytes through unchanged.
@@ -46,94 +48,22 @@ impl Codec for RawCodec {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("upstream {service}: endpoint `{url}`: {source}")]
-pub struct UpstreamError {
-    service: String,
-    url: String,
-    #[source]
-    source: tonic::transport::Error,
-}
-
-/// Where a pass-through request goes: an address known at configuration time, or a host name
-/// resolved (asynchronously) when the request is sent.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Target {
-    Addr(std::net::SocketAddr),
-    Name(Arc<str>),
-}
-
-impl Target {
-    /// `host:port` as configured: parsed once here when it is an IP address.
-    pub fn new(host_port: &str) -> Target {
-        match host_port.parse() {
-            Ok(a) => Target::Addr(a),
-            Err(_) => Target::Name(host_port.into()),
-        }
-    }
-
-    /// The socket address to connect to; a name is looked up without blocking the thread.
-    pub async fn resolve(&self) -> std::io::Result<std::net::SocketAddr> {
-        match self {
-            Target::Addr(a) => Ok(*a),
-            Target::Name(n) => tokio::net::lookup_host(&**n).await?.next().ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::NotFound, format!("{n}: no address"))
-            }),
-        }
-    }
-}
-
-/// One endpoint of a service.
-struct Member {
-    /// `host:port`, for gRPC pass-through.
-    address: Target,
-    /// In-process when this process serves the endpoint itself, else a lazy channel.
-    channel: Link,
-    /// Cleared by a failed health check or a failed call; set by a passing health check.
-    healthy: AtomicBool,
-}
-
-struct Pool {
-    members: Vec<Member>,
-    next: AtomicUsize,
-}
-
-impl Pool {
-    /// Members to try, healthy ones first, starting round robin. With none healthy, all of
-    /// them: a pool never refuses on stale health alone.
-    fn order(&self) -> Vec<&Member> {
-        let n = self.members.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let rotated = (0..n).map(|i| &self.members[(start + i) % n]);
-        let (mut healthy, sick): (Vec<&Member>, Vec<&Member>) =
-            rotated.partition(|m| m.healthy.load(Ordering::Relaxed));
-        healthy.extend(sick);
-        healthy
-    }
-
-    /// The first member `order` would give, without building the order: the next healthy
-    /// member round robin, else the next one. On every transcoded request, so no allocation.
-    fn first(&self) -> Option<&Member> {
-        let n = self.members.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &self.members[(start + i) % n])
-            .find(|m| m.healthy.load(Ordering::Relaxed))
-            .or(self.members.get(start % n))
-    }
-}
-
 /// The upstream pools: per service, its endpoints with health, round robin over the healthy
 /// ones. A connection failure ejects an endpoint until its next passing health check
 /// (`grpc.health.v1`, every few seconds); idempotent calls (HTTP GET) are retried once on
 /// another endpoint when the first attempt failed before any response.
 #[derive(Clone)]
 pub struct Upstreams {
-    pools: Arc<HashMap<String, Pool>>,
+    pools: Arc<HashMap<String, Arc<Pool>>>,
     timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {service}: {source}")]
+pub struct UpstreamError {
+    service: String,
+    #[source]
+    source: PoolError,
 }
 
 /// The call never reached a service, or its connection failed before the answer: safe to
@@ -153,21 +83,6 @@ fn unreachable(s: &Status) -> bool {
     false
 }
 
-/// A lazy channel to `url`.
-fn remote(service: &str, url: &str) -> Result<Link, UpstreamError> {
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|source| UpstreamError {
-            service: service.to_owned(),
-            url: url.to_owned(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect_lazy()
-        .into())
-}
-
 impl Upstreams {
     /// Channels connect lazily: a service that is down makes its calls fail (503), not start-up.
     /// An endpoint that `local` serves (the appliance's own services) is called in-process; it
@@ -179,29 +94,12 @@ impl Upstreams {
     ) -> Result<Upstreams, UpstreamError> {
         let mut pools = HashMap::new();
         for (service, urls) in config {
-            let mut members = Vec::new();
-            for url in urls {
-                let channel = match local.link(url, timeout) {
-                    Some(link) => link,
-                    None => remote(service, url)?,
-                };
-                members.push(Member {
-                    address: Target::new(
-                        url.trim_start_matches("http://")
-                            .trim_start_matches("https://")
-                            .trim_end_matches('/'),
-                    ),
-                    channel,
-                    healthy: AtomicBool::new(true),
-                });
-            }
-            pools.insert(
-                service.clone(),
-                Pool {
-                    members,
-                    next: AtomicUsize::new(0),
-                },
-            );
+            let pool =
+                Pool::new(urls, "", Some(timeout), local).map_err(|source| UpstreamError {
+                    service: service.clone(),
+                    source,
+                })?;
+            pools.insert(service.clone(), Arc::new(pool));
         }
         Ok(Upstreams {
             pools: Arc::new(pools),
@@ -211,40 +109,18 @@ impl Upstreams {
 
     /// One endpoint of `service` for a gRPC pass-through call, round robin over healthy ones.
     pub fn pick_address(&self, service: &str) -> Option<Target> {
-        self.pools.get(service)?.first().map(|m| m.address.clone())
+        Some(self.pools.get(service)?.first().target().clone())
     }
 
-    /// A channel to `service` (its first healthy endpoint), for the gateway's own calls.
+    /// A link to `service` for the gateway's own calls, balanced over its healthy endpoints.
     pub fn channel(&self, service: &str) -> Option<Link> {
-        self.pools.get(service)?.first().map(|m| m.channel.clone())
+        Some(Link::pooled(self.pools.get(service)?.clone()))
     }
 
-    /// Checks every endpoint's gRPC health once; returns how many are healthy.
-    pub async fn check_health(&self) -> usize {
-        let mut healthy = 0;
+    /// Health-checks every pool every `every` until `shutdown`.
+    pub fn check_until(&self, every: Duration, shutdown: &CancellationToken) {
         for pool in self.pools.values() {
-            for m in &pool.members {
-                let ok = shopverse_kit::upstream::is_serving(
-                    m.channel.clone(),
-                    "",
-                    Duration::from_secs(1),
-                )
-                .await;
-                m.healthy.store(ok, Ordering::Relaxed);
-                healthy += usize::from(ok);
-            }
-        }
-        healthy
-    }
-
-    /// Health-checks every `every` until `shutdown`.
-    pub async fn health_loop(self, every: Duration, shutdown: shopverse_kit::CancellationToken) {
-        loop {
-            self.check_health().await;
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
+            tokio::spawn(pool.clone().check_until(every, shutdown.clone()));
         }
     }
 
@@ -268,9 +144,9 @@ impl Upstreams {
         let tries = if idempotent { 2 } else { 1 };
         let mut last = Status::unavailable(format!("the {service} service is unavailable"));
         for member in pool.order().into_iter().take(tries) {
-            let mut grpc = tonic::client::Grpc::new(member.channel.clone());
+            let mut grpc = tonic::client::Grpc::new(member.link().clone());
             if let Err(e) = grpc.ready().await {
-                member.healthy.store(false, Ordering::Relaxed);
+                member.eject();
                 last = Status::unavailable(format!("the {service} service is unavailable: {e}"));
                 continue;
             }
@@ -283,7 +159,7 @@ impl Upstreams {
             match grpc.unary(req, path.clone(), RawCodec).await {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(s) if unreachable(&s) => {
-                    member.healthy.store(false, Ordering::Relaxed);
+                    member.eject();
                     last = if s.code() == tonic::Code::Unavailable {
                         s
                     } else {
@@ -331,34 +207,5 @@ mod tests {
             .await
             .expect_err("nothing answers");
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    }
-
-    #[tokio::test]
-    async fn first_is_the_next_healthy_member_and_agrees_with_order() {
-        let urls: Vec<String> = (1..=3).map(|i| format!("http://127.0.0.{i}:1")).collect();
-        let config = [("svc".to_owned(), urls)].into_iter().collect();
-        let ups = Upstreams::new(&config, Duration::from_secs(1), &LocalServices::default())
-            .expect("pools");
-        let pool = &ups.pools["svc"];
-        pool.members[1].healthy.store(false, Ordering::Relaxed);
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..6 {
-            let start = pool.next.load(Ordering::Relaxed);
-            let picked = pool.first().expect("a member").address.clone();
-            pool.next.store(start, Ordering::Relaxed);
-            let ordered = pool.order()[0].address.clone();
-            assert_eq!(picked, ordered);
-            assert_ne!(
-                picked,
-                Target::new("127.0.0.2:1"),
-                "an ejected member is skipped"
-            );
-            seen.insert(picked);
-        }
-        assert_eq!(seen.len(), 2, "round robin over the healthy ones: {seen:?}");
-        for m in &pool.members {
-            m.healthy.store(false, Ordering::Relaxed);
-        }
-        assert!(pool.first().is_some(), "none healthy: still one to try");
     }
 }

@@ -363,7 +363,7 @@ async fn saga_across_processes_survives_killed_replicas() {
     // fails. (Stopped, not killed: tansu hands a killed member's partitions to the others only
     // at the next join or leave, not when its session expires; see the README.)
     products_b.stop();
-    tokio::time::sleep(shopverse_kit::upstream::CHECK_EVERY * 3).await;
+    tokio::time::sleep(shopverse_rpc::pool::CHECK_EVERY * 3).await;
     let mut client = OrdersServiceClient::new(channel(orders_addr).await);
     let more = crate::common::saga::jobs(10, &products, "after-kill");
     for j in &more {

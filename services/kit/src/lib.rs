@@ -6,8 +6,6 @@
 //! - [`telemetry`]: the one place the `tracing` subscriber is built (human or JSON logs).
 //! - [`metrics`]: the Prometheus registry handed to each component, and the small admin HTTP
 //!   listener that serves `/metrics`, `/healthz` and `/readyz`.
-//! - [`server`]: the tonic bootstrap: gRPC health and reflection next to the service, bound to a
-//!   listener the caller made (port 0 in tests), graceful shutdown with a bounded grace period.
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
 //! - [`systemd`]: `sd_notify` (READY, STOPPING, watchdog) for `Type=notify` units.
 //! - [`identity`]: who is calling, from the gateway's `x-shopverse-user` / `x-shopverse-roles`
@@ -16,7 +14,6 @@
 //! - [`paging`]: cursor pagination by id (page size checks, opaque tokens).
 //! - [`crash`]: named crash points for the crash tests (compiled out of release builds).
 //! - [`clock`]: time as a dependency, so tests can drive token expiry and lockouts.
-//! - [`upstream`]: a channel to another service's replicas, balanced over the healthy ones.
 //! - [`validate`]: input rules several services share (text, postal addresses).
 //! - `testing` (the `testing` feature, for tests only): helpers for tests (a fresh PostgreSQL
 //!   database per run, port-0 servers).
@@ -28,20 +25,16 @@ pub mod config;
 pub mod crash;
 pub mod error;
 pub mod identity;
-pub mod link;
 pub mod metrics;
 pub mod paging;
-pub mod server;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod upstream;
 pub mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::ServiceError;
 pub use identity::{Identity, Role};
-pub use link::{Link, LocalServices};
 pub use tokio_util::sync::CancellationToken;

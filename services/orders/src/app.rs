@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use shopverse_kit::Link;
+use shopverse_rpc::Link;
 use tokio::sync::Notify;
 use tonic::{Code, Status};
 

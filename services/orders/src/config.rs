@@ -46,7 +46,7 @@ impl Default for OrdersConfig {
 impl OrdersConfig {
     pub fn validate(&self, prefix: &str) -> Result<(), Invalid> {
         let key = |k: &str| format!("{prefix}.{k}");
-        shopverse_kit::upstream::parse_list(&self.products_url)
+        shopverse_rpc::pool::parse_list(&self.products_url)
             .map_err(|e| Invalid::new(key("products_url"), e.to_string()))?;
         if !(1..=7 * 86_400).contains(&self.payment_deadline_secs) {
             return Err(Invalid::new(

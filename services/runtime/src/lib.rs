@@ -27,7 +27,8 @@ use tonic::service::Routes;
 use shopverse_events::EventBus;
 use shopverse_events::consumer::{Consumer, ConsumerConfig, Handler};
 use shopverse_events::outbox::Relay;
-use shopverse_kit::{CancellationToken, Clock, Link, LocalServices};
+use shopverse_kit::{CancellationToken, Clock};
+use shopverse_rpc::{Link, LocalServices};
 use shopverse_storage::{Db, DbError, MigrationSpec};
 
 /// What a service takes from the process it runs in: the event bus, the metrics registry, the
@@ -106,8 +107,8 @@ impl From<DbError> for RunError {
     }
 }
 
-impl From<shopverse_kit::server::ServeError> for RunError {
-    fn from(e: shopverse_kit::server::ServeError) -> Self {
+impl From<shopverse_rpc::server::ServeError> for RunError {
+    fn from(e: shopverse_rpc::server::ServeError) -> Self {
         RunError::new("gRPC server", e)
     }
 }
@@ -168,7 +169,7 @@ impl<C> Context<C> {
         timeout: Duration,
     ) -> Result<Link, RunError> {
         let local = self.platform.peers.get(name).map(|a| format!("http://{a}"));
-        shopverse_kit::upstream::balanced(
+        shopverse_rpc::pool::balanced(
             local.as_deref().unwrap_or(urls),
             grpc_name,
             timeout,
@@ -236,7 +237,7 @@ pub async fn serve<S: Service>(
     for task in background {
         tasks.spawn(task);
     }
-    let served = shopverse_kit::server::serve_grpc(
+    let served = shopverse_rpc::server::serve_grpc(
         listener,
         routes,
         &[S::GRPC_NAME],
@@ -274,7 +275,7 @@ pub mod testing {
                 registry: prometheus::Registry::new(),
                 clock,
                 grace: Duration::from_secs(2),
-                local: shopverse_kit::LocalServices::default(),
+                local: shopverse_rpc::LocalServices::default(),
                 peers: Default::default(),
                 consumers: Default::default(),
             },

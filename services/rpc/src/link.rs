@@ -30,7 +30,10 @@ use tonic::service::Routes;
 use tonic::transport::Channel;
 use tonic::transport::channel::ResponseFuture;
 
-use crate::error::BoxError;
+use crate::pool::Pool;
+
+/// The error of a call through a [`Link`]: a transport error or a [`Status`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A client transport for tonic's generated clients (`FooClient::new(link)`) and
 /// `tonic::client::Grpc`.
@@ -41,6 +44,7 @@ pub struct Link(Inner);
 enum Inner {
     Remote(Channel),
     Local { slot: Arc<Slot>, timeout: Duration },
+    Pooled(Arc<Pool>),
 }
 
 impl std::fmt::Debug for Link {
@@ -48,11 +52,18 @@ impl std::fmt::Debug for Link {
         match &self.0 {
             Inner::Remote(_) => f.write_str("Link::Remote"),
             Inner::Local { slot, .. } => write!(f, "Link::Local({})", slot.addr),
+            Inner::Pooled(pool) => write!(f, "Link::Pooled({pool:?})"),
         }
     }
 }
 
 impl Link {
+    /// Calls spread over a pool's healthy members; a member whose call fails before any answer
+    /// is ejected until it passes a health check.
+    pub fn pooled(pool: Arc<Pool>) -> Link {
+        Link(Inner::Pooled(pool))
+    }
+
     /// Whether calls stay in this process.
     #[cfg(test)]
     fn is_local(&self) -> bool {
@@ -87,7 +98,7 @@ impl Service<http::Request<Body>> for Link {
             Inner::Remote(channel) => {
                 Service::<http::Request<Body>>::poll_ready(channel, cx).map_err(Into::into)
             }
-            Inner::Local { .. } => Poll::Ready(Ok(())),
+            Inner::Local { .. } | Inner::Pooled(_) => Poll::Ready(Ok(())),
         }
     }
 
@@ -97,8 +108,35 @@ impl Service<http::Request<Body>> for Link {
             Inner::Local { slot, timeout } => {
                 Either::Right(Box::pin(call_local(slot.clone(), *timeout, req)))
             }
+            Inner::Pooled(pool) => Either::Right(Box::pin(call_pooled(pool.clone(), req))),
         }
     }
+}
+
+/// Whether a call's error means it never reached the service (or lost it mid-call): the
+/// member is taken out of rotation.
+fn unreachable(e: &BoxError) -> bool {
+    e.is::<tonic::transport::Error>()
+        || e.downcast_ref::<Status>()
+            .is_some_and(|s| s.code() == tonic::Code::Unavailable)
+}
+
+async fn call_pooled(
+    pool: Arc<Pool>,
+    req: http::Request<Body>,
+) -> Result<http::Response<Body>, BoxError> {
+    let member = pool.member(pool.first_index());
+    let mut link = member.link().clone();
+    let result = match std::future::poll_fn(|cx| link.poll_ready(cx)).await {
+        Ok(()) => link.call(req).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result
+        && unreachable(e)
+    {
+        member.eject();
+    }
+    result
 }
 
 /// Aborts the handler's task when the caller stops waiting for it.
