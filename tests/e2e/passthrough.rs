@@ -40,95 +40,94 @@ async fn passthrough_routes_reach_a_plain_http_upstream_without_spoofed_identity
     app.stop();
 }
 
-/// Pass-through prefixes are not a way around the edge: a route may require a signed-in
-/// customer, the caller's verified identity (never a spoofed one) reaches the upstream, and the
-/// rate limits apply to it with the same 429 and headers as everywhere else.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn passthrough_routes_take_access_rules_and_rate_limits() {
-    let (up_addr, seen) =
-        recording_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
-    let dir = tempfile::tempdir().unwrap();
+/// An appliance passing `/private/` (customers only), `/static/` (anyone, rate limited to a
+/// burst of 2) and `/p` (admins only) to `upstream`.
+fn guarded_appliance(dir: &std::path::Path, upstream: SocketAddr) -> Appliance {
     // `/private/...` matches both `/private/` and the later `/p`: the first listed must win.
     // (Pass-through prefixes come before the REST routes, so none may cover `/v1/`.)
     let passthrough = format!(
-        "[{{prefix = \"/private/\", upstream = \"{up_addr}\", access = \"customer\"}}, \
-          {{prefix = \"/static/\", upstream = \"{up_addr}\"}}, \
-          {{prefix = \"/p\", upstream = \"{up_addr}\", access = \"admin\"}}]"
+        "[{{prefix = \"/private/\", upstream = \"{upstream}\", access = \"customer\"}}, \
+          {{prefix = \"/static/\", upstream = \"{upstream}\"}}, \
+          {{prefix = \"/p\", upstream = \"{upstream}\", access = \"admin\"}}]"
     );
     let limits = r#"[{name = "assets", paths = ["/static/"], requests = 1, per_secs = 60, burst = 2, by = "ip"}]"#;
-    let app = Appliance::start_with_env(
-        dir.path(),
+    Appliance::start_with_env(
+        dir,
         &[],
         &[
             ("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough),
             ("SHOPVERSE_GATEWAY__RATE_LIMITS", limits),
         ],
-    );
-    let gw = app.addrs["gateway"];
+    )
+}
 
-    // Access: no token, a spoofed identity header, then a real customer.
-    let r = http(
-        gw,
-        "GET",
-        "/private/report.txt",
-        &[("x-shopverse-user", "admin")],
-        b"",
-    );
+/// Pass-through prefixes are not a way around the edge: a route may require a signed-in
+/// customer or an admin, and the caller's verified identity (never a spoofed one) reaches the
+/// upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_routes_take_access_rules() {
+    let (up_addr, seen) =
+        recording_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+    let dir = tempfile::tempdir().unwrap();
+    let app = guarded_appliance(dir.path(), up_addr);
+    let gw = app.addrs["gateway"];
+    let spoofed = ("x-shopverse-user", "admin");
+    let r = http(gw, "GET", "/private/report.txt", &[spoofed], b"");
     assert_eq!(r.status, 401, "{}", r.body);
     assert_eq!(r.json()["code"], "UNAUTHENTICATED", "{}", r.body);
-    assert!(
-        seen.lock().unwrap().is_empty(),
-        "a refused request reached the upstream"
-    );
-    http(
-        gw,
-        "POST",
-        "/v1/auth/register",
-        &[],
-        br#"{"email":"pt@example.com","password":"a long password"}"#,
-    );
-    let token = bearer(&login(gw, "pt@example.com", "a long password"));
+    let reached = !seen.lock().unwrap().is_empty();
+    assert!(!reached, "a refused request reached the upstream");
+
+    let (_, token) = customer(gw, "pt@example.com");
+    let as_customer = ("authorization", token.as_str());
     let r = http(
         gw,
         "GET",
         "/private/report.txt",
-        &[("authorization", &token), ("x-shopverse-user", "admin")],
+        &[as_customer, spoofed],
         b"",
     );
     assert_eq!((r.status, r.body.as_str()), (200, "ok"));
     let req = seen.lock().unwrap().pop().unwrap().to_lowercase();
     assert!(req.starts_with("get /private/report.txt"), "{req}");
+    let spoof_passed = req.contains("x-shopverse-user: admin");
     assert!(
-        !req.contains("x-shopverse-user: admin"),
+        !spoof_passed,
         "spoofed identity reached the upstream: {req}"
     );
-    assert!(
-        req.contains("x-shopverse-user: "),
-        "the customer's identity is missing: {req}"
-    );
+    let identified = req.contains("x-shopverse-user: ");
+    assert!(identified, "the customer's identity is missing: {req}");
     assert!(req.contains("x-shopverse-roles: customer"), "{req}");
     // `/p...` is for admins only; a customer is refused with 403.
-    let r = http(gw, "GET", "/pub/x", &[("authorization", &token)], b"");
+    let r = http(gw, "GET", "/pub/x", &[as_customer], b"");
     assert_eq!(r.status, 403, "{}", r.body);
+    app.stop();
+}
 
-    // Rate limits: a burst of 2, then 429 with Retry-After; headers on the admitted ones too.
+/// Rate limits apply to pass-through routes with the same 429 and headers as everywhere else:
+/// a burst of 2, then 429 with Retry-After, headers on the admitted ones too; a route under no
+/// policy is not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_routes_take_rate_limits() {
+    let (up_addr, _) =
+        recording_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+    let dir = tempfile::tempdir().unwrap();
+    let app = guarded_appliance(dir.path(), up_addr);
+    let gw = app.addrs["gateway"];
     for _ in 0..2 {
         let r = http(gw, "GET", "/static/logo.png", &[], b"");
         assert_eq!(r.status, 200, "{}", r.body);
+        let policy = r.header("ratelimit-policy");
         assert!(
-            r.header("ratelimit-policy")
-                .is_some_and(|v| v.starts_with("\"assets\"")),
-            "{:?}",
-            r.header("ratelimit-policy")
+            policy.is_some_and(|v| v.starts_with("\"assets\"")),
+            "{policy:?}"
         );
     }
     let r = http(gw, "GET", "/static/logo.png", &[], b"");
     assert_eq!(r.status, 429, "{}", r.body);
-    assert!(
-        r.header("retry-after")
-            .is_some_and(|v| v.parse::<u64>().unwrap() >= 1)
-    );
-    // Another route under no policy is not limited.
+    let retry_after = r.header("retry-after").and_then(|v| v.parse::<u64>().ok());
+    assert!(retry_after.is_some_and(|s| s >= 1), "{retry_after:?}");
+    let (_, token) = customer(gw, "pt@example.com");
     let r = http(
         gw,
         "GET",
@@ -191,14 +190,10 @@ async fn passthrough_reuses_upstream_connections_and_frames_bodies() {
     app.stop();
 }
 
-/// The HTTP/1 front serves many requests on one client connection (pipelined too), relays
-/// each framing an upstream uses, and hands a request it does not serve (REST, here) to
-/// Pingora's server mid-connection without losing a byte, getting the connection back after.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_client_connection_carries_pass_through_and_rest_requests() {
-    use std::io::{Read, Write};
+/// An appliance whose gateway passes `/ka/` to a keep-alive upstream and `/silent/` to one that
+/// takes connections and never answers, with 1.5 s request and body timeouts and no rate limits.
+fn framing_appliance(dir: &std::path::Path) -> Appliance {
     let (up_addr, _) = keepalive_upstream();
-    // Takes connections and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_addr = silent.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -207,12 +202,11 @@ async fn one_client_connection_carries_pass_through_and_rest_requests() {
             held.push(s);
         }
     });
-    let dir = tempfile::tempdir().unwrap();
     let passthrough = format!(
         "[{{prefix = \"/ka/\", upstream = \"{up_addr}\"}}, {{prefix = \"/silent/\", upstream = \"{silent_addr}\"}}]"
     );
-    let app = Appliance::start_with_env(
-        dir.path(),
+    Appliance::start_with_env(
+        dir,
         &[],
         &[
             ("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough),
@@ -220,43 +214,77 @@ async fn one_client_connection_carries_pass_through_and_rest_requests() {
             ("SHOPVERSE_GATEWAY__REQUEST_TIMEOUT_MS", "1500"),
             ("SHOPVERSE_GATEWAY__CLIENT_BODY_TIMEOUT_MS", "1500"),
         ],
-    );
-    let gw = app.addrs["gateway"];
-    let s = std::net::TcpStream::connect(gw).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
-    let mut w = s.try_clone().unwrap();
-    let mut r = std::io::BufReader::new(s);
-    let host = format!("Host: {gw}\r\n");
+    )
+}
 
+/// One client connection to the gateway, with a 30 s read timeout.
+struct Conn {
+    w: std::net::TcpStream,
+    r: std::io::BufReader<std::net::TcpStream>,
+    /// `Host: <gateway>\r\n`.
+    host: String,
+}
+
+type Response = (u16, Vec<(String, String)>, Vec<u8>);
+
+impl Conn {
+    fn open(gw: SocketAddr) -> Conn {
+        let s = std::net::TcpStream::connect(gw).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        Conn {
+            w: s.try_clone().unwrap(),
+            r: std::io::BufReader::new(s),
+            host: format!("Host: {gw}\r\n"),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        std::io::Write::write_all(&mut self.w, bytes).unwrap();
+    }
+
+    /// The next response; `head`: it answers a HEAD request (no body).
+    fn read(&mut self, head: bool) -> Response {
+        read_response(&mut self.r, head)
+    }
+
+    fn get(&mut self, path: &str) -> Response {
+        let host = self.host.clone();
+        self.send(format!("GET {path} HTTP/1.1\r\n{host}\r\n").as_bytes());
+        self.read(false)
+    }
+}
+
+/// The HTTP/1 front serves many requests on one client connection, pipelined too, and relays
+/// each framing an upstream uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_connection_relays_every_framing_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = framing_appliance(dir.path());
+    let mut c = Conn::open(app.addrs["gateway"]);
+    let host = c.host.clone();
     for _ in 0..3 {
-        write!(w, "GET /ka/chunked HTTP/1.1\r\n{host}\r\n").unwrap();
-        let (status, headers, body) = read_response(&mut r, false);
+        let (status, headers, body) = c.get("/ka/chunked");
         assert_eq!((status, body.as_slice()), (200, &b"hello"[..]));
-        assert!(
-            !headers.iter().any(|(k, _)| k == "keep-alive"),
-            "{headers:?}"
-        );
+        let keep_alive = headers.iter().any(|(k, _)| k == "keep-alive");
+        assert!(!keep_alive, "{headers:?}");
     }
     // Two requests in one write: answered in order.
-    write!(
-        w,
-        "GET /ka/chunked HTTP/1.1\r\n{host}\r\nPOST /ka/echo HTTP/1.1\r\n{host}content-length: 4\r\n\r\nping"
-    )
-    .unwrap();
-    assert_eq!(read_response(&mut r, false).2, b"hello");
-    let (status, _, body) = read_response(&mut r, false);
+    c.send(format!("GET /ka/chunked HTTP/1.1\r\n{host}\r\nPOST /ka/echo HTTP/1.1\r\n{host}content-length: 4\r\n\r\nping").as_bytes());
+    assert_eq!(c.read(false).2, b"hello");
+    let (status, _, body) = c.read(false);
     assert_eq!((status, body.as_slice()), (201, &b"ping"[..]));
     // A body far larger than one read, sent after the head.
     let big: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
-    write!(
-        w,
-        "POST /ka/echo HTTP/1.1\r\n{host}content-length: {}\r\n\r\n",
-        big.len()
-    )
-    .unwrap();
-    w.write_all(&big).unwrap();
-    let (status, _, body) = read_response(&mut r, false);
+    c.send(
+        format!(
+            "POST /ka/echo HTTP/1.1\r\n{host}content-length: {}\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    );
+    c.send(&big);
+    let (status, _, body) = c.read(false);
     assert_eq!(status, 201);
     assert!(
         body == big,
@@ -264,16 +292,15 @@ async fn one_client_connection_carries_pass_through_and_rest_requests() {
         body.len()
     );
     // HEAD: a length, no body; the connection stays in step.
-    write!(w, "HEAD /ka/x HTTP/1.1\r\n{host}\r\n").unwrap();
-    let (status, headers, _) = read_response(&mut r, true);
+    c.send(format!("HEAD /ka/x HTTP/1.1\r\n{host}\r\n").as_bytes());
+    let (status, headers, _) = c.read(true);
     assert_eq!(status, 200);
     assert!(
         headers.contains(&("content-length".into(), "5".into())),
         "{headers:?}"
     );
     // A body delimited by the upstream closing reaches the client chunked.
-    write!(w, "GET /ka/close HTTP/1.1\r\n{host}\r\n").unwrap();
-    let (status, headers, body) = read_response(&mut r, false);
+    let (status, headers, body) = c.get("/ka/close");
     assert_eq!(
         (status, body.as_slice()),
         (200, &b"streamed"[..]),
@@ -284,77 +311,76 @@ async fn one_client_connection_carries_pass_through_and_rest_requests() {
         "{headers:?}"
     );
     // An answer with a hundred headers.
-    write!(w, "GET /ka/many HTTP/1.1\r\n{host}\r\n").unwrap();
-    let (status, headers, body) = read_response(&mut r, false);
+    let (status, headers, body) = c.get("/ka/many");
     assert_eq!((status, body.as_slice()), (200, &b"many"[..]));
     assert!(
         headers.contains(&("x-h99".into(), "99".into())),
         "{}",
         headers.len()
     );
-    // An upstream that does not answer in time: 504 in the JSON error shape, and the client's
-    // connection goes on.
-    write!(w, "GET /silent/x HTTP/1.1\r\n{host}\r\n").unwrap();
-    let (status, _, body) = read_response(&mut r, false);
+    app.stop();
+}
+
+/// An upstream that does not answer in time is a 504 and the connection goes on; a request the
+/// front does not serve (REST) is handed to Pingora's server mid-connection without losing a
+/// byte, and the connection comes back to the front after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_and_a_rest_request_leave_the_connection_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = framing_appliance(dir.path());
+    let mut c = Conn::open(app.addrs["gateway"]);
+    let host = c.host.clone();
+    let (status, _, body) = c.get("/silent/x");
     assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
     let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(error["code"], "DEADLINE_EXCEEDED");
-    write!(w, "GET /ka/chunked HTTP/1.1\r\n{host}\r\n").unwrap();
-    assert_eq!(read_response(&mut r, false).2, b"hello");
-    // A REST request is Pingora's server's to answer...
-    write!(w, "GET /openapi.json HTTP/1.1\r\n{host}\r\n").unwrap();
-    let (status, _, body) = read_response(&mut r, false);
+    assert_eq!(c.get("/ka/chunked").2, b"hello");
+    let (status, _, body) = c.get("/openapi.json");
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
-    // ...and the connection comes back to the front after it: pipelined requests are answered
-    // (Pingora's server would close after the first, having read past it).
-    write!(
-        w,
-        "POST /ka/echo HTTP/1.1\r\n{host}content-length: 4\r\n\r\npongGET /ka/chunked HTTP/1.1\r\n{host}\r\n"
-    )
-    .unwrap();
-    let (status, _, body) = read_response(&mut r, false);
+    // Pipelined requests after it are answered (Pingora's server would close after the first,
+    // having read past it).
+    c.send(format!("POST /ka/echo HTTP/1.1\r\n{host}content-length: 4\r\n\r\npongGET /ka/chunked HTTP/1.1\r\n{host}\r\n").as_bytes());
+    let (status, _, body) = c.read(false);
     assert_eq!((status, body.as_slice()), (201, &b"pong"[..]));
-    assert_eq!(read_response(&mut r, false).2, b"hello");
+    assert_eq!(c.read(false).2, b"hello");
+    app.stop();
+}
 
-    // A head that stops half way: answered 408 and closed once the head timeout is up (well
-    // before the socket's own 30 s read timeout).
-    let mut slow = std::net::TcpStream::connect(gw).unwrap();
-    slow.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
-    write!(slow, "GET /ka/chunked HTTP/1.1\r\n{host}").unwrap();
+/// A head that stops half way is answered 408 and closed once the head timeout is up (well
+/// before the socket's own 30 s read timeout); `Connection: close` is honoured: the answer says
+/// so, then the connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_head_is_408_and_connection_close_ends_the_connection() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let app = framing_appliance(dir.path());
+    let mut slow = Conn::open(app.addrs["gateway"]);
+    let host = slow.host.clone();
+    slow.send(format!("GET /ka/chunked HTTP/1.1\r\n{host}").as_bytes());
     let started = std::time::Instant::now();
     let mut rest = Vec::new();
-    let ended = slow.read_to_end(&mut rest);
+    let ended = slow.r.read_to_end(&mut rest);
+    let held = started.elapsed();
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(20),
-        "a half-sent head held the connection for {:?} ({ended:?})",
-        started.elapsed()
+        held < std::time::Duration::from_secs(20),
+        "a half-sent head held the connection for {held:?} ({ended:?})"
     );
     let rest = String::from_utf8_lossy(&rest);
     assert!(rest.starts_with("HTTP/1.1 408 "), "{rest}");
     assert!(rest.contains("connection: close"), "{rest}");
 
-    // `Connection: close` is honoured: the answer says so, then the connection ends.
-    let s = std::net::TcpStream::connect(gw).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
-    let mut w = s.try_clone().unwrap();
-    let mut r = std::io::BufReader::new(s);
-    write!(
-        w,
-        "GET /ka/chunked HTTP/1.1\r\n{host}connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let (status, headers, body) = read_response(&mut r, false);
+    let mut c = Conn::open(app.addrs["gateway"]);
+    c.send(format!("GET /ka/chunked HTTP/1.1\r\n{host}connection: close\r\n\r\n").as_bytes());
+    let (status, headers, body) = c.read(false);
     assert_eq!((status, body.as_slice()), (200, &b"hello"[..]));
     assert!(
         headers.contains(&("connection".into(), "close".into())),
         "{headers:?}"
     );
     let mut rest = Vec::new();
-    assert_eq!(r.read_to_end(&mut rest).unwrap(), 0, "{rest:?}");
+    assert_eq!(c.r.read_to_end(&mut rest).unwrap(), 0, "{rest:?}");
     app.stop();
 }
 

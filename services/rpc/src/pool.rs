@@ -365,9 +365,8 @@ mod tests {
             .await;
         local.serve(live, tonic::service::Routes::new(health));
         let urls = [format!("http://{gone}"), format!("http://{live}")];
-        let pool = Arc::new(
-            Pool::new(&urls, "x.Y", Some(Duration::from_secs(2)), &local).expect("pool"),
-        );
+        let pool =
+            Arc::new(Pool::new(&urls, "x.Y", Some(Duration::from_secs(2)), &local).expect("pool"));
         let link = Link::pooled(pool.clone());
         let first = is_serving(link.clone(), "x.Y", Duration::from_secs(2)).await;
         assert!(!first, "the first call goes to the stopped replica");
