@@ -596,58 +596,61 @@ async fn last_unit_race(mut shop: Shop) {
     shop.stop().await;
 }
 
+/// `user` adds `qty` of `product` to their cart.
+async fn add(shop: &mut Shop, user: &str, product: &str, qty: i32) -> Result<(), tonic::Status> {
+    let line = AddCartItemRequest {
+        product_id: product.into(),
+        quantity: qty,
+    };
+    shop.orders.add_cart_item(who(user, line)).await.map(|_| ())
+}
+
+/// `user` checks out with `req`.
+async fn checkout(
+    shop: &mut Shop,
+    user: &str,
+    req: CheckoutRequest,
+) -> Result<Order, tonic::Status> {
+    let placed = shop.orders.checkout(who(user, req)).await;
+    placed.map(tonic::Response::into_inner)
+}
+
+/// `user`'s cart.
+async fn cart_of(shop: &mut Shop, user: &str) -> Cart {
+    let cart = shop.orders.get_cart(who(user, GetCartRequest {})).await;
+    cart.unwrap().into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkout_is_idempotent_and_refuses_bad_input() {
+async fn checkout_is_idempotent_per_key() {
     let mut shop = Shop::start(true).await;
     let p = shop.product("IDEM", 1_000, 10).await;
-    let e = shop
-        .orders
-        .checkout(who("ann", checkout_request("pm_card_ok", "empty-cart-key")))
-        .await
-        .unwrap_err();
+    let e = checkout(
+        &mut shop,
+        "ann",
+        checkout_request("pm_card_ok", "empty-cart-key"),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(
         (e.code(), e.message()),
         (Code::FailedPrecondition, "the cart is empty")
     );
-
-    shop.orders
-        .add_cart_item(who(
-            "ann",
-            AddCartItemRequest {
-                product_id: p.clone(),
-                quantity: 2,
-            },
-        ))
-        .await
-        .unwrap();
-    let cart = shop
-        .orders
-        .get_cart(who("ann", GetCartRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(cart.subtotal.unwrap().amount_minor, 2_000);
-    let first = shop
-        .orders
-        .checkout(who("ann", checkout_request("pm_card_ok", "same-key-123")))
-        .await
-        .unwrap()
-        .into_inner();
-    let again = shop
-        .orders
-        .checkout(who("ann", checkout_request("pm_card_ok", "same-key-123")))
-        .await
-        .unwrap()
-        .into_inner();
+    add(&mut shop, "ann", &p, 2).await.unwrap();
+    assert_eq!(
+        cart_of(&mut shop, "ann")
+            .await
+            .subtotal
+            .unwrap()
+            .amount_minor,
+        2_000
+    );
+    let req = || checkout_request("pm_card_ok", "same-key-123");
+    let first = checkout(&mut shop, "ann", req()).await.unwrap();
+    let again = checkout(&mut shop, "ann", req()).await.unwrap();
     assert_eq!(first.id, again.id, "same key, same body: same order");
-    let e = shop
-        .orders
-        .checkout(who(
-            "ann",
-            checkout_request("pm_card_declined", "same-key-123"),
-        ))
-        .await
-        .unwrap_err();
+    let other_body = checkout_request("pm_card_declined", "same-key-123");
+    let e = checkout(&mut shop, "ann", other_body).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
     assert!(
         e.message().starts_with("idempotency_key:"),
@@ -655,149 +658,86 @@ async fn checkout_is_idempotent_and_refuses_bad_input() {
         e.message()
     );
     assert_eq!(shop.stock(&p).await, (8, 2), "reserved once");
-    assert!(
-        shop.orders
-            .get_cart(who("ann", GetCartRequest {}))
-            .await
-            .unwrap()
-            .into_inner()
-            .lines
-            .is_empty()
-    );
+    assert!(cart_of(&mut shop, "ann").await.lines.is_empty());
+    shop.stop().await;
+}
 
-    // Bad input, each naming its field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_naming_its_field() {
+    let mut shop = Shop::start(true).await;
+    let p = shop.product("BAD", 1_000, 10).await;
+    let with_address = |shipping_address: Option<Address>| CheckoutRequest {
+        shipping_address,
+        payment_method_token: "pm_card_ok".into(),
+        idempotency_key: "k-12345678".into(),
+    };
+    let german = Address {
+        country: "Germany".into(),
+        ..address()
+    };
+    let list = |page_size: i32, page_token: &str| {
+        let page_token = page_token.to_owned();
+        who(
+            "ann",
+            ListMyOrdersRequest {
+                page_size,
+                page_token,
+            },
+        )
+    };
+    let set = SetCartItemQuantityRequest {
+        product_id: p.clone(),
+        quantity: -1,
+    };
+    let no_order = GetOrderRequest {
+        order_id: String::new(),
+    };
     let cases: Vec<(Result<(), tonic::Status>, &str)> = vec![
+        (add(&mut shop, "ann", &p, 0).await, "quantity"),
+        (add(&mut shop, "ann", &p, 100).await, "quantity"),
+        (add(&mut shop, "ann", "", 1).await, "product_id"),
         (
             shop.orders
-                .add_cart_item(who(
-                    "ann",
-                    AddCartItemRequest {
-                        product_id: p.clone(),
-                        quantity: 0,
-                    },
-                ))
+                .set_cart_item_quantity(who("ann", set))
                 .await
                 .map(|_| ()),
             "quantity",
         ),
         (
-            shop.orders
-                .add_cart_item(who(
-                    "ann",
-                    AddCartItemRequest {
-                        product_id: p.clone(),
-                        quantity: 100,
-                    },
-                ))
-                .await
-                .map(|_| ()),
-            "quantity",
-        ),
-        (
-            shop.orders
-                .add_cart_item(who(
-                    "ann",
-                    AddCartItemRequest {
-                        product_id: String::new(),
-                        quantity: 1,
-                    },
-                ))
-                .await
-                .map(|_| ()),
-            "product_id",
-        ),
-        (
-            shop.orders
-                .set_cart_item_quantity(who(
-                    "ann",
-                    SetCartItemQuantityRequest {
-                        product_id: p.clone(),
-                        quantity: -1,
-                    },
-                ))
-                .await
-                .map(|_| ()),
-            "quantity",
-        ),
-        (
-            shop.orders
-                .checkout(who(
-                    "ann",
-                    CheckoutRequest {
-                        shipping_address: None,
-                        payment_method_token: "pm_card_ok".into(),
-                        idempotency_key: "k-12345678".into(),
-                    },
-                ))
+            checkout(&mut shop, "ann", with_address(None))
                 .await
                 .map(|_| ()),
             "shipping_address",
         ),
         (
-            shop.orders
-                .checkout(who(
-                    "ann",
-                    CheckoutRequest {
-                        shipping_address: Some(Address {
-                            country: "Germany".into(),
-                            ..address()
-                        }),
-                        payment_method_token: "pm_card_ok".into(),
-                        idempotency_key: "k-12345678".into(),
-                    },
-                ))
+            checkout(&mut shop, "ann", with_address(Some(german)))
                 .await
                 .map(|_| ()),
             "shipping_address.country",
         ),
         (
-            shop.orders
-                .checkout(who("ann", checkout_request("pm card!", "k-12345678")))
+            checkout(&mut shop, "ann", checkout_request("pm card!", "k-12345678"))
                 .await
                 .map(|_| ()),
             "payment_method_token",
         ),
         (
-            shop.orders
-                .checkout(who("ann", checkout_request("pm_card_ok", "short")))
+            checkout(&mut shop, "ann", checkout_request("pm_card_ok", "short"))
                 .await
                 .map(|_| ()),
             "idempotency_key",
         ),
         (
-            shop.orders
-                .list_my_orders(who(
-                    "ann",
-                    ListMyOrdersRequest {
-                        page_size: 1000,
-                        page_token: String::new(),
-                    },
-                ))
-                .await
-                .map(|_| ()),
+            shop.orders.list_my_orders(list(1000, "")).await.map(|_| ()),
             "page_size",
         ),
         (
-            shop.orders
-                .list_my_orders(who(
-                    "ann",
-                    ListMyOrdersRequest {
-                        page_size: 0,
-                        page_token: "!!".into(),
-                    },
-                ))
-                .await
-                .map(|_| ()),
+            shop.orders.list_my_orders(list(0, "!!")).await.map(|_| ()),
             "page_token",
         ),
         (
             shop.orders
-                .get_order(who(
-                    "ann",
-                    GetOrderRequest {
-                        order_id: String::new(),
-                    },
-                ))
+                .get_order(who("ann", no_order))
                 .await
                 .map(|_| ()),
             "order_id",
@@ -806,59 +746,50 @@ async fn checkout_is_idempotent_and_refuses_bad_input() {
     for (res, field) in cases {
         let e = res.expect_err(field);
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
-        assert!(
-            e.message().starts_with(&format!("{field}:")),
-            "{field}: {}",
-            e.message()
-        );
+        let named = e.message().starts_with(&format!("{field}:"));
+        assert!(named, "{field}: {}", e.message());
     }
-    let e = shop
-        .orders
-        .add_cart_item(who(
-            "ann",
-            AddCartItemRequest {
-                product_id: "nope".into(),
-                quantity: 1,
-            },
-        ))
-        .await
-        .unwrap_err();
+    shop.stop().await;
+}
+
+/// An unknown product is not found; a caller without identity is unauthenticated, a customer
+/// asking for the admin list is refused; the admin list filters by status, a customer's list
+/// holds their own orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_are_identified_and_see_what_their_role_allows() {
+    let mut shop = Shop::start(true).await;
+    let p = shop.product("WHO", 1_000, 10).await;
+    shop.buy("ann", &p, 1, "pm_card_ok").await.unwrap();
+    let e = add(&mut shop, "ann", "nope", 1).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = shop.orders.get_cart(GetCartRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
+    let all = AdminListOrdersRequest::default();
     let e = shop
         .orders
-        .admin_list_orders(who("ann", AdminListOrdersRequest::default()))
+        .admin_list_orders(who("ann", all))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
+    let pending = AdminListOrdersRequest {
+        status: OrderStatus::PendingPayment.into(),
+        ..Default::default()
+    };
+    let as_admin = as_user(pending, "op", &[Role::Admin]);
     let listed = shop
         .orders
-        .admin_list_orders(as_user(
-            AdminListOrdersRequest {
-                status: OrderStatus::PendingPayment.into(),
-                ..Default::default()
-            },
-            "op",
-            &[Role::Admin],
-        ))
+        .admin_list_orders(as_admin)
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        listed
-            .orders
-            .iter()
-            .all(|o| o.status() == OrderStatus::PendingPayment)
-    );
-    let mine = shop
+    let all_pending = listed
         .orders
-        .list_my_orders(who("ann", ListMyOrdersRequest::default()))
-        .await
-        .unwrap()
-        .into_inner();
+        .iter()
+        .all(|o| o.status() == OrderStatus::PendingPayment);
+    assert!(all_pending, "{:?}", listed.orders);
+    let mine = who("ann", ListMyOrdersRequest::default());
+    let mine = shop.orders.list_my_orders(mine).await.unwrap().into_inner();
     assert_eq!(mine.orders.len(), 1);
-    let _ = shop.clock.now_ms();
     shop.stop().await;
 }
 
@@ -979,21 +910,15 @@ async fn cart_add_keeps_its_limits_on_both_databases() {
         db.close().await;
     }
     pg.drop_db().await.unwrap();
+}
 
-    // Through the service, a refusal names what is already in the cart.
+/// Through the service, a refusal names what is already in the cart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cart_limit_refusal_names_what_the_cart_holds() {
     let mut shop = Shop::start(false).await;
     let p = shop.product("LIMIT", 100, 1_000).await;
-    let add = |quantity: i32| {
-        who(
-            "dora",
-            AddCartItemRequest {
-                product_id: p.clone(),
-                quantity,
-            },
-        )
-    };
-    shop.orders.add_cart_item(add(60)).await.unwrap();
-    let e = shop.orders.add_cart_item(add(40)).await.unwrap_err();
+    add(&mut shop, "dora", &p, 60).await.unwrap();
+    let e = add(&mut shop, "dora", &p, 40).await.unwrap_err();
     assert_eq!(
         (e.code(), e.message()),
         (
@@ -1001,38 +926,36 @@ async fn cart_add_keeps_its_limits_on_both_databases() {
             "quantity: a cart line holds at most 99 units (60 already in the cart)"
         )
     );
-    let cart = shop
-        .orders
-        .add_cart_item(add(39))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(cart.lines[0].quantity, 99);
+    let line = AddCartItemRequest {
+        product_id: p.clone(),
+        quantity: 39,
+    };
+    let cart = shop.orders.add_cart_item(who("dora", line)).await.unwrap();
+    assert_eq!(cart.into_inner().lines[0].quantity, 99);
     shop.stop().await;
 }
 
-/// The overflow a new user found: a price near i64's end times 99 wrapped to a negative total
-/// that was charged and confirmed. Prices are bounded now, a full cart at the bound adds up
-/// exactly to the unit, the provider captures exactly that, and a cart keeps one currency.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn money_never_wraps_from_price_to_capture() {
-    let mut shop = Shop::start(true).await;
-    let create = |sku: &str, amount_minor: i64, currency: &str| {
-        as_user(
-            CreateProductRequest {
-                sku: sku.into(),
-                name: format!("Product {sku}"),
-                price: Some(Money {
-                    amount_minor,
-                    currency: currency.into(),
-                }),
-                initial_stock: 1_000,
-                ..Default::default()
-            },
-            "admin",
-            &[Role::Admin],
-        )
+/// An admin's request to create `sku` at `amount_minor` in `currency`, 1,000 in stock.
+fn create(sku: &str, amount_minor: i64, currency: &str) -> tonic::Request<CreateProductRequest> {
+    let price = Money {
+        amount_minor,
+        currency: currency.into(),
     };
+    let product = CreateProductRequest {
+        sku: sku.into(),
+        name: format!("Product {sku}"),
+        price: Some(price),
+        initial_stock: 1_000,
+        ..Default::default()
+    };
+    as_user(product, "admin", &[Role::Admin])
+}
+
+/// The overflow a new user found: a price near i64's end times 99 wrapped to a negative total
+/// that was charged and confirmed. Prices are bounded, and so are currencies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prices_out_of_bounds_are_refused() {
+    let mut shop = Shop::start(false).await;
     for (sku, amount, currency) in [
         ("HUGE", 900_000_000_000_000_000, "EUR"),
         ("OVER", 100_000_000_001, "EUR"),
@@ -1044,79 +967,30 @@ async fn money_never_wraps_from_price_to_capture() {
             .products
             .create_product(create(sku, amount, currency))
             .await;
-        assert_eq!(
-            e.map_err(|e| e.code()).err(),
-            Some(Code::InvalidArgument),
-            "{sku}"
-        );
+        let code = e.map_err(|e| e.code()).err();
+        assert_eq!(code, Some(Code::InvalidArgument), "{sku}");
     }
+    shop.stop().await;
+}
 
-    // Ten lines of 99 at the highest price: exact to the unit in the cart, the order and the
-    // provider's capture.
+/// Ten lines of 99 at the highest price: exact to the unit in the cart, the order and the
+/// provider's capture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cart_at_the_top_price_is_exact_to_the_capture() {
+    let mut shop = Shop::start(true).await;
     const MAX: i64 = 100_000_000_000;
     for i in 0..10 {
         let id = shop.product(&format!("MAX{i}"), MAX, 1_000).await;
-        shop.orders
-            .add_cart_item(who(
-                "midas",
-                AddCartItemRequest {
-                    product_id: id,
-                    quantity: 99,
-                },
-            ))
-            .await
-            .unwrap();
+        add(&mut shop, "midas", &id, 99).await.unwrap();
     }
-    let cart = shop
-        .orders
-        .get_cart(who("midas", GetCartRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let cart = cart_of(&mut shop, "midas").await;
     let want = 10 * 99 * MAX;
     assert_eq!(cart.subtotal.as_ref().map(|m| m.amount_minor), Some(want));
-    assert!(
-        cart.lines
-            .iter()
-            .all(|l| l.line_total.as_ref().map(|m| m.amount_minor) == Some(99 * MAX))
-    );
+    let line_total = |l: &CartLine| l.line_total.as_ref().map(|m| m.amount_minor);
+    assert!(cart.lines.iter().all(|l| line_total(l) == Some(99 * MAX)));
 
-    // A yen product does not join a euro cart.
-    let yen = shop
-        .products
-        .create_product(create("YEN", 500, "JPY"))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    let e = shop
-        .orders
-        .add_cart_item(who(
-            "midas",
-            AddCartItemRequest {
-                product_id: yen,
-                quantity: 1,
-            },
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
-        (
-            Code::FailedPrecondition,
-            "the cart holds EUR items; a JPY item cannot join them"
-        )
-    );
-
-    let order = shop
-        .orders
-        .checkout(who(
-            "midas",
-            checkout_request("pm_card_ok", "midas-checkout-1"),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let req = checkout_request("pm_card_ok", "midas-checkout-1");
+    let order = checkout(&mut shop, "midas", req).await.unwrap();
     assert_eq!(order.total.as_ref().map(|m| m.amount_minor), Some(want));
     shop.wait_for("midas", &order.id, OrderStatus::Confirmed, |o| o.paid)
         .await;
@@ -1128,6 +1002,28 @@ async fn money_never_wraps_from_price_to_capture() {
         .filter_map(|t| t.amount.as_ref().map(|m| m.amount_minor))
         .collect();
     assert_eq!(captured, [want]);
+    shop.stop().await;
+}
+
+/// A yen product does not join a euro cart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cart_keeps_one_currency() {
+    let mut shop = Shop::start(false).await;
+    let euro = shop.product("EURO", 100, 10).await;
+    add(&mut shop, "midas", &euro, 1).await.unwrap();
+    let yen = shop
+        .products
+        .create_product(create("YEN", 500, "JPY"))
+        .await;
+    let yen = yen.unwrap().into_inner().id;
+    let e = add(&mut shop, "midas", &yen, 1).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::FailedPrecondition,
+            "the cart holds EUR items; a JPY item cannot join them"
+        )
+    );
     shop.stop().await;
 }
 
@@ -1155,38 +1051,28 @@ async fn records_of(
     out
 }
 
-/// The orders database loses what handling `payment.succeeded` did (as a restore of an older
-/// snapshot, or a lost inbox row, would), and the event is delivered again: orders confirms the
-/// order again and raises `order.confirmed` with the same id as the first time, so downstream
-/// (delivery) drops the copy and schedules one shipment.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cause_handled_twice_raises_the_same_event() {
-    let mut shop = Shop::start(true).await;
-    let p = shop.product("TWICE", 1_000, 5).await;
-    let o = shop.buy("ann", &p, 1, "pm_card_ok").await.unwrap();
-    shop.wait_for("ann", &o.id, OrderStatus::Confirmed, |o| o.paid)
-        .await;
-    let (t_pay, t_orders, t_delivery) = (
-        "shopverse.payments",
-        "shopverse.orders",
-        "shopverse.delivery",
-    );
-    let paid = records_of(&shop.platform, t_pay, &o.id, "payment.succeeded").await;
-    assert_eq!(paid.len(), 1);
-    let first_confirmed = {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let r = records_of(&shop.platform, t_orders, &o.id, "order.confirmed").await;
-            if let Some(r) = r.first() {
-                break r.header("event-id").unwrap().to_owned();
-            }
-            assert!(tokio::time::Instant::now() < deadline, "never confirmed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+/// At least `n` records of `topic` about `key` of type `kind`, within 20 s.
+async fn until_records(
+    platform: &Platform,
+    (topic, key, kind): (&str, &str, &str),
+    n: usize,
+) -> Vec<shopverse_events::Record> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = records_of(platform, topic, key, kind).await;
+        if r.len() >= n {
+            return r;
         }
-    };
+        let late = tokio::time::Instant::now() >= deadline;
+        assert!(!late, "{} of {n} {kind} records about {key}", r.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
-    // Orders forgets: the order back to waiting for payment, the inbox row and the outbox row
-    // gone.
+/// The orders database forgets it handled `paid` for `order` (as a restore of an older snapshot,
+/// or a lost inbox row, would): the order back to waiting for payment, the inbox row and the
+/// outbox rows gone.
+async fn orders_forget_the_payment(shop: &Shop, order: &str, paid: &shopverse_events::Record) {
     shopverse_storage::install_drivers();
     let url = format!("sqlite://{}/orders.db", shop.dir.path().display());
     let db = shopverse_storage::Db::connect(&url, 1).await.unwrap();
@@ -1194,26 +1080,57 @@ async fn a_cause_handled_twice_raises_the_same_event() {
     for (sql, bind) in [
         (
             "UPDATE orders SET status = 'PENDING_PAYMENT', paid = 0 WHERE id = $1",
-            o.id.as_str(),
+            order,
         ),
         (
             "DELETE FROM inbox WHERE consumer = 'orders' AND event_id = $1",
-            paid[0].header("event-id").unwrap(),
+            paid.header("event-id").unwrap(),
         ),
-        ("DELETE FROM outbox WHERE event_key = $1", o.id.as_str()),
+        ("DELETE FROM outbox WHERE event_key = $1", order),
     ] {
-        let n = sqlx::query(sql)
-            .bind(bind)
-            .execute(&mut *tx)
-            .await
-            .unwrap()
-            .rows_affected();
-        assert!(n >= 1, "{sql} changed nothing");
+        let done = sqlx::query(sql).bind(bind).execute(&mut *tx).await;
+        assert!(done.unwrap().rows_affected() >= 1, "{sql} changed nothing");
     }
     tx.commit().await.unwrap();
     db.close().await;
+}
 
-    // The same payment.succeeded, delivered again.
+/// Until `group` has committed past `record`.
+async fn until_read(platform: &Platform, group: &str, record: &shopverse_events::Record) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let bus = platform.bus.as_ref();
+    while bus
+        .committed(group, &record.topic, record.partition)
+        .await
+        .unwrap()
+        <= record.offset
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{group} never read it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The orders database loses what handling `payment.succeeded` did, and the event is delivered
+/// again: orders confirms the order again and raises `order.confirmed` with the same id as the
+/// first time, so downstream (delivery) drops the copy and schedules one shipment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cause_handled_twice_raises_the_same_event() {
+    let mut shop = Shop::start(true).await;
+    let p = shop.product("TWICE", 1_000, 5).await;
+    let o = shop.buy("ann", &p, 1, "pm_card_ok").await.unwrap();
+    shop.wait_for("ann", &o.id, OrderStatus::Confirmed, |o| o.paid)
+        .await;
+    let paid = ("shopverse.payments", o.id.as_str(), "payment.succeeded");
+    let confirmed = ("shopverse.orders", o.id.as_str(), "order.confirmed");
+    let paid = until_records(&shop.platform, paid, 1).await;
+    assert_eq!(paid.len(), 1);
+    let first = until_records(&shop.platform, confirmed, 1).await;
+    let first_id = first[0].header("event-id").unwrap().to_owned();
+
+    orders_forget_the_payment(&shop, &o.id, &paid[0]).await;
     let again = shopverse_events::OutRecord {
         topic: paid[0].topic.clone(),
         key: paid[0].key.clone(),
@@ -1221,40 +1138,19 @@ async fn a_cause_handled_twice_raises_the_same_event() {
         payload: paid[0].payload.clone(),
     };
     shop.platform.bus.publish(&[again]).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let confirmed = loop {
-        let r = records_of(&shop.platform, t_orders, &o.id, "order.confirmed").await;
-        if r.len() == 2 {
-            break r;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "order.confirmed not raised again: {} copies",
-            r.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    for r in &confirmed {
-        assert_eq!(r.header("event-id"), Some(first_confirmed.as_str()));
+    let both = until_records(&shop.platform, confirmed, 2).await;
+    assert_eq!(both.len(), 2);
+    for r in &both {
+        assert_eq!(r.header("event-id"), Some(first_id.as_str()));
     }
     // Delivery has read both copies once its offset is past the second: one shipment event.
-    let second = &confirmed[1];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while shop
-        .platform
-        .bus
-        .committed("delivery", t_orders, second.partition)
-        .await
-        .unwrap()
-        <= second.offset
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "delivery never read the copy"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let scheduled = records_of(&shop.platform, t_delivery, &o.id, "shipment.scheduled").await;
-    assert_eq!(scheduled.len(), 1, "one shipment event for one order");
+    until_read(&shop.platform, "delivery", &both[1]).await;
+    let scheduled = records_of(
+        &shop.platform,
+        "shopverse.delivery",
+        &o.id,
+        "shipment.scheduled",
+    );
+    assert_eq!(scheduled.await.len(), 1, "one shipment event for one order");
     shop.stop().await;
 }
