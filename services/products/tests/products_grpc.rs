@@ -111,250 +111,207 @@ async fn list_all(
     }
 }
 
-async fn catalog(database: Option<&str>) {
-    let mut s = start(database).await;
-    let c = &mut s.client;
+/// A catalog: Electronics > Audio and Books; headphones in Audio, a television in Electronics,
+/// a book about headphones in Books.
+struct Catalog {
+    electronics: String,
+    headphones: Product,
+}
 
+async fn create(c: &mut ProductsServiceClient<Channel>, p: CreateProductRequest) -> Product {
+    c.create_product(admin(p))
+        .await
+        .expect("create")
+        .into_inner()
+}
+
+async fn fill(c: &mut ProductsServiceClient<Channel>) -> Catalog {
     let electronics = category(c, "Electronics", "").await;
     let audio = category(c, "Audio", &electronics).await;
     let books = category(c, "Books", "").await;
-    let cats = c
-        .list_categories(ListCategoriesRequest {})
-        .await
-        .expect("categories")
-        .into_inner();
-    let slugs: Vec<&str> = cats.categories.iter().map(|c| c.slug.as_str()).collect();
+    let cats = c.list_categories(ListCategoriesRequest {}).await;
+    let cats = cats.expect("categories").into_inner().categories;
+    let slugs: Vec<&str> = cats.iter().map(|c| c.slug.as_str()).collect();
     assert_eq!(
         slugs,
-        vec!["books", "electronics", "audio"],
+        ["books", "electronics", "audio"],
         "parents before children"
     );
-    let e = c
-        .create_category(admin(CreateCategoryRequest {
-            name: "Audio".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_err();
+    let again = CreateCategoryRequest {
+        name: "Audio".into(),
+        ..Default::default()
+    };
+    let e = c.create_category(admin(again)).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
 
-    let headphones = c
-        .create_product(admin(new_product(
-            "HP-1",
-            "Studio Headphones",
-            9_999,
-            &audio,
-            5,
-        )))
-        .await
-        .expect("create")
-        .into_inner();
+    let headphones = create(
+        c,
+        new_product("HP-1", "Studio Headphones", 9_999, &audio, 5),
+    )
+    .await;
     assert_eq!(headphones.version, 1);
-    c.create_product(admin(new_product(
-        "TV-1",
-        "Television",
-        49_900,
-        &electronics,
-        2,
-    )))
-    .await
-    .expect("create");
-    c.create_product(admin(new_product(
-        "BK-1",
-        "A Book About Headphones",
-        1_999,
-        &books,
-        50,
-    )))
-    .await
-    .expect("create");
+    create(
+        c,
+        new_product("TV-1", "Television", 49_900, &electronics, 2),
+    )
+    .await;
+    create(
+        c,
+        new_product("BK-1", "A Book About Headphones", 1_999, &books, 50),
+    )
+    .await;
+    Catalog {
+        electronics,
+        headphones,
+    }
+}
 
-    // Bad input, each with its own code.
-    let e = c
-        .create_product(admin(new_product("HP-1", "Dup", 1, "", 0)))
-        .await
-        .unwrap_err();
+/// Bad input, each with its own code.
+async fn bad_input_is_refused(c: &mut ProductsServiceClient<Channel>) {
+    let mut refused =
+        async |req: tonic::Request<CreateProductRequest>| c.create_product(req).await.unwrap_err();
+    let e = refused(admin(new_product("HP-1", "Dup", 1, "", 0))).await;
     assert_eq!(e.code(), Code::AlreadyExists);
-    let e = c
-        .create_product(admin(new_product("bad sku!", "X", 1, "", 0)))
-        .await
-        .unwrap_err();
+    let e = refused(admin(new_product("bad sku!", "X", 1, "", 0))).await;
     assert_eq!(
         (e.code(), e.message().starts_with("sku:")),
         (Code::InvalidArgument, true)
     );
-    let e = c
-        .create_product(admin(new_product("NEG", "X", -5, "", 0)))
-        .await
-        .unwrap_err();
+    let e = refused(admin(new_product("NEG", "X", -5, "", 0))).await;
     assert!(
         e.message().starts_with("price.amount_minor:"),
         "{}",
         e.message()
     );
-    let e = c
-        .create_product(new_product("ANON", "X", 1, "", 0))
-        .await
-        .unwrap_err();
+    let e = refused(tonic::Request::new(new_product("ANON", "X", 1, "", 0))).await;
     assert_eq!(e.code(), Code::Unauthenticated);
-    let e = c
-        .create_product(as_user(
-            new_product("CUST", "X", 1, "", 0),
-            "u",
-            &[Role::Customer],
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
-    let e = c
-        .get_product(GetProductRequest { id: "nope".into() })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    let customer = as_user(new_product("CUST", "X", 1, "", 0), "u", &[Role::Customer]);
+    assert_eq!(refused(customer).await.code(), Code::PermissionDenied);
+    let e = c.get_product(GetProductRequest { id: "nope".into() }).await;
+    assert_eq!(e.unwrap_err().code(), Code::NotFound);
+}
 
-    // Browsing: category with its subcategories, text, sort.
-    let in_electronics = list_all(
-        c,
-        ListProductsRequest {
-            category_id: electronics.clone(),
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(in_electronics.len(), 2, "Audio is under Electronics");
-    let found = list_all(
-        c,
-        ListProductsRequest {
-            query: "HEADPHONES".into(),
-            sort: ProductSort::PriceAsc.into(),
-            ..Default::default()
-        },
-    )
-    .await;
+/// Browsing: a category with its subcategories, text, sort, by SKU; a wildcard is a literal.
+async fn browsing_finds_what_it_should(c: &mut ProductsServiceClient<Channel>, cat: &Catalog) {
+    let electronics = ListProductsRequest {
+        category_id: cat.electronics.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        list_all(c, electronics).await.len(),
+        2,
+        "Audio is under Electronics"
+    );
+    let headphones = ListProductsRequest {
+        query: "HEADPHONES".into(),
+        sort: ProductSort::PriceAsc.into(),
+        ..Default::default()
+    };
+    let found = list_all(c, headphones).await;
     let skus: Vec<&str> = found.iter().map(|p| p.sku.as_str()).collect();
-    assert_eq!(skus, vec!["BK-1", "HP-1"]);
-    let by_sku = c
-        .get_product_by_sku(GetProductBySkuRequest { sku: "HP-1".into() })
-        .await
-        .expect("sku")
-        .into_inner();
-    assert_eq!(by_sku.id, headphones.id);
+    assert_eq!(skus, ["BK-1", "HP-1"]);
+    let sku = GetProductBySkuRequest { sku: "HP-1".into() };
+    let by_sku = c.get_product_by_sku(sku).await.expect("sku").into_inner();
+    assert_eq!(by_sku.id, cat.headphones.id);
+    let percent = ListProductsRequest {
+        query: "%".into(),
+        ..Default::default()
+    };
     let e = c
-        .list_products(ListProductsRequest {
-            query: "%".into(),
-            ..Default::default()
-        })
+        .list_products(percent)
         .await
         .expect("a wildcard is a literal");
     assert!(e.into_inner().products.is_empty());
+}
 
-    // Optimistic concurrency.
-    let updated = c
-        .update_product(admin(UpdateProductRequest {
-            id: headphones.id.clone(),
-            expected_version: 1,
-            price: eur(8_999),
+/// Optimistic concurrency: a stale version is refused naming the current one. Archive: gone
+/// for the public, visible to admins.
+async fn versions_and_archive(c: &mut ProductsServiceClient<Channel>, cat: &Catalog) {
+    let id = cat.headphones.id.clone();
+    let update = |expected_version, price, name: Option<&str>| {
+        admin(UpdateProductRequest {
+            id: id.clone(),
+            expected_version,
+            price,
+            name: name.map(str::to_owned),
             ..Default::default()
-        }))
-        .await
-        .expect("update")
-        .into_inner();
-    assert_eq!(
-        (
-            updated.version,
-            updated.price.as_ref().map(|p| p.amount_minor)
-        ),
-        (2, Some(8_999))
-    );
-    let stale = c
-        .update_product(admin(UpdateProductRequest {
-            id: headphones.id.clone(),
-            expected_version: 1,
-            name: Some("Lost update".into()),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_err();
+        })
+    };
+    let updated = c.update_product(update(1, eur(8_999), None)).await;
+    let updated = updated.expect("update").into_inner();
+    let price = updated.price.as_ref().map(|p| p.amount_minor);
+    assert_eq!((updated.version, price), (2, Some(8_999)));
+    let stale = c.update_product(update(1, None, Some("Lost update"))).await;
+    let stale = stale.unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
     assert!(stale.message().contains("version 2"), "{}", stale.message());
 
-    // Archive: gone for the public, visible to admins.
-    c.archive_product(admin(ArchiveProductRequest {
-        id: headphones.id.clone(),
+    let archive = ArchiveProductRequest {
+        id: id.clone(),
         expected_version: 2,
-    }))
-    .await
-    .expect("archive");
+    };
+    c.archive_product(admin(archive)).await.expect("archive");
+    let get = || GetProductRequest { id: id.clone() };
     assert_eq!(
-        c.get_product(GetProductRequest {
-            id: headphones.id.clone()
-        })
-        .await
-        .unwrap_err()
-        .code(),
+        c.get_product(get()).await.unwrap_err().code(),
         Code::NotFound
     );
     let seen = c
-        .get_product(admin(GetProductRequest {
-            id: headphones.id.clone(),
-        }))
+        .get_product(admin(get()))
         .await
-        .expect("admin sees archived")
-        .into_inner();
-    assert!(!seen.active);
+        .expect("admin sees archived");
+    assert!(!seen.into_inner().active);
     assert_eq!(list_all(c, ListProductsRequest::default()).await.len(), 2);
-    let e = c
-        .list_products(ListProductsRequest {
-            include_archived: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let archived = ListProductsRequest {
+        include_archived: true,
+        ..Default::default()
+    };
+    let e = c.list_products(archived).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
+}
+
+/// The distinct event types on the catalog topic (delivery is at least once: one per id).
+async fn catalog_event_types(log: &EmbeddedLog) -> Vec<String> {
+    let mut events = std::collections::BTreeMap::new();
+    let topic = "shopverse.catalog";
+    for p in 0..log.partitions(topic).await.expect("partitions") {
+        for r in log.fetch(topic, p, 0, 100).await.expect("fetch") {
+            let id = r.header("event-id").unwrap_or_default().to_owned();
+            events.insert(id, r.header("event-type").unwrap_or_default().to_owned());
+        }
+    }
+    let mut types: Vec<String> = events.into_values().collect();
+    types.sort();
+    types
+}
+
+async fn catalog(database: Option<&str>) {
+    let mut s = start(database).await;
+    let cat = fill(&mut s.client).await;
+    bad_input_is_refused(&mut s.client).await;
+    browsing_finds_what_it_should(&mut s.client, &cat).await;
+    versions_and_archive(&mut s.client, &cat).await;
 
     // Events: 3 created, 1 updated, 1 archived, 3 stock.changed.
+    let want = [
+        "product.archived",
+        "product.created",
+        "product.created",
+        "product.created",
+        "product.updated",
+        "stock.changed",
+        "stock.changed",
+        "stock.changed",
+    ];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        // Delivery is at least once: count distinct events.
-        let mut events = std::collections::BTreeMap::new();
-        for p in 0..s
-            .log
-            .partitions("shopverse.catalog")
-            .await
-            .expect("partitions")
-        {
-            for r in s
-                .log
-                .fetch("shopverse.catalog", p, 0, 100)
-                .await
-                .expect("fetch")
-            {
-                let id = r.header("event-id").unwrap_or_default().to_owned();
-                events.insert(id, r.header("event-type").unwrap_or_default().to_owned());
-            }
-        }
-        let mut types: Vec<String> = events.into_values().collect();
-        types.sort();
-        if types.len() == 8 {
-            assert_eq!(
-                types,
-                vec![
-                    "product.archived",
-                    "product.created",
-                    "product.created",
-                    "product.created",
-                    "product.updated",
-                    "stock.changed",
-                    "stock.changed",
-                    "stock.changed"
-                ]
-            );
+        let types = catalog_event_types(&s.log).await;
+        if types.len() == want.len() {
+            assert_eq!(types, want);
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "events so far: {types:?}"
-        );
+        let waiting = tokio::time::Instant::now() < deadline;
+        assert!(waiting, "events so far: {types:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     s.server.stop().await;
@@ -518,169 +475,145 @@ async fn fifty_concurrent_reservations_for_the_last_ten_units_postgres() {
     pg.drop_db().await.expect("drop");
 }
 
-#[tokio::test]
-async fn reservations_are_all_or_nothing_idempotent_and_settle() {
+/// A running service with product A (5 in stock) and product B (1 in stock).
+async fn a_and_b() -> (Running, Product, Product) {
     let mut s = start(None).await;
-    let c = &mut s.client;
-    let a = c
+    let a = s
+        .client
         .create_product(admin(new_product("A", "A", 100, "", 5)))
-        .await
-        .expect("a")
-        .into_inner();
-    let b = c
+        .await;
+    let b = s
+        .client
         .create_product(admin(new_product("B", "B", 100, "", 1)))
-        .await
-        .expect("b")
-        .into_inner();
-    let line = |p: &Product, q| ReservationLine {
-        product_id: p.id.clone(),
-        quantity: q,
-    };
-    let stock = |c: &mut ProductsServiceClient<Channel>, id: String| {
-        let mut c = c.clone();
-        async move {
-            let s = c
-                .get_stock(GetStockRequest { product_id: id })
-                .await
-                .expect("stock")
-                .into_inner();
-            (s.available, s.reserved)
-        }
-    };
+        .await;
+    (s, a.expect("a").into_inner(), b.expect("b").into_inner())
+}
 
-    // B has 1 unit: the whole reservation fails and A is untouched.
-    let e = c
-        .reserve_stock(ReserveStockRequest {
-            order_id: "o1".into(),
-            lines: vec![line(&a, 2), line(&b, 2)],
-        })
+fn line(p: &Product, quantity: i64) -> ReservationLine {
+    ReservationLine {
+        product_id: p.id.clone(),
+        quantity,
+    }
+}
+
+async fn reserve(
+    c: &mut ProductsServiceClient<Channel>,
+    order: &str,
+    lines: Vec<ReservationLine>,
+) -> Result<Reservation, tonic::Status> {
+    let order_id = order.to_owned();
+    let r = c
+        .reserve_stock(ReserveStockRequest { order_id, lines })
+        .await;
+    r.map(tonic::Response::into_inner)
+}
+
+fn of(order: &str) -> ReservationRef {
+    ReservationRef {
+        order_id: order.into(),
+    }
+}
+
+/// `(available, reserved)` of `p`.
+async fn stock(c: &mut ProductsServiceClient<Channel>, p: &Product) -> (i64, i64) {
+    let id = p.id.clone();
+    let s = c.get_stock(GetStockRequest { product_id: id }).await;
+    let s = s.expect("stock").into_inner();
+    (s.available, s.reserved)
+}
+
+/// B has 1 unit: a reservation of 2 fails whole and A is untouched; an archived product cannot
+/// be reserved either, and the rest of the reservation is untouched.
+#[tokio::test]
+async fn a_reservation_is_all_or_nothing() {
+    let (mut s, a, b) = a_and_b().await;
+    let c = &mut s.client;
+    let e = reserve(c, "o1", vec![line(&a, 2), line(&b, 2)])
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert_eq!(stock(c, a.id.clone()).await, (5, 0));
+    assert_eq!(stock(c, &a).await, (5, 0));
 
-    // Merged lines, idempotent per order.
-    let req = ReserveStockRequest {
-        order_id: "o2".into(),
-        lines: vec![line(&a, 1), line(&b, 1), line(&a, 1)],
+    let archive = ArchiveProductRequest {
+        id: b.id.clone(),
+        expected_version: b.version,
     };
-    let r1 = c
-        .reserve_stock(req.clone())
-        .await
-        .expect("reserve")
-        .into_inner();
-    let r2 = c.reserve_stock(req).await.expect("again").into_inner();
-    assert_eq!(r1, r2);
-    assert_eq!(r1.state(), ReservationState::Held);
-    assert_eq!(stock(c, a.id.clone()).await, (3, 2));
-    let e = c
-        .reserve_stock(ReserveStockRequest {
-            order_id: "o2".into(),
-            lines: vec![line(&a, 3)],
-        })
+    c.archive_product(admin(archive)).await.expect("archive");
+    let e = reserve(c, "o4", vec![line(&a, 1), line(&b, 1)])
         .await
         .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(stock(c, &a).await, (5, 0));
+    s.server.stop().await;
+}
+
+/// Lines are merged and a reservation is idempotent per order; commit (paid) then release
+/// (cancelled before shipping) return the units to the shelf; every stock change's event
+/// carries the stock after it.
+#[tokio::test]
+async fn a_reservation_is_idempotent_per_order_and_settles() {
+    let (mut s, a, b) = a_and_b().await;
+    let c = &mut s.client;
+    let lines = || vec![line(&a, 1), line(&b, 1), line(&a, 1)];
+    let r1 = reserve(c, "o2", lines()).await.expect("reserve");
+    let r2 = reserve(c, "o2", lines()).await.expect("again");
+    assert_eq!(r1, r2);
+    assert_eq!(r1.state(), ReservationState::Held);
+    assert_eq!(stock(c, &a).await, (3, 2));
+    let e = reserve(c, "o2", vec![line(&a, 3)]).await.unwrap_err();
     assert_eq!(
         e.code(),
         Code::FailedPrecondition,
         "same order, other lines"
     );
 
-    // Commit (paid) then release (cancelled before shipping): units return to the shelf.
-    let r = c
-        .commit_reservation(ReservationRef {
-            order_id: "o2".into(),
-        })
+    let r = c.commit_reservation(of("o2")).await.expect("commit");
+    assert_eq!(r.into_inner().state(), ReservationState::Committed);
+    c.commit_reservation(of("o2"))
         .await
-        .expect("commit")
-        .into_inner();
-    assert_eq!(r.state(), ReservationState::Committed);
-    c.commit_reservation(ReservationRef {
-        order_id: "o2".into(),
-    })
-    .await
-    .expect("commit is idempotent");
-    assert_eq!(stock(c, a.id.clone()).await, (3, 0));
-    c.release_reservation(ReservationRef {
-        order_id: "o2".into(),
-    })
-    .await
-    .expect("release");
-    assert_eq!(stock(c, a.id.clone()).await, (5, 0));
-    assert_eq!(stock(c, b.id.clone()).await, (1, 0));
-    let e = c
-        .commit_reservation(ReservationRef {
-            order_id: "o2".into(),
-        })
-        .await
-        .unwrap_err();
+        .expect("commit is idempotent");
+    assert_eq!(stock(c, &a).await, (3, 0));
+    c.release_reservation(of("o2")).await.expect("release");
+    assert_eq!((stock(c, &a).await, stock(c, &b).await), ((5, 0), (1, 0)));
+    let e = c.commit_reservation(of("o2")).await.unwrap_err();
     assert_eq!(
         e.code(),
         Code::FailedPrecondition,
         "released cannot be committed"
     );
 
-    // Held then released.
-    c.reserve_stock(ReserveStockRequest {
-        order_id: "o3".into(),
-        lines: vec![line(&b, 1)],
-    })
-    .await
-    .expect("reserve");
-    assert_eq!(stock(c, b.id.clone()).await, (0, 1));
-    c.release_reservation(ReservationRef {
-        order_id: "o3".into(),
-    })
-    .await
-    .expect("release");
-    assert_eq!(stock(c, b.id.clone()).await, (1, 0));
-    let e = c
-        .release_reservation(ReservationRef {
-            order_id: "nope".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
-
-    // An archived product cannot be reserved, and the rest of the reservation is untouched.
-    c.archive_product(admin(ArchiveProductRequest {
-        id: b.id.clone(),
-        expected_version: b.version,
-    }))
-    .await
-    .expect("archive");
-    let e = c
-        .reserve_stock(ReserveStockRequest {
-            order_id: "o4".into(),
-            lines: vec![line(&a, 1), line(&b, 1)],
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    assert_eq!(stock(c, a.id.clone()).await, (5, 0));
-
-    // Every stock change's event carries the stock after it.
     let want: Vec<(String, i64, i64)> = [
         ("set", 5, 0),
         ("reserved", 3, 2),
         ("committed", 3, 0),
         ("released", 5, 0),
     ]
-    .into_iter()
     .map(|(r, av, re)| (r.to_owned(), av, re))
-    .collect();
+    .into();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let got = stock_events(&s.log, &a.id).await;
         if got == want {
             break;
         }
-        assert!(
-            got.len() < want.len() && tokio::time::Instant::now() < deadline,
-            "stock events of A: {got:?}"
-        );
+        let waiting = got.len() < want.len() && tokio::time::Instant::now() < deadline;
+        assert!(waiting, "stock events of A: {got:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    s.server.stop().await;
+}
+
+/// A held reservation released returns its units; releasing one that never was is not found.
+#[tokio::test]
+async fn a_held_reservation_is_released() {
+    let (mut s, _, b) = a_and_b().await;
+    let c = &mut s.client;
+    reserve(c, "o3", vec![line(&b, 1)]).await.expect("reserve");
+    assert_eq!(stock(c, &b).await, (0, 1));
+    c.release_reservation(of("o3")).await.expect("release");
+    assert_eq!(stock(c, &b).await, (1, 0));
+    let e = c.release_reservation(of("nope")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
     s.server.stop().await;
 }
 
