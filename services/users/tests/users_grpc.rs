@@ -108,250 +108,207 @@ fn verify(token: &str, set: &JwkSet) -> Claims {
         .claims
 }
 
-async fn accounts_tokens_and_profiles(database: Option<&str>) {
-    let mut s = start(database).await;
-    let c = &mut s.client;
+type Client = UsersServiceClient<Channel>;
 
-    // Register: normalised email, validation, duplicates.
-    let user = c
+/// Register: normalised email, validation, duplicates. Returns Ada.
+async fn registration(c: &mut Client) -> User {
+    let ada = c
         .register(reg("  Ada@Example.com", "correct horse battery"))
-        .await
-        .expect("register")
-        .into_inner()
-        .user
-        .expect("user");
+        .await;
+    let user = ada.expect("register").into_inner().user.expect("user");
     assert_eq!(user.email, "ada@example.com");
     assert_eq!(user.display_name, "ada");
     assert_eq!(user.roles, vec!["customer"]);
-    let e = c
-        .register(reg("ada@example.com", "another password"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::AlreadyExists);
-    let e = c
-        .register(reg("not-an-email", "long enough pw"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("email:"), "{}", e.message());
-    let e = c
-        .register(reg("bob@example.com", "short"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("password:"), "{}", e.message());
+    let e = c.register(reg("ada@example.com", "another password")).await;
+    assert_eq!(e.unwrap_err().code(), Code::AlreadyExists);
+    for (email, pw, field) in [
+        ("not-an-email", "long enough pw", "email:"),
+        ("bob@example.com", "short", "password:"),
+    ] {
+        let e = c.register(reg(email, pw)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().starts_with(field), "{}", e.message());
+    }
+    user
+}
 
-    // Login: a token the published keys verify.
+/// Ada logs in.
+async fn ada_logs_in(c: &mut Client) -> TokenPair {
+    let pair = c
+        .login(login("ada@example.com", "correct horse battery"))
+        .await;
+    pair.expect("login").into_inner()
+}
+
+/// Login gives a token the published keys verify; a wrong password and an unknown email get
+/// the same answer.
+async fn logins(c: &mut Client, user: &User) {
     let pair = c
         .login(login("ADA@example.com", "correct horse battery"))
-        .await
-        .expect("login")
-        .into_inner();
-    assert_eq!(pair.token_type, "Bearer");
-    assert_eq!(pair.expires_in, 900);
-    let set = jwks(c).await;
-    let claims = verify(&pair.access_token, &set);
+        .await;
+    let pair = pair.expect("login").into_inner();
+    assert_eq!((pair.token_type.as_str(), pair.expires_in), ("Bearer", 900));
+    let claims = verify(&pair.access_token, &jwks(c).await);
     assert_eq!(claims.sub, user.id);
     assert_eq!(claims.roles, vec!["customer"]);
     assert_eq!(claims.exp - claims.iat, 900);
 
-    // Wrong password and unknown email get the same answer.
-    let wrong = c
-        .login(login("ada@example.com", "wrong password!"))
-        .await
-        .unwrap_err();
+    let wrong = c.login(login("ada@example.com", "wrong password!")).await;
     let unknown = c
         .login(login("nobody@example.com", "wrong password!"))
-        .await
-        .unwrap_err();
+        .await;
+    let (wrong, unknown) = (wrong.unwrap_err(), unknown.unwrap_err());
     assert_eq!(
         (wrong.code(), wrong.message()),
         (unknown.code(), unknown.message())
     );
     assert_eq!(wrong.code(), Code::Unauthenticated);
+}
 
-    // Refresh rotates; presenting a spent token revokes the whole family.
-    let second = c
-        .refresh(RefreshRequest {
-            refresh_token: pair.refresh_token.clone(),
-        })
-        .await
-        .expect("refresh")
-        .into_inner();
+async fn refresh(c: &mut Client, token: &str) -> Result<TokenPair, tonic::Status> {
+    let refresh_token = token.to_owned();
+    let r = c.refresh(RefreshRequest { refresh_token }).await;
+    r.map(tonic::Response::into_inner)
+}
+
+/// Refresh rotates; presenting a spent token revokes the whole family; logout revokes too.
+async fn refresh_and_logout(c: &mut Client) {
+    let pair = ada_logs_in(c).await;
+    let second = refresh(c, &pair.refresh_token).await.expect("refresh");
     assert_ne!(second.refresh_token, pair.refresh_token);
-    verify(&second.access_token, &set);
-    let reuse = c
-        .refresh(RefreshRequest {
-            refresh_token: pair.refresh_token.clone(),
-        })
-        .await
-        .unwrap_err();
+    verify(&second.access_token, &jwks(c).await);
+    let reuse = refresh(c, &pair.refresh_token).await.unwrap_err();
     assert_eq!(reuse.code(), Code::Unauthenticated);
     assert!(reuse.message().contains("revoked"), "{}", reuse.message());
-    let after = c
-        .refresh(RefreshRequest {
-            refresh_token: second.refresh_token.clone(),
-        })
-        .await
-        .unwrap_err();
+    let after = refresh(c, &second.refresh_token).await.unwrap_err();
     assert_eq!(after.code(), Code::Unauthenticated, "the family is revoked");
 
-    // Logout revokes too.
-    let pair = c
-        .login(login("ada@example.com", "correct horse battery"))
-        .await
-        .expect("login")
-        .into_inner();
-    c.logout(LogoutRequest {
+    let pair = ada_logs_in(c).await;
+    let logout = LogoutRequest {
         refresh_token: pair.refresh_token.clone(),
-    })
-    .await
-    .expect("logout");
-    let e = c
-        .refresh(RefreshRequest {
-            refresh_token: pair.refresh_token,
-        })
-        .await
-        .unwrap_err();
+    };
+    c.logout(logout).await.expect("logout");
+    let e = refresh(c, &pair.refresh_token).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
+}
 
-    // Profile needs an identity; admin calls need the admin role.
-    assert_eq!(
-        c.get_me(GetMeRequest {}).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
+/// The profile needs an identity; addresses are checked and normalised.
+async fn profile(c: &mut Client, user: &User) {
+    let anonymous = c.get_me(GetMeRequest {}).await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
     let me = c
         .get_me(as_user(GetMeRequest {}, &user.id, &[Role::Customer]))
-        .await
-        .expect("me")
-        .into_inner();
-    assert_eq!(me.email, "ada@example.com");
-    let updated = c
-        .update_me(as_user(
-            UpdateMeRequest {
-                display_name: Some("Ada L.".into()),
-                addresses: Some(AddressList {
-                    addresses: vec![Address {
-                        label: "home".into(),
-                        line1: "1 Analytical Way".into(),
-                        city: "London".into(),
-                        postal_code: "N1 9GU".into(),
-                        country: "gb".into(),
-                        ..Default::default()
-                    }],
-                }),
-            },
-            &user.id,
-            &[Role::Customer],
-        ))
-        .await
-        .expect("update")
-        .into_inner();
+        .await;
+    assert_eq!(me.expect("me").into_inner().email, "ada@example.com");
+    let home = Address {
+        label: "home".into(),
+        line1: "1 Analytical Way".into(),
+        city: "London".into(),
+        postal_code: "N1 9GU".into(),
+        country: "gb".into(),
+        ..Default::default()
+    };
+    let update = |display_name: Option<&str>, address: Address| {
+        let change = UpdateMeRequest {
+            display_name: display_name.map(str::to_owned),
+            addresses: Some(AddressList {
+                addresses: vec![address],
+            }),
+        };
+        as_user(change, &user.id, &[Role::Customer])
+    };
+    let updated = c.update_me(update(Some("Ada L."), home)).await;
+    let updated = updated.expect("update").into_inner();
     assert_eq!(updated.display_name, "Ada L.");
     assert_eq!(updated.addresses[0].country, "GB");
     let bad = c
-        .update_me(as_user(
-            UpdateMeRequest {
-                display_name: None,
-                addresses: Some(AddressList {
-                    addresses: vec![Address::default()],
-                }),
-            },
-            &user.id,
-            &[Role::Customer],
-        ))
+        .update_me(update(None, Address::default()))
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
-    let e = c
-        .list_users(as_user(
-            ListUsersRequest::default(),
-            &user.id,
-            &[Role::Customer],
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+}
 
+/// Admin calls need the admin role: listing pages through every user, roles are checked.
+async fn administration(c: &mut Client, user: &User) {
+    let as_customer = as_user(ListUsersRequest::default(), &user.id, &[Role::Customer]);
+    let e = c.list_users(as_customer).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
     for i in 0..4 {
-        c.register(reg(&format!("u{i}@example.com"), "long enough pw"))
-            .await
-            .expect("register");
+        let r = c.register(reg(&format!("u{i}@example.com"), "long enough pw"));
+        r.await.expect("register");
     }
     fn admin<T>(m: T) -> tonic::Request<T> {
         as_user(m, "the-admin", &[Role::Admin])
     }
-    let page1 = c
-        .list_users(admin(ListUsersRequest {
+    let page = |page_token: String| {
+        admin(ListUsersRequest {
             page_size: 3,
+            page_token,
             ..Default::default()
-        }))
+        })
+    };
+    let page1 = c
+        .list_users(page(String::new()))
         .await
         .expect("list")
         .into_inner();
     assert_eq!(page1.users.len(), 3);
     assert!(!page1.next_page_token.is_empty());
     let page2 = c
-        .list_users(admin(ListUsersRequest {
-            page_size: 3,
-            page_token: page1.next_page_token,
-            ..Default::default()
-        }))
+        .list_users(page(page1.next_page_token))
         .await
         .expect("list")
         .into_inner();
     assert_eq!(page2.users.len(), 2);
     assert!(page2.next_page_token.is_empty());
-    let promoted = c
-        .set_roles(admin(SetRolesRequest {
-            user_id: user.id.clone(),
-            roles: vec!["customer".into(), "admin".into()],
-        }))
-        .await
-        .expect("set roles")
-        .into_inner();
-    assert_eq!(promoted.roles, vec!["customer", "admin"]);
-    let e = c
-        .set_roles(admin(SetRolesRequest {
-            user_id: user.id.clone(),
-            roles: vec!["wizard".into()],
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    let e = c
-        .set_roles(admin(SetRolesRequest {
-            user_id: "missing".into(),
-            roles: vec!["admin".into()],
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
 
-    // The registrations reached the event log through the outbox.
+    let roles = |user_id: &str, roles: &[&str]| {
+        admin(SetRolesRequest {
+            user_id: user_id.to_owned(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        })
+    };
+    let promoted = c.set_roles(roles(&user.id, &["customer", "admin"])).await;
+    assert_eq!(
+        promoted.expect("set roles").into_inner().roles,
+        ["customer", "admin"]
+    );
+    let e = c.set_roles(roles(&user.id, &["wizard"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c.set_roles(roles("missing", &["admin"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+/// How many records the users topic holds.
+async fn user_events(log: &EmbeddedLog) -> usize {
+    let mut n = 0;
+    for p in 0..log.partitions("shopverse.users").await.expect("partitions") {
+        n += log
+            .fetch("shopverse.users", p, 0, 100)
+            .await
+            .expect("fetch")
+            .len();
+    }
+    n
+}
+
+async fn accounts_tokens_and_profiles(database: Option<&str>) {
+    let mut s = start(database).await;
+    let user = registration(&mut s.client).await;
+    logins(&mut s.client, &user).await;
+    refresh_and_logout(&mut s.client).await;
+    profile(&mut s.client, &user).await;
+    administration(&mut s.client, &user).await;
+
+    // The five registrations reached the event log through the outbox.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let mut n = 0;
-        for p in 0..s
-            .log
-            .partitions("shopverse.users")
-            .await
-            .expect("partitions")
-        {
-            n += s
-                .log
-                .fetch("shopverse.users", p, 0, 100)
-                .await
-                .expect("fetch")
-                .len();
-        }
+        let n = user_events(&s.log).await;
         if n == 5 {
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {n} of 5 user.registered events published"
-        );
+        let waiting = tokio::time::Instant::now() < deadline;
+        assert!(waiting, "only {n} of 5 user.registered events published");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     s.stop().await;
