@@ -16,77 +16,58 @@ use shopverse_proto::users::v1::{GetJwksRequest, LoginRequest, RegisterRequest};
 
 use crate::common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_demo_register_login_and_browse_over_grpc() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = Appliance::binary(dir.path(), &["--demo"], &[]);
-    assert!(
-        app.stdout
-            .iter()
-            .any(|l| l.contains("demo: customer demo@shopverse.example")
-                && l.ends_with("has 3 orders")),
-        "{:#?}",
-        app.stdout
-    );
-    assert!(
-        app.stdout.iter().any(|l| l.contains("60 products added")),
-        "{:#?}",
-        app.stdout
-    );
-    assert!(
-        app.stdout
-            .iter()
-            .any(|l| l.trim_start().starts_with("users ")),
-        "a table of what runs where"
-    );
+/// Whether the binary printed a line that `matches` up to its ready line.
+fn printed(app: &Appliance, matches: impl Fn(&str) -> bool) -> bool {
+    app.stdout.iter().any(|l| matches(l))
+}
 
-    // Health and reflection, as grpcurl would use them.
+/// Health and reflection, as grpcurl would use them.
+async fn health_and_reflection(app: &Appliance) {
     use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     let mut health = HealthClient::new(channel(app.users).await);
-    let status = health
-        .check(HealthCheckRequest {
-            service: "shopverse.users.v1.UsersService".into(),
-        })
-        .await
-        .expect("health")
-        .into_inner();
+    let service = "shopverse.users.v1.UsersService".to_owned();
+    let status = health.check(HealthCheckRequest { service }).await;
     assert_eq!(
-        status.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
+        status.expect("health").into_inner().status(),
+        ServingStatus::Serving
     );
     let services = list_services_by_reflection(app.products).await;
-    assert!(
-        services.contains(&"shopverse.products.v1.ProductsService".to_owned()),
-        "{services:?}"
-    );
-    assert!(
-        services.contains(&"grpc.health.v1.Health".to_owned()),
-        "{services:?}"
-    );
+    for name in [
+        "shopverse.products.v1.ProductsService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.iter().any(|s| s == name), "{name}: {services:?}");
+    }
+}
 
+fn newcomer() -> LoginRequest {
+    LoginRequest {
+        email: "newcomer@example.com".into(),
+        password: "a long enough password".into(),
+    }
+}
+
+/// A newcomer registers and logs in; the token verifies against the published JWKS with a JWT
+/// library of its own.
+async fn newcomer_signs_up(app: &Appliance) {
     let mut users = UsersServiceClient::new(channel(app.users).await);
-    let user = users
+    let LoginRequest { email, password } = newcomer();
+    let display_name = "Newcomer".to_owned();
+    let registered = users
         .register(RegisterRequest {
-            email: "newcomer@example.com".into(),
-            password: "a long enough password".into(),
-            display_name: "Newcomer".into(),
+            email,
+            password,
+            display_name,
         })
-        .await
+        .await;
+    let user = registered
         .expect("register")
         .into_inner()
         .user
         .expect("user");
-    let tokens = users
-        .login(LoginRequest {
-            email: "newcomer@example.com".into(),
-            password: "a long enough password".into(),
-        })
-        .await
-        .expect("login")
-        .into_inner();
-
-    // The token verifies against the published JWKS with a JWT library of its own.
+    let tokens = users.login(newcomer()).await.expect("login").into_inner();
     let jwks = users
         .get_jwks(GetJwksRequest {})
         .await
@@ -98,26 +79,24 @@ async fn up_demo_register_login_and_browse_over_grpc() {
         })).collect::<Vec<_>>()
     }))
     .expect("jwks json");
-    let kid = jsonwebtoken::decode_header(&tokens.access_token)
-        .expect("header")
-        .kid
-        .expect("kid");
+    let header = jsonwebtoken::decode_header(&tokens.access_token).expect("header");
+    let kid = header.kid.expect("kid");
     let key = DecodingKey::from_jwk(set.find(&kid).expect("published kid")).expect("key");
     let mut v = Validation::new(Algorithm::EdDSA);
     v.set_audience(&["shopverse-api"]);
     v.set_issuer(&["shopverse"]);
-    let claims = jsonwebtoken::decode::<serde_json::Value>(&tokens.access_token, &key, &v)
-        .expect("verifies");
-    assert_eq!(claims.claims["sub"], serde_json::json!(user.id));
+    let claims = jsonwebtoken::decode::<serde_json::Value>(&tokens.access_token, &key, &v);
+    assert_eq!(
+        claims.expect("verifies").claims["sub"],
+        serde_json::json!(user.id)
+    );
+}
 
-    // The seeded catalog: at least 50 products in at least 5 categories.
+/// The seeded catalog: at least 50 products in at least 5 categories.
+async fn the_seeded_catalog(app: &Appliance) {
     let mut products = ProductsServiceClient::new(channel(app.products).await);
-    let cats = products
-        .list_categories(ListCategoriesRequest {})
-        .await
-        .expect("categories")
-        .into_inner();
-    assert!(cats.categories.len() >= 5);
+    let cats = products.list_categories(ListCategoriesRequest {}).await;
+    assert!(cats.expect("categories").into_inner().categories.len() >= 5);
     let mut req = ListProductsRequest {
         page_size: 25,
         ..Default::default()
@@ -136,45 +115,53 @@ async fn up_demo_register_login_and_browse_over_grpc() {
         req.page_token = page.next_page_token;
     }
     assert!(all.len() >= 50, "{} products", all.len());
-    let with_category: std::collections::HashSet<&str> =
+    let categories: std::collections::HashSet<&str> =
         all.iter().map(|p| p.category_id.as_str()).collect();
-    assert!(with_category.len() >= 5);
+    assert!(categories.len() >= 5);
+}
 
-    // Admin listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_demo_register_login_and_browse_over_grpc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = Appliance::binary(dir.path(), &["--demo"], &[]);
+    let demo = |l: &str| {
+        l.contains("demo: customer demo@shopverse.example") && l.ends_with("has 3 orders")
+    };
+    assert!(printed(&app, demo), "{:#?}", app.stdout);
+    assert!(
+        printed(&app, |l| l.contains("60 products added")),
+        "{:#?}",
+        app.stdout
+    );
+    let table = printed(&app, |l| l.trim_start().starts_with("users "));
+    assert!(table, "a table of what runs where");
+    health_and_reflection(&app).await;
+    newcomer_signs_up(&app).await;
+    the_seeded_catalog(&app).await;
+
+    // The admin listener.
     assert_eq!(http_get(app.admin, "/readyz").0, 200);
     let (code, metrics) = http_get(app.admin, "/metrics");
     assert_eq!(code, 200);
-    assert!(
-        metrics.contains("shopverse_outbox_published_total"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("shopverse_users_logins_total{result=\"ok\"} 1"),
-        "{metrics}"
-    );
-
+    for series in [
+        "shopverse_outbox_published_total",
+        "shopverse_users_logins_total{result=\"ok\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series}: {metrics}");
+    }
     app.stop();
 
     // Restarted on the same data: the account and the catalog are still there, nothing re-seeded.
     let app = Appliance::binary(dir.path(), &["--demo"], &[]);
+    let once = printed(&app, |l| l.ends_with("has 3 orders"));
+    assert!(once, "demo orders are not placed twice: {:#?}", app.stdout);
     assert!(
-        app.stdout.iter().any(|l| l.ends_with("has 3 orders")),
-        "demo orders are not placed twice: {:#?}",
-        app.stdout
-    );
-    assert!(
-        app.stdout.iter().any(|l| l.contains("nothing seeded")),
+        printed(&app, |l| l.contains("nothing seeded")),
         "{:#?}",
         app.stdout
     );
     let mut users = UsersServiceClient::new(channel(app.users).await);
-    users
-        .login(LoginRequest {
-            email: "newcomer@example.com".into(),
-            password: "a long enough password".into(),
-        })
-        .await
-        .expect("login after restart");
+    users.login(newcomer()).await.expect("login after restart");
     app.stop();
 }
 
