@@ -305,6 +305,73 @@ async fn shipments_match(c: &Cluster, dbs: &Dbs) {
     delivery.close().await;
 }
 
+/// A poison event on the orders topic is parked by each consumer of the topic, listed by the
+/// CLI with its reason, and replayed by it.
+async fn poison_is_parked_listed_and_replayed(c: &Cluster) {
+    c.bus()
+        .publish(&[OutRecord {
+            topic: TOPIC_ORDERS.into(),
+            key: "poison".into(),
+            headers: vec![("event-id".into(), "poison-1".into())],
+            payload: vec![0xde, 0xad, 0xbe, 0xef],
+        }])
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let listed = loop {
+        let (ok, out, err) = c.cli(&["events", "dlq", "list", "--json"]);
+        assert!(ok, "dlq list: {err}");
+        let parked: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // payments, delivery, notifications and products all read the orders topic.
+        if parked.len() >= 4 {
+            break parked;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "poison not parked: {parked:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        listed.iter().all(|d| d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("undecodable envelope")
+            && d["replayed"] == false),
+        "{listed:?}"
+    );
+    let (ok, out, err) = c.cli(&["events", "dlq", "replay", "--topic", TOPIC_ORDERS]);
+    assert!(ok, "dlq replay: {out}{err}");
+    assert!(
+        out.contains(&format!("{} events replayed", listed.len())),
+        "{out}"
+    );
+    let (_, out, _) = c.cli(&["events", "dlq", "list"]);
+    assert!(out.contains("replayed"), "{out}");
+}
+
+/// One products replica went away: orders stops sending it calls once its health check fails.
+/// (Stopped, not killed: tansu hands a killed member's partitions to the others only at the
+/// next join or leave, not when its session expires; see the README.)
+async fn checkouts_go_on_without_a_stopped_products_replica(
+    orders_addr: std::net::SocketAddr,
+    products: &[String],
+) {
+    tokio::time::sleep(shopverse_rpc::pool::CHECK_EVERY * 3).await;
+    let mut client = OrdersServiceClient::new(channel(orders_addr).await);
+    let more = crate::common::saga::jobs(10, products, "after-kill");
+    for j in &more {
+        let out = run_job(&mut client, j, true).await;
+        assert!(
+            !matches!(out, Outcome::Interrupted),
+            "a checkout failed with a products replica down: {out:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saga_across_processes_survives_killed_replicas() {
     let _one_at_a_time = SERIAL.lock().await;
@@ -359,20 +426,8 @@ async fn saga_across_processes_survives_killed_replicas() {
     session_expired(payments_killed).await;
     let payments_a = c.serve("payments", &[]);
 
-    // One products replica goes away: orders stops sending it calls once its health check
-    // fails. (Stopped, not killed: tansu hands a killed member's partitions to the others only
-    // at the next join or leave, not when its session expires; see the README.)
     products_b.stop();
-    tokio::time::sleep(shopverse_rpc::pool::CHECK_EVERY * 3).await;
-    let mut client = OrdersServiceClient::new(channel(orders_addr).await);
-    let more = crate::common::saga::jobs(10, &products, "after-kill");
-    for j in &more {
-        let out = run_job(&mut client, j, true).await;
-        assert!(
-            !matches!(out, Outcome::Interrupted),
-            "a checkout failed with a products replica down: {out:?}"
-        );
-    }
+    checkouts_go_on_without_a_stopped_products_replica(orders_addr, &products).await;
 
     let placed = placed(&run.results);
     assert!(placed.len() > 40, "only {} orders placed", placed.len());
@@ -383,51 +438,7 @@ async fn saga_across_processes_survives_killed_replicas() {
     shipments_match(&c, &dbs).await;
     dbs.close().await;
 
-    // A poison event on the orders topic is parked by each consumer of the topic, listed by
-    // the CLI with its reason, and replayed by it.
-    c.bus()
-        .publish(&[OutRecord {
-            topic: TOPIC_ORDERS.into(),
-            key: "poison".into(),
-            headers: vec![("event-id".into(), "poison-1".into())],
-            payload: vec![0xde, 0xad, 0xbe, 0xef],
-        }])
-        .await
-        .unwrap();
-    let t0 = Instant::now();
-    let listed = loop {
-        let (ok, out, err) = c.cli(&["events", "dlq", "list", "--json"]);
-        assert!(ok, "dlq list: {err}");
-        let parked: Vec<serde_json::Value> = out
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        // payments, delivery, notifications and products all read the orders topic.
-        if parked.len() >= 4 {
-            break parked;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "poison not parked: {parked:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    assert!(
-        listed.iter().all(|d| d["reason"]
-            .as_str()
-            .unwrap()
-            .contains("undecodable envelope")
-            && d["replayed"] == false),
-        "{listed:?}"
-    );
-    let (ok, out, err) = c.cli(&["events", "dlq", "replay", "--topic", TOPIC_ORDERS]);
-    assert!(ok, "dlq replay: {out}{err}");
-    assert!(
-        out.contains(&format!("{} events replayed", listed.len())),
-        "{out}"
-    );
-    let (_, out, _) = c.cli(&["events", "dlq", "list"]);
-    assert!(out.contains("replayed"), "{out}");
+    poison_is_parked_listed_and_replayed(&c).await;
 
     for p in [
         products_a,
