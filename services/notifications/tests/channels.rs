@@ -235,6 +235,72 @@ async fn serve(
     (server, log, registry)
 }
 
+/// `order.placed` for `id`, placed by u1.
+fn placed(id: &str) -> shopverse_proto::events::v1::Envelope {
+    let event = OrderEvent {
+        order: Some(order(id, "u1")),
+    };
+    new_envelope(
+        &ORDER_PLACED,
+        "orders",
+        id,
+        SystemClock.now_ms(),
+        Origin::NONE,
+        &event,
+    )
+}
+
+/// `user.registered` for Ada (u1).
+fn welcome() -> shopverse_proto::events::v1::Envelope {
+    let event = UserRegistered {
+        user_id: "u1".into(),
+        email: "ada@example.com".into(),
+        display_name: "Ada".into(),
+    };
+    new_envelope(
+        &USER_REGISTERED,
+        "users",
+        "u1",
+        SystemClock.now_ms(),
+        Origin::NONE,
+        &event,
+    )
+}
+
+/// What went out for Ada's welcome and her first order: the mails' subjects, recipient and
+/// Message-ID, the amount, the SMS's number and text.
+fn first_messages_are_right(mails: &[String], sms: &serde_json::Value, placed_id: &str) {
+    let welcome = |m: &&String| {
+        m.contains("Subject: Welcome to ShopVerse") && m.contains("To: ada@example.com")
+    };
+    assert!(mails.iter().any(|m| welcome(&m)), "{mails:#?}");
+    let order_mail = mails
+        .iter()
+        .find(|m| m.contains("Subject: Order order-0001 received"))
+        .expect("order mail");
+    let names_event = order_mail.contains(&format!("{placed_id}.email@shopverse"));
+    assert!(names_event, "Message-ID names the event: {order_mail}");
+    assert!(order_mail.contains("EUR 49.90"), "{order_mail}");
+    assert_eq!(sms["to"], "+49 30 1234567");
+    let text = sms["text"].as_str().unwrap();
+    assert!(text.contains("order-0001 received"), "{sms}");
+}
+
+/// Until the first parked event, which must be `event_id`, parked for the SMS webhook.
+async fn until_parked(bus: &EmbeddedLog, event_id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let parked = dlq::list(bus, None).await.unwrap();
+        if let Some(d) = parked.first() {
+            assert_eq!(d.event_id, event_id);
+            assert!(d.reason.contains("SMS webhook"), "{}", d.reason);
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn once_per_event_and_channel(database: String) {
     let dir = tempfile::tempdir().unwrap();
     let smtp = Smtp::start(dir.path());
@@ -249,116 +315,38 @@ async fn once_per_event_and_channel(database: String) {
         ..Default::default()
     };
     let (server, log, _) = serve(dir.path(), config).await;
+    let sent_sms = || sms.lock().unwrap().len();
 
-    let now = SystemClock.now_ms();
-    let welcome = new_envelope(
-        &USER_REGISTERED,
-        "users",
-        "u1",
-        now,
-        Origin::NONE,
-        &UserRegistered {
-            user_id: "u1".into(),
-            email: "ada@example.com".into(),
-            display_name: "Ada".into(),
-        },
-    );
-    publish(&log, &welcome, "shopverse.users").await;
+    publish(&log, &welcome(), "shopverse.users").await;
     until("the welcome email", || smtp.messages().len() == 1).await;
-    let placed = new_envelope(
-        &ORDER_PLACED,
-        "orders",
-        "order-0001",
-        now,
-        Origin::NONE,
-        &OrderEvent {
-            order: Some(order("order-0001", "u1")),
-        },
-    );
-    publish(&log, &placed, "shopverse.orders").await;
+    let first = placed("order-0001");
+    publish(&log, &first, "shopverse.orders").await;
     until("the order email", || smtp.messages().len() == 2).await;
-    until("the order SMS", || sms.lock().unwrap().len() == 1).await;
-
-    let mails = smtp.messages();
-    assert!(
-        mails
-            .iter()
-            .any(|m| m.contains("Subject: Welcome to ShopVerse")
-                && m.contains("To: ada@example.com")),
-        "{mails:#?}"
-    );
-    let order_mail = mails
-        .iter()
-        .find(|m| m.contains("Subject: Order order-0001 received"))
-        .expect("order mail");
-    assert!(
-        order_mail.contains(&format!("{}.email@shopverse", placed.id)),
-        "Message-ID names the event: {order_mail}"
-    );
-    assert!(order_mail.contains("EUR 49.90"), "{order_mail}");
-    let text = sms.lock().unwrap()[0].clone();
-    assert_eq!(text["to"], "+49 30 1234567");
-    assert!(
-        text["text"]
-            .as_str()
-            .unwrap()
-            .contains("order-0001 received"),
-        "{text}"
-    );
+    until("the order SMS", || sent_sms() == 1).await;
+    first_messages_are_right(&smtp.messages(), &sms.lock().unwrap()[0], &first.id);
 
     // The same event delivered again (at-least-once): nothing new goes out.
-    publish(&log, &placed, "shopverse.orders").await;
+    publish(&log, &first, "shopverse.orders").await;
     drained(&log, "shopverse.orders").await;
-    assert_eq!(smtp.messages().len(), 2);
-    assert_eq!(sms.lock().unwrap().len(), 1);
+    assert_eq!((smtp.messages().len(), sent_sms()), (2, 1));
 
     // The SMS provider fails: the email goes out, the event retries, then parks.
     failing.store(true, Ordering::SeqCst);
-    let second = new_envelope(
-        &ORDER_PLACED,
-        "orders",
-        "order-0002",
-        now,
-        Origin::NONE,
-        &OrderEvent {
-            order: Some(order("order-0002", "u1")),
-        },
-    );
+    let second = placed("order-0002");
     publish(&log, &second, "shopverse.orders").await;
-    let bus = log.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let parked = dlq::list(&bus, None).await.unwrap();
-        if let Some(d) = parked.first() {
-            assert_eq!(d.event_id, second.id);
-            assert!(d.reason.contains("SMS webhook"), "{}", d.reason);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never parked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        smtp.messages().len(),
-        3,
-        "the email went out once despite the retries"
-    );
-    assert_eq!(sms.lock().unwrap().len(), 1);
+    until_parked(&log, &second.id).await;
+    let mails = smtp.messages().len();
+    assert_eq!(mails, 3, "the email went out once despite the retries");
+    assert_eq!(sent_sms(), 1);
 
     // Provider back; replay: the SMS goes out, the email is not sent again.
     failing.store(false, Ordering::SeqCst);
-    assert_eq!(dlq::replay(&bus, None, None).await.unwrap().len(), 1);
-    until("the replayed SMS", || sms.lock().unwrap().len() == 2).await;
+    assert_eq!(dlq::replay(&log, None, None).await.unwrap().len(), 1);
+    until("the replayed SMS", || sent_sms() == 2).await;
     drained(&log, "shopverse.orders").await;
     assert_eq!(smtp.messages().len(), 3);
-    assert_eq!(
-        log.topics()
-            .await
-            .unwrap()
-            .iter()
-            .filter(|t| t.ends_with(".dlq"))
-            .count(),
-        1
-    );
+    let topics = log.topics().await.unwrap();
+    assert_eq!(topics.iter().filter(|t| t.ends_with(".dlq")).count(), 1);
     server.stop().await;
 }
 
