@@ -1,8 +1,11 @@
 //! Operations: the systemd units pass `systemd-analyze`, the install script stages and removes
 //! cleanly and idempotently, and the process speaks the systemd notify protocol.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::gateway::*;
@@ -178,121 +181,137 @@ fn speaks_the_systemd_notify_protocol() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn online_backup_under_writes_then_restore() {
+/// Registers accounts without pause until stopped; `confirmed` holds the emails whose
+/// registration was answered.
+struct Writer {
+    confirmed: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(users: SocketAddr) -> Writer {
+        use shopverse_proto::users::v1::RegisterRequest;
+        use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
+        let (confirmed, stop) = (
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (c, s) = (confirmed.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut users = UsersServiceClient::new(channel(users).await);
+            for i in 0.. {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let email = format!("load-{i}@example.com");
+                let password = "a long password".to_owned();
+                let req = RegisterRequest {
+                    email: email.clone(),
+                    password,
+                    display_name: String::new(),
+                };
+                if users.register(req).await.is_ok() {
+                    c.lock().unwrap().push(email);
+                }
+            }
+        });
+        Writer {
+            confirmed,
+            stop,
+            task,
+        }
+    }
+
+    fn confirmed(&self) -> Vec<String> {
+        self.confirmed.lock().unwrap().clone()
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap();
+    }
+}
+
+/// Every account's email, as an administrator lists them.
+async fn every_email(users: SocketAddr) -> Vec<String> {
     use shopverse_proto::users::v1::ListUsersRequest;
     use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
-    let live = tempfile::tempdir().unwrap();
-    let backup_dir = live.path().join("backup");
-    let app = Appliance::start(live.path(), &["--demo"]);
-    let users_addr = app.users;
-
-    // A writer registers accounts without pause; we note which were confirmed before the backup.
-    let confirmed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (c2, s2) = (confirmed.clone(), stop.clone());
-    let writer = tokio::spawn(async move {
-        let mut users = UsersServiceClient::new(channel(users_addr).await);
-        let mut i = 0;
-        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
-            let email = format!("load-{i}@example.com");
-            let r = users
-                .register(shopverse_proto::users::v1::RegisterRequest {
-                    email: email.clone(),
-                    password: "a long password".into(),
-                    display_name: String::new(),
-                })
-                .await;
-            if r.is_ok() {
-                c2.lock().unwrap().push(email);
-            }
-            i += 1;
+    let mut users = UsersServiceClient::new(channel(users).await);
+    let (mut found, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let list = ListUsersRequest {
+            page_size: 200,
+            page_token,
+            email: String::new(),
+        };
+        let req = shopverse_kit::testing::as_user(list, "ops", &[shopverse_kit::Role::Admin]);
+        let page = users.list_users(req).await.unwrap().into_inner();
+        found.extend(page.users.into_iter().map(|u| u.email));
+        if page.next_page_token.is_empty() {
+            return found;
         }
-    });
-    while confirmed.lock().unwrap().len() < 15 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        page_token = page.next_page_token;
     }
-    let before: Vec<String> = confirmed.lock().unwrap().clone();
-    let (ok, out, err) = cli(
-        live.path(),
-        &["backup", "--to", backup_dir.to_str().unwrap()],
-        &[],
-    );
-    assert!(ok, "{err}");
-    assert!(out.contains("backup complete"), "{out}");
-    let during = confirmed.lock().unwrap().len();
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    writer.await.unwrap();
-    assert!(during > before.len(), "writes went on during the backup");
+}
 
-    // Restoring under a running appliance is refused.
-    let (ok, _, err) = cli(
-        live.path(),
-        &["restore", "--from", backup_dir.to_str().unwrap()],
-        &[],
-    );
-    assert!(!ok);
-    assert!(err.contains("stop ShopVerse before restoring"), "{err}");
-    app.stop();
-
-    // A damaged backup is refused whole.
-    let damaged = live.path().join("damaged");
+/// A copy of `backup` with its users database overwritten: refused whole, by checksum.
+fn a_damaged_backup_is_refused(backup: &Path, scratch: &Path) {
+    let damaged = scratch.join("damaged");
     std::fs::create_dir_all(&damaged).unwrap();
-    for e in std::fs::read_dir(&backup_dir)
-        .unwrap()
-        .filter_map(Result::ok)
-    {
+    for e in std::fs::read_dir(backup).unwrap().filter_map(Result::ok) {
         if e.path().is_file() {
             std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
         }
     }
     std::fs::write(damaged.join("users.db"), b"garbage").unwrap();
     let target = tempfile::tempdir().unwrap();
-    let (ok, _, err) = cli(
-        target.path(),
-        &["restore", "--from", damaged.to_str().unwrap()],
-        &[],
-    );
+    let from = ["restore", "--from", damaged.to_str().unwrap()];
+    let (ok, _, err) = cli(target.path(), &from, &[]);
     assert!(!ok && err.contains("checksum mismatch"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_backup_under_writes_then_restore() {
+    let live = tempfile::tempdir().unwrap();
+    let backup_dir = live.path().join("backup");
+    let backup = backup_dir.to_str().unwrap();
+    let app = Appliance::start(live.path(), &["--demo"]);
+
+    // A writer registers accounts without pause; we note which were confirmed before the backup.
+    let writer = Writer::start(app.users);
+    until("15 accounts", Duration::from_secs(30), || {
+        writer.confirmed().len() >= 15
+    });
+    let before = writer.confirmed();
+    let (ok, out, err) = cli(live.path(), &["backup", "--to", backup], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("backup complete"), "{out}");
+    let during = writer.confirmed().len();
+    writer.stop().await;
+    assert!(during > before.len(), "writes went on during the backup");
+
+    // Restoring under a running appliance is refused.
+    let (ok, _, err) = cli(live.path(), &["restore", "--from", backup], &[]);
+    assert!(!ok);
+    assert!(err.contains("stop ShopVerse before restoring"), "{err}");
+    app.stop();
+    a_damaged_backup_is_refused(&backup_dir, live.path());
 
     // Restore into a new data dir and start there: every account confirmed before the backup
-    // began is present.
-    let (ok, out, err) = cli(
-        target.path(),
-        &["restore", "--from", backup_dir.to_str().unwrap()],
-        &[],
-    );
+    // began is present, and the signing keys came along.
+    let target = tempfile::tempdir().unwrap();
+    let (ok, out, err) = cli(target.path(), &["restore", "--from", backup], &[]);
     assert!(ok, "{err}");
     assert!(out.contains("restored"), "{out}");
     // A second appliance in this process: the binary (Pingora starts once per process).
     let app = Appliance::binary(target.path(), &[], &[]);
-    let mut users = UsersServiceClient::new(channel(app.users).await);
-    let mut found = Vec::new();
-    let mut token = String::new();
-    loop {
-        let mut req = tonic::Request::new(ListUsersRequest {
-            page_size: 200,
-            page_token: token.clone(),
-            email: String::new(),
-        });
-        shopverse_kit::Identity {
-            user_id: "ops".into(),
-            roles: vec![shopverse_kit::Role::Admin],
-        }
-        .write_to(req.metadata_mut());
-        let page = users.list_users(req).await.unwrap().into_inner();
-        found.extend(page.users.into_iter().map(|u| u.email));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let found = every_email(app.users).await;
     for email in &before {
         assert!(found.contains(email), "{email} lost by the backup");
     }
-    // The restored signing keys still verify what they signed.
-    let keys_before = std::fs::read_dir(backup_dir.join("keys")).unwrap().count();
-    assert!(keys_before >= 2, "the key file and the manifest");
+    let keys = std::fs::read_dir(backup_dir.join("keys")).unwrap().count();
+    assert!(keys >= 2, "the key file and the manifest");
     app.stop();
 }
 
