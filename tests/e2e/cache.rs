@@ -1,46 +1,53 @@
 //! The edge cache seen from a client: hits, revalidation, one fetch for many misses, restarts,
 //! stale answers while products is down, and edits seen within a second.
 
+use std::time::Duration;
+
 use crate::common::gateway::*;
 use crate::common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn edge_cache_hits_revalidates_and_fetches_once() {
-    let dir = tempfile::tempdir().unwrap();
-    // 100 requests at once from one address: lift the default per-IP limit for this test.
+/// The demo appliance without per-IP limits (tests send 100 requests at once), its edge cache
+/// settled after the seed and purged.
+fn settled_and_empty(dir: &std::path::Path) -> Appliance {
     let limits =
         r#"[{name = "default", requests = 100000, per_secs = 1, burst = 100000, by = "ip"}]"#;
     let app = Appliance::start_with_env(
-        dir.path(),
+        dir,
         &["--demo"],
         &[("SHOPVERSE_GATEWAY__RATE_LIMITS", limits)],
     );
     let gw = app.addrs["gateway"];
     // The demo catalog's product events purge catalog entries as the gateway consumes them.
     // Wait until an entry outlives a poll interval of that consumer, then start from empty.
-    let t0 = std::time::Instant::now();
-    loop {
-        http(gw, "GET", "/v1/categories", &[], b"");
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-        if http(gw, "GET", "/v1/categories", &[], b"").header("x-cache") == Some("HIT") {
-            break;
-        }
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(30),
-            "the seed's catalog events never settled"
-        );
-    }
+    until(
+        "the seed's catalog events settle",
+        Duration::from_secs(30),
+        || {
+            http(gw, "GET", "/v1/categories", &[], b"");
+            std::thread::sleep(Duration::from_millis(1500));
+            http(gw, "GET", "/v1/categories", &[], b"").header("x-cache") == Some("HIT")
+        },
+    );
     let r = http(app.admin, "POST", "/cache/purge?all=true", &[], b"");
     assert_eq!(r.status, 200, "{}", r.body);
-    let first = http(gw, "GET", "/v1/categories", &[], b"");
+    app
+}
+
+/// A miss then a hit with the same body and headers (the front writes a hit's head itself);
+/// revalidation by ETag; `no-cache` goes to the service; signed-in routes are never cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_answers_as_the_miss_did_and_revalidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = settled_and_empty(dir.path());
+    let gw = app.addrs["gateway"];
+    let categories = |headers: &[(&str, &str)]| http(gw, "GET", "/v1/categories", headers, b"");
+    let (first, second) = (categories(&[]), categories(&[]));
     assert_eq!((first.status, first.header("x-cache")), (200, Some("MISS")));
-    let second = http(gw, "GET", "/v1/categories", &[], b"");
     assert_eq!(
         (second.status, second.header("x-cache")),
         (200, Some("HIT"))
     );
     assert_eq!(first.body, second.body);
-    // The front writes a hit's head itself: the same headers as the miss Pingora answered.
     let names = |r: &HttpResponse| {
         let mut n: Vec<String> = r.headers.iter().map(|(k, _)| k.to_lowercase()).collect();
         n.sort();
@@ -50,50 +57,36 @@ async fn edge_cache_hits_revalidates_and_fetches_once() {
     for name in ["content-type", "content-length", "etag", "ratelimit-policy"] {
         assert_eq!(first.header(name), second.header(name), "{name}");
     }
-    assert!(
-        second
-            .header("cache-control")
-            .is_some_and(|v| v.starts_with("public, max-age=")),
-        "{:?}",
-        second.headers
-    );
-    let etag = second.header("etag").unwrap().to_owned();
-    let r = http(
-        gw,
-        "GET",
-        "/v1/categories",
-        &[("if-none-match", &etag)],
-        b"",
-    );
-    assert_eq!((r.status, r.body.as_str()), (304, ""));
-    assert!(
+    let public = |r: &HttpResponse| {
         r.header("cache-control")
-            .unwrap()
-            .starts_with("public, max-age=")
-    );
-    let r = http(
-        gw,
-        "GET",
-        "/v1/categories",
-        &[("cache-control", "no-cache")],
-        b"",
-    );
+            .is_some_and(|v| v.starts_with("public, max-age="))
+    };
+    assert!(public(&second), "{:?}", second.headers);
+    let etag = second.header("etag").unwrap().to_owned();
+    let r = categories(&[("if-none-match", &etag)]);
+    assert_eq!((r.status, r.body.as_str()), (304, ""));
+    assert!(public(&r), "{:?}", r.headers);
+    let r = categories(&[("cache-control", "no-cache")]);
     assert_eq!(
         r.header("x-cache"),
         Some("MISS"),
         "no-cache goes to the service"
     );
-    // Signed-in routes are never cached.
     assert_eq!(http(gw, "GET", "/v1/me", &[], b"").header("x-cache"), None);
+    app.stop();
+}
 
-    // 100 concurrent misses on one key: one upstream call.
-    let calls = |app: &Appliance| {
-        metric(
-            app.admin,
-            "shopverse_gateway_upstream_calls_total{service=\"products\"}",
-        )
+/// 100 concurrent misses on one key: one upstream call, one MISS, the rest served from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_misses_fetch_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = settled_and_empty(dir.path());
+    let gw = app.addrs["gateway"];
+    let calls = || {
+        let series = "shopverse_gateway_upstream_calls_total{service=\"products\"}";
+        metric(app.admin, series)
     };
-    let before = calls(&app);
+    let before = calls();
     let threads: Vec<_> = (0..100)
         .map(|_| std::thread::spawn(move || http(gw, "GET", "/v1/products?page_size=7", &[], b"")))
         .collect();
@@ -101,13 +94,12 @@ async fn edge_cache_hits_revalidates_and_fetches_once() {
     for t in threads {
         let r = t.join().unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
-        *labels
-            .entry(r.header("x-cache").unwrap_or("none").to_owned())
-            .or_insert(0) += 1;
+        let label = r.header("x-cache").unwrap_or("none").to_owned();
+        *labels.entry(label).or_insert(0) += 1;
     }
+    let fetches = calls() - before;
     assert_eq!(
-        calls(&app) - before,
-        1,
+        fetches, 1,
         "one fetch for 100 concurrent misses: {labels:?}"
     );
     assert_eq!(labels.get("MISS"), Some(&1), "{labels:?}");
@@ -164,6 +156,22 @@ async fn edge_cache_survives_restarts_and_serves_stale_when_products_is_down() {
     b.stop();
 }
 
+/// The `x-cache` outcome of an anonymous `GET path`.
+fn x_cache(gw: std::net::SocketAddr, path: &str) -> Option<String> {
+    http(gw, "GET", path, &[], b"")
+        .header("x-cache")
+        .map(str::to_owned)
+}
+
+/// The path of the demo catalog's first product.
+fn first_product(gw: std::net::SocketAddr) -> String {
+    let list = http(gw, "GET", "/v1/products?page_size=1", &[], b"").json();
+    format!(
+        "/v1/products/{}",
+        list["products"][0]["id"].as_str().unwrap()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_is_seen_at_the_edge_within_a_second_and_private_views_bypass() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,35 +183,23 @@ async fn an_edit_is_seen_at_the_edge_within_a_second_and_private_views_bypass() 
     assert!(ok, "{err}");
     let app = Appliance::start(dir.path(), &["--demo"]);
     let gw = app.addrs["gateway"];
-    let list = http(gw, "GET", "/v1/products?page_size=1", &[], b"").json();
-    let id = list["products"][0]["id"].as_str().unwrap().to_owned();
-    let path = format!("/v1/products/{id}");
-    assert_eq!(
-        http(gw, "GET", &path, &[], b"").header("x-cache"),
-        Some("MISS")
-    );
+    let path = first_product(gw);
+    assert_eq!(x_cache(gw, &path).as_deref(), Some("MISS"));
     let cached = http(gw, "GET", &path, &[], b"");
     assert_eq!(cached.header("x-cache"), Some("HIT"));
     let version = cached.json()["version"].as_str().unwrap().to_owned();
 
     // A signed-in view bypasses the shared cache.
     let admin = bearer(&login(gw, "root@example.com", "root password 123"));
-    assert_eq!(
-        http(gw, "GET", &path, &[("authorization", &admin)], b"").header("x-cache"),
-        Some("BYPASS")
-    );
+    let as_admin = [("authorization", admin.as_str())];
+    let private = http(gw, "GET", &path, &as_admin, b"");
+    assert_eq!(private.header("x-cache"), Some("BYPASS"));
 
     // An admin edits the price; the product.updated event purges the edge.
     let body = format!(
         r#"{{"expectedVersion": "{version}", "price": {{"amountMinor": "12345", "currency": "EUR"}}}}"#
     );
-    let r = http(
-        gw,
-        "PATCH",
-        &path,
-        &[("authorization", &admin)],
-        body.as_bytes(),
-    );
+    let r = http(gw, "PATCH", &path, &as_admin, body.as_bytes());
     assert_eq!(r.status, 200, "{}", r.body);
     let t0 = std::time::Instant::now();
     loop {
@@ -211,71 +207,55 @@ async fn an_edit_is_seen_at_the_edge_within_a_second_and_private_views_bypass() 
         if r.json()["price"]["amountMinor"] == "12345" {
             break;
         }
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(1),
-            "still the old price after 1 s: {}",
-            r.body
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        let late = t0.elapsed() >= Duration::from_secs(1);
+        assert!(!late, "still the old price after 1 s: {}", r.body);
+        std::thread::sleep(Duration::from_millis(20));
     }
     // Lists were purged too.
-    let r = http(gw, "GET", "/v1/products?page_size=1", &[], b"");
-    assert_eq!(r.header("x-cache"), Some("MISS"));
-
-    // Purges on the admin listener: by tag, by key, everything.
     assert_eq!(
-        http(gw, "GET", &path, &[], b"").header("x-cache"),
-        Some("HIT")
+        x_cache(gw, "/v1/products?page_size=1").as_deref(),
+        Some("MISS")
     );
-    let r = http(
-        app.admin,
-        "POST",
-        &format!("/cache/purge?tag=product:{id}"),
-        &[],
-        b"",
-    );
+    app.stop();
+}
+
+/// Purges on the admin listener: by tag, by key, everything; other methods and a purge of
+/// nothing named are refused; the cache's metrics are on the same listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_purges_by_tag_key_or_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = settled_and_empty(dir.path());
+    let (gw, admin) = (app.addrs["gateway"], app.admin);
+    let path = first_product(gw);
+    let purge = |query: &str| http(admin, "POST", &format!("/cache/purge?{query}"), &[], b"");
+    x_cache(gw, &path);
+    assert_eq!(x_cache(gw, &path).as_deref(), Some("HIT"));
+    let id = path.trim_start_matches("/v1/products/");
+    let r = purge(&format!("tag=product:{id}"));
     assert_eq!(
         (r.status, r.json()["purged"].as_u64()),
         (200, Some(1)),
         "{}",
         r.body
     );
-    assert_eq!(
-        http(gw, "GET", &path, &[], b"").header("x-cache"),
-        Some("MISS")
-    );
-    let key = format!("{path}?");
-    let r = http(
-        app.admin,
-        "POST",
-        &format!("/cache/purge?key={}", key.replace('?', "%3F")),
-        &[],
-        b"",
-    );
+    assert_eq!(x_cache(gw, &path).as_deref(), Some("MISS"));
+    let r = purge(&format!("key={path}%3F"));
     assert_eq!(r.json()["purged"], 1, "{}", r.body);
-    http(gw, "GET", "/v1/categories", &[], b"");
-    let r = http(app.admin, "POST", "/cache/purge?all=true", &[], b"");
+    x_cache(gw, "/v1/categories");
+    let r = purge("all=true");
     assert!(r.json()["purged"].as_u64().unwrap() >= 1, "{}", r.body);
+    assert_eq!(x_cache(gw, "/v1/categories").as_deref(), Some("MISS"));
     assert_eq!(
-        http(gw, "GET", "/v1/categories", &[], b"").header("x-cache"),
-        Some("MISS")
-    );
-    assert_eq!(
-        http(app.admin, "GET", "/cache/purge?all=true", &[], b"").status,
+        http(admin, "GET", "/cache/purge?all=true", &[], b"").status,
         405
     );
-    assert_eq!(
-        http(app.admin, "POST", "/cache/purge", &[], b"").status,
-        400
-    );
-    let metrics = http(app.admin, "GET", "/metrics", &[], b"").body;
-    assert!(
-        metrics.contains("shopverse_edge_cache_hits_total"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("shopverse_edge_cache_purged_total"),
-        "{metrics}"
-    );
+    assert_eq!(http(admin, "POST", "/cache/purge", &[], b"").status, 400);
+    let metrics = http(admin, "GET", "/metrics", &[], b"").body;
+    for series in [
+        "shopverse_edge_cache_hits_total",
+        "shopverse_edge_cache_purged_total",
+    ] {
+        assert!(metrics.contains(series), "{series}: {metrics}");
+    }
     app.stop();
 }
