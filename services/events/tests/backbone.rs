@@ -346,115 +346,91 @@ fn unknown_event(kind: &str, version: u32) -> OutRecord {
     }
 }
 
+/// Runs `handler` as a consumer (fast retries, 3 attempts) until it has caught up with the
+/// users topic.
+async fn consume_until_caught_up(handler: Arc<Recorder>, db: &Db, bus: &Arc<dyn EventBus>) {
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+    };
+    let registry = prometheus::Registry::new();
+    let consumer = Consumer::new(handler, db.clone(), bus.clone(), &registry).with_retry(retry);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    wait_until_caught_up(bus.as_ref(), "flaky", USER_REGISTERED.topic).await;
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+}
+
+/// Each reason a record is parked, said in the DLQ: unknown type, future schema, undecodable,
+/// poison (once), retries given up (twice); all on the users DLQ, none replayed yet.
+fn parked_for_each_reason(parked: &[dlq::DeadLetter]) {
+    assert_eq!(parked.len(), 6, "{parked:?}");
+    let any = |f: &dyn Fn(&dlq::DeadLetter) -> bool| parked.iter().any(f);
+    assert!(any(
+        &|d| d.event_type == "user.teleported" && d.reason.contains("not one we know")
+    ));
+    assert!(
+        any(&|d| d.reason.contains("schema version 99")),
+        "{parked:?}"
+    );
+    let undecodable = |d: &dlq::DeadLetter| {
+        d.event_type == "(undecodable)" && d.reason.contains("undecodable envelope")
+    };
+    assert!(any(&undecodable), "{parked:?}");
+    assert!(
+        any(&|d| d.reason.contains("poison") && d.attempts == 1),
+        "{parked:?}"
+    );
+    let gave_up = parked
+        .iter()
+        .filter(|d| d.reason.contains("gave up after 3 attempts"));
+    assert_eq!(gave_up.count(), 2, "{parked:?}");
+    let unreplayed = |d: &dlq::DeadLetter| d.dlq_topic == "shopverse.users.dlq" && !d.replayed;
+    assert!(parked.iter().all(unreplayed), "{parked:?}");
+}
+
 async fn dead_letters_and_replay(bus: Arc<dyn EventBus>, dir: &std::path::Path) {
     let log = bus.as_ref();
     let db = service_db(&format!("sqlite://{}/svc.db", dir.display())).await;
-    let registry = prometheus::Registry::new();
     write_things(&db, 3).await;
-    Relay::new(db.clone(), bus.clone(), "t", &registry)
-        .publish_batch()
-        .await
-        .expect("publish");
+    let relay = Relay::new(db.clone(), bus.clone(), "t", &prometheus::Registry::new());
+    relay.publish_batch().await.expect("publish");
     // And one record nobody can decode, one of an unknown type, one of a future schema.
-    log.publish(&[
-        OutRecord {
-            topic: USER_REGISTERED.topic.into(),
-            key: "junk".into(),
-            headers: vec![],
-            payload: vec![0xff, 0xff, 0xff],
-        },
-        unknown_event("user.teleported", 1),
-        unknown_event(USER_REGISTERED.name, 99),
-    ])
-    .await
-    .expect("publish junk");
+    let junk = OutRecord {
+        topic: USER_REGISTERED.topic.into(),
+        key: "junk".into(),
+        headers: vec![],
+        payload: vec![0xff, 0xff, 0xff],
+    };
+    let teleported = unknown_event("user.teleported", 1);
+    let future = unknown_event(USER_REGISTERED.name, 99);
+    log.publish(&[junk, teleported, future])
+        .await
+        .expect("publish junk");
 
     let broken = Arc::new(AtomicBool::new(true));
     let handler = Arc::new(Recorder {
         broken: broken.clone(),
         ..Recorder::new("flaky", Some("user-1"), true)
     });
-    let retry = RetryPolicy {
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(5),
-    };
-    let consumer = Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry)
-        .with_retry(retry.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone()));
-    wait_until_caught_up(log, "flaky", USER_REGISTERED.topic).await;
-    stop.cancel();
-    task.await.expect("join").expect("consumer");
+    consume_until_caught_up(handler.clone(), &db, &bus).await;
     // user-0 and user-2: 3 attempts each; user-1: once (permanent); the junk and the unknown
     // never reach the handler.
     assert_eq!(handler.calls.load(Ordering::SeqCst), 7);
-
-    let parked = dlq::list(log, None).await.expect("list");
-    assert_eq!(parked.len(), 6, "{parked:?}");
-    assert!(
-        parked
-            .iter()
-            .any(|d| d.event_type == "user.teleported" && d.reason.contains("not one we know")),
-        "{parked:?}"
-    );
-    assert!(
-        parked
-            .iter()
-            .any(|d| d.reason.contains("schema version 99")),
-        "{parked:?}"
-    );
-    assert!(
-        parked
-            .iter()
-            .all(|d| d.dlq_topic == "shopverse.users.dlq" && !d.replayed)
-    );
-    assert!(
-        parked
-            .iter()
-            .any(|d| d.event_type == "(undecodable)" && d.reason.contains("undecodable envelope"))
-    );
-    assert!(
-        parked
-            .iter()
-            .any(|d| d.reason.contains("poison") && d.attempts == 1)
-    );
-    assert_eq!(
-        parked
-            .iter()
-            .filter(|d| d.reason.contains("gave up after 3 attempts"))
-            .count(),
-        2
-    );
+    parked_for_each_reason(&dlq::list(log, None).await.expect("list"));
 
     // Fixed downstream; replay everything parked: the two retryable ones now apply.
     broken.store(false, Ordering::SeqCst);
-    let replayed = dlq::replay(log, Some("shopverse.users"), None)
-        .await
-        .expect("replay");
-    assert_eq!(replayed.len(), 6);
-    assert!(
-        dlq::list(log, None)
-            .await
-            .expect("list")
-            .iter()
-            .all(|d| d.replayed)
-    );
-    assert!(
-        dlq::replay(log, None, None)
-            .await
-            .expect("replay again")
-            .is_empty(),
-        "replays once"
-    );
+    let replayed = dlq::replay(log, Some("shopverse.users"), None).await;
+    assert_eq!(replayed.expect("replay").len(), 6);
+    let listed = dlq::list(log, None).await.expect("list");
+    assert!(listed.iter().all(|d| d.replayed));
+    let again = dlq::replay(log, None, None).await.expect("replay again");
+    assert!(again.is_empty(), "replays once");
 
-    let consumer =
-        Consumer::new(handler.clone(), db.clone(), bus.clone(), &registry).with_retry(retry);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone()));
-    wait_until_caught_up(log, "flaky", USER_REGISTERED.topic).await;
-    stop.cancel();
-    task.await.expect("join").expect("consumer");
+    consume_until_caught_up(handler, &db, &bus).await;
     assert_eq!(effects(&db).await, ["user-0", "user-2"]);
     // The poison, the junk and the two unknown ones are parked again, each once more.
     assert_eq!(dlq::list(log, None).await.expect("list").len(), 10);
