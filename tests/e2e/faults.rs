@@ -100,67 +100,95 @@ const LIMITS: (&str, &str) = (
     r#"[{name = "default", requests = 100000, per_secs = 1, burst = 100000, by = "user"}]"#,
 );
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_is_503_and_the_appliance_recovers_by_itself() {
-    let fs = Tmpfs::mount(96);
-    let d = fs.path();
-    let app = Appliance::start_with_env(d, &["--demo"], &[LIMITS]);
-    let (gw, admin) = (app.addrs["gateway"], app.admin);
-    let products = five_products(app.products).await;
-    let (_, token) = customer(gw, "fay@example.com");
-    let mut told = Vec::new();
-    let (_, status, id) = buy(gw, &token, &products[0], "full-before");
-    assert_eq!(status, 200);
-    told.extend(id);
-    until("ready", Duration::from_secs(30), || readyz(admin).0 == 200);
+/// A signed-in customer buying through the gateway, keeping what the shop told them.
+struct Shopper {
+    gw: SocketAddr,
+    token: String,
+    /// The orders placed (answered 200).
+    told: Vec<String>,
+    /// The keys of checkouts answered 503: a client retries them once the shop is back.
+    unanswered: Vec<String>,
+    /// Each purchase's (add, checkout) statuses.
+    statuses: Vec<(u16, u16)>,
+}
 
-    // The disk fills. SQLite goes on writing into the space its files already hold (a WAL is
-    // reused from its start) until a file must grow: checkouts go on until then, then get 503,
-    // never another 5xx; /readyz names the services whose storage refuses writes.
-    let filler = fill(d);
+impl Shopper {
+    fn new(gw: SocketAddr, email: &str) -> Shopper {
+        let (_, token) = customer(gw, email);
+        Shopper {
+            gw,
+            token,
+            told: Vec::new(),
+            unanswered: Vec::new(),
+            statuses: Vec::new(),
+        }
+    }
+
+    /// One unit of `product`, checked out with `key`; the (add, checkout) statuses.
+    fn buy(&mut self, product: &str, key: &str) -> (u16, u16) {
+        let (added, status, id) = buy(self.gw, &self.token, product, key);
+        if status == 503 {
+            self.unanswered.push(key.to_owned());
+        }
+        self.statuses.push((added, status));
+        self.told.extend(id);
+        (added, status)
+    }
+
+    /// The checkouts answered 503, retried with their keys: each is placed now (200), or finds
+    /// its lines already gone with an earlier retry's order (400, the cart is empty).
+    fn retry_unanswered(&mut self) {
+        for key in std::mem::take(&mut self.unanswered) {
+            let r = checkout(self.gw, &self.token, &key);
+            let resumed = r.status == 200 || r.status == 400;
+            assert!(resumed, "retrying {key}: {} {}", r.status, r.body);
+            if r.status == 200 {
+                self.told.push(r.json()["id"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+
+    /// The last `n` statuses.
+    fn last(&self, n: usize) -> &[(u16, u16)] {
+        &self.statuses[self.statuses.len().saturating_sub(n)..]
+    }
+}
+
+/// Every product id of the demo catalog's first page of 60.
+fn catalog_ids(gw: SocketAddr) -> Vec<String> {
     let catalog = http(gw, "GET", "/v1/products?pageSize=60", &[], b"").json();
-    let ids: Vec<String> = catalog["products"]
-        .as_array()
-        .unwrap()
-        .iter()
+    let products = catalog["products"].as_array().unwrap().iter();
+    products
         .map(|p| p["id"].as_str().unwrap().to_owned())
-        .collect();
-    let mut statuses = Vec::new();
-    // Checkouts answered 503: a client retries them with the same key once the shop is back.
-    let mut unanswered = Vec::new();
+        .collect()
+}
+
+/// Checkouts until one is refused with 503 (a full disk noticed), then five more; returns how
+/// many ran before the first refusal. No 5xx but 503, and an add the client was told of is in
+/// the cart: its checkout is never a 400 (the only 400 left for a valid request is "the cart
+/// is empty").
+fn checkouts_until_refused(shopper: &mut Shopper, ids: &[String]) -> usize {
     let t0 = Instant::now();
     let mut i = 0;
-    while !statuses.iter().any(|(a, c)| *a == 503 || *c == 503) {
+    while !shopper.statuses.iter().any(|(a, c)| *a == 503 || *c == 503) {
+        let late = t0.elapsed() >= Duration::from_secs(120) || i >= 2_000;
         assert!(
-            t0.elapsed() < Duration::from_secs(120) && i < 2_000,
+            !late,
             "the full disk was never noticed after {i} checkouts: {:?}",
-            &statuses[statuses.len().saturating_sub(5)..]
+            shopper.last(5)
         );
-        let key = format!("full-{i:04}");
-        let (added, status, id) = buy(gw, &token, &ids[i % ids.len()], &key);
-        if status == 503 {
-            unanswered.push(key);
-        }
-        // An add the client was told of is in the cart: its checkout is never a 400 (the only
-        // 400 left for a valid request is "the cart is empty").
+        let (added, status) = shopper.buy(&ids[i % ids.len()], &format!("full-{i:04}"));
         assert!(
             !(added == 200 && status == 400),
             "checkout {i}: an accepted add was not in the cart"
         );
-        statuses.push((added, status));
-        told.extend(id);
         i += 1;
     }
-    for (i, product) in ids.iter().take(5).enumerate() {
-        let key = format!("full-more-{i}");
-        let (added, status, id) = buy(gw, &token, product, &key);
-        if status == 503 {
-            unanswered.push(key);
-        }
-        statuses.push((added, status));
-        told.extend(id);
+    for (j, product) in ids.iter().take(5).enumerate() {
+        shopper.buy(product, &format!("full-more-{j}"));
     }
-    let odd: Vec<_> = statuses
+    let odd: Vec<_> = shopper
+        .statuses
         .iter()
         .filter(|(a, c)| [*a, *c].iter().any(|s| *s >= 500 && *s != 503))
         .collect();
@@ -168,48 +196,55 @@ async fn a_full_disk_is_503_and_the_appliance_recovers_by_itself() {
         odd.is_empty(),
         "a 5xx other than 503 while the disk was full: {odd:?}"
     );
+    i
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_503_and_the_appliance_recovers_by_itself() {
+    let fs = Tmpfs::mount(96);
+    let d = fs.path();
+    let app = Appliance::start_with_env(d, &["--demo"], &[LIMITS]);
+    let (gw, admin) = (app.addrs["gateway"], app.admin);
+    let products = five_products(app.products).await;
+    let mut fay = Shopper::new(gw, "fay@example.com");
+    assert_eq!(fay.buy(&products[0], "full-before").1, 200);
+    until("ready", Duration::from_secs(30), || readyz(admin).0 == 200);
+
+    // The disk fills. SQLite goes on writing into the space its files already hold (a WAL is
+    // reused from its start) until a file must grow: checkouts go on until then, then get 503,
+    // never another 5xx; /readyz names the services whose storage refuses writes.
+    let filler = fill(d);
+    let n = checkouts_until_refused(&mut fay, &catalog_ids(gw));
     until("not ready for storage", Duration::from_secs(30), || {
         let (status, body) = readyz(admin);
         status == 503 && body.contains("storage")
     });
+    let (ready, why) = readyz(admin);
     eprintln!(
-        "full disk noticed after {i} checkouts; statuses {:?}; /readyz: {}",
-        &statuses[statuses.len().saturating_sub(6)..],
-        readyz(admin).1.trim()
+        "full disk noticed after {n} checkouts; statuses {:?}; /readyz: {ready} {}",
+        fay.last(6),
+        why.trim()
     );
     let (status, _) = http_get(gw, &format!("/v1/products/{}", products[0]));
     assert_eq!(status, 200, "reads go on");
 
-    // Space comes back: ready again by itself, and checkouts work.
+    // Space comes back: ready again by itself, the retries resume what the full disk stopped,
+    // and new checkouts work.
     std::fs::remove_file(&filler).unwrap();
     until("ready again", Duration::from_secs(30), || {
         readyz(admin).0 == 200
     });
-    // The retries resume what the full disk stopped: each is placed now (200), or finds its
-    // lines already gone with an earlier retry's order (400, the cart is empty).
-    for key in &unanswered {
-        let r = checkout(gw, &token, key);
-        assert!(
-            r.status == 200 || r.status == 400,
-            "retrying {key}: {} {}",
-            r.status,
-            r.body
-        );
-        if r.status == 200 {
-            told.push(r.json()["id"].as_str().unwrap().to_owned());
-        }
-    }
-    let mut after = Vec::new();
+    fay.retry_unanswered();
     for i in 0..3 {
-        let (_, status, id) = buy(gw, &token, &products[2], &format!("full-after-{i}"));
-        after.push(status);
-        told.extend(id);
+        assert_eq!(
+            fay.buy(&products[2], &format!("full-after-{i}")).1,
+            200,
+            "after recovery"
+        );
     }
-    assert!(after.iter().all(|s| *s == 200), "after recovery: {after:?}");
-
     let files = Urls::sqlite_files(d);
     let dbs = connect(&Urls::of(&files)).await;
-    settle_and_reconcile(&dbs, d, &products, &told).await;
+    settle_and_reconcile(&dbs, d, &products, &fay.told).await;
     dbs.close().await;
     app.stop();
 }
@@ -221,32 +256,25 @@ async fn postgres_refusing_connections_is_503_and_the_appliance_recovers_by_itse
         .expect("PostgreSQL at 127.0.0.1:5432 (see README)");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let app = Appliance::start_with_env(
-        d,
-        &["--demo"],
-        &[LIMITS, ("SHOPVERSE_SERVICES__ORDERS__DATABASE", &pg.url)],
-    );
+    let orders_on_pg = ("SHOPVERSE_SERVICES__ORDERS__DATABASE", pg.url.as_str());
+    let app = Appliance::start_with_env(d, &["--demo"], &[LIMITS, orders_on_pg]);
     let (gw, admin) = (app.addrs["gateway"], app.admin);
     let products = five_products(app.products).await;
-    let (_, token) = customer(gw, "pia@example.com");
-    let mut told = Vec::new();
-    let (_, status, id) = buy(gw, &token, &products[0], "pg-before");
-    assert_eq!(status, 200);
-    told.extend(id);
+    let mut pia = Shopper::new(gw, "pia@example.com");
+    assert_eq!(pia.buy(&products[0], "pg-before").1, 200);
     until("ready", Duration::from_secs(30), || readyz(admin).0 == 200);
 
     // The orders database refuses connections and its open ones are cut, for 10 s.
     pg.allow_connections(false).await.unwrap();
     let cut = Instant::now();
-    let mut statuses = Vec::new();
     for i in 0..5 {
-        let (added, status, id) = buy(gw, &token, &products[1], &format!("pg-during-{i}"));
-        statuses.push((added, status));
-        told.extend(id);
+        pia.buy(&products[1], &format!("pg-during-{i}"));
     }
+    let refused = pia.last(5).iter().all(|(a, c)| *a == 503 && *c == 503);
     assert!(
-        statuses.iter().all(|(a, c)| *a == 503 && *c == 503),
-        "while orders' database refused connections: {statuses:?}"
+        refused,
+        "while orders' database refused connections: {:?}",
+        pia.last(5)
     );
     until(
         "not ready for orders' storage",
@@ -265,15 +293,17 @@ async fn postgres_refusing_connections_is_503_and_the_appliance_recovers_by_itse
         readyz(admin).0 == 200
     });
     for i in 0..3 {
-        let (_, status, id) = buy(gw, &token, &products[2], &format!("pg-after-{i}"));
-        assert_eq!(status, 200, "after recovery");
-        told.extend(id);
+        assert_eq!(
+            pia.buy(&products[2], &format!("pg-after-{i}")).1,
+            200,
+            "after recovery"
+        );
     }
     let files = Urls::sqlite_files(d);
     let mut urls = Urls::of(&files);
     urls.orders = &pg.url;
     let dbs = connect(&urls).await;
-    settle_and_reconcile(&dbs, d, &products, &told).await;
+    settle_and_reconcile(&dbs, d, &products, &pia.told).await;
     dbs.close().await;
     app.stop();
     pg.drop_db().await.unwrap();
