@@ -25,6 +25,21 @@ use tonic::transport::Channel;
 
 type Err = Box<dyn std::error::Error + Send + Sync>;
 
+/// Serves `S` with `config` on a port-0 listener of its own.
+async fn serve_one<S: shopverse_runtime::Service>(
+    platform: &Platform,
+    data: &std::path::Path,
+    config: S::Config,
+) -> Spawned<Err> {
+    let (platform, data) = (platform.clone(), data.to_owned());
+    let served = spawn(|listener, stop| async move {
+        shopverse_runtime::serve::<S>(listener, config, &data, platform, stop)
+            .await
+            .map_err(Err::from)
+    });
+    served.await.unwrap()
+}
+
 struct Shop {
     payments_db: String,
     /// One database per service on PostgreSQL (empty: SQLite files in `dir`).
@@ -47,14 +62,9 @@ impl Shop {
     /// With `postgres`, every service gets a fresh database on the local PostgreSQL.
     async fn start_on(with_payments: bool, postgres: bool) -> Shop {
         let mut pg = Vec::new();
-        if postgres {
-            for _ in 0..4 {
-                pg.push(
-                    PgTestDb::create()
-                        .await
-                        .expect("PostgreSQL at 127.0.0.1:5432 (see README)"),
-                );
-            }
+        for _ in 0..if postgres { 4 } else { 0 } {
+            let db = PgTestDb::create().await;
+            pg.push(db.expect("PostgreSQL at 127.0.0.1:5432 (see README)"));
         }
         let url = |i: usize| {
             pg.get(i)
@@ -68,68 +78,47 @@ impl Shop {
             shopverse_runtime::testing::platform(dir.path(), Arc::new(clock.clone()))
                 .await
                 .unwrap();
-        let data = dir.path().to_owned();
-        let mut servers = Vec::new();
-
-        let (p, d) = (platform.clone(), data.clone());
-        let products = spawn(|l, stop| async move {
-            let cfg = shopverse_products::ProductsConfig {
+        let products = serve_one::<shopverse_products::ProductsService>(
+            &platform,
+            dir.path(),
+            shopverse_products::ProductsConfig {
                 database: products_db,
                 ..Default::default()
-            };
-            shopverse_runtime::serve::<shopverse_products::ProductsService>(l, cfg, &d, p, stop)
-                .await
-                .map_err(Err::from)
-        })
-        .await
-        .unwrap();
-        let products_addr = products.addr;
-        servers.push(products);
-
-        let (p, d) = (platform.clone(), data.clone());
-        let cfg = shopverse_orders::OrdersConfig {
-            database: orders_db,
-            products_url: format!("http://{products_addr}"),
-            sweep_interval_ms: 20,
-            checkout_abandon_secs: 30,
-            ..Default::default()
-        };
-        let orders = spawn(|l, stop| async move {
-            shopverse_runtime::serve::<shopverse_orders::OrdersService>(l, cfg, &d, p, stop)
-                .await
-                .map_err(Err::from)
-        })
-        .await
-        .unwrap();
-        let orders_addr = orders.addr;
-        servers.push(orders);
-
-        let (p, d) = (platform.clone(), data.clone());
-        let delivery = spawn(|l, stop| async move {
-            let cfg = shopverse_delivery::DeliveryConfig {
+            },
+        )
+        .await;
+        let orders = serve_one::<shopverse_orders::OrdersService>(
+            &platform,
+            dir.path(),
+            shopverse_orders::OrdersConfig {
+                database: orders_db,
+                products_url: format!("http://{}", products.addr),
+                sweep_interval_ms: 20,
+                checkout_abandon_secs: 30,
+                ..Default::default()
+            },
+        )
+        .await;
+        let delivery = serve_one::<shopverse_delivery::DeliveryService>(
+            &platform,
+            dir.path(),
+            shopverse_delivery::DeliveryConfig {
                 database: delivery_db,
                 ..Default::default()
-            };
-            shopverse_runtime::serve::<shopverse_delivery::DeliveryService>(l, cfg, &d, p, stop)
-                .await
-                .map_err(Err::from)
-        })
-        .await
-        .unwrap();
-        let delivery_addr = delivery.addr;
-        servers.push(delivery);
-
+            },
+        )
+        .await;
         let mut shop = Shop {
-            products: ProductsServiceClient::new(channel(products_addr).await.unwrap()),
-            orders: OrdersServiceClient::new(channel(orders_addr).await.unwrap()),
-            delivery: DeliveryServiceClient::new(channel(delivery_addr).await.unwrap()),
+            products: ProductsServiceClient::new(channel(products.addr).await.unwrap()),
+            orders: OrdersServiceClient::new(channel(orders.addr).await.unwrap()),
+            delivery: DeliveryServiceClient::new(channel(delivery.addr).await.unwrap()),
             payments: None,
             payments_db,
             pg,
             dir,
             clock,
             platform,
-            servers,
+            servers: vec![products, orders, delivery],
         };
         if with_payments {
             shop.start_payments().await;
@@ -138,21 +127,15 @@ impl Shop {
     }
 
     async fn start_payments(&mut self) {
-        let (p, d) = (self.platform.clone(), self.dir.path().to_owned());
         let cfg = shopverse_payments::PaymentsConfig {
             database: self.payments_db.clone(),
             ..Default::default()
         };
-        let payments = spawn(|l, stop| async move {
-            shopverse_runtime::serve::<shopverse_payments::PaymentsService>(l, cfg, &d, p, stop)
-                .await
-                .map_err(Err::from)
-        })
-        .await
-        .unwrap();
-        self.payments = Some(PaymentsServiceClient::new(
-            channel(payments.addr).await.unwrap(),
-        ));
+        let payments =
+            serve_one::<shopverse_payments::PaymentsService>(&self.platform, self.dir.path(), cfg)
+                .await;
+        let channel = channel(payments.addr).await.unwrap();
+        self.payments = Some(PaymentsServiceClient::new(channel));
         self.servers.push(payments);
     }
 
@@ -312,77 +295,75 @@ async fn happy_path_to_delivered_on_postgres() {
     happy_path(Shop::start_on(true, true).await).await;
 }
 
+impl Shop {
+    /// The shipment delivery schedules for `order`, once it has.
+    async fn shipment(
+        &mut self,
+        user: &str,
+        order: &str,
+    ) -> shopverse_proto::delivery::v1::Shipment {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let req = GetShipmentRequest {
+                order_id: order.into(),
+            };
+            match self.delivery.get_shipment(who(user, req)).await {
+                Ok(s) => return s.into_inner(),
+                Err(e) if e.code() == Code::NotFound && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// An operator marks `order`'s shipment shipped (`delivered` false) or delivered.
+    async fn mark(&mut self, order: &str, delivered: bool) -> Result<(), tonic::Status> {
+        let req = as_user(
+            MarkShipmentRequest {
+                order_id: order.into(),
+            },
+            "op",
+            &[Role::Admin],
+        );
+        let marked = match delivered {
+            false => self.delivery.mark_shipped(req).await,
+            true => self.delivery.mark_delivered(req).await,
+        };
+        marked.map(|_| ())
+    }
+}
+
 async fn happy_path(mut shop: Shop) {
     let p = shop.product("HAPPY", 2_500, 10).await;
     let o = shop.buy("ann", &p, 3, "pm_card_ok").await.unwrap();
     assert_eq!(o.status(), OrderStatus::PendingPayment);
     assert_eq!(o.subtotal.as_ref().unwrap().amount_minor, 7_500);
-    assert_eq!(
-        o.shipping.as_ref().unwrap().amount_minor,
-        0,
-        "free shipping from EUR 50"
-    );
+    let shipping = o.shipping.as_ref().unwrap().amount_minor;
+    assert_eq!(shipping, 0, "free shipping from EUR 50");
     assert_eq!(shop.stock(&p).await, (7, 3), "reserved at checkout");
     shop.wait_for("ann", &o.id, OrderStatus::Confirmed, |o| o.paid)
         .await;
     let pay = shop.payment("ann", &o.id).await;
-    assert_eq!(
-        (pay.status(), count(&pay, TransactionKind::Capture)),
-        (PaymentStatus::Succeeded, 1)
-    );
+    let captures = count(&pay, TransactionKind::Capture);
+    assert_eq!((pay.status(), captures), (PaymentStatus::Succeeded, 1));
 
     // Delivery schedules the shipment; an operator ships and delivers it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let shipment = loop {
-        match shop
-            .delivery
-            .get_shipment(as_user(
-                GetShipmentRequest {
-                    order_id: o.id.clone(),
-                },
-                "ann",
-                &[Role::Customer],
-            ))
-            .await
-        {
-            Ok(s) => break s.into_inner(),
-            Err(e) if e.code() == Code::NotFound && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
-    assert_eq!(
-        (shipment.carrier.as_str(), shipment.status()),
-        ("DHL", ShipmentStatus::Scheduled)
-    );
-    let admin = |m| as_user(m, "op", &[Role::Admin]);
-    let e = shop
-        .delivery
-        .mark_delivered(admin(MarkShipmentRequest {
-            order_id: o.id.clone(),
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "not shipped yet");
-    shop.delivery
-        .mark_shipped(admin(MarkShipmentRequest {
-            order_id: o.id.clone(),
-        }))
-        .await
-        .unwrap();
+    let shipment = shop.shipment("ann", &o.id).await;
+    let scheduled = (shipment.carrier.as_str(), shipment.status());
+    assert_eq!(scheduled, ("DHL", ShipmentStatus::Scheduled));
+    let early = shop.mark(&o.id, true).await.unwrap_err();
+    assert_eq!(early.code(), Code::FailedPrecondition, "not shipped yet");
+    shop.mark(&o.id, false).await.unwrap();
     shop.wait_for("ann", &o.id, OrderStatus::Shipped, |_| true)
         .await;
+    let cancel = CancelOrderRequest {
+        order_id: o.id.clone(),
+        reason: String::new(),
+    };
     let e = shop
         .orders
-        .cancel_order(as_user(
-            CancelOrderRequest {
-                order_id: o.id.clone(),
-                reason: String::new(),
-            },
-            "ann",
-            &[Role::Customer],
-        ))
+        .cancel_order(who("ann", cancel))
         .await
         .unwrap_err();
     assert_eq!(
@@ -390,12 +371,7 @@ async fn happy_path(mut shop: Shop) {
         Code::FailedPrecondition,
         "shipped orders cannot be cancelled"
     );
-    shop.delivery
-        .mark_delivered(admin(MarkShipmentRequest {
-            order_id: o.id.clone(),
-        }))
-        .await
-        .unwrap();
+    shop.mark(&o.id, true).await.unwrap();
     shop.wait_for("ann", &o.id, OrderStatus::Delivered, |_| true)
         .await;
     assert_eq!(
@@ -404,17 +380,10 @@ async fn happy_path(mut shop: Shop) {
         "the reservation was committed"
     );
     // Other customers do not see it.
-    let e = shop
-        .orders
-        .get_order(as_user(
-            GetOrderRequest {
-                order_id: o.id.clone(),
-            },
-            "bob",
-            &[Role::Customer],
-        ))
-        .await
-        .unwrap_err();
+    let theirs = GetOrderRequest {
+        order_id: o.id.clone(),
+    };
+    let e = shop.orders.get_order(who("bob", theirs)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     shop.stop().await;
 }
