@@ -266,10 +266,10 @@ async fn admin_create_keys_rotate_and_dlq_from_the_cli() {
     app.stop();
 }
 
-#[test]
-fn every_shipped_config_is_valid_and_bad_ones_are_named() {
+/// Every `.toml` under `configs/`, sorted.
+fn shipped_configs() -> Vec<std::path::PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    let mut files = Vec::new();
     let mut dirs = vec![root.join("configs")];
     while let Some(d) = dirs.pop() {
         for e in std::fs::read_dir(&d)
@@ -285,6 +285,26 @@ fn every_shipped_config_is_valid_and_bad_ones_are_named() {
         }
     }
     files.sort();
+    files
+}
+
+/// `shopverse check-config` on `file` holding `text`: whether it passed, and what it printed.
+fn check_config(file: &Path, text: &str) -> (bool, String) {
+    std::fs::write(file, text).expect("write");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(file)
+        .output()
+        .expect("run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let files = shipped_configs();
     assert!(files.len() >= 3, "{files:?}");
     let out = Command::new(BIN)
         .arg("check-config")
@@ -296,46 +316,32 @@ fn every_shipped_config_is_valid_and_bad_ones_are_named() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
 
+/// A bad value is named with its file, key and the rule it breaks; a backend that does not
+/// exist is named with the ones that do; a bad config stops `up` with the same clear message,
+/// and no panic.
+#[test]
+fn bad_configs_are_named_by_file_key_and_rule() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.toml");
-    // `check-config` on `bad` holding `text`: whether it passed, and what it printed.
-    let check = |text: &str| {
-        std::fs::write(&bad, text).expect("write");
-        let out = Command::new(BIN)
-            .arg("check-config")
-            .arg(&bad)
-            .output()
-            .expect("run");
+    for (text, said) in [
         (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
-    let (ok, stdout) = check("[services.users]\naccess_ttl_secs = 5\n");
-    assert!(!ok);
-    assert!(
-        stdout.contains(
-            "bad.toml: key `services.users.access_ttl_secs`: must be between 60 and 86400 seconds"
+            "[services.users]\naccess_ttl_secs = 5\n",
+            "bad.toml: key `services.users.access_ttl_secs`: must be between 60 and 86400 seconds",
         ),
-        "{stdout}"
-    );
-    // A backend that does not exist is named with the ones that do.
-    let (ok, stdout) = check("[events]\nbackend = \"nats\"\n");
-    assert!(!ok);
-    assert!(
-        stdout.contains(
-            "key `events.backend`: unknown variant `nats`, expected `embedded` or `kafka`"
+        (
+            "[events]\nbackend = \"nats\"\n",
+            "key `events.backend`: unknown variant `nats`, expected `embedded` or `kafka`",
         ),
-        "{stdout}"
-    );
-    let (_, stdout) = check("[services.users]\nlisten = \"nowhere\"\n");
-    assert!(
-        stdout.contains("key `services.users.listen`: invalid socket address"),
-        "{stdout}"
-    );
-
-    // A bad config stops `up` with the same clear message, and no panic.
+        (
+            "[services.users]\nlisten = \"nowhere\"\n",
+            "key `services.users.listen`: invalid socket address",
+        ),
+    ] {
+        let (ok, stdout) = check_config(&bad, text);
+        assert!(!ok && stdout.contains(said), "{said}: {stdout}");
+    }
     let out = Command::new(BIN)
         .args(["up", "--config"])
         .arg(&bad)
@@ -345,10 +351,8 @@ fn every_shipped_config_is_valid_and_bad_ones_are_named() {
         .expect("run");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.starts_with("error: ") && stderr.contains("services.users.listen"),
-        "{stderr}"
-    );
+    let named = stderr.starts_with("error: ") && stderr.contains("services.users.listen");
+    assert!(named, "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 

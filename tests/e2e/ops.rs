@@ -469,6 +469,40 @@ async fn sighup_reloads_policies() {
     gw.stop();
 }
 
+/// A client asking `addr` for the categories on a new connection every 10 ms until stopped;
+/// joined, it gives how many were answered by the gateway (503: its services are not running,
+/// 429: its rate limit) and the answers of the others (no answer at all counts as refused).
+fn steady_client(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut answered, mut refused) = (0, Vec::new());
+        while !stop.load(Ordering::SeqCst) {
+            let r = http(addr, "GET", "/v1/categories", &[], b"");
+            if r.status == 503 || r.status == 429 {
+                answered += 1
+            } else {
+                refused.push(format!("{} {}", r.status, r.body));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (answered, refused)
+    })
+}
+
+/// Sends a request on `conn` after `after` and reads the answer to the end.
+fn late_request(mut conn: std::net::TcpStream, after: Duration) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        std::thread::sleep(after);
+        let _ = conn.write_all(b"GET /v1/categories HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut resp = String::new();
+        let _ = conn.read_to_string(&mut resp);
+        resp
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_upgrade_refuses_no_connection() {
     let dir = tempfile::tempdir().unwrap();
@@ -483,47 +517,24 @@ async fn graceful_upgrade_refuses_no_connection() {
         ("SHOPVERSE_GATEWAY__LISTEN", listen.as_str()),
         ("SHOPVERSE_GATEWAY__RATE_LIMITS", "[]"),
     ];
-    let old = LoneGateway::start(dir.path(), "old", &env);
+    let mut old = LoneGateway::start(dir.path(), "old", &env);
     assert_eq!(old.addr, port);
-    // Clients keep coming on new connections the whole time.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (s2, addr) = (stop.clone(), old.addr);
-    let client = std::thread::spawn(move || {
-        let (mut answered, mut refused) = (0, Vec::<String>::new());
-        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
-            let r = http(addr, "GET", "/v1/categories", &[], b"");
-            // 503: the gateway answered (its services are not running); 429: its rate limit
-            // answered. Anything else (no answer at all) counts as refused.
-            if r.status == 503 || r.status == 429 {
-                answered += 1
-            } else {
-                refused.push(format!("{} {}", r.status, r.body));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        (answered, refused)
-    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = steady_client(old.addr, stop.clone());
     // A client that connected to the old process and has not sent its request yet when that
     // process stops accepting is still answered. Pingora stops accepting 5 s after SIGQUIT and
     // ends the runtime a second (the configured grace) later; the request comes in between.
-    let mut quiet = std::net::TcpStream::connect(old.addr).unwrap();
+    let quiet = std::net::TcpStream::connect(old.addr).unwrap();
     quiet
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     // The new binary takes the sockets over; the old one hands them over on SIGQUIT and leaves.
     let new = LoneGateway::start_with_args(dir.path(), "old", &env, &["--upgrade"]);
+    let pid = old.child.id().to_string();
     let _ = std::process::Command::new("kill")
-        .args(["-QUIT", &old.child.id().to_string()])
+        .args(["-QUIT", &pid])
         .status();
-    let late = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        std::thread::sleep(std::time::Duration::from_millis(5_500));
-        let _ = quiet.write_all(b"GET /v1/categories HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut resp = String::new();
-        let _ = quiet.read_to_string(&mut resp);
-        resp
-    });
-    let mut old = old;
+    let late = late_request(quiet, Duration::from_millis(5_500));
     let status = old.child.wait().unwrap();
     let late = late.join().unwrap();
     assert!(late.starts_with("HTTP/1.1 503"), "{late:?}");
@@ -532,18 +543,15 @@ async fn graceful_upgrade_refuses_no_connection() {
         "{late:?}"
     );
     assert!(status.success(), "the old gateway exits cleanly: {status}");
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
     let (answered, refused) = client.join().unwrap();
     assert!(answered > 10, "{answered}");
     assert!(
         refused.is_empty(),
         "refused during the upgrade: {refused:?}"
     );
-    assert_eq!(
-        http(new.addr, "GET", "/v1/categories", &[], b"").status,
-        503,
-        "the new process serves"
-    );
+    let served = http(new.addr, "GET", "/v1/categories", &[], b"").status;
+    assert_eq!(served, 503, "the new process serves");
     new.stop();
 }

@@ -412,10 +412,10 @@ async fn cors_for_configured_origins_only() {
     gw.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_with_tls_1_2_and_1_3_and_http2_by_alpn() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+/// A self-signed P-256 certificate for localhost and 127.0.0.1, made by openssl in `dir`:
+/// (certificate, key).
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let made = std::process::Command::new("openssl")
         .args([
             "req",
@@ -424,12 +424,8 @@ async fn https_with_tls_1_2_and_1_3_and_http2_by_alpn() {
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
         ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
         .args([
             "-addext",
             "subjectAltName=DNS:localhost,IP:127.0.0.1",
@@ -445,48 +441,54 @@ async fn https_with_tls_1_2_and_1_3_and_http2_by_alpn() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
+    (cert, key)
+}
+
+/// curl's `<http version> <status>` for `url`, trusting `cert`, with `extra` options.
+fn curl_version_and_status(cert: &std::path::Path, url: &str, extra: &[&str]) -> String {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "--cacert",
+        ])
+        .arg(cert)
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_tls_1_2_and_1_3_and_http2_by_alpn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
     let free = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
+    let (listen, cert_path, key_path) = (
+        free.to_string(),
+        cert.display().to_string(),
+        key.display().to_string(),
+    );
     let env = [
-        ("SHOPVERSE_GATEWAY__TLS__LISTEN", free.to_string()),
-        (
-            "SHOPVERSE_GATEWAY__TLS__CERT_PATH",
-            cert.display().to_string(),
-        ),
-        (
-            "SHOPVERSE_GATEWAY__TLS__KEY_PATH",
-            key.display().to_string(),
-        ),
+        ("SHOPVERSE_GATEWAY__TLS__LISTEN", listen.as_str()),
+        ("SHOPVERSE_GATEWAY__TLS__CERT_PATH", cert_path.as_str()),
+        ("SHOPVERSE_GATEWAY__TLS__KEY_PATH", key_path.as_str()),
     ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let gw = LoneGateway::start(dir.path(), "tls", &env);
-    let curl = |extra: &[&str]| {
-        let out = std::process::Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_version} %{http_code}",
-                "--cacert",
-            ])
-            .arg(&cert)
-            .args(extra)
-            .arg(format!("https://127.0.0.1:{}/v1/categories", free.port()))
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let url = format!("https://127.0.0.1:{}/v1/categories", free.port());
+    let curl = |extra: &[&str]| curl_version_and_status(&cert, &url, extra);
     // The products service is not running: a 503 with the JSON error, over TLS.
     assert_eq!(curl(&["--http2"]), "2 503", "HTTP/2 negotiated by ALPN");
     assert_eq!(curl(&["--http1.1"]), "1.1 503");
-    assert_eq!(
-        curl(&["--http2", "--tlsv1.2", "--tls-max", "1.2"]),
-        "2 503",
-        "TLS 1.2"
-    );
+    let tls12 = curl(&["--http2", "--tlsv1.2", "--tls-max", "1.2"]);
+    assert_eq!(tls12, "2 503", "TLS 1.2");
     assert_eq!(curl(&["--http2", "--tlsv1.3"]), "2 503", "TLS 1.3");
     gw.stop();
 }
