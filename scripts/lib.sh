@@ -6,7 +6,7 @@ SHOPVERSE_BUILD_PACKAGES="gcc g++ libc6-dev make cmake pkg-config"
 # What the tests need besides: the PostgreSQL and Redis clients for the readiness checks; curl
 # and openssl for the HTTPS tests; systemd for `systemd-analyze`, which the tests run on the
 # unit files; docker-compose to check the Compose file (no Docker engine runs here).
-SHOPVERSE_APT_PACKAGES="$SHOPVERSE_BUILD_PACKAGES postgresql-client redis-tools curl openssl systemd docker-compose"
+SHOPVERSE_APT_PACKAGES="$SHOPVERSE_BUILD_PACKAGES postgresql-client redis-tools curl openssl systemd docker-compose prometheus"
 
 step() { printf '\n==> %s\n' "$*"; }
 

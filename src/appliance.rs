@@ -75,6 +75,8 @@ pub enum ApplianceError {
     Crashed(#[from] tokio::task::JoinError),
     #[error("gateway: {0}")]
     Gateway(#[from] shopverse_gateway::GatewayError),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Locks `dir` (created if missing) for this process: a second `shopverse` on the same data,
@@ -237,6 +239,7 @@ impl Appliance {
             clock: Arc::new(SystemClock),
             grace: Duration::from_secs(cfg.shutdown.grace_secs),
             local: shopverse_rpc::LocalServices::default(),
+            grpc: shopverse_rpc::GrpcMetrics::new(&registry)?,
             peers: Arc::new(bound.iter().map(|(u, _, at)| (u.name(), *at)).collect()),
             consumers: cfg.events.consumers.clone(),
         };

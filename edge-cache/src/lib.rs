@@ -443,7 +443,8 @@ impl EdgeCache {
 /// A counter registered in `registry` (a name registered twice keeps its first collector).
 #[allow(clippy::expect_used)] // the names are constants of this file
 fn int_counter(registry: &prometheus::Registry, name: &str, help: &str) -> prometheus::IntCounter {
-    let c = prometheus::IntCounter::new(name, help).expect("a valid metric name");
+    let opts = prometheus::Opts::new(name, help).namespace("shopverse");
+    let c = prometheus::IntCounter::with_opts(opts).expect("a valid metric name");
     if let Err(e) = registry.register(Box::new(c.clone())) {
         tracing::debug!(error = %e, "metric already registered");
     }
@@ -453,7 +454,8 @@ fn int_counter(registry: &prometheus::Registry, name: &str, help: &str) -> prome
 /// A gauge registered in `registry`, as [`int_counter`].
 #[allow(clippy::expect_used)] // the names are constants of this file
 fn int_gauge(registry: &prometheus::Registry, name: &str, help: &str) -> prometheus::IntGauge {
-    let g = prometheus::IntGauge::new(name, help).expect("a valid metric name");
+    let opts = prometheus::Opts::new(name, help).namespace("shopverse");
+    let g = prometheus::IntGauge::with_opts(opts).expect("a valid metric name");
     if let Err(e) = registry.register(Box::new(g.clone())) {
         tracing::debug!(error = %e, "metric already registered");
     }

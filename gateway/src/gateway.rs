@@ -91,6 +91,7 @@ impl Metrics {
                     "gateway_request_duration_seconds",
                     "Time to answer a request, by route",
                 )
+                .namespace(shopverse_kit::metrics::NAMESPACE)
                 .buckets(vec![
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
                 ]),

@@ -636,13 +636,17 @@ fn token_of_unknown_kid() -> String {
     jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ed_der(&der)).unwrap()
 }
 
-/// How many times the gateway fetched the key set, from its metrics.
+/// How many times the gateway fetched the key set, from its metrics (which must have the series:
+/// a count read from nothing would make every bound on it hold).
 fn jwks_fetches(gw: &LoneGateway) -> u64 {
     let text = http(gw.admin, "GET", "/metrics", &[], b"").body;
-    text.lines()
-        .filter(|l| l.starts_with("gateway_jwks_fetches_total"))
+    let samples: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("shopverse_gateway_jwks_fetches_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+        .collect();
+    assert!(!samples.is_empty(), "no key-set fetch series: {text}");
+    samples.iter().sum()
 }
 
 /// The status of `GET /private/x` with `token`, sent by `n` clients at once.

@@ -1,5 +1,5 @@
 //! Metrics: one `prometheus::Registry` per process, handed to each component, which registers
-//! its own collectors under its own prefix; and the admin listener that serves them.
+//! its own collectors (ShopVerse's own under [`NAMESPACE`]); and the admin listener that serves them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,9 +12,20 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A fresh registry; every metric in it is prefixed `shopverse_`.
+/// The prefix of ShopVerse's own metrics (`shopverse_outbox_published_total`). Metrics named by
+/// a convention others share carry none: `grpc_server_handled_total` (go-grpc-prometheus) and
+/// `process_cpu_seconds_total` (every Prometheus client's process collector).
+pub const NAMESPACE: &str = "shopverse";
+
+/// A fresh registry with the process collector (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, ...) in it.
 pub fn new_registry() -> Registry {
-    Registry::new_custom(Some("shopverse".into()), None).unwrap_or_default()
+    let registry = Registry::new();
+    let process = prometheus::process_collector::ProcessCollector::for_self();
+    if let Err(e) = registry.register(Box::new(process)) {
+        tracing::warn!(error = %e, "the process collector could not be registered");
+    }
+    registry
 }
 
 /// Registers a collector, logging instead of failing when the same metric is registered twice
@@ -135,7 +146,7 @@ fn admin_response(path: &str, registry: &Registry, ready: &ReadyCheck) -> Respon
 }
 
 fn opts(name: &str, help: &str, labels: &[(&str, &str)]) -> prometheus::Opts {
-    let mut o = prometheus::Opts::new(name, help);
+    let mut o = prometheus::Opts::new(name, help).namespace(NAMESPACE);
     for (k, v) in labels {
         o = o.const_label(*k, *v);
     }

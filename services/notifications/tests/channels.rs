@@ -385,7 +385,7 @@ async fn an_order_event_before_its_users_registration_still_gets_its_email() {
     // A positive barrier: the consumer says it parked the record.
     until("the order event parked", || {
         registry.gather().iter().any(|f| {
-            f.name() == "events_retries_total"
+            f.name() == "shopverse_events_retries_total"
                 && f.get_metric().iter().any(|m| {
                     m.get_label()
                         .iter()

@@ -45,6 +45,7 @@ enum Inner {
     Remote(Channel),
     Local { slot: Arc<Slot>, timeout: Duration },
     Pooled(Arc<Pool>),
+    Metered(Box<crate::metrics::Metered<Link>>),
 }
 
 impl std::fmt::Debug for Link {
@@ -53,6 +54,7 @@ impl std::fmt::Debug for Link {
             Inner::Remote(_) => f.write_str("Link::Remote"),
             Inner::Local { slot, .. } => write!(f, "Link::Local({})", slot.addr),
             Inner::Pooled(pool) => write!(f, "Link::Pooled({pool:?})"),
+            Inner::Metered(m) => write!(f, "Link::Metered({:?})", m.inner()),
         }
     }
 }
@@ -62,6 +64,12 @@ impl Link {
     /// is ejected until it passes a health check.
     pub fn pooled(pool: Arc<Pool>) -> Link {
         Link(Inner::Pooled(pool))
+    }
+
+    /// The same link, its calls counted and timed by `metrics`' client-side families.
+    pub fn metered(self, metrics: &crate::GrpcMetrics) -> Link {
+        use tower_layer::Layer;
+        Link(Inner::Metered(Box::new(metrics.client_layer().layer(self))))
     }
 
     /// Whether calls stay in this process.
@@ -99,6 +107,7 @@ impl Service<http::Request<Body>> for Link {
                 Service::<http::Request<Body>>::poll_ready(channel, cx).map_err(Into::into)
             }
             Inner::Local { .. } | Inner::Pooled(_) => Poll::Ready(Ok(())),
+            Inner::Metered(m) => m.poll_ready(cx),
         }
     }
 
@@ -109,6 +118,7 @@ impl Service<http::Request<Body>> for Link {
                 Either::Right(Box::pin(call_local(slot.clone(), *timeout, req)))
             }
             Inner::Pooled(pool) => Either::Right(Box::pin(call_pooled(pool.clone(), req))),
+            Inner::Metered(m) => Either::Right(m.call(req)),
         }
     }
 }

@@ -16,6 +16,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::link::LocalServices;
+use crate::metrics::GrpcMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -42,6 +43,7 @@ pub async fn serve_grpc(
     routes: Routes,
     services: &[&str],
     local: &LocalServices,
+    metrics: &GrpcMetrics,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> Result<(), ServeError> {
@@ -73,6 +75,8 @@ pub async fn serve_grpc(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    // Metered below the network server, so in-process calls are counted too.
+    let routes = Routes::from(routes.into_axum_router().layer(metrics.server_layer()));
     local.serve(addr, routes.clone());
 
     let stop = shutdown.clone();

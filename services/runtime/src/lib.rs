@@ -42,6 +42,8 @@ pub struct Platform {
     pub clock: Arc<dyn Clock>,
     pub grace: Duration,
     pub local: LocalServices,
+    /// Every gRPC server's and client's call metrics, in `registry`.
+    pub grpc: shopverse_rpc::GrpcMetrics,
     /// The addresses of the services this process runs, by [`Service::NAME`]. A service that
     /// calls a peer listed here reaches it in-process, whatever its configuration says.
     pub peers: Arc<HashMap<&'static str, SocketAddr>>,
@@ -161,6 +163,7 @@ impl<C> Context<C> {
 
     /// A link to the peer service `name` (gRPC service `grpc_name`): in-process when this
     /// process runs it, else the configured `urls` (one, or several balanced over the healthy).
+    /// Its calls are counted in the `grpc_client_*` metrics.
     pub fn peer(
         &self,
         name: &str,
@@ -176,6 +179,7 @@ impl<C> Context<C> {
             &self.platform.local,
             self.shutdown.clone(),
         )
+        .map(|link| link.metered(&self.platform.grpc))
         .map_err(|e| RunError::new("upstream", e))
     }
 }
@@ -242,6 +246,7 @@ pub async fn serve<S: Service>(
         routes,
         &[S::GRPC_NAME],
         &platform.local,
+        &platform.grpc,
         shutdown.clone(),
         platform.grace,
     )
@@ -269,10 +274,13 @@ pub mod testing {
         clock: Arc<dyn shopverse_kit::Clock>,
     ) -> Result<(Platform, EmbeddedLog), OpenError> {
         let log = EmbeddedLog::open(&format!("sqlite://{}/events.db", dir.display()), 2).await?;
+        let registry = prometheus::Registry::new();
+        let grpc = shopverse_rpc::GrpcMetrics::new(&registry).expect("a new registry");
         Ok((
             Platform {
                 bus: Arc::new(log.clone()),
-                registry: prometheus::Registry::new(),
+                registry,
+                grpc,
                 clock,
                 grace: Duration::from_secs(2),
                 local: shopverse_rpc::LocalServices::default(),
