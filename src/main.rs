@@ -239,7 +239,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // The log lines first, then the error that ends the process.
+    shopverse_kit::telemetry::flush();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -58,6 +58,9 @@ pub struct GatewayConfig {
     pub tls: TlsConfig,
     /// The edge cache of public catalog responses.
     pub cache: EdgeCacheConfig,
+    /// One line per request at `info` under the target `shopverse::access` (JSON fields under
+    /// `telemetry.log_format = "json"`).
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +224,7 @@ impl Default for GatewayConfig {
             redis_url: String::new(),
             redis_prefix: "shopverse:ratelimit:".into(),
             redis_timeout_ms: 25,
+            access_log: true,
             rate_limits: vec![
                 RateLimitPolicy {
                     name: "login".into(),

@@ -30,6 +30,37 @@ pub struct Gateway {
         std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) clock: Arc<dyn shopverse_kit::Clock>,
     pub(crate) request_ids: RequestIds,
+    /// Whether each request is written to the access log.
+    pub(crate) access_log: bool,
+}
+
+/// What the access log says of one finished request, beyond its route, method, status and
+/// time (which the metrics take too). What a path does not know is left out of the line.
+#[derive(Default)]
+pub(crate) struct Access<'a> {
+    pub request_id: &'a str,
+    pub client: Option<std::net::IpAddr>,
+    /// The path as routed (normalised), without the query.
+    pub path: &'a str,
+    /// The client's `traceparent`, whose trace id the line carries.
+    pub traceparent: Option<&'a str>,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+    /// Where it went: a service, or a pass-through upstream's address.
+    pub upstream: Option<&'a (dyn std::fmt::Display + Sync)>,
+    /// `HIT`, `MISS`, `STALE`, `BYPASS`: the edge cache's `x-cache`.
+    pub cache: Option<&'a str>,
+    /// The verified caller's user id (never the token).
+    pub user: Option<&'a str>,
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+fn trace_id(traceparent: &str) -> Option<&str> {
+    let id = traceparent.get(3..35)?;
+    let ok = traceparent.as_bytes().get(2) == Some(&b'-')
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+        && id.bytes().any(|b| b != b'0');
+    ok.then_some(id)
 }
 
 /// Request ids for requests that came without one: 32 hex digits, a random 64-bit prefix per
@@ -153,8 +184,17 @@ impl Metrics {
 }
 
 impl Gateway {
-    /// Counts a finished request and its latency under its route.
-    pub(crate) fn record(&self, route: &str, method: &str, status: &str, start: Instant) {
+    /// Counts a finished request and its latency under its route, and writes its access-log
+    /// line.
+    pub(crate) fn record(
+        &self,
+        route: &str,
+        method: &str,
+        status: &str,
+        start: Instant,
+        access: Access<'_>,
+    ) {
+        let elapsed = start.elapsed();
         self.metrics
             .requests
             .with_label_values(&[route, method, status])
@@ -162,13 +202,48 @@ impl Gateway {
         self.metrics
             .latency
             .with_label_values(&[route])
-            .observe(start.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
+        if self.access_log {
+            tracing::info!(
+                target: "shopverse::access",
+                request_id = access.request_id,
+                trace_id = access.traceparent.and_then(trace_id),
+                client = access.client.map(tracing::field::display),
+                method,
+                path = access.path,
+                route,
+                status,
+                bytes_in = access.bytes_in,
+                bytes_out = access.bytes_out,
+                duration_us = elapsed.as_micros() as u64,
+                upstream = access.upstream.map(tracing::field::display),
+                cache = access.cache,
+                user = access.user,
+            );
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::RequestIds;
+
+    #[test]
+    fn the_trace_id_of_a_traceparent_and_nothing_of_junk() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(
+            super::trace_id(tp),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        for junk in [
+            "",
+            "00-",
+            "00-zzz",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(super::trace_id(junk), None, "{junk}");
+        }
+    }
 
     #[test]
     fn request_ids_are_32_hex_digits_and_differ_within_and_across_gateways() {

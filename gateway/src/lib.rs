@@ -459,6 +459,7 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
         cache,
         inflight: Default::default(),
         request_ids: gateway::RequestIds::new(),
+        access_log: config.access_log,
         clock: gateway_clock,
         config: live.clone(),
     };

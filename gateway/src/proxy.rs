@@ -194,13 +194,30 @@ impl ProxyHttp for Shared {
 
     /// Request metrics by route, method and status.
     async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
-        let status = session.response_written().map(|r| r.status);
+        let written = session.response_written();
+        let status = written.map(|r| r.status);
         let status = status.as_ref().map(StatusCode::as_str).unwrap_or("0");
+        let cache = written.and_then(|r| r.headers.get("x-cache")?.to_str().ok());
+        let req = session.req_header();
+        let traceparent = req.headers.get("traceparent").and_then(|v| v.to_str().ok());
+        let upstream = ctx.passthrough.as_ref().map(|(t, _)| t);
+        let access = crate::gateway::Access {
+            request_id: &ctx.request_id,
+            client: self.client_ip(session),
+            path: req.uri.path(),
+            traceparent,
+            bytes_in: Some(session.body_bytes_read() as u64),
+            bytes_out: Some(session.body_bytes_sent() as u64),
+            upstream: upstream.map(|t| t as &(dyn std::fmt::Display + Sync)),
+            cache,
+            user: ctx.identity.as_deref().map(|i| i.user_id.as_str()),
+        };
         self.record(
             ctx.route.as_str(),
-            session.req_header().method.as_str(),
+            req.method.as_str(),
             status,
             ctx.start,
+            access,
         );
     }
 }

@@ -11,6 +11,8 @@ pub(super) struct Facts<'a> {
     pub(super) forwarded_for: Option<&'a str>,
     pub(super) request_id: Option<&'a str>,
     pub(super) if_none_match: Option<&'a str>,
+    /// W3C trace context, for the access log.
+    pub(super) traceparent: Option<&'a str>,
     /// An `Origin` header (CORS, which Pingora's path answers).
     pub(super) origin: bool,
     /// `Cache-Control: no-cache` or `no-store`.
@@ -48,6 +50,7 @@ pub(super) fn facts<'a>(
             }
             6 if is("origin") => f.origin = true,
             7 if is("upgrade") => return Err(NotOurs),
+            11 if is("traceparent") => f.traceparent = visible(h.value),
             10 if is("connection") => {
                 for token in h.value.split(|b| *b == b',') {
                     if token.trim_ascii().eq_ignore_ascii_case(b"close") {

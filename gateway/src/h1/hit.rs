@@ -63,6 +63,7 @@ impl Front {
         let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
         let keep_alive = !facts.close && !*shutdown.borrow();
         let head_only = verb == http::Method::HEAD;
+        let mut cache_outcome = Some("HIT");
         let reply = match self
             .gateway
             .admit(path, crate::router::Access::Public, None, ip)
@@ -85,8 +86,18 @@ impl Front {
                     keep_alive,
                 };
                 let written = hit.write(io, head_only, &mut bufs.out).await;
+                let access = crate::gateway::Access {
+                    request_id: &request_id,
+                    client: ip,
+                    path,
+                    traceparent: facts.traceparent,
+                    bytes_in: Some(head_len as u64),
+                    bytes_out: (!head_only).then_some(entry.body.len() as u64),
+                    cache: Some("HIT"),
+                    ..Default::default()
+                };
                 self.gateway
-                    .record(&m.route.template, method, status.as_str(), start);
+                    .record(&m.route.template, method, status.as_str(), start, access);
                 return Step::Done {
                     consumed: head_len,
                     keep_alive: keep_alive && written.is_ok(),
@@ -102,13 +113,27 @@ impl Front {
                     .extend(admitted.rate.iter().flat_map(|r| r.pairs()));
                 reply
             }
-            Err(refused) => refused,
+            Err(refused) => {
+                cache_outcome = None;
+                refused
+            }
         };
         let status = reply.status;
+        let body_len = reply.body.len() as u64;
         let written =
             write_reply(io, reply, &request_id, keep_alive, head_only, &mut bufs.out).await;
+        let access = crate::gateway::Access {
+            request_id: &request_id,
+            client: ip,
+            path,
+            traceparent: facts.traceparent,
+            bytes_in: Some(head_len as u64),
+            bytes_out: (!head_only).then_some(body_len),
+            cache: cache_outcome,
+            ..Default::default()
+        };
         self.gateway
-            .record(&m.route.template, method, status.as_str(), start);
+            .record(&m.route.template, method, status.as_str(), start, access);
         Step::Done {
             consumed: head_len,
             keep_alive: keep_alive && written.is_ok(),

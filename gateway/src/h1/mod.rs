@@ -353,8 +353,16 @@ impl Front {
                 // The request body, if any, was not read: the connection cannot go on.
                 let keep =
                     keep_alive && !framing.chunked && framing.content_length.unwrap_or(0) == 0;
+                let access = crate::gateway::Access {
+                    request_id: &request_id,
+                    client: ip,
+                    path,
+                    traceparent: facts.traceparent,
+                    bytes_in: Some(head_len as u64),
+                    ..Default::default()
+                };
                 return match self
-                    .answer(io, reply, &label, method, &request_id, keep, start, bufs)
+                    .answer(io, reply, &label, method, access, keep, start, bufs)
                     .await
                 {
                     Step::Done { keep_alive, .. } => Step::Done {
@@ -442,10 +450,21 @@ impl Front {
                     .await
             }
         };
+        let access = crate::gateway::Access {
+            request_id: &request_id,
+            client: ip,
+            path,
+            traceparent: facts.traceparent,
+            bytes_in: Some(head_len as u64 + body_len),
+            upstream: Some(&upstream),
+            user: admitted.identity.as_deref().map(|i| i.user_id.as_str()),
+            ..Default::default()
+        };
         match outcome {
             Ok(done) => {
                 let status = StatusCode::from_u16(done.status).unwrap_or(StatusCode::BAD_GATEWAY);
-                self.gateway.record(&label, method, status.as_str(), start);
+                self.gateway
+                    .record(&label, method, status.as_str(), start, access);
                 Step::Done {
                     consumed: head_len + body_from_buf,
                     keep_alive: keep_alive && done.keep_alive,
@@ -461,7 +480,7 @@ impl Front {
                         reply,
                         &label,
                         method,
-                        &request_id,
+                        access,
                         keep_alive && whole,
                         start,
                         bufs,
@@ -488,23 +507,26 @@ impl Front {
         reply: Reply,
         label: &str,
         method: &str,
-        request_id: &str,
+        mut access: crate::gateway::Access<'_>,
         keep_alive: bool,
         start: Instant,
         bufs: &mut Buffers,
     ) -> Step {
         let status = reply.status;
         let keep_alive = keep_alive && !reply.closes();
+        let head = method == "HEAD";
+        access.bytes_out = (!head).then_some(reply.body.len() as u64);
         let written = write_reply(
             io,
             reply,
-            request_id,
+            access.request_id,
             keep_alive,
-            method == "HEAD",
+            head,
             &mut bufs.out,
         )
         .await;
-        self.gateway.record(label, method, status.as_str(), start);
+        self.gateway
+            .record(label, method, status.as_str(), start, access);
         Step::Done {
             consumed: 0,
             keep_alive: keep_alive && written.is_ok(),
@@ -522,12 +544,16 @@ impl Front {
         bufs: &mut Buffers,
     ) -> Step {
         let id = self.gateway.request_ids.next();
+        let access = crate::gateway::Access {
+            request_id: &id,
+            ..Default::default()
+        };
         self.answer(
             io,
             Reply::refused(refusal),
             "refused",
             method,
-            &id,
+            access,
             false,
             start,
             bufs,

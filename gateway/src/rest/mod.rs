@@ -44,6 +44,7 @@ impl Gateway {
             Ok(a) => a,
             Err(reply) => return reply,
         };
+        ctx.identity = admitted.identity.clone();
         let mut reply = self
             .answer(session, ctx, &m, &uri, admitted.identity.as_deref())
             .await;

@@ -92,6 +92,15 @@ pub enum Target {
     Name(Arc<str>),
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr(a) => a.fmt(f),
+            Target::Name(n) => f.write_str(n),
+        }
+    }
+}
+
 impl Target {
     /// `host:port` as configured: parsed once here when it is an IP address.
     pub fn new(host_port: &str) -> Target {
