@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use http::{Method, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Session};
+use tracing::Instrument;
 
 use shopverse_kit::Identity;
 
@@ -136,7 +137,10 @@ impl ProxyHttp for Shared {
                 }
             };
         }
-        let reply = self.rest(session, ctx).await;
+        let span = self.server_span(session);
+        let reply = self.rest(session, ctx).instrument(span.clone()).await;
+        span.record("http.route", ctx.route.as_str());
+        span.record("http.response.status_code", reply.status.as_u16());
         self.write(session, ctx, reply).await?;
         Ok(true)
     }
@@ -223,6 +227,27 @@ impl ProxyHttp for Shared {
 }
 
 impl Gateway {
+    /// The span of a REST request when spans are exported: the server span of the trace the
+    /// client's `traceparent` names, or of a new one.
+    fn server_span(&self, session: &Session) -> tracing::Span {
+        if !shopverse_kit::trace::enabled() {
+            return tracing::Span::none();
+        }
+        let req = session.req_header();
+        let span = tracing::info_span!(
+            "http.server",
+            otel.name = %format_args!("{} {}", req.method, req.uri.path()),
+            otel.kind = "server",
+            http.request.method = %req.method,
+            url.path = req.uri.path(),
+            http.route = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            service.name = "gateway",
+        );
+        shopverse_kit::trace::continue_from_headers(&span, &req.headers);
+        span
+    }
+
     /// The caller's address, from the peer and `X-Forwarded-For` ([`Self::client_ip_of`]).
     pub(crate) fn client_ip(&self, session: &Session) -> Option<IpAddr> {
         let peer = session

@@ -108,3 +108,185 @@ async fn the_exposition_passes_promtool() {
     );
     app.stop();
 }
+
+/// An OTLP collector in the test: every span it is sent, with the `service.name` of its
+/// resource.
+mod collector {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+
+    /// One received span: its service, name, trace id, span id and parent span id (hex).
+    #[derive(Debug, Clone)]
+    pub struct Got {
+        pub service: String,
+        pub name: String,
+        pub trace: String,
+        pub id: String,
+        pub parent: String,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Collector(pub Arc<Mutex<Vec<Got>>>);
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut got = self.0.lock().unwrap();
+            for rs in req.into_inner().resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|kv| kv.key == "service.name")
+                    .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                        Value::StringValue(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                    got.push(Got {
+                        service: service.clone(),
+                        name: span.name,
+                        trace: hex(&span.trace_id),
+                        id: hex(&span.span_id),
+                        parent: hex(&span.parent_span_id),
+                    });
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    /// Starts one on a port of its own.
+    pub async fn start() -> (SocketAddr, Collector) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let collector = Collector::default();
+        let service = TraceServiceServer::new(collector.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (addr, collector)
+    }
+}
+
+/// A client's order, followed: the client sends its own `traceparent`, and every span the
+/// order causes (the gateway's, the services' gRPC calls, each consumer's handling of the
+/// events down to the shipment and the notices) is exported in that one trace, each under its
+/// own service's name and each a child of a span of the trace (the gateway's of the client's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_order_is_one_trace_across_every_service() {
+    let (at, collector) = collector::start().await;
+    let telemetry = shopverse_kit::telemetry::TelemetryConfig {
+        otlp_endpoint: format!("http://{at}"),
+        ..Default::default()
+    };
+    shopverse_kit::telemetry::init(&telemetry, Some("info"));
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let gw = app.addrs["gateway"];
+    let (_, token) = customer(gw, "tracy@example.com");
+    let (trace, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let traceparent = format!("00-{trace}-{client_span}-01");
+    let headers = [
+        ("authorization", token.as_str()),
+        ("traceparent", traceparent.as_str()),
+    ];
+    let products = http(gw, "GET", "/v1/products?pageSize=1", &[], b"").json();
+    let p = products["products"][0]["id"].as_str().unwrap();
+    let add = format!(r#"{{"productId":"{p}","quantity":1}}"#);
+    assert_eq!(
+        http(gw, "POST", "/v1/cart/items", &headers[..1], add.as_bytes()).status,
+        200
+    );
+    let checkout = r#"{"idempotencyKey":"traced-1","paymentMethodToken":"pm_card_ok",
+        "shippingAddress":{"recipient":"T","line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}"#;
+    let r = http(gw, "POST", "/v1/checkout", &headers, checkout.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let wanted = [
+        "gateway",
+        "orders",
+        "products",
+        "payments",
+        "delivery",
+        "notifications",
+    ];
+    let mut spans = Vec::new();
+    until(
+        "spans of every service in the trace",
+        std::time::Duration::from_secs(60),
+        || {
+            spans = collector
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.trace == trace)
+                .cloned()
+                .collect();
+            wanted.iter().all(|w| spans.iter().any(|s| s.service == *w))
+                && spans
+                    .iter()
+                    .filter(|s| s.name.starts_with("order.confirmed"))
+                    .count()
+                    >= 3
+        },
+    );
+    let summary: Vec<String> = spans
+        .iter()
+        .map(|s| format!("{}: {}", s.service, s.name))
+        .collect();
+    eprintln!(
+        "{} spans in the trace:\n{}",
+        spans.len(),
+        summary.join("\n")
+    );
+    let ids: std::collections::HashSet<&str> = spans.iter().map(|s| s.id.as_str()).collect();
+    let root = spans.iter().find(|s| s.service == "gateway").unwrap();
+    assert_eq!(
+        root.parent, client_span,
+        "the gateway continues the client's trace: {root:?}"
+    );
+    for s in &spans {
+        let linked = s.parent == client_span || ids.contains(s.parent.as_str());
+        assert!(
+            linked,
+            "a span whose parent is not in the trace: {s:?}\n{spans:#?}"
+        );
+    }
+    let named =
+        |service: &str, name: &str| spans.iter().any(|s| s.service == service && s.name == name);
+    assert!(named("orders", "OrdersService/Checkout"), "{spans:#?}");
+    assert!(
+        named("products", "ProductsService/ReserveStock"),
+        "{spans:#?}"
+    );
+    assert!(named("payments", "order.placed process"), "{spans:#?}");
+    assert!(named("orders", "payment.succeeded process"), "{spans:#?}");
+    assert!(named("delivery", "order.confirmed process"), "{spans:#?}");
+    assert!(
+        named("notifications", "order.confirmed process"),
+        "{spans:#?}"
+    );
+    app.stop();
+}

@@ -182,13 +182,14 @@ impl Gateway {
         if let Ok(v) = ctx.request_id.parse() {
             md.insert("x-request-id", v);
         }
-        if let Some(tp) = session
-            .req_header()
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            && let Ok(v) = tp.parse()
-        {
+        // The service's span is a child of this request's when spans are exported; else the
+        // client's context travels as it came.
+        let tp = shopverse_kit::trace::current_traceparent();
+        let tp = tp.as_deref().or_else(|| {
+            let h = session.req_header().headers.get("traceparent")?;
+            h.to_str().ok()
+        });
+        if let Some(v) = tp.and_then(|tp| tp.parse().ok()) {
             md.insert("traceparent", v);
         }
         Ok((msg.encode_to_vec().into(), md))

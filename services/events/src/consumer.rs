@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use sqlx::AssertSqlSafe;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use shopverse_kit::clock::{Clock, SystemClock};
 use shopverse_kit::config::Invalid;
@@ -520,6 +521,7 @@ impl<H: Handler> Consumer<H> {
             if todo.remove(&env.id) {
                 self.handler
                     .handle(&mut tx, env)
+                    .instrument(handling_span(self.handler.name(), env))
                     .await
                     .map_err(|error| RunError { at: Some(i), error })?;
             }
@@ -655,4 +657,25 @@ impl<H: Handler> Consumer<H> {
         self.metrics.dead_lettered.inc();
         Outcome::DeadLettered(reason.to_owned())
     }
+}
+
+/// The span of `consumer`'s handling of `env` when spans are exported: a child of the span
+/// that raised the event (its `traceparent`), so the events an order causes are one trace.
+/// Events the handler raises inside it carry its context in turn.
+fn handling_span(consumer: &str, env: &Envelope) -> tracing::Span {
+    if !shopverse_kit::trace::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "event.process",
+        otel.name = %format_args!("{} process", env.r#type),
+        otel.kind = "consumer",
+        messaging.operation.type = "process",
+        messaging.consumer.group.name = consumer,
+        event.id = %env.id,
+        event.subject = %env.subject,
+        service.name = consumer,
+    );
+    shopverse_kit::trace::continue_from(&span, &env.traceparent);
+    span
 }

@@ -143,7 +143,10 @@ pub fn new_envelope(
         source: source.to_owned(),
         time: Some(to_timestamp(now_ms)),
         subject: subject.to_owned(),
-        traceparent: origin.traceparent().to_owned(),
+        // Raised inside an exported span (a request's, a consumer's): that span's context, so
+        // the event's consumers continue the same trace; else what the origin carried.
+        traceparent: shopverse_kit::trace::current_traceparent()
+            .unwrap_or_else(|| origin.traceparent().to_owned()),
         payload_type: kind.payload_type.to_owned(),
         schema_version: kind.schema_version,
         payload: payload.encode_to_vec(),

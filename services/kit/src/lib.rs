@@ -3,7 +3,9 @@
 //! # Layout
 //! - [`config`]: typed configuration from a TOML file plus `SHOPVERSE_*` environment overrides,
 //!   validated once at start-up, with errors that name the file, the key and the reason.
-//! - [`telemetry`]: the one place the `tracing` subscriber is built (human or JSON logs).
+//! - [`telemetry`]: the one place the `tracing` subscriber is built (human or JSON logs, spans
+//!   over OTLP); [`otlp`] exports the spans, one resource per service; [`trace`] carries the
+//!   trace context across calls and events.
 //! - [`metrics`]: the Prometheus registry handed to each component, and the small admin HTTP
 //!   listener that serves `/metrics`, `/healthz` and `/readyz`.
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
@@ -26,12 +28,14 @@ pub mod crash;
 pub mod error;
 pub mod identity;
 pub mod metrics;
+pub mod otlp;
 pub mod paging;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 pub mod validate;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -18,12 +18,17 @@ use tokio_util::sync::CancellationToken;
 pub const NAMESPACE: &str = "shopverse";
 
 /// A fresh registry with the process collector (`process_cpu_seconds_total`,
-/// `process_resident_memory_bytes`, `process_open_fds`, ...) in it.
+/// `process_resident_memory_bytes`, `process_open_fds`, ...) and the span export failures
+/// (`shopverse_otlp_export_failures_total`) in it.
 pub fn new_registry() -> Registry {
     let registry = Registry::new();
     let process = prometheus::process_collector::ProcessCollector::for_self();
     if let Err(e) = registry.register(Box::new(process)) {
         tracing::warn!(error = %e, "the process collector could not be registered");
+    }
+    let otlp = crate::telemetry::OTLP_FAILURES.clone();
+    if let Err(e) = registry.register(Box::new(otlp)) {
+        tracing::warn!(error = %e, "the span export counter could not be registered");
     }
     registry
 }

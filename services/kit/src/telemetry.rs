@@ -1,7 +1,11 @@
-//! The one place the `tracing` subscriber is built.
+//! The one place the `tracing` subscriber is built: log lines (human or JSON) and, when
+//! `otlp_endpoint` is set, spans exported over OTLP ([`crate::otlp`]).
 
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -19,6 +23,11 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// An `EnvFilter` directive such as `info` or `info,shopverse_users=debug`.
     pub log_level: String,
+    /// An OTLP/gRPC collector (`http://127.0.0.1:4317`) to export spans to; empty: none.
+    pub otlp_endpoint: String,
+    /// The share of traces started here that are kept (0 to 1); a trace a caller started keeps
+    /// the caller's decision (parent-based sampling).
+    pub sampling_ratio: f64,
 }
 
 impl Default for TelemetryConfig {
@@ -26,31 +35,97 @@ impl Default for TelemetryConfig {
         Self {
             log_format: LogFormat::Human,
             log_level: "info".into(),
+            otlp_endpoint: String::new(),
+            sampling_ratio: 1.0,
         }
     }
 }
 
 impl TelemetryConfig {
     pub fn validate(&self) -> Result<(), crate::config::Invalid> {
+        use crate::config::Invalid;
         EnvFilter::try_new(&self.log_level)
-            .map(|_| ())
-            .map_err(|e| crate::config::Invalid::new("telemetry.log_level", e.to_string()))
+            .map_err(|e| Invalid::new("telemetry.log_level", e.to_string()))?;
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return Err(Invalid::new(
+                "telemetry.sampling_ratio",
+                "must be between 0 and 1",
+            ));
+        }
+        let e = &self.otlp_endpoint;
+        if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(Invalid::new(
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL (OTLP over gRPC, usually port 4317)",
+            ));
+        }
+        Ok(())
     }
 }
 
-/// The thread that writes log lines; dropped (by [`flush`]), it writes what is left.
-static WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
-    std::sync::Mutex::new(None);
+/// What [`flush`] finishes: the thread that writes log lines, and the span exporter.
+struct Installed {
+    writer: tracing_appender::non_blocking::WorkerGuard,
+    spans: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+static INSTALLED: std::sync::Mutex<Option<Installed>> = std::sync::Mutex::new(None);
+
+/// Batches of spans the collector did not take, in this process; every registry made by
+/// [`crate::metrics::new_registry`] serves it.
+pub(crate) static OTLP_FAILURES: std::sync::LazyLock<prometheus::IntCounter> =
+    std::sync::LazyLock::new(|| {
+        let opts = prometheus::Opts::new(
+            "otlp_export_failures_total",
+            "Batches of spans the OTLP collector did not take",
+        )
+        .namespace(crate::metrics::NAMESPACE);
+        prometheus::IntCounter::with_opts(opts).unwrap_or_else(|_| unreachable!("a valid name"))
+    });
+
+/// The span exporter for `config`, when it names a collector.
+fn span_provider(config: &TelemetryConfig) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SdkTracerProvider};
+    if config.otlp_endpoint.is_empty() {
+        return None;
+    }
+    let failures = OTLP_FAILURES.clone();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let export = crate::otlp::ExportConfig {
+        endpoint: config.otlp_endpoint.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        instance: format!("{}/{}", host.trim(), std::process::id()),
+    };
+    let exporter = match crate::otlp::RoutingExporter::new(export, failures) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "span export is off: its runtime could not start");
+            return None;
+        }
+    };
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sampling_ratio)));
+    Some(
+        SdkTracerProvider::builder()
+            .with_span_processor(BatchSpanProcessor::builder(exporter).build())
+            .with_sampler(sampler)
+            .build(),
+    )
+}
 
 /// Installs the global subscriber; logs go to stderr. `filter_override` (from `RUST_LOG`, say)
 /// wins over the configured level. Under journald (`JOURNAL_STREAM` set) lines carry no
 /// timestamp of their own, since the journal stamps every line. Calling it twice is harmless.
+/// With an `otlp_endpoint`, spans are exported too.
 ///
 /// Lines are written by a thread of their own, so a request path (the gateway's access log)
 /// hands its line over instead of waiting on stderr; when that thread falls behind by more
 /// than its buffer, callers wait rather than lines being dropped. Call [`flush`] before the
 /// process exits.
 pub fn init(config: &TelemetryConfig, filter_override: Option<&str>) {
+    let mut slot = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.is_some() {
+        return;
+    }
     let filter = filter_override
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(&config.log_level).ok())
@@ -60,24 +135,47 @@ pub fn init(config: &TelemetryConfig, filter_override: Option<&str>) {
         .lossy(false)
         .thread_name("shopverse-log")
         .finish(std::io::stderr());
-    let mut slot = WRITER.lock().unwrap_or_else(|p| p.into_inner());
-    if slot.is_some() {
-        return;
-    }
-    *slot = Some(guard);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_target(true);
-    let _ = match (config.log_format, under_journald) {
-        (LogFormat::Json, true) => builder.json().without_time().try_init(),
-        (LogFormat::Json, false) => builder.json().try_init(),
-        (LogFormat::Human, true) => builder.without_time().with_ansi(false).try_init(),
-        (LogFormat::Human, false) => builder.try_init(),
+    let lines = match (config.log_format, under_journald) {
+        (LogFormat::Json, true) => fmt.json().without_time().boxed(),
+        (LogFormat::Json, false) => fmt.json().boxed(),
+        (LogFormat::Human, true) => fmt.without_time().with_ansi(false).boxed(),
+        (LogFormat::Human, false) => fmt.boxed(),
     };
+    let spans = span_provider(config);
+    let otel = spans.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("shopverse"))
+            .with_location(true)
+    });
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .with(otel)
+        .try_init();
+    if installed.is_ok() && spans.is_some() {
+        crate::trace::set_enabled();
+        tracing::info!(endpoint = %config.otlp_endpoint, ratio = config.sampling_ratio, "exporting spans over OTLP");
+    }
+    *slot = Some(Installed {
+        writer: guard,
+        spans,
+    });
 }
 
-/// Writes every line logged so far and stops the writing thread; later lines are lost.
+/// Exports the spans still buffered and writes every line logged so far, then stops both;
+/// later spans and lines are lost. Call it last, outside any async runtime.
 pub fn flush() {
-    drop(WRITER.lock().unwrap_or_else(|p| p.into_inner()).take());
+    let Some(installed) = INSTALLED.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return;
+    };
+    if let Some(spans) = installed.spans
+        && let Err(e) = spans.shutdown()
+    {
+        tracing::warn!(error = %e, "the last spans could not be exported");
+    }
+    drop(installed.writer);
 }

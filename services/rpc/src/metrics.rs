@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tonic::Code;
+use tracing::Instrument;
 
 /// The call histograms' buckets, in seconds: from a cached read (~100 µs) to a slow provider.
 const BUCKETS: &[f64] = &[
@@ -34,6 +35,8 @@ const BUCKETS: &[f64] = &[
 /// One side's (server's or client's) two families.
 #[derive(Clone)]
 struct Side {
+    /// The server side: calls get a span of their own, child of the caller's.
+    server: bool,
     handled: IntCounterVec,
     seconds: HistogramVec,
 }
@@ -58,7 +61,11 @@ impl Side {
         )?;
         registry.register(Box::new(handled.clone()))?;
         registry.register(Box::new(seconds.clone()))?;
-        Ok(Side { handled, seconds })
+        Ok(Side {
+            server: side == "server",
+            handled,
+            seconds,
+        })
     }
 }
 
@@ -94,6 +101,33 @@ impl GrpcMetrics {
     pub fn client_layer(&self) -> MeteredLayer {
         MeteredLayer(self.client.clone())
     }
+}
+
+/// The span of a call this server answers, child of the caller's context in `headers`: named
+/// `Service/Method`, of the service whose package it is (`shopverse.orders.v1` is `orders`).
+/// None for health checks and reflection, and when spans are not exported.
+fn server_span(service: &str, method: &str, headers: &http::HeaderMap) -> tracing::Span {
+    if !shopverse_kit::trace::enabled() {
+        return tracing::Span::none();
+    }
+    let Some(owner) = service
+        .strip_prefix("shopverse.")
+        .and_then(|s| s.split('.').next())
+    else {
+        return tracing::Span::none();
+    };
+    let short = service.rsplit('.').next().unwrap_or(service);
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = format!("{short}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        service.name = owner,
+    );
+    shopverse_kit::trace::continue_from_headers(&span, headers);
+    span
 }
 
 /// Splits `/pkg.Service/Method` into its service and method.
@@ -187,13 +221,20 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let (service, method) = service_and_method(req.uri().path());
         let (service, method) = (service.to_owned(), method.to_owned());
         let kind = call_type(&method);
         let side = self.side.clone();
+        let span = match self.side.server {
+            true => server_span(&service, &method, req.headers()),
+            false => {
+                shopverse_kit::trace::inject_current(req.headers_mut());
+                tracing::Span::none()
+            }
+        };
         let t0 = Instant::now();
-        let answer = self.inner.call(req);
+        let answer = self.inner.call(req).instrument(span);
         Box::pin(async move {
             let result = answer.await;
             let code = match &result {
