@@ -290,3 +290,163 @@ async fn one_order_is_one_trace_across_every_service() {
     );
     app.stop();
 }
+
+/// The alerting rules load, and their unit tests pass (`promtool test rules`).
+#[test]
+fn the_alerting_rules_pass_promtool_and_their_tests() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/observability");
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts.test.yml"],
+        &["check", "config", "prometheus.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+        let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "promtool {args:?}: {said}");
+    }
+}
+
+/// A real Prometheus, answering a query (`curl --data-urlencode`, so the query is encoded as
+/// any client would) with its `data.result`.
+struct Prometheus {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `target` every second, with the shipped alerting rules.
+    fn start(target: std::net::SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/observability/alerts.yml");
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nscrape_configs:\n  - job_name: shopverse\n    static_configs: [{{targets: ['{target}']}}]\n",
+            rules.display()
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian's prometheus package; scripts/test installs it)");
+        Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// `GET /api/v1/<what>` with the form `args`; the whole answer.
+    fn api(&self, what: &str, args: &[(&str, &str)]) -> serde_json::Value {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-s", "-G", &format!("http://{}/api/v1/{what}", self.addr)]);
+        for (k, v) in args {
+            curl.arg("--data-urlencode").arg(format!("{k}={v}"));
+        }
+        let out = curl.output().expect("curl");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The value of a query whose answer is one number (0 when it has none yet).
+    fn number(&self, query: &str) -> f64 {
+        let r = self.api("query", &[("query", query)]);
+        r["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Prometheus scrapes the appliance through a short checkout run: the gRPC and saga series are
+/// there, every query of the shipped Grafana dashboard is valid PromQL Prometheus answers, and
+/// the alerting rules load healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_series_the_dashboard_and_alerts_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let prometheus = Prometheus::start(app.admin);
+    let gw = app.addrs["gateway"];
+    let (_, token) = customer(gw, "prom@example.com");
+    let auth = [("authorization", token.as_str())];
+    let products = http(gw, "GET", "/v1/products?pageSize=3", &[], b"").json();
+    for (i, p) in products["products"].as_array().unwrap().iter().enumerate() {
+        let add = format!(
+            r#"{{"productId":"{}","quantity":1}}"#,
+            p["id"].as_str().unwrap()
+        );
+        assert_eq!(
+            http(gw, "POST", "/v1/cart/items", &auth, add.as_bytes()).status,
+            200
+        );
+        let checkout = format!(
+            r#"{{"idempotencyKey":"prom-{i:04}","paymentMethodToken":"pm_card_ok","shippingAddress":{{"recipient":"P","line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}}}"#
+        );
+        let r = http(gw, "POST", "/v1/checkout", &auth, checkout.as_bytes());
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let checkouts = "sum(grpc_server_handled_total{grpc_method=\"Checkout\",grpc_code=\"OK\"})";
+    let confirmed = "sum(shopverse_saga_payment_seconds_count{outcome=\"confirmed\"})";
+    until(
+        "Prometheus has the checkouts and their confirmations",
+        std::time::Duration::from_secs(60),
+        || prometheus.number(checkouts) >= 3.0 && prometheus.number(confirmed) >= 3.0,
+    );
+    let client = "sum(grpc_client_handled_total{grpc_method=\"ReserveStock\"})";
+    assert!(prometheus.number(client) >= 3.0);
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy/observability/grafana/dashboards/shopverse.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let queries: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
+    assert!(queries.len() >= 15, "{queries:?}");
+    for q in queries {
+        let r = prometheus.api("query", &[("query", q)]);
+        assert_eq!(r["status"], "success", "{q}: {r}");
+    }
+    let rules = prometheus.api("rules", &[]);
+    let loaded: Vec<&serde_json::Value> = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
+    assert_eq!(loaded.len(), 8, "{rules}");
+    assert!(loaded.iter().all(|r| r["health"] == "ok"), "{rules}");
+    app.stop();
+}

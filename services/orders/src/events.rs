@@ -20,11 +20,32 @@ use crate::domain::{CheckoutState, OrderState};
 
 pub struct SagaHandler {
     orders: Orders,
+    /// From checkout to the payment's outcome: `shopverse_saga_payment_seconds{outcome}`.
+    settled: prometheus::HistogramVec,
 }
 
 impl SagaHandler {
-    pub fn new(orders: Orders) -> Self {
-        Self { orders }
+    pub fn new(orders: Orders, registry: &prometheus::Registry) -> Self {
+        let opts = prometheus::HistogramOpts::new(
+            "saga_payment_seconds",
+            "Time from an order's checkout to its confirmation or its cancellation for a failed payment",
+        )
+        .namespace(shopverse_kit::metrics::NAMESPACE)
+        .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]);
+        #[allow(clippy::expect_used)] // a constant name, label and buckets
+        let settled = shopverse_kit::metrics::register(
+            registry,
+            prometheus::HistogramVec::new(opts, &["outcome"]).expect("a valid histogram"),
+        );
+        Self { orders, settled }
+    }
+
+    /// Observes how long `order` took from checkout to `outcome`.
+    fn settled(&self, order: &crate::store::OrderRow, outcome: &str) {
+        let ms = self.orders.now().saturating_sub(order.created_at).max(0);
+        self.settled
+            .with_label_values(&[outcome])
+            .observe(ms as f64 / 1000.0);
     }
 }
 
@@ -79,6 +100,7 @@ impl Handler for SagaHandler {
                         Origin::Event(ev),
                     )
                     .await?;
+                self.settled(&order, "confirmed");
             } else if !order.paid {
                 // Paid after it was cancelled (the deadline passed first): remember the money;
                 // payments refunds it when it sees the cancellation.
@@ -103,6 +125,7 @@ impl Handler for SagaHandler {
                         Origin::Event(ev),
                     )
                     .await?;
+                self.settled(&order, "payment_failed");
             }
         } else if t == PAYMENT_REFUNDED.name {
             if !order.refunded {

@@ -72,7 +72,10 @@ impl Service for OrdersService {
             &cx.platform,
             cx.relay_waker(),
         );
-        cx.consume(events::SagaHandler::new(orders.clone()));
+        cx.consume(events::SagaHandler::new(
+            orders.clone(),
+            &cx.platform.registry,
+        ));
         cx.spawn(events::run_sweeper(orders.clone(), cx.shutdown()));
         Ok(Routes::new(orders.into_server()))
     }
