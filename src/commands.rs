@@ -332,6 +332,60 @@ pub fn check_config(files: &[PathBuf]) -> std::process::ExitCode {
     }
 }
 
+/// Prints the order's event chain as a timeline from its first event (or as JSON lines).
+pub async fn events_trace(cfg: AppConfig, order_id: &str, json: bool) -> anyhow::Result<()> {
+    let bus = existing_bus(&cfg).await?;
+    let hops = shopverse::chain::of_order(&cfg, bus.as_ref(), order_id).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for h in &hops {
+            writeln!(out, "{}", serde_json::to_string(h)?)?;
+        }
+        return Ok(());
+    }
+    let (Some(first), Some(last)) = (hops.first(), hops.last()) else {
+        bail!(
+            "no event about order {order_id} on the bus (is it an order id, and the data dir or --config the system's?)"
+        );
+    };
+    let t0 = first.raised_ms;
+    writeln!(
+        out,
+        "order {order_id}: {} events, {} to {} in {} ms",
+        hops.len(),
+        first.event_type,
+        last.event_type,
+        last.raised_ms - t0
+    )?;
+    for h in &hops {
+        writeln!(
+            out,
+            "  +{:<7} {:<20} on {:<18} published +{} ms",
+            format!("{} ms", h.raised_ms - t0),
+            h.event_type,
+            h.topic,
+            h.published_ms - t0
+        )?;
+        let handled: Vec<String> = h
+            .handled
+            .iter()
+            .map(|(who, at)| format!("{who} +{} ms", at - t0))
+            .collect();
+        let handled = match handled.is_empty() {
+            true => "not handled yet".to_owned(),
+            false => format!("handled by {}", handled.join(", ")),
+        };
+        writeln!(out, "  {:<9}{handled}", "")?;
+    }
+    if let Some(trace) = first.traceparent.get(3..35) {
+        writeln!(
+            out,
+            "trace id {trace} (in a tracing backend, when [telemetry] otlp_endpoint is set)"
+        )?;
+    }
+    Ok(())
+}
+
 pub async fn dlq_list(cfg: AppConfig, topic: Option<&str>, json: bool) -> anyhow::Result<()> {
     let bus = existing_bus(&cfg).await?;
     let parked = shopverse_events::dlq::list(bus.as_ref(), topic).await?;

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod appliance;
+pub mod chain;
 pub mod config;
 pub mod demo;
 pub mod services;

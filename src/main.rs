@@ -196,6 +196,17 @@ enum EventsCommand {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Where an order's saga spent its time: each event about it, when it was raised and
+    /// published, and when each consumer handled it.
+    Trace {
+        #[command(flatten)]
+        common: Common,
+        /// The order's id.
+        order_id: String,
+        /// One JSON object per event instead of the timeline.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -327,6 +338,14 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let n = backup::restore(&cfg, &from).await?;
             println!("restored {n} files into {}", cfg.data.dir.display());
         }
+        Command::Events {
+            command:
+                EventsCommand::Trace {
+                    common,
+                    order_id,
+                    json,
+                },
+        } => events_trace(load(&common)?, &order_id, json).await?,
         Command::Events {
             command: EventsCommand::Dlq { command },
         } => match command {

@@ -450,3 +450,88 @@ async fn a_real_prometheus_scrapes_the_series_the_dashboard_and_alerts_use() {
     assert!(loaded.iter().all(|r| r["health"] == "ok"), "{rules}");
     app.stop();
 }
+
+/// `shopverse events trace ORDER_ID` on a running appliance: the order's events in the order
+/// they were raised, each handled by the consumers the saga has, with times from the first;
+/// the same as JSON lines; an order with no events is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_trace_prints_an_orders_chain_with_its_consumers() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(dir.path(), &["--demo"]);
+    let gw = app.addrs["gateway"];
+    let (_, token) = customer(gw, "chain@example.com");
+    let auth = [("authorization", token.as_str())];
+    let products = http(gw, "GET", "/v1/products?pageSize=1", &[], b"").json();
+    let p = products["products"][0]["id"].as_str().unwrap();
+    let add = format!(r#"{{"productId":"{p}","quantity":1}}"#);
+    assert_eq!(
+        http(gw, "POST", "/v1/cart/items", &auth, add.as_bytes()).status,
+        200
+    );
+    let checkout = r#"{"idempotencyKey":"chain-0001","paymentMethodToken":"pm_card_ok",
+        "shippingAddress":{"recipient":"C","line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}"#;
+    let r = http(gw, "POST", "/v1/checkout", &auth, checkout.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let order = r.json()["id"].as_str().unwrap().to_owned();
+    let mut lines = Vec::new();
+    until(
+        "the chain down to the shipment, handled",
+        std::time::Duration::from_secs(30),
+        || {
+            let (ok, out, _) = cli(dir.path(), &["events", "trace", &order, "--json"], &[]);
+            lines = out
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect();
+            ok && lines.iter().any(|h| {
+                h["event_type"] == "shipment.scheduled"
+                    && !h["handled"].as_array().unwrap().is_empty()
+            })
+        },
+    );
+    let types: Vec<&str> = lines
+        .iter()
+        .map(|h| h["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types[..3],
+        ["order.placed", "payment.succeeded", "order.confirmed"],
+        "{lines:#?}"
+    );
+    let handlers = |t: &str| -> Vec<String> {
+        let hop = lines.iter().find(|h| h["event_type"] == t).unwrap();
+        hop["handled"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c[0].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(
+        handlers("order.placed").contains(&"payments".to_owned()),
+        "{lines:#?}"
+    );
+    assert!(
+        handlers("payment.succeeded").contains(&"orders".to_owned()),
+        "{lines:#?}"
+    );
+    assert!(
+        handlers("order.confirmed").contains(&"delivery".to_owned()),
+        "{lines:#?}"
+    );
+
+    let (ok, out, err) = cli(dir.path(), &["events", "trace", &order], &[]);
+    assert!(ok, "{err}");
+    eprintln!("{out}");
+    assert!(out.starts_with(&format!("order {order}: ")), "{out}");
+    assert!(
+        out.contains("order.placed") && out.contains("handled by payments +"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(dir.path(), &["events", "trace", "no-such-order"], &[]);
+    assert!(
+        !ok && err.contains("no event about order no-such-order"),
+        "{err}"
+    );
+    app.stop();
+}
