@@ -190,8 +190,9 @@ mod collector {
 }
 
 /// A client's order, followed: the client sends its own `traceparent`, and every span the
-/// order causes (the gateway's, the services' gRPC calls, each consumer's handling of the
-/// events down to the shipment and the notices) is exported in that one trace, each under its
+/// order causes (the gateway's, the services' gRPC calls, their database transactions and
+/// outbox inserts, each consumer's handling of the events down to the shipment and the
+/// notices) is exported in that one trace, each under its
 /// own service's name and each a child of a span of the trace (the gateway's of the client's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_order_is_one_trace_across_every_service() {

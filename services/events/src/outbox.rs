@@ -14,6 +14,7 @@ use prost::Message;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use shopverse_kit::clock::{Clock, SystemClock};
 use shopverse_kit::metrics::{int_counter, int_gauge};
@@ -46,6 +47,23 @@ const ENQUEUE_ROWS: usize = 100;
 /// (a reservation's stock changes, one per line) pays one round trip to the database for them,
 /// not one each. Nothing is written for none.
 pub async fn enqueue_all(
+    conn: &mut sqlx::AnyConnection,
+    kind: &EventType,
+    envs: &[Envelope],
+) -> Result<(), sqlx::Error> {
+    let Some(first) = envs.first() else {
+        return Ok(());
+    };
+    let span = tracing::info_span!(
+        "outbox.insert",
+        event.type = kind.name,
+        events = envs.len(),
+        service.name = %first.source,
+    );
+    insert_all(conn, kind, envs).instrument(span).await
+}
+
+async fn insert_all(
     conn: &mut sqlx::AnyConnection,
     kind: &EventType,
     envs: &[Envelope],

@@ -188,6 +188,7 @@ impl<C> Context<C> {
 pub async fn open_db<S: Service>(config: &S::Config, data_dir: &Path) -> Result<Db, RunError> {
     open_db_at(&config.database_url(data_dir), S::MIGRATIONS)
         .await
+        .map(|db| db.for_service(S::NAME))
         .map_err(|e| RunError::from(e).of(S::NAME))
 }
 

@@ -104,6 +104,8 @@ pub struct Db {
     writer: Option<Arc<tokio::sync::Mutex<Writer>>>,
     /// SQLite: this `Db`'s reader connections.
     readers: Option<Arc<Readers>>,
+    /// Whose database it is (`orders`), for the spans of its transactions.
+    service: &'static str,
 }
 
 /// SQLite reader connections, kept out of the pool for the same reason as the writer: the
@@ -301,7 +303,11 @@ impl std::ops::DerefMut for WriteConn {
 /// A write transaction; on SQLite it holds the file's writer turn until it ends. It derefs to
 /// the connection, as a `sqlx` transaction does (`&mut *tx` is the executor). Dropped without
 /// a commit, it rolls back.
-pub struct WriteTx(TxInner);
+pub struct WriteTx(
+    TxInner,
+    // Held, not read: the transaction's span ends when it does.
+    #[allow(dead_code)] tracing::Span,
+);
 
 enum TxInner {
     /// `None` once ended.
@@ -497,7 +503,29 @@ impl Db {
             url,
             writer,
             readers,
+            service: "",
         })
+    }
+
+    /// The same database, its transactions' spans attributed to `service`.
+    pub fn for_service(mut self, service: &'static str) -> Db {
+        self.service = service;
+        self
+    }
+
+    /// The span of a write transaction: from its start to its end, a child of the span that
+    /// began it (a request's, a consumer's).
+    fn transaction_span(&self) -> tracing::Span {
+        let system = match self.kind {
+            DbKind::Sqlite => "sqlite",
+            DbKind::Postgres => "postgresql",
+        };
+        tracing::info_span!(
+            "db.transaction",
+            otel.kind = "client",
+            db.system.name = system,
+            service.name = self.service,
+        )
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -560,14 +588,15 @@ impl Db {
     /// A transaction that will write. See the module docs for why SQLite needs this.
     pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
         let Some(mut w) = self.turn().await? else {
-            return Ok(WriteTx(TxInner::Pooled(self.pool.begin().await?)));
+            let span = self.transaction_span();
+            return Ok(WriteTx(TxInner::Pooled(self.pool.begin().await?), span));
         };
         w.in_tx = true;
         if let Err(e) = w.conn.execute("BEGIN IMMEDIATE").await {
             w.in_tx = false;
             return Err(e);
         }
-        Ok(WriteTx(TxInner::Turn(Some(w))))
+        Ok(WriteTx(TxInner::Turn(Some(w)), self.transaction_span()))
     }
 
     /// A connection for a write outside [`Db::begin_write`] (a single statement): on SQLite
