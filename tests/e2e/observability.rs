@@ -9,6 +9,20 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// Puts one unit of the demo catalog's `nth` product in the cart of the customer whose
+/// `authorization` leads `headers`, and checks out with `key` sending `headers`; the answer.
+fn buy(gw: std::net::SocketAddr, headers: &[(&str, &str)], nth: usize, key: &str) -> HttpResponse {
+    let products = http(gw, "GET", "/v1/products?pageSize=5", &[], b"").json();
+    let p = products["products"][nth]["id"].as_str().unwrap();
+    let add = format!(r#"{{"productId":"{p}","quantity":1}}"#);
+    let added = http(gw, "POST", "/v1/cart/items", &headers[..1], add.as_bytes());
+    assert_eq!(added.status, 200, "{}", added.body);
+    let checkout = format!(
+        r#"{{"idempotencyKey":"{key}","paymentMethodToken":"pm_card_ok","shippingAddress":{{"recipient":"O","line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}}}"#
+    );
+    http(gw, "POST", "/v1/checkout", headers, checkout.as_bytes())
+}
+
 /// Calls a method nobody serves on the gRPC server at `addr`: answered `Unimplemented`.
 async fn call_a_method_nobody_serves(addr: std::net::SocketAddr) {
     let mut raw = tonic::client::Grpc::new(channel(addr).await);
@@ -174,6 +188,47 @@ mod collector {
         }
     }
 
+    impl Collector {
+        /// The spans of `trace`, once every ShopVerse service has sent some and the three
+        /// consumers of `order.confirmed` have (60 s at most).
+        pub async fn trace(&self, trace: &str) -> Vec<Got> {
+            let wanted = [
+                "gateway",
+                "orders",
+                "products",
+                "payments",
+                "delivery",
+                "notifications",
+            ];
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let spans: Vec<Got> = self
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s.trace == trace)
+                    .cloned()
+                    .collect();
+                let services = wanted.iter().all(|w| spans.iter().any(|s| s.service == *w));
+                let confirmed = spans.iter().filter(|s| s.name == "order.confirmed process");
+                if services && confirmed.count() >= 3 {
+                    let lines: Vec<String> = spans
+                        .iter()
+                        .map(|s| format!("{}: {}", s.service, s.name))
+                        .collect();
+                    eprintln!("{} spans in the trace:\n{}", spans.len(), lines.join("\n"));
+                    return spans;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the trace so far: {spans:#?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+
     /// Starts one on a port of its own.
     pub async fn start() -> (SocketAddr, Collector) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -212,56 +267,10 @@ async fn one_order_is_one_trace_across_every_service() {
         ("authorization", token.as_str()),
         ("traceparent", traceparent.as_str()),
     ];
-    let products = http(gw, "GET", "/v1/products?pageSize=1", &[], b"").json();
-    let p = products["products"][0]["id"].as_str().unwrap();
-    let add = format!(r#"{{"productId":"{p}","quantity":1}}"#);
-    assert_eq!(
-        http(gw, "POST", "/v1/cart/items", &headers[..1], add.as_bytes()).status,
-        200
-    );
-    let checkout = r#"{"idempotencyKey":"traced-1","paymentMethodToken":"pm_card_ok",
-        "shippingAddress":{"recipient":"T","line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}"#;
-    let r = http(gw, "POST", "/v1/checkout", &headers, checkout.as_bytes());
+    let r = buy(gw, &headers, 0, "traced-0001");
     assert_eq!(r.status, 200, "{}", r.body);
 
-    let wanted = [
-        "gateway",
-        "orders",
-        "products",
-        "payments",
-        "delivery",
-        "notifications",
-    ];
-    let mut spans = Vec::new();
-    until(
-        "spans of every service in the trace",
-        std::time::Duration::from_secs(60),
-        || {
-            spans = collector
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|s| s.trace == trace)
-                .cloned()
-                .collect();
-            wanted.iter().all(|w| spans.iter().any(|s| s.service == *w))
-                && spans
-                    .iter()
-                    .filter(|s| s.name.starts_with("order.confirmed"))
-                    .count()
-                    >= 3
-        },
-    );
-    let summary: Vec<String> = spans
-        .iter()
-        .map(|s| format!("{}: {}", s.service, s.name))
-        .collect();
-    eprintln!(
-        "{} spans in the trace:\n{}",
-        spans.len(),
-        summary.join("\n")
-    );
+    let spans = collector.trace(trace).await;
     let ids: std::collections::HashSet<&str> = spans.iter().map(|s| s.id.as_str()).collect();
     let root = spans.iter().find(|s| s.service == "gateway").unwrap();
     assert_eq!(
@@ -275,20 +284,20 @@ async fn one_order_is_one_trace_across_every_service() {
             "a span whose parent is not in the trace: {s:?}\n{spans:#?}"
         );
     }
-    let named =
-        |service: &str, name: &str| spans.iter().any(|s| s.service == service && s.name == name);
-    assert!(named("orders", "OrdersService/Checkout"), "{spans:#?}");
-    assert!(
-        named("products", "ProductsService/ReserveStock"),
-        "{spans:#?}"
-    );
-    assert!(named("payments", "order.placed process"), "{spans:#?}");
-    assert!(named("orders", "payment.succeeded process"), "{spans:#?}");
-    assert!(named("delivery", "order.confirmed process"), "{spans:#?}");
-    assert!(
-        named("notifications", "order.confirmed process"),
-        "{spans:#?}"
-    );
+    for (service, name) in [
+        ("orders", "OrdersService/Checkout"),
+        ("orders", "db.transaction"),
+        ("orders", "outbox.insert"),
+        ("products", "ProductsService/ReserveStock"),
+        ("payments", "order.placed process"),
+        ("payments", "outbox.insert"),
+        ("orders", "payment.succeeded process"),
+        ("delivery", "order.confirmed process"),
+        ("notifications", "order.confirmed process"),
+    ] {
+        let found = spans.iter().any(|s| s.service == service && s.name == name);
+        assert!(found, "no {name} span of {service}: {spans:#?}");
+    }
     app.stop();
 }
 
@@ -452,6 +461,32 @@ async fn a_real_prometheus_scrapes_the_series_the_dashboard_and_alerts_use() {
     app.stop();
 }
 
+/// `shopverse events trace ORDER --json` until the shipment's event has been handled: each
+/// event's type with the consumers that handled it.
+fn chain_down_to_the_shipment(dir: &std::path::Path, order: &str) -> Vec<(String, Vec<String>)> {
+    let mut chain = Vec::new();
+    until(
+        "the chain down to the shipment, handled",
+        std::time::Duration::from_secs(30),
+        || {
+            let (ok, out, _) = cli(dir, &["events", "trace", order, "--json"], &[]);
+            chain = out
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .map(|h| {
+                    let by = h["handled"].as_array().unwrap().iter();
+                    let by = by.map(|c| c[0].as_str().unwrap().to_owned()).collect();
+                    (h["event_type"].as_str().unwrap().to_owned(), by)
+                })
+                .collect();
+            ok && chain
+                .iter()
+                .any(|(t, by): &(String, Vec<String>)| t == "shipment.scheduled" && !by.is_empty())
+        },
+    );
+    chain
+}
+
 /// `shopverse events trace ORDER_ID` on a running appliance: the order's events in the order
 /// they were raised, each handled by the consumers the saga has, with times from the first;
 /// the same as JSON lines; an order with no events is a clear error.
@@ -461,72 +496,33 @@ async fn events_trace_prints_an_orders_chain_with_its_consumers() {
     let app = Appliance::start(dir.path(), &["--demo"]);
     let gw = app.addrs["gateway"];
     let (_, token) = customer(gw, "chain@example.com");
-    let auth = [("authorization", token.as_str())];
-    let products = http(gw, "GET", "/v1/products?pageSize=1", &[], b"").json();
-    let p = products["products"][0]["id"].as_str().unwrap();
-    let add = format!(r#"{{"productId":"{p}","quantity":1}}"#);
-    assert_eq!(
-        http(gw, "POST", "/v1/cart/items", &auth, add.as_bytes()).status,
-        200
-    );
-    let checkout = r#"{"idempotencyKey":"chain-0001","paymentMethodToken":"pm_card_ok",
-        "shippingAddress":{"recipient":"C","line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}"#;
-    let r = http(gw, "POST", "/v1/checkout", &auth, checkout.as_bytes());
+    let r = buy(gw, &[("authorization", token.as_str())], 0, "chain-0001");
     assert_eq!(r.status, 200, "{}", r.body);
     let order = r.json()["id"].as_str().unwrap().to_owned();
-    let mut lines = Vec::new();
-    until(
-        "the chain down to the shipment, handled",
-        std::time::Duration::from_secs(30),
-        || {
-            let (ok, out, _) = cli(dir.path(), &["events", "trace", &order, "--json"], &[]);
-            lines = out
-                .lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-                .collect();
-            ok && lines.iter().any(|h| {
-                h["event_type"] == "shipment.scheduled"
-                    && !h["handled"].as_array().unwrap().is_empty()
-            })
-        },
-    );
-    let types: Vec<&str> = lines
-        .iter()
-        .map(|h| h["event_type"].as_str().unwrap())
-        .collect();
+    let chain = chain_down_to_the_shipment(dir.path(), &order);
+    let types: Vec<&str> = chain.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(
         types[..3],
         ["order.placed", "payment.succeeded", "order.confirmed"],
-        "{lines:#?}"
+        "{chain:?}"
     );
-    let handlers = |t: &str| -> Vec<String> {
-        let hop = lines.iter().find(|h| h["event_type"] == t).unwrap();
-        hop["handled"]
-            .as_array()
-            .unwrap()
+    for (event, consumer) in [
+        ("order.placed", "payments"),
+        ("payment.succeeded", "orders"),
+        ("order.confirmed", "delivery"),
+    ] {
+        let handled = chain
             .iter()
-            .map(|c| c[0].as_str().unwrap().to_owned())
-            .collect()
-    };
-    assert!(
-        handlers("order.placed").contains(&"payments".to_owned()),
-        "{lines:#?}"
-    );
-    assert!(
-        handlers("payment.succeeded").contains(&"orders".to_owned()),
-        "{lines:#?}"
-    );
-    assert!(
-        handlers("order.confirmed").contains(&"delivery".to_owned()),
-        "{lines:#?}"
-    );
+            .any(|(t, by)| t == event && by.iter().any(|c| c == consumer));
+        assert!(handled, "{event} not handled by {consumer}: {chain:?}");
+    }
 
     let (ok, out, err) = cli(dir.path(), &["events", "trace", &order], &[]);
     assert!(ok, "{err}");
     eprintln!("{out}");
     assert!(out.starts_with(&format!("order {order}: ")), "{out}");
     assert!(
-        out.contains("order.placed") && out.contains("handled by payments +"),
+        out.contains("order.placed") && out.contains("handled by ") && out.contains("payments +"),
         "{out}"
     );
     let (ok, _, err) = cli(dir.path(), &["events", "trace", "no-such-order"], &[]);
