@@ -533,3 +533,81 @@ async fn broker_down_for_20s_mid_checkouts_then_everything_completes() {
     drop(broker);
     c.drop_dbs().await;
 }
+
+/// The trace of one order across processes: each service a `shopverse serve` process of its
+/// own exporting to the test's OTLP collector, events between them over Kafka. A client's
+/// checkout with its own `traceparent` is one trace through orders, products, payments,
+/// delivery and notifications, every span's parent in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_order_is_one_trace_across_processes_over_kafka() {
+    use shopverse_proto::orders::v1::{AddCartItemRequest, CheckoutRequest};
+    let _one_at_a_time = SERIAL.lock().await;
+    let (at, collector) = crate::observability::collector::start().await;
+    let mut c = Cluster::new(&brokers()).await;
+    let (ok, out, err) = c.cli(&["seed"]);
+    assert!(ok, "seed: {out}{err}");
+    let endpoint = format!("http://{at}");
+    let otlp = ("SHOPVERSE_TELEMETRY__OTLP_ENDPOINT", endpoint.as_str());
+    let products = c.serve("products", &[otlp]);
+    let products_url = format!("http://{}", addr(&products, "products"));
+    let to_products = (
+        "SHOPVERSE_SERVICES__ORDERS__PRODUCTS_URL",
+        products_url.as_str(),
+    );
+    let orders = c.serve("orders", &[otlp, to_products]);
+    let rest: Vec<Appliance> = ["payments", "notifications", "delivery"]
+        .iter()
+        .map(|s| c.serve(s, &[otlp]))
+        .collect();
+    let (catalog, _) = pick_products(&c, addr(&products, "products")).await;
+
+    let (trace, client_span) = ("5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8");
+    let buyer = [shopverse_kit::Role::Customer];
+    let mut client = OrdersServiceClient::new(channel(addr(&orders, "orders")).await);
+    let line = AddCartItemRequest {
+        product_id: catalog[0].clone(),
+        quantity: 1,
+    };
+    let line = shopverse_kit::testing::as_user(line, "tracy", &buyer);
+    client.add_cart_item(line).await.unwrap();
+    let checkout = CheckoutRequest {
+        shipping_address: Some(shopverse_proto::common::v1::Address {
+            recipient: "T".into(),
+            line1: "1 Main St".into(),
+            city: "Berlin".into(),
+            postal_code: "10115".into(),
+            country: "DE".into(),
+            ..Default::default()
+        }),
+        payment_method_token: "pm_card_ok".into(),
+        idempotency_key: "traced-across-1".into(),
+    };
+    let mut checkout = shopverse_kit::testing::as_user(checkout, "tracy", &buyer);
+    let tp = format!("00-{trace}-{client_span}-01");
+    checkout
+        .metadata_mut()
+        .insert("traceparent", tp.parse().unwrap());
+    client.checkout(checkout).await.unwrap();
+
+    let wanted = [
+        "orders",
+        "products",
+        "payments",
+        "delivery",
+        "notifications",
+    ];
+    let spans = collector.trace(trace, &wanted).await;
+    let first = spans
+        .iter()
+        .find(|s| s.name == "OrdersService/Checkout")
+        .unwrap();
+    assert_eq!(
+        first.parent, client_span,
+        "orders continues the client's trace"
+    );
+    crate::observability::collector::all_linked(&spans, client_span);
+    for p in [products, orders].into_iter().chain(rest) {
+        p.stop();
+    }
+    c.drop_dbs().await;
+}

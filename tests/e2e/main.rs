@@ -14,7 +14,7 @@ mod cache;
 mod crash_points;
 mod distributed;
 mod faults;
-mod observability;
+pub(crate) mod observability;
 mod ops;
 mod passthrough;
 mod rest;

@@ -125,7 +125,7 @@ async fn the_exposition_passes_promtool() {
 
 /// An OTLP collector in the test: every span it is sent, with the `service.name` of its
 /// resource.
-mod collector {
+pub(crate) mod collector {
     use std::net::SocketAddr;
     use std::sync::{Arc, Mutex};
 
@@ -189,17 +189,9 @@ mod collector {
     }
 
     impl Collector {
-        /// The spans of `trace`, once every ShopVerse service has sent some and the three
-        /// consumers of `order.confirmed` have (60 s at most).
-        pub async fn trace(&self, trace: &str) -> Vec<Got> {
-            let wanted = [
-                "gateway",
-                "orders",
-                "products",
-                "payments",
-                "delivery",
-                "notifications",
-            ];
+        /// The spans of `trace`, once each of the `wanted` services has sent some and the
+        /// three consumers of `order.confirmed` have (60 s at most).
+        pub async fn trace(&self, trace: &str, wanted: &[&str]) -> Vec<Got> {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
             loop {
                 let spans: Vec<Got> = self
@@ -226,6 +218,18 @@ mod collector {
                 );
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
+        }
+    }
+
+    /// Every span's parent is a span of the trace, or the client's span.
+    pub fn all_linked(spans: &[Got], client_span: &str) {
+        let ids: std::collections::HashSet<&str> = spans.iter().map(|s| s.id.as_str()).collect();
+        for s in spans {
+            let linked = s.parent == client_span || ids.contains(s.parent.as_str());
+            assert!(
+                linked,
+                "a span whose parent is not in the trace: {s:?}\n{spans:#?}"
+            );
         }
     }
 
@@ -270,20 +274,21 @@ async fn one_order_is_one_trace_across_every_service() {
     let r = buy(gw, &headers, 0, "traced-0001");
     assert_eq!(r.status, 200, "{}", r.body);
 
-    let spans = collector.trace(trace).await;
-    let ids: std::collections::HashSet<&str> = spans.iter().map(|s| s.id.as_str()).collect();
+    let wanted = [
+        "gateway",
+        "orders",
+        "products",
+        "payments",
+        "delivery",
+        "notifications",
+    ];
+    let spans = collector.trace(trace, &wanted).await;
     let root = spans.iter().find(|s| s.service == "gateway").unwrap();
     assert_eq!(
         root.parent, client_span,
         "the gateway continues the client's trace: {root:?}"
     );
-    for s in &spans {
-        let linked = s.parent == client_span || ids.contains(s.parent.as_str());
-        assert!(
-            linked,
-            "a span whose parent is not in the trace: {s:?}\n{spans:#?}"
-        );
-    }
+    collector::all_linked(&spans, client_span);
     for (service, name) in [
         ("orders", "OrdersService/Checkout"),
         ("orders", "db.transaction"),

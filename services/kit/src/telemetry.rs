@@ -145,15 +145,19 @@ pub fn init(config: &TelemetryConfig, filter_override: Option<&str>) {
         (LogFormat::Human, false) => fmt.boxed(),
     };
     let spans = span_provider(config);
+    // Spans are ShopVerse's own at `info`, whatever the log level: an operator who logs only
+    // warnings still gets traces.
+    let ours =
+        tracing_subscriber::filter::Targets::new().with_target("shopverse", tracing::Level::INFO);
     let otel = spans.as_ref().map(|p| {
         use opentelemetry::trace::TracerProvider;
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("shopverse"))
             .with_location(true)
+            .with_filter(ours)
     });
     let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(lines)
+        .with(lines.with_filter(filter))
         .with(otel)
         .try_init();
     if installed.is_ok() && spans.is_some() {

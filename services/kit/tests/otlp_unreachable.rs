@@ -24,7 +24,8 @@ fn an_unreachable_collector_is_counted_not_an_error() {
     let registry = shopverse_kit::metrics::new_registry();
     let t0 = Instant::now();
     for i in 0..100 {
-        let span = tracing::info_span!("work", service.name = "orders", i);
+        let span =
+            tracing::info_span!(target: "shopverse_test", "work", service.name = "orders", i);
         let _entered = span.enter();
         assert!(shopverse_kit::trace::current_traceparent().is_some());
     }
