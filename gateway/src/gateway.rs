@@ -203,11 +203,26 @@ impl Gateway {
             .latency
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
-        if self.access_log {
-            tracing::info!(
+        if !self.access_log {
+            return;
+        }
+        let trace_id = access.traceparent.and_then(trace_id);
+        match shopverse_kit::telemetry::line_sink() {
+            Some(sink) => {
+                let line = crate::access::Line {
+                    route,
+                    method,
+                    status,
+                    elapsed,
+                    trace_id,
+                };
+                crate::access::write(sink, &line, &access);
+            }
+            // No telemetry installed (a library user's own subscriber): through `tracing`.
+            None => tracing::info!(
                 target: "shopverse::access",
                 request_id = access.request_id,
-                trace_id = access.traceparent.and_then(trace_id),
+                trace_id,
                 client = access.client.map(tracing::field::display),
                 method,
                 path = access.path,
@@ -219,7 +234,7 @@ impl Gateway {
                 upstream = access.upstream.map(tracing::field::display),
                 cache = access.cache,
                 user = access.user,
-            );
+            ),
         }
     }
 }

@@ -26,6 +26,7 @@
 
 #![forbid(unsafe_code)]
 
+mod access;
 mod admit;
 pub mod auth;
 pub mod config;

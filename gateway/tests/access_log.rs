@@ -3,7 +3,9 @@
 //! refusals, Pingora's REST path), with the request id, trace id, client, route, status, sizes,
 //! duration, upstream and caller; none when it is switched off.
 //!
-//! Each test starts a gateway of its own (nextest runs each test in a process of its own).
+//! The process's telemetry is installed as the binary installs it (JSON lines, through the log
+//! thread), into a buffer the test reads. Each test starts a gateway of its own (nextest runs
+//! each test in a process of its own).
 
 #![allow(clippy::unwrap_used)] // a test that unwraps an error it expects is the test
 
@@ -60,11 +62,11 @@ fn origin() -> SocketAddr {
 /// what it returns; `access_log` as given.
 fn gateway(access_log: bool) -> (SocketAddr, Captured) {
     let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .json()
-        .with_writer(move || writer.clone())
-        .init();
+    let telemetry = shopverse_kit::telemetry::TelemetryConfig {
+        log_format: shopverse_kit::telemetry::LogFormat::Json,
+        ..Default::default()
+    };
+    shopverse_kit::telemetry::init_with_writer(&telemetry, Some("info"), captured.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()

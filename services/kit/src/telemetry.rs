@@ -71,6 +71,40 @@ struct Installed {
 
 static INSTALLED: std::sync::Mutex<Option<Installed>> = std::sync::Mutex::new(None);
 
+/// Where lines a component formats itself go (the gateway's access log): the same thread and
+/// stream as the log lines, in the same format.
+pub struct LineSink {
+    writer: tracing_appender::non_blocking::NonBlocking,
+    json: bool,
+    /// Under journald lines carry no timestamp of their own.
+    timestamps: bool,
+}
+
+impl LineSink {
+    /// Whether lines are JSON objects (`log_format = "json"`).
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// Whether a line starts with its time.
+    pub fn timestamps(&self) -> bool {
+        self.timestamps
+    }
+
+    /// Hands a whole line (with its newline) to the writing thread.
+    pub fn write(&self, line: &[u8]) {
+        use std::io::Write;
+        let _ = self.writer.clone().write_all(line);
+    }
+}
+
+static LINES: std::sync::OnceLock<LineSink> = std::sync::OnceLock::new();
+
+/// The sink for self-formatted lines, once [`init`] has run.
+pub fn line_sink() -> Option<&'static LineSink> {
+    LINES.get()
+}
+
 /// Batches of spans the collector did not take, in this process; every registry made by
 /// [`crate::metrics::new_registry`] serves it.
 pub(crate) static OTLP_FAILURES: std::sync::LazyLock<prometheus::IntCounter> =
@@ -122,6 +156,15 @@ fn span_provider(config: &TelemetryConfig) -> Option<opentelemetry_sdk::trace::S
 /// than its buffer, callers wait rather than lines being dropped. Call [`flush`] before the
 /// process exits.
 pub fn init(config: &TelemetryConfig, filter_override: Option<&str>) {
+    init_with_writer(config, filter_override, std::io::stderr());
+}
+
+/// [`init`], writing lines to `out` instead of stderr (tests read what was logged).
+pub fn init_with_writer(
+    config: &TelemetryConfig,
+    filter_override: Option<&str>,
+    out: impl std::io::Write + Send + 'static,
+) {
     let mut slot = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
     if slot.is_some() {
         return;
@@ -134,7 +177,12 @@ pub fn init(config: &TelemetryConfig, filter_override: Option<&str>) {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("shopverse-log")
-        .finish(std::io::stderr());
+        .finish(out);
+    let _ = LINES.set(LineSink {
+        writer: writer.clone(),
+        json: config.log_format == LogFormat::Json,
+        timestamps: !under_journald,
+    });
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_target(true);
