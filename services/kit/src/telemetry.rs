@@ -73,13 +73,15 @@ static INSTALLED: std::sync::Mutex<Option<Installed>> = std::sync::Mutex::new(No
 
 /// Where lines a component formats itself go (the gateway's access log): the same stream as
 /// the log lines, in the same format. A line is appended to a buffer under a lock, and a
-/// thread hands the buffer to the log writer every [`LINE_FLUSH_EVERY`] (sooner when it grows
-/// past [`LINE_FLUSH_BYTES`]): one hand-over per batch, not a wake-up of the writing thread
-/// per line, which on the request's core cost more than the line itself.
+/// thread writes the buffer out every [`LINE_FLUSH_EVERY`] (sooner when it grows past
+/// [`LINE_FLUSH_BYTES`]) in one write: no wake-up of a writing thread per line, which on the
+/// request's core cost more than the line itself, and no queue of batches behind a busy
+/// writer. Past 4 MiB waiting, the request that adds a line writes the batch itself.
 pub struct LineSink {
     pending: std::sync::Mutex<Vec<u8>>,
     wake: std::sync::Condvar,
-    writer: tracing_appender::non_blocking::NonBlocking,
+    /// The output itself: a batch is one write, with nothing queued behind it.
+    out: std::sync::Mutex<Box<dyn std::io::Write + Send>>,
     json: bool,
     /// Under journald lines carry no timestamp of their own.
     timestamps: bool,
@@ -89,6 +91,8 @@ pub struct LineSink {
 pub const LINE_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 /// How many bytes of lines make a hand-over early.
 pub const LINE_FLUSH_BYTES: usize = 256 << 10;
+/// How many bytes may wait at most: past it the line's writer writes the batch itself.
+const LINE_PENDING_MAX: usize = 4 << 20;
 
 impl LineSink {
     /// Whether lines are JSON objects (`log_format = "json"`).
@@ -105,7 +109,11 @@ impl LineSink {
     pub fn write(&self, line: &[u8]) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.extend_from_slice(line);
-        if pending.len() >= LINE_FLUSH_BYTES {
+        let waiting = pending.len();
+        drop(pending);
+        if waiting >= LINE_PENDING_MAX {
+            self.flush();
+        } else if waiting >= LINE_FLUSH_BYTES {
             self.wake.notify_one();
         }
     }
@@ -118,7 +126,8 @@ impl LineSink {
             std::mem::take(&mut *pending)
         };
         if !batch.is_empty() {
-            let _ = self.writer.clone().write_all(&batch);
+            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
         }
     }
 
@@ -194,14 +203,27 @@ fn span_provider(config: &TelemetryConfig) -> Option<opentelemetry_sdk::trace::S
 /// than its buffer, callers wait rather than lines being dropped. Call [`flush`] before the
 /// process exits.
 pub fn init(config: &TelemetryConfig, filter_override: Option<&str>) {
-    init_with_writer(config, filter_override, std::io::stderr());
+    init_with_writer(config, filter_override, Stderr);
+}
+
+/// Standard error, as a value that can be cloned for each writer.
+#[derive(Clone, Copy)]
+struct Stderr;
+
+impl std::io::Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stderr().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// [`init`], writing lines to `out` instead of stderr (tests read what was logged).
 pub fn init_with_writer(
     config: &TelemetryConfig,
     filter_override: Option<&str>,
-    out: impl std::io::Write + Send + 'static,
+    out: impl std::io::Write + Clone + Send + 'static,
 ) {
     let mut slot = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
     if slot.is_some() {
@@ -215,11 +237,11 @@ pub fn init_with_writer(
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("shopverse-log")
-        .finish(out);
+        .finish(out.clone());
     let sink = LineSink {
         pending: std::sync::Mutex::new(Vec::new()),
         wake: std::sync::Condvar::new(),
-        writer: writer.clone(),
+        out: std::sync::Mutex::new(Box::new(out)),
         json: config.log_format == LogFormat::Json,
         timestamps: !under_journald,
     };
