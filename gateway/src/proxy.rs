@@ -201,20 +201,24 @@ impl ProxyHttp for Shared {
         let written = session.response_written();
         let status = written.map(|r| r.status);
         let status = status.as_ref().map(StatusCode::as_str).unwrap_or("0");
-        let cache = written.and_then(|r| r.headers.get("x-cache")?.to_str().ok());
         let req = session.req_header();
-        let traceparent = req.headers.get("traceparent").and_then(|v| v.to_str().ok());
-        let upstream = ctx.passthrough.as_ref().map(|(t, _)| t);
-        let access = crate::gateway::Access {
-            request_id: &ctx.request_id,
-            client: self.client_ip(session),
-            path: req.uri.path(),
-            traceparent,
-            bytes_in: Some(session.body_bytes_read() as u64),
-            bytes_out: Some(session.body_bytes_sent() as u64),
-            upstream: upstream.map(|t| t as &(dyn std::fmt::Display + Sync)),
-            cache,
-            user: ctx.identity.as_deref().map(|i| i.user_id.as_str()),
+        // The access log's fields are looked up only when it is written.
+        let access = match self.access_log {
+            false => crate::gateway::Access::default(),
+            true => crate::gateway::Access {
+                request_id: &ctx.request_id,
+                client: self.client_ip(session),
+                path: req.uri.path(),
+                traceparent: req.headers.get("traceparent").and_then(|v| v.to_str().ok()),
+                bytes_in: Some(session.body_bytes_read() as u64),
+                bytes_out: Some(session.body_bytes_sent() as u64),
+                upstream: ctx
+                    .passthrough
+                    .as_ref()
+                    .map(|(t, _)| t as &(dyn std::fmt::Display + Sync)),
+                cache: written.and_then(|r| r.headers.get("x-cache")?.to_str().ok()),
+                user: ctx.identity.as_deref().map(|i| i.user_id.as_str()),
+            },
         };
         self.record(
             ctx.route.as_str(),

@@ -63,6 +63,15 @@ impl Front {
         let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
         let keep_alive = !facts.close && !*shutdown.borrow();
         let head_only = verb == http::Method::HEAD;
+        // What the access log says of this request, whichever answer it gets.
+        let seen = crate::gateway::Access {
+            request_id: &request_id,
+            client: ip,
+            path,
+            traceparent: facts.traceparent,
+            bytes_in: Some(head_len as u64),
+            ..Default::default()
+        };
         let mut cache_outcome = Some("HIT");
         let reply = match self
             .gateway
@@ -87,14 +96,9 @@ impl Front {
                 };
                 let written = hit.write(io, head_only, &mut bufs.out).await;
                 let access = crate::gateway::Access {
-                    request_id: &request_id,
-                    client: ip,
-                    path,
-                    traceparent: facts.traceparent,
-                    bytes_in: Some(head_len as u64),
                     bytes_out: (!head_only).then_some(entry.body.len() as u64),
                     cache: Some("HIT"),
-                    ..Default::default()
+                    ..seen
                 };
                 self.gateway
                     .record(&m.route.template, method, status.as_str(), start, access);
@@ -123,14 +127,9 @@ impl Front {
         let written =
             write_reply(io, reply, &request_id, keep_alive, head_only, &mut bufs.out).await;
         let access = crate::gateway::Access {
-            request_id: &request_id,
-            client: ip,
-            path,
-            traceparent: facts.traceparent,
-            bytes_in: Some(head_len as u64),
             bytes_out: (!head_only).then_some(body_len),
             cache: cache_outcome,
-            ..Default::default()
+            ..seen
         };
         self.gateway
             .record(&m.route.template, method, status.as_str(), start, access);

@@ -343,6 +343,15 @@ impl Front {
         };
         let keep_alive = !facts.close && !*shutdown.borrow();
         let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
+        // What the access log says of this request, whichever answer it gets.
+        let seen = crate::gateway::Access {
+            request_id: &request_id,
+            client: ip,
+            path,
+            traceparent: facts.traceparent,
+            bytes_in: Some(head_len as u64),
+            ..Default::default()
+        };
         let admitted = self
             .gateway
             .admit(path, access, facts.authorization, ip)
@@ -353,16 +362,8 @@ impl Front {
                 // The request body, if any, was not read: the connection cannot go on.
                 let keep =
                     keep_alive && !framing.chunked && framing.content_length.unwrap_or(0) == 0;
-                let access = crate::gateway::Access {
-                    request_id: &request_id,
-                    client: ip,
-                    path,
-                    traceparent: facts.traceparent,
-                    bytes_in: Some(head_len as u64),
-                    ..Default::default()
-                };
                 return match self
-                    .answer(io, reply, &label, method, access, keep, start, bufs)
+                    .answer(io, reply, &label, method, seen, keep, start, bufs)
                     .await
                 {
                     Step::Done { keep_alive, .. } => Step::Done {
@@ -451,14 +452,10 @@ impl Front {
             }
         };
         let access = crate::gateway::Access {
-            request_id: &request_id,
-            client: ip,
-            path,
-            traceparent: facts.traceparent,
             bytes_in: Some(head_len as u64 + body_len),
             upstream: Some(&upstream),
             user: admitted.identity.as_deref().map(|i| i.user_id.as_str()),
-            ..Default::default()
+            ..seen
         };
         match outcome {
             Ok(done) => {
