@@ -8,12 +8,11 @@ use sqlx::AnyConnection;
 use shopverse_events::consumer::HandlerError;
 use shopverse_events::envelope::{
     Envelope, EventType, Origin, SHIPMENT_DELIVERED, SHIPMENT_SCHEDULED, SHIPMENT_SHIPPED,
-    decode_payload, new_envelope,
+    new_envelope,
 };
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::{Clock, ServiceError};
 use shopverse_proto::delivery::v1::ShipmentEvent;
-use shopverse_proto::orders::v1::OrderEvent;
 use shopverse_storage::Db;
 
 use crate::config::DeliveryConfig;
@@ -74,10 +73,7 @@ impl Delivery {
         conn: &mut AnyConnection,
         ev: &Envelope,
     ) -> Result<(), HandlerError> {
-        let order = decode_payload::<OrderEvent>(ev)
-            .map_err(|e| HandlerError::Permanent(e.to_string()))?
-            .order
-            .ok_or_else(|| HandlerError::Permanent("order.confirmed without an order".into()))?;
+        let order = shopverse_events::order_of(ev)?;
         if store::shipment(conn, &order.id).await?.is_some() {
             return Ok(());
         }

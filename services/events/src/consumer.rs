@@ -46,6 +46,20 @@ pub enum HandlerError {
     Permanent(String),
 }
 
+impl From<crate::envelope::DecodeError> for HandlerError {
+    fn from(e: crate::envelope::DecodeError) -> Self {
+        HandlerError::Permanent(e.to_string())
+    }
+}
+
+/// The order an orders event (`order.placed`, `order.confirmed`) carries. A payload that does
+/// not decode, or carries no order, will never be handled: it is permanent.
+pub fn order_of(ev: &Envelope) -> Result<shopverse_proto::orders::v1::Order, HandlerError> {
+    crate::envelope::decode_payload::<shopverse_proto::orders::v1::OrderEvent>(ev)?
+        .order
+        .ok_or_else(|| HandlerError::Permanent(format!("{} without an order", ev.r#type)))
+}
+
 impl From<sqlx::Error> for HandlerError {
     fn from(e: sqlx::Error) -> Self {
         HandlerError::Retryable(Box::new(e))

@@ -30,6 +30,7 @@ mod schedule;
 
 pub use bus::{BusError, EventBus, OutRecord, Record, Subscription};
 
+pub use consumer::order_of;
 pub use envelope::{Envelope, EventType};
 
 /// Migrations every service that publishes or consumes runs in its own database (outbox, inbox).

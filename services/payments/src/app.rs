@@ -13,7 +13,7 @@ use shopverse_events::envelope::{
 use shopverse_events::outbox::enqueue;
 use shopverse_kit::{Clock, ServiceError};
 use shopverse_proto::common::v1::Money;
-use shopverse_proto::orders::v1::{OrderCancelled, OrderEvent};
+use shopverse_proto::orders::v1::OrderCancelled;
 use shopverse_proto::payments::v1::payments_service_server::PaymentsServiceServer;
 use shopverse_proto::payments::v1::*;
 use shopverse_storage::Db;
@@ -76,10 +76,7 @@ impl Payments {
         conn: &mut AnyConnection,
         ev: &Envelope,
     ) -> Result<(), HandlerError> {
-        let order = decode_payload::<OrderEvent>(ev)
-            .map_err(|e| HandlerError::Permanent(e.to_string()))?
-            .order
-            .ok_or_else(|| HandlerError::Permanent("order.placed without an order".into()))?;
+        let order = shopverse_events::order_of(ev)?;
         if let Some(existing) = store::payment(conn, &order.id).await?
             && existing.status != "PENDING"
         {
