@@ -24,20 +24,31 @@ thread_local! {
     static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
-/// Formats the line into a buffer of this thread's and hands it to `sink`.
-pub(crate) fn write(sink: &LineSink, line: &Line<'_>, access: &Access<'_>) {
+/// Formats the line into a buffer of this thread's and hands it to `sink`. Without one (the
+/// gateway in a program that installed its own subscriber), the plain line goes through
+/// `tracing` as the message of an event of target `shopverse::access`.
+pub(crate) fn write(sink: Option<&LineSink>, line: &Line<'_>, access: &Access<'_>) {
     BUF.with(|b| {
         let Ok(mut buf) = b.try_borrow_mut() else {
             return;
         };
         buf.clear();
-        if sink.json() {
-            json(&mut buf, sink.timestamps(), line, access);
-        } else {
-            human(&mut buf, sink.timestamps(), line, access);
+        match sink {
+            Some(sink) => {
+                if sink.json() {
+                    json(&mut buf, sink.timestamps(), line, access);
+                } else {
+                    human(&mut buf, sink.timestamps(), line, access);
+                }
+                buf.push('\n');
+                sink.write(buf.as_bytes());
+            }
+            None => {
+                human(&mut buf, false, line, access);
+                let fields = buf.split_once(": ").map_or(buf.as_str(), |(_, f)| f);
+                tracing::info!(target: "shopverse::access", "{fields}");
+            }
         }
-        buf.push('\n');
-        sink.write(buf.as_bytes());
     });
 }
 
@@ -122,7 +133,7 @@ fn json(out: &mut String, timestamps: bool, line: &Line<'_>, a: &Access<'_>) {
         json_str(out, &u.to_string());
     }
     text(out, "cache", a.cache);
-    text(out, "user", a.user);
+    text(out, "user", a.identity.map(|i| i.user_id.as_str()));
     out.push_str("},\"target\":\"shopverse::access\"}");
 }
 
@@ -151,7 +162,10 @@ fn human(out: &mut String, timestamps: bool, line: &Line<'_>, a: &Access<'_>) {
     if let Some(u) = a.upstream {
         let _ = write!(out, " upstream={u}");
     }
-    for (key, v) in [("cache", a.cache), ("user", a.user)] {
+    for (key, v) in [
+        ("cache", a.cache),
+        ("user", a.identity.map(|i| i.user_id.as_str())),
+    ] {
         if let Some(v) = v {
             let _ = write!(out, " {key}={v}");
         }

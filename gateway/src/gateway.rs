@@ -50,8 +50,13 @@ pub(crate) struct Access<'a> {
     pub upstream: Option<&'a (dyn std::fmt::Display + Sync)>,
     /// `HIT`, `MISS`, `STALE`, `BYPASS`: the edge cache's `x-cache`.
     pub cache: Option<&'a str>,
-    /// The verified caller's user id (never the token).
-    pub user: Option<&'a str>,
+    /// The verified caller (the line names its user id, never the token).
+    pub identity: Option<&'a shopverse_kit::Identity>,
+    /// Whether a rate-limit policy admitted the request (a refusal is its 429).
+    pub rated: bool,
+    /// The request's server span, when spans are exported: finished with what the request
+    /// got, and the trace id the line carries.
+    pub span: Option<&'a tracing::Span>,
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
@@ -203,40 +208,85 @@ impl Gateway {
             .latency
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
+        let span_trace = match access.span {
+            Some(span) if !span.is_disabled() => {
+                finish_span(span, route, status, &access);
+                shopverse_kit::trace::trace_id_of(span)
+            }
+            _ => None,
+        };
         if !self.access_log {
             return;
         }
-        let trace_id = access.traceparent.and_then(trace_id);
-        match shopverse_kit::telemetry::line_sink() {
-            Some(sink) => {
-                let line = crate::access::Line {
-                    route,
-                    method,
-                    status,
-                    elapsed,
-                    trace_id,
-                };
-                crate::access::write(sink, &line, &access);
-            }
-            // No telemetry installed (a library user's own subscriber): through `tracing`.
-            None => tracing::info!(
-                target: "shopverse::access",
-                request_id = access.request_id,
-                trace_id,
-                client = access.client.map(tracing::field::display),
-                method,
-                path = access.path,
-                route,
-                status,
-                bytes_in = access.bytes_in,
-                bytes_out = access.bytes_out,
-                duration_us = elapsed.as_micros() as u64,
-                upstream = access.upstream.map(tracing::field::display),
-                cache = access.cache,
-                user = access.user,
-            ),
-        }
+        let line = crate::access::Line {
+            route,
+            method,
+            status,
+            elapsed,
+            trace_id: span_trace
+                .as_deref()
+                .or_else(|| access.traceparent.and_then(trace_id)),
+        };
+        crate::access::write(shopverse_kit::telemetry::line_sink(), &line, &access);
     }
+}
+
+/// The server span of a request on any path, when spans are exported; the caller makes it
+/// the child of the client's trace context, or leaves it starting a trace.
+pub(crate) fn server_span(method: &str, path: &str) -> tracing::Span {
+    if !shopverse_kit::trace::enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "http.server",
+        otel.name = %format_args!("{method} {path}"),
+        otel.kind = "server",
+        http.request.method = method,
+        url.path = path,
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        service.name = "gateway",
+        server.address = tracing::field::Empty,
+        enduser.id = tracing::field::Empty,
+        shopverse.consumer = tracing::field::Empty,
+        shopverse.cache = tracing::field::Empty,
+        shopverse.rate_limit = tracing::field::Empty,
+    )
+}
+
+/// What the gateway decided about a request, on its server span: the route template, the
+/// status, who called (the user id and `anonymous`, `customer` or `admin`, never the token),
+/// where it went, the edge cache's outcome and the rate limit's verdict (`limited`,
+/// `admitted`, or `none` on a route without a policy).
+fn finish_span(span: &tracing::Span, route: &str, status: &str, access: &Access<'_>) {
+    span.record("http.route", route);
+    let code = status.parse::<u16>().unwrap_or(0);
+    span.record("http.response.status_code", code);
+    if code >= 500 || code == 0 {
+        span.record("otel.status_code", "ERROR");
+    }
+    let consumer = match access.identity {
+        None => "anonymous",
+        Some(id) if id.is_admin() => "admin",
+        Some(_) => "customer",
+    };
+    if let Some(id) = access.identity {
+        span.record("enduser.id", id.user_id.as_str());
+    }
+    span.record("shopverse.consumer", consumer);
+    if let Some(upstream) = access.upstream {
+        span.record("server.address", tracing::field::display(upstream));
+    }
+    if let Some(cache) = access.cache {
+        span.record("shopverse.cache", cache);
+    }
+    let verdict = match (code, access.rated) {
+        (429, _) => "limited",
+        (_, true) => "admitted",
+        (_, false) => "none",
+    };
+    span.record("shopverse.rate_limit", verdict);
 }
 
 #[cfg(test)]

@@ -147,6 +147,10 @@ pub(crate) fn gateway_headers(upstream: &mut RequestHeader, ctx: &Ctx) -> pingor
         }
     }
     upstream.insert_header(&REQUEST_ID, ctx.request_id.as_str())?;
+    // The upstream's span is a child of the gateway's.
+    if let Some(parent) = shopverse_kit::trace::traceparent_of(&ctx.span) {
+        upstream.insert_header("traceparent", parent)?;
+    }
     if let Some(id) = &ctx.identity {
         upstream.insert_header(&USER, id.user_id.as_str())?;
         let roles: Vec<&str> = id.roles.iter().map(|r| r.as_str()).collect();

@@ -57,6 +57,8 @@ pub struct Ctx {
     pub(crate) rate: Option<crate::admit::RateHeaders>,
     /// `Access-Control-Allow-Origin` for a cross-origin request from an allowed origin.
     pub(crate) cors: Option<String>,
+    /// The request's server span (disabled when spans are not exported).
+    pub(crate) span: tracing::Span,
 }
 
 /// The gateway as Pingora's proxy holds it; the HTTP/1 front ([`crate::h1`]) shares it.
@@ -83,6 +85,7 @@ impl ProxyHttp for Shared {
             identity: None,
             rate: None,
             cors: None,
+            span: tracing::Span::none(),
         }
     }
 
@@ -104,6 +107,7 @@ impl ProxyHttp for Shared {
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
             .unwrap_or_else(|| self.request_ids.next());
+        ctx.span = self.server_span(session);
         let pass = self
             .config
             .load()
@@ -137,10 +141,8 @@ impl ProxyHttp for Shared {
                 }
             };
         }
-        let span = self.server_span(session);
-        let reply = self.rest(session, ctx).instrument(span.clone()).await;
-        span.record("http.route", ctx.route.as_str());
-        span.record("http.response.status_code", reply.status.as_u16());
+        let span = ctx.span.clone();
+        let reply = self.rest(session, ctx).instrument(span).await;
         self.write(session, ctx, reply).await?;
         Ok(true)
     }
@@ -202,8 +204,8 @@ impl ProxyHttp for Shared {
         let status = written.map(|r| r.status);
         let status = status.as_ref().map(StatusCode::as_str).unwrap_or("0");
         let req = session.req_header();
-        // The access log's fields are looked up only when it is written.
-        let access = match self.access_log {
+        // The access log's fields are looked up only when it is written or a span takes them.
+        let access = match self.access_log || !ctx.span.is_disabled() {
             false => crate::gateway::Access::default(),
             true => crate::gateway::Access {
                 request_id: &ctx.request_id,
@@ -217,7 +219,9 @@ impl ProxyHttp for Shared {
                     .as_ref()
                     .map(|(t, _)| t as &(dyn std::fmt::Display + Sync)),
                 cache: written.and_then(|r| r.headers.get("x-cache")?.to_str().ok()),
-                user: ctx.identity.as_deref().map(|i| i.user_id.as_str()),
+                identity: ctx.identity.as_deref(),
+                rated: written.is_some_and(|r| r.headers.contains_key("ratelimit")),
+                span: Some(&ctx.span),
             },
         };
         self.record(
@@ -231,24 +235,14 @@ impl ProxyHttp for Shared {
 }
 
 impl Gateway {
-    /// The span of a REST request when spans are exported: the server span of the trace the
-    /// client's `traceparent` names, or of a new one.
+    /// The request's server span when spans are exported: a child of the trace the client's
+    /// `traceparent` names, or the root of a new one.
     fn server_span(&self, session: &Session) -> tracing::Span {
-        if !shopverse_kit::trace::enabled() {
-            return tracing::Span::none();
-        }
         let req = session.req_header();
-        let span = tracing::info_span!(
-            "http.server",
-            otel.name = %format_args!("{} {}", req.method, req.uri.path()),
-            otel.kind = "server",
-            http.request.method = %req.method,
-            url.path = req.uri.path(),
-            http.route = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-            service.name = "gateway",
-        );
-        shopverse_kit::trace::continue_from_headers(&span, &req.headers);
+        let span = crate::gateway::server_span(req.method.as_str(), req.uri.path());
+        if !span.is_disabled() {
+            shopverse_kit::trace::continue_from_headers(&span, &req.headers);
+        }
         span
     }
 

@@ -137,7 +137,8 @@ pub(crate) mod collector {
     };
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
-    /// One received span: its service, name, trace id, span id and parent span id (hex).
+    /// One received span: its service, name, trace id, span id and parent span id (hex), and
+    /// its attributes (each value as text).
     #[derive(Debug, Clone)]
     pub struct Got {
         pub service: String,
@@ -145,6 +146,23 @@ pub(crate) mod collector {
         pub trace: String,
         pub id: String,
         pub parent: String,
+        pub attrs: std::collections::BTreeMap<String, String>,
+    }
+
+    impl Got {
+        pub fn attr(&self, key: &str) -> Option<&str> {
+            self.attrs.get(key).map(String::as_str)
+        }
+    }
+
+    fn text(v: Option<&Value>) -> String {
+        match v {
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            Some(Value::DoubleValue(d)) => d.to_string(),
+            other => format!("{other:?}"),
+        }
     }
 
     #[derive(Clone, Default)]
@@ -173,12 +191,21 @@ pub(crate) mod collector {
                     })
                     .unwrap_or_default();
                 for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                    let attrs = span
+                        .attributes
+                        .iter()
+                        .map(|kv| {
+                            let v = kv.value.as_ref().and_then(|v| v.value.as_ref());
+                            (kv.key.clone(), text(v))
+                        })
+                        .collect();
                     got.push(Got {
                         service: service.clone(),
                         name: span.name,
                         trace: hex(&span.trace_id),
                         id: hex(&span.span_id),
                         parent: hex(&span.parent_span_id),
+                        attrs,
                     });
                 }
             }
@@ -189,10 +216,9 @@ pub(crate) mod collector {
     }
 
     impl Collector {
-        /// The spans of `trace`, once each of the `wanted` services has sent some and the
-        /// three consumers of `order.confirmed` have (60 s at most).
-        pub async fn trace(&self, trace: &str, wanted: &[&str]) -> Vec<Got> {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        /// The spans of `trace` once `done` holds of them (`secs` at most).
+        async fn until(&self, trace: &str, secs: u64, done: impl Fn(&[Got]) -> bool) -> Vec<Got> {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
             loop {
                 let spans: Vec<Got> = self
                     .0
@@ -202,22 +228,38 @@ pub(crate) mod collector {
                     .filter(|s| s.trace == trace)
                     .cloned()
                     .collect();
-                let services = wanted.iter().all(|w| spans.iter().any(|s| s.service == *w));
-                let confirmed = spans.iter().filter(|s| s.name == "order.confirmed process");
-                if services && confirmed.count() >= 3 {
-                    let lines: Vec<String> = spans
-                        .iter()
-                        .map(|s| format!("{}: {}", s.service, s.name))
-                        .collect();
-                    eprintln!("{} spans in the trace:\n{}", spans.len(), lines.join("\n"));
+                if done(&spans) {
                     return spans;
                 }
                 assert!(
                     std::time::Instant::now() < deadline,
                     "the trace so far: {spans:#?}"
                 );
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
+        }
+
+        /// The spans of `trace`, once each of the `wanted` services has sent some and the
+        /// three consumers of `order.confirmed` have (60 s at most).
+        pub async fn trace(&self, trace: &str, wanted: &[&str]) -> Vec<Got> {
+            let spans = self
+                .until(trace, 60, |spans| {
+                    let services = wanted.iter().all(|w| spans.iter().any(|s| s.service == *w));
+                    let confirmed = spans.iter().filter(|s| s.name == "order.confirmed process");
+                    services && confirmed.count() >= 3
+                })
+                .await;
+            let lines: Vec<String> = spans
+                .iter()
+                .map(|s| format!("{}: {}", s.service, s.name))
+                .collect();
+            eprintln!("{} spans in the trace:\n{}", spans.len(), lines.join("\n"));
+            spans
+        }
+
+        /// The spans of `trace` once `n` have come (30 s at most).
+        pub async fn spans(&self, trace: &str, n: usize) -> Vec<Got> {
+            self.until(trace, 30, |spans| spans.len() >= n).await
         }
     }
 
@@ -264,7 +306,7 @@ async fn one_order_is_one_trace_across_every_service() {
     let dir = tempfile::tempdir().unwrap();
     let app = Appliance::start(dir.path(), &["--demo"]);
     let gw = app.addrs["gateway"];
-    let (_, token) = customer(gw, "tracy@example.com");
+    let (user, token) = customer(gw, "tracy@example.com");
     let (trace, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let traceparent = format!("00-{trace}-{client_span}-01");
     let headers = [
@@ -303,6 +345,118 @@ async fn one_order_is_one_trace_across_every_service() {
         let found = spans.iter().any(|s| s.service == service && s.name == name);
         assert!(found, "no {name} span of {service}: {spans:#?}");
     }
+    // What the gateway decided, and who called, on the spans (never the token).
+    for (key, value) in [
+        ("http.route", "/v1/checkout"),
+        ("http.response.status_code", "200"),
+        ("shopverse.consumer", "customer"),
+        ("enduser.id", user.as_str()),
+    ] {
+        assert_eq!(root.attr(key), Some(value), "{key} of {root:#?}");
+    }
+    assert!(root.attr("shopverse.rate_limit").is_some(), "{root:#?}");
+    let call = spans
+        .iter()
+        .find(|s| s.name == "OrdersService/Checkout")
+        .unwrap();
+    assert_eq!(call.attr("enduser.id"), Some(user.as_str()), "{call:#?}");
+    assert_eq!(call.attr("rpc.grpc.status_code"), Some("0"), "{call:#?}");
+    let leaked = spans
+        .iter()
+        .flat_map(|s| s.attrs.values())
+        .any(|v| token.contains(v.as_str()) && v.len() > 20);
+    assert!(!leaked, "the token is on a span: {spans:#?}");
+    app.stop();
+}
+
+/// The HTTP/1 front's own answers are spans of the client's trace too: a pass-through request
+/// (whose upstream gets the gateway span's context, so its own span is that span's child) and
+/// an edge-cache hit, each with its route and outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fronts_relays_and_cache_hits_are_spans_of_the_clients_trace() {
+    let (at, collector) = collector::start().await;
+    let telemetry = shopverse_kit::telemetry::TelemetryConfig {
+        otlp_endpoint: format!("http://{at}"),
+        ..Default::default()
+    };
+    shopverse_kit::telemetry::init(&telemetry, Some("warn"));
+    let (up_addr, seen) = crate::common::gateway::recording_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let passthrough = format!("[{{prefix = \"/static/\", upstream = \"{up_addr}\"}}]");
+    let app = Appliance::start_with_env(
+        dir.path(),
+        &["--demo"],
+        &[("SHOPVERSE_GATEWAY__PASSTHROUGH", &passthrough)],
+    );
+    let gw = app.addrs["gateway"];
+
+    let (trace, client_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let traceparent = format!("00-{trace}-{client_span}-01");
+    let r = http(
+        gw,
+        "GET",
+        "/static/a.txt",
+        &[("traceparent", &traceparent)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let relayed = seen.lock().unwrap().pop().unwrap().to_lowercase();
+    let sent: Vec<&str> = relayed
+        .lines()
+        .filter_map(|l| l.strip_prefix("traceparent: "))
+        .collect();
+    assert_eq!(sent.len(), 1, "one traceparent upstream: {relayed}");
+    let parts: Vec<&str> = sent[0].trim().split('-').collect();
+    assert_eq!((parts[0], parts[1]), ("00", trace), "{relayed}");
+    assert_ne!(
+        parts[2], client_span,
+        "the upstream's parent is the gateway's span"
+    );
+    let spans = collector.spans(trace, 1).await;
+    let relay = &spans[0];
+    assert_eq!(
+        (
+            relay.service.as_str(),
+            relay.parent.as_str(),
+            relay.id.as_str()
+        ),
+        ("gateway", client_span, parts[2]),
+        "{relay:#?}"
+    );
+    assert_eq!(relay.attr("http.route"), Some("passthrough:/static/"));
+    assert_eq!(
+        relay.attr("server.address"),
+        Some(up_addr.to_string().as_str())
+    );
+
+    // The same list twice: the second is a fresh hit, answered on the front.
+    let (trace, client_span) = ("5bf92f3577b34da6a3ce929d0e0e4736", "10f067aa0ba902b7");
+    let traceparent = format!("00-{trace}-{client_span}-01");
+    for _ in 0..2 {
+        let r = http(
+            gw,
+            "GET",
+            "/v1/categories",
+            &[("traceparent", &traceparent)],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let spans = collector.spans(trace, 2).await;
+    let gateway: Vec<&collector::Got> = spans.iter().filter(|s| s.service == "gateway").collect();
+    let hit = gateway
+        .iter()
+        .find(|s| s.attr("shopverse.cache") == Some("HIT"));
+    let hit = hit.unwrap_or_else(|| panic!("no cache hit span: {spans:#?}"));
+    assert_eq!(hit.parent, client_span, "{hit:#?}");
+    assert_eq!(hit.attr("http.route"), Some("/v1/categories"), "{hit:#?}");
+    assert_eq!(
+        hit.attr("shopverse.consumer"),
+        Some("anonymous"),
+        "{hit:#?}"
+    );
     app.stop();
 }
 

@@ -63,16 +63,11 @@ impl Front {
         let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
         let keep_alive = !facts.close && !*shutdown.borrow();
         let head_only = verb == http::Method::HEAD;
+        let span = super::server_span(method, path, facts.traceparent);
         // What the access log says of this request, whichever answer it gets.
-        let seen = crate::gateway::Access {
-            request_id: &request_id,
-            client: ip,
-            path,
-            traceparent: facts.traceparent,
-            bytes_in: Some(head_len as u64),
-            ..Default::default()
-        };
+        let seen = super::seen(&request_id, ip, path, &facts, head_len, &span);
         let mut cache_outcome = Some("HIT");
+        let mut rated = false;
         let reply = match self
             .gateway
             .admit(path, crate::router::Access::Public, None, ip)
@@ -98,6 +93,7 @@ impl Front {
                 let access = crate::gateway::Access {
                     bytes_out: (!head_only).then_some(entry.body.len() as u64),
                     cache: Some("HIT"),
+                    rated: admitted.rate.is_some(),
                     ..seen
                 };
                 self.gateway
@@ -109,6 +105,7 @@ impl Front {
                 };
             }
             Ok(admitted) => {
+                rated = admitted.rate.is_some();
                 let mut reply = self
                     .gateway
                     .reply_from_entry(facts.if_none_match, &entry, "HIT");
@@ -129,6 +126,7 @@ impl Front {
         let access = crate::gateway::Access {
             bytes_out: (!head_only).then_some(body_len),
             cache: cache_outcome,
+            rated,
             ..seen
         };
         self.gateway

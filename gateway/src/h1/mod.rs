@@ -343,15 +343,10 @@ impl Front {
         };
         let keep_alive = !facts.close && !*shutdown.borrow();
         let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
+        let span = server_span(method, path, facts.traceparent);
+        let traceparent = shopverse_kit::trace::traceparent_of(&span);
         // What the access log says of this request, whichever answer it gets.
-        let seen = crate::gateway::Access {
-            request_id: &request_id,
-            client: ip,
-            path,
-            traceparent: facts.traceparent,
-            bytes_in: Some(head_len as u64),
-            ..Default::default()
-        };
+        let seen = seen(&request_id, ip, path, &facts, head_len, &span);
         let admitted = self
             .gateway
             .admit(path, access, facts.authorization, ip)
@@ -436,6 +431,7 @@ impl Front {
             length_header: framing.chunked,
             limits,
             keep_alive,
+            traceparent: traceparent.as_deref(),
         };
         let outcome = match upstream.resolve().await {
             Err(e) => Err(Reply::upstream_address(&e)),
@@ -454,7 +450,8 @@ impl Front {
         let access = crate::gateway::Access {
             bytes_in: Some(head_len as u64 + body_len),
             upstream: Some(&upstream),
-            user: admitted.identity.as_deref().map(|i| i.user_id.as_str()),
+            identity: admitted.identity.as_deref(),
+            rated: admitted.rate.is_some(),
             ..seen
         };
         match outcome {
@@ -556,5 +553,36 @@ impl Front {
             bufs,
         )
         .await
+    }
+}
+
+/// The server span of a request the front answers, a child of the client's `traceparent`
+/// (disabled when spans are not exported).
+fn server_span(method: &str, path: &str, traceparent: Option<&str>) -> tracing::Span {
+    let span = crate::gateway::server_span(method, path);
+    if !span.is_disabled() {
+        shopverse_kit::trace::continue_from(&span, traceparent.unwrap_or(""));
+    }
+    span
+}
+
+/// What the access log and the span know of a request once its head is read: who sent it,
+/// where to, and the head's size.
+fn seen<'a>(
+    request_id: &'a str,
+    client: Option<IpAddr>,
+    path: &'a str,
+    facts: &head::Facts<'a>,
+    head_len: usize,
+    span: &'a tracing::Span,
+) -> crate::gateway::Access<'a> {
+    crate::gateway::Access {
+        request_id,
+        client,
+        path,
+        traceparent: facts.traceparent,
+        bytes_in: Some(head_len as u64),
+        span: Some(span),
+        ..Default::default()
     }
 }

@@ -36,6 +36,9 @@ pub(super) struct Exchange<'a> {
     pub(super) length_header: bool,
     pub(super) limits: pool::Limits,
     pub(super) keep_alive: bool,
+    /// The gateway span's context, sent in place of the client's `traceparent` so that the
+    /// upstream's span is its child; `None` when spans are not exported.
+    pub(super) traceparent: Option<&'a str>,
 }
 
 /// How a relayed request ended.
@@ -271,8 +274,10 @@ impl Exchange<'_> {
             out.extend_from_slice(q.as_bytes());
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
+        let replaced =
+            |name: &str| self.traceparent.is_some() && name.eq_ignore_ascii_case("traceparent");
         for (i, h) in self.headers.iter().enumerate() {
-            if self.facts.dropped & (1 << i) == 0 {
+            if self.facts.dropped & (1 << i) == 0 && !replaced(h.name) {
                 out.extend_from_slice(h.name.as_bytes());
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(h.value);
@@ -280,6 +285,9 @@ impl Exchange<'_> {
             }
         }
         push_header(out, "x-request-id", self.request_id);
+        if let Some(parent) = self.traceparent {
+            push_header(out, "traceparent", parent);
+        }
         if self.length_header {
             out.extend_from_slice(b"content-length: ");
             push_decimal(out, self.body_len);

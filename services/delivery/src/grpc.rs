@@ -39,7 +39,7 @@ fn reply(r: Result<ShipmentRow, ServiceError>) -> Result<Response<Shipment>, Sta
 
 #[tonic::async_trait]
 impl DeliveryService for Delivery {
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
     async fn get_shipment(
         &self,
         req: Request<GetShipmentRequest>,
@@ -48,7 +48,7 @@ impl DeliveryService for Delivery {
         reply(self.shipment_for(&req.get_ref().order_id, &caller).await)
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
     async fn mark_shipped(
         &self,
         req: Request<MarkShipmentRequest>,
@@ -57,7 +57,7 @@ impl DeliveryService for Delivery {
         reply(self.mark_shipped(&req.get_ref().order_id).await)
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
     async fn mark_delivered(
         &self,
         req: Request<MarkShipmentRequest>,

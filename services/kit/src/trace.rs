@@ -109,3 +109,22 @@ pub fn current_traceparent() -> Option<String> {
     TraceContextPropagator::new().inject_context(&cx, &mut HeadersMut(&mut headers));
     Some(headers.get("traceparent")?.to_str().ok()?.to_owned())
 }
+
+/// The trace id of an exported span, as 32 hex digits; `None` when it is not exported.
+pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    if !enabled() || span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// The `traceparent` of an exported span, for the request it makes next; `None` when it is not
+/// exported.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    if !enabled() || span.is_disabled() {
+        return None;
+    }
+    span.in_scope(current_traceparent)
+}

@@ -10,7 +10,6 @@ use crate::app::Notifications;
 
 #[tonic::async_trait]
 impl NotificationsService for Notifications {
-    #[tracing::instrument(skip_all)]
     async fn list_my_notifications(
         &self,
         req: Request<ListMyNotificationsRequest>,

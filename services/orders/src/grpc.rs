@@ -22,13 +22,12 @@ fn traceparent<T>(req: &Request<T>) -> Option<String> {
 
 #[tonic::async_trait]
 impl OrdersService for Orders {
-    #[tracing::instrument(skip_all)]
     async fn get_cart(&self, req: Request<GetCartRequest>) -> Result<Response<Cart>, Status> {
         let id = require(&req, Role::Customer)?;
         reply(self.cart(&id.user_id).await)
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(product_id = %req.get_ref().product_id))]
     async fn add_cart_item(
         &self,
         req: Request<AddCartItemRequest>,
@@ -38,7 +37,7 @@ impl OrdersService for Orders {
         reply(self.add_item(&id.user_id, &r.product_id, r.quantity).await)
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(product_id = %req.get_ref().product_id))]
     async fn set_cart_item_quantity(
         &self,
         req: Request<SetCartItemQuantityRequest>,
@@ -51,7 +50,7 @@ impl OrdersService for Orders {
         )
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(product_id = %req.get_ref().product_id))]
     async fn remove_cart_item(
         &self,
         req: Request<RemoveCartItemRequest>,
@@ -63,13 +62,11 @@ impl OrdersService for Orders {
         )
     }
 
-    #[tracing::instrument(skip_all)]
     async fn clear_cart(&self, req: Request<ClearCartRequest>) -> Result<Response<Cart>, Status> {
         let id = require(&req, Role::Customer)?;
         reply(self.clear(&id.user_id).await)
     }
 
-    #[tracing::instrument(skip_all)]
     async fn checkout(&self, req: Request<CheckoutRequest>) -> Result<Response<Order>, Status> {
         let id = require(&req, Role::Customer)?;
         let tp = traceparent(&req);
@@ -80,7 +77,6 @@ impl OrdersService for Orders {
         )
     }
 
-    #[tracing::instrument(skip_all)]
     async fn list_my_orders(
         &self,
         req: Request<ListMyOrdersRequest>,
@@ -93,7 +89,7 @@ impl OrdersService for Orders {
         )
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
     async fn get_order(&self, req: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
         let id = require(&req, Role::Customer)?;
         reply(
@@ -103,7 +99,7 @@ impl OrdersService for Orders {
         )
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
     async fn cancel_order(
         &self,
         req: Request<CancelOrderRequest>,
@@ -117,7 +113,6 @@ impl OrdersService for Orders {
         )
     }
 
-    #[tracing::instrument(skip_all)]
     async fn admin_list_orders(
         &self,
         req: Request<AdminListOrdersRequest>,

@@ -10,7 +10,7 @@ use crate::app::Payments;
 
 #[tonic::async_trait]
 impl PaymentsService for Payments {
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(order_id = %req.get_ref().order_id))]
     async fn get_payment(
         &self,
         req: Request<GetPaymentRequest>,

@@ -14,7 +14,6 @@ fn reply<T>(r: Result<T, ServiceError>) -> Result<Response<T>, Status> {
 
 #[tonic::async_trait]
 impl ProductsService for Products {
-    #[tracing::instrument(skip_all)]
     async fn list_categories(
         &self,
         _req: Request<ListCategoriesRequest>,
@@ -26,7 +25,6 @@ impl ProductsService for Products {
         )
     }
 
-    #[tracing::instrument(skip_all)]
     async fn create_category(
         &self,
         req: Request<CreateCategoryRequest>,
@@ -35,7 +33,6 @@ impl ProductsService for Products {
         reply(self.create_category(req.into_inner()).await)
     }
 
-    #[tracing::instrument(skip_all)]
     async fn list_products(
         &self,
         req: Request<ListProductsRequest>,
@@ -57,7 +54,7 @@ impl ProductsService for Products {
         )
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(sku = %req.get_ref().sku))]
     async fn get_product_by_sku(
         &self,
         req: Request<GetProductBySkuRequest>,
@@ -75,7 +72,6 @@ impl ProductsService for Products {
         reply(Self::visible(found, caller.as_ref(), sku).map(|p| product_to_proto(&p)))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn create_product(
         &self,
         req: Request<CreateProductRequest>,
@@ -88,7 +84,7 @@ impl ProductsService for Products {
         )
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(id = %req.get_ref().id))]
     async fn update_product(
         &self,
         req: Request<UpdateProductRequest>,
@@ -101,7 +97,7 @@ impl ProductsService for Products {
         )
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(id = %req.get_ref().id))]
     async fn archive_product(
         &self,
         req: Request<ArchiveProductRequest>,
@@ -114,12 +110,12 @@ impl ProductsService for Products {
         )
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(product_id = %req.get_ref().product_id))]
     async fn get_stock(&self, req: Request<GetStockRequest>) -> Result<Response<Stock>, Status> {
         reply(self.get_stock(&req.get_ref().product_id).await)
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(product_id = %req.get_ref().product_id))]
     async fn set_stock(&self, req: Request<SetStockRequest>) -> Result<Response<Stock>, Status> {
         require(&req, Role::Admin)?;
         reply(self.set_stock(req.into_inner()).await)

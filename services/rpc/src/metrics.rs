@@ -125,9 +125,32 @@ fn server_span(service: &str, method: &str, headers: &http::HeaderMap) -> tracin
         rpc.service = service,
         rpc.method = method,
         service.name = owner,
+        enduser.id = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
+    if let Some(user) = headers
+        .get(shopverse_kit::identity::USER_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        span.record("enduser.id", user);
+    }
     shopverse_kit::trace::continue_from_headers(&span, headers);
     span
+}
+
+/// Whether a code is the server's fault, which OpenTelemetry's gRPC conventions mark a server
+/// span as an error for; a refusal of the caller's input or rights is not.
+fn server_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
 }
 
 /// Splits `/pkg.Service/Method` into its service and method.
@@ -234,13 +257,19 @@ where
             }
         };
         let t0 = Instant::now();
-        let answer = self.inner.call(req).instrument(span);
+        let answer = self.inner.call(req).instrument(span.clone());
         Box::pin(async move {
             let result = answer.await;
             let code = match &result {
                 Ok(response) => code_of(response.headers()),
                 Err(_) => Code::Unavailable,
             };
+            if !span.is_disabled() {
+                span.record("rpc.grpc.status_code", code as i32);
+                if server_fault(code) {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
             // A method nobody serves: one series for all of them.
             let (service, method) = match code {
                 Code::Unimplemented => ("unknown", "unknown"),

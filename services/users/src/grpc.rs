@@ -14,7 +14,6 @@ fn reply<T>(r: Result<T, ServiceError>) -> Result<Response<T>, Status> {
 
 #[tonic::async_trait]
 impl UsersService for Users {
-    #[tracing::instrument(skip_all)]
     async fn register(
         &self,
         req: Request<RegisterRequest>,
@@ -36,17 +35,14 @@ impl UsersService for Users {
         )
     }
 
-    #[tracing::instrument(skip_all)]
     async fn login(&self, req: Request<LoginRequest>) -> Result<Response<TokenPair>, Status> {
         reply(self.login(req.into_inner()).await)
     }
 
-    #[tracing::instrument(skip_all)]
     async fn refresh(&self, req: Request<RefreshRequest>) -> Result<Response<TokenPair>, Status> {
         reply(self.refresh(req.into_inner()).await)
     }
 
-    #[tracing::instrument(skip_all)]
     async fn logout(
         &self,
         req: Request<LogoutRequest>,
@@ -54,13 +50,11 @@ impl UsersService for Users {
         reply(self.logout(req.into_inner()).await)
     }
 
-    #[tracing::instrument(skip_all)]
     async fn get_me(&self, req: Request<GetMeRequest>) -> Result<Response<User>, Status> {
         let id = require(&req, Role::Customer)?;
         reply(self.me(&id.user_id).await.map(|u| user_to_proto(&u)))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn update_me(&self, req: Request<UpdateMeRequest>) -> Result<Response<User>, Status> {
         let id = require(&req, Role::Customer)?;
         reply(
@@ -70,7 +64,6 @@ impl UsersService for Users {
         )
     }
 
-    #[tracing::instrument(skip_all)]
     async fn list_users(
         &self,
         req: Request<ListUsersRequest>,
@@ -79,7 +72,7 @@ impl UsersService for Users {
         reply(self.list_users(req.into_inner()).await)
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(user_id = %req.get_ref().user_id))]
     async fn set_roles(&self, req: Request<SetRolesRequest>) -> Result<Response<User>, Status> {
         let id = require(&req, Role::Admin)?;
         reply(
@@ -89,7 +82,6 @@ impl UsersService for Users {
         )
     }
 
-    #[tracing::instrument(skip_all)]
     async fn get_jwks(&self, _req: Request<GetJwksRequest>) -> Result<Response<Jwks>, Status> {
         let keys = self
             .published_keys()
