@@ -211,12 +211,27 @@ pub async fn gateway(
     }
     let admin = admin_listener?;
     let admin_addr = admin.local_addr()?;
-    let running = shopverse_gateway::Builder::new(gcfg)
+    // The bus feeds the edge cache's purges and the live event stream: Kafka (connected
+    // lazily), or the embedded log of an appliance on this box when it exists.
+    let bus = match cfg.events.backend {
+        shopverse::config::EventsBackend::Kafka => {
+            Some(shopverse::appliance::open_bus(&cfg, &registry).await?)
+        }
+        shopverse::config::EventsBackend::Embedded => existing_bus(&cfg).await.ok(),
+    };
+    if bus.is_none() {
+        tracing::warn!(
+            "no event bus: the edge cache expires by TTL only and the event stream stays quiet"
+        );
+    }
+    let mut builder = shopverse_gateway::Builder::new(gcfg)
         .registry(&registry)
         .shutdown(shutdown.clone())
-        .upgrade(upgrade)
-        .start()
-        .await?;
+        .upgrade(upgrade);
+    if let Some(bus) = bus {
+        builder = builder.events(bus);
+    }
+    let running = builder.start().await?;
     reload_on_sighup(
         cfg.source.clone(),
         running.reloader(),

@@ -61,6 +61,37 @@ pub struct GatewayConfig {
     /// One line per request at `info` under the target `shopverse::access` (JSON fields under
     /// `telemetry.log_format = "json"`).
     pub access_log: bool,
+    /// The live event stream (`GET /v1/events/stream`).
+    pub live: LiveConfig,
+}
+
+/// The live event stream's bounds ([`crate::feed`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveConfig {
+    /// Serve the stream (it follows the event bus when the gateway has one).
+    pub enabled: bool,
+    /// Events kept for clients that reconnect with `Last-Event-ID`, and how far a client may
+    /// fall behind before it is cut off.
+    pub buffer: usize,
+    /// A comment line this often on a quiet stream, so proxies and clients keep it open.
+    pub heartbeat_secs: u64,
+    /// Streams open at once; one more is answered 503.
+    pub max_clients: usize,
+    /// A write to a client that takes longer than this ends its stream.
+    pub write_timeout_secs: u64,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            enabled: true,
+            buffer: 4096,
+            heartbeat_secs: 15,
+            max_clients: 256,
+            write_timeout_secs: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +256,7 @@ impl Default for GatewayConfig {
             redis_prefix: "shopverse:ratelimit:".into(),
             redis_timeout_ms: 25,
             access_log: true,
+            live: LiveConfig::default(),
             rate_limits: vec![
                 RateLimitPolicy {
                     name: "login".into(),
@@ -256,6 +288,25 @@ impl GatewayConfig {
         let key = |k: &str| format!("{prefix}.{k}");
         if !(1..=64).contains(&self.threads) {
             return Err(Invalid::new(key("threads"), "must be between 1 and 64"));
+        }
+        let live = &self.live;
+        for (name, value, range) in [
+            ("live.buffer", live.buffer, 16..=1_000_000),
+            ("live.heartbeat_secs", live.heartbeat_secs as usize, 1..=300),
+            ("live.max_clients", live.max_clients, 1..=100_000),
+            (
+                "live.write_timeout_secs",
+                live.write_timeout_secs as usize,
+                1..=300,
+            ),
+        ] {
+            if !range.contains(&value) {
+                let (lo, hi) = (range.start(), range.end());
+                return Err(Invalid::new(
+                    key(name),
+                    format!("must be between {lo} and {hi}"),
+                ));
+            }
         }
         for (name, urls) in &self.upstreams {
             if urls.is_empty() {

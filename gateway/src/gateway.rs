@@ -32,6 +32,8 @@ pub struct Gateway {
     pub(crate) request_ids: RequestIds,
     /// Whether each request is written to the access log.
     pub(crate) access_log: bool,
+    /// The live event stream, when served.
+    pub(crate) feed: Option<Arc<crate::feed::Feed>>,
 }
 
 /// What the access log says of one finished request, beyond its route, method, status and
@@ -204,10 +206,13 @@ impl Gateway {
             .requests
             .with_label_values(&[route, method, status])
             .inc();
-        self.metrics
-            .latency
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
+        // An event stream lasts as long as its client stays: not a latency.
+        if route != crate::feed::PATH {
+            self.metrics
+                .latency
+                .with_label_values(&[route])
+                .observe(elapsed.as_secs_f64());
+        }
         let span_trace = match access.span {
             Some(span) if !span.is_disabled() => {
                 finish_span(span, route, status, &access);

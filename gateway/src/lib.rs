@@ -30,6 +30,7 @@ mod access;
 mod admit;
 pub mod auth;
 pub mod config;
+pub mod feed;
 mod gateway;
 pub mod h1;
 pub mod live;
@@ -428,8 +429,15 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
     } else {
         None
     };
-    if let (Some(bus), Some(c)) = (events, cache.clone()) {
+    if let (Some(bus), Some(c)) = (events.clone(), cache.clone()) {
         tokio::spawn(invalidate_from_events(bus, c, shutdown.clone()));
+    }
+    let feed = config
+        .live
+        .enabled
+        .then(|| feed::Feed::new(config.live.clone(), shutdown.clone()));
+    if let (Some(bus), Some(feed)) = (events, feed.clone()) {
+        tokio::spawn(feed::follow(feed, bus, shutdown.clone()));
     }
     let cache_handle = cache.clone();
     let gateway_clock = clock.clone();
@@ -461,6 +469,7 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
         inflight: Default::default(),
         request_ids: gateway::RequestIds::new(),
         access_log: config.access_log,
+        feed,
         clock: gateway_clock,
         config: live.clone(),
     };

@@ -115,6 +115,10 @@ pub fn document(router: &Router) -> Value {
             .or_default()
             .insert(r.http_method.as_str().to_lowercase(), op);
     }
+    paths
+        .entry(crate::feed::PATH.to_owned())
+        .or_default()
+        .insert("get".into(), stream_operation());
     let mut schemas = serde_json::Map::new();
     schemas.insert(
         "Error".into(),
@@ -144,6 +148,35 @@ pub fn document(router: &Router) -> Value {
     })
 }
 
+/// The live event stream ([`crate::feed`]), which no protobuf rule describes.
+fn stream_operation() -> Value {
+    json!({
+        "operationId": "StreamEvents",
+        "summary": "The caller's events as server-sent events",
+        "description": "Every event on the bus since this gateway started, as `text/event-stream`: \
+            an admin sees all of them, a customer the events of their own orders \
+            (order.*, payment.*, shipment.*). Each event has `id: <feed>-<seq>`, `event: <type>` \
+            and one `data:` line of JSON (type, topic, partition, offset, subject, source, timeMs, \
+            traceId, and orderId, status, reason, amountMinor, currency, carrier, trackingNumber \
+            where the event has them). Send the last id seen as `Last-Event-ID` to resume: \
+            the events after it come first, or `event: reset` when they can no longer be given \
+            (reload through the REST routes). A comment line is a heartbeat on a quiet stream. \
+            A client that falls behind the gateway's buffer, or whose writes stall past the \
+            write timeout, is cut off; past the cap on open streams the answer is 503.",
+        "tags": ["events"],
+        "security": [{"bearer": []}],
+        "x-shopverse-role": "customer",
+        "parameters": [{"name": "Last-Event-ID", "in": "header", "required": false,
+                        "schema": {"type": "string"}}],
+        "responses": {
+            "200": {"description": "The stream",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            "default": {"description": "An error", "content": {"application/json":
+                        {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,7 +191,10 @@ mod tests {
             .values()
             .map(|p| p.as_object().unwrap().len())
             .sum();
-        assert_eq!(ops, r.routes().len());
+        // Every route, and the event stream.
+        assert_eq!(ops, r.routes().len() + 1);
+        let stream = &doc["paths"]["/v1/events/stream"]["get"];
+        assert!(stream["responses"]["200"]["content"]["text/event-stream"].is_object());
         let login = &doc["paths"]["/v1/auth/login"]["post"];
         assert_eq!(login["security"], json!([]));
         let me = &doc["paths"]["/v1/me"]["get"];

@@ -125,6 +125,9 @@ impl ProxyHttp for Shared {
             }
             return self.forward_direct(session, ctx).await.map(|()| true);
         }
+        if session.req_header().uri.path() == crate::feed::PATH {
+            return self.stream(session, ctx).await.map(|()| true);
+        }
         let path = session.req_header().uri.path().to_owned();
         let grpc = session
             .req_header()

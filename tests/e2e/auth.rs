@@ -102,26 +102,9 @@ struct World {
     o: String,
 }
 
-/// The appliance with demo data and the administrator `root@example.com`, and its token.
-fn with_admin(dir: &Path) -> (Appliance, String) {
-    let (ok, _, err) = cli(
-        dir,
-        &["admin", "create", "--email", "root@example.com"],
-        &[("SHOPVERSE_ADMIN_PASSWORD", "root password 123")],
-    );
-    assert!(ok, "{err}");
-    let app = Appliance::start(dir, &["--demo"]);
-    let admin = bearer(&login(
-        app.addrs["gateway"],
-        "root@example.com",
-        "root password 123",
-    ));
-    (app, admin)
-}
-
 async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
-    let (app, admin) = with_admin(dir.path());
+    let (app, admin) = with_admin(dir.path(), &[]);
     let gw = app.addrs["gateway"];
     let (a_id, a) = customer(gw, "a@example.com");
     let (_, b) = customer(gw, "b@example.com");
@@ -373,7 +356,7 @@ async fn every_route_by_every_caller() {
 #[test]
 fn the_cache_purge_is_on_the_loopback_admin_listener_only() {
     let dir = tempfile::tempdir().unwrap();
-    let (app, admin) = with_admin(dir.path());
+    let (app, admin) = with_admin(dir.path(), &[]);
     let gw = app.addrs["gateway"];
     assert!(app.admin.ip().is_loopback(), "{}", app.admin);
     let as_admin = [("authorization", admin.as_str())];

@@ -14,6 +14,7 @@ mod cache;
 mod crash_points;
 mod distributed;
 mod faults;
+mod live;
 pub(crate) mod observability;
 mod ops;
 mod passthrough;

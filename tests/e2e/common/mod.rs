@@ -461,3 +461,42 @@ pub fn python() -> String {
     std::env::var("SHOPVERSE_TEST_PYTHON")
         .expect("SHOPVERSE_TEST_PYTHON: scripts/test sets it up (see README)")
 }
+
+/// The appliance with demo data, `env` and the administrator `root@example.com`, and the
+/// administrator's token.
+pub fn with_admin(dir: &Path, env: &[(&str, &str)]) -> (Appliance, String) {
+    let (ok, _, err) = cli(
+        dir,
+        &["admin", "create", "--email", "root@example.com"],
+        &[("SHOPVERSE_ADMIN_PASSWORD", "root password 123")],
+    );
+    assert!(ok, "{err}");
+    let app = Appliance::start_with_env(dir, &["--demo"], env);
+    let admin = bearer(&login(
+        app.addrs["gateway"],
+        "root@example.com",
+        "root password 123",
+    ));
+    (app, admin)
+}
+
+/// Puts one unit of the demo catalog's `nth` product in the cart of the customer whose
+/// `authorization` leads `headers`, and checks out with `key` paying with `card`, sending
+/// `headers`; the answer.
+pub fn buy_with(
+    gw: SocketAddr,
+    headers: &[(&str, &str)],
+    nth: usize,
+    key: &str,
+    card: &str,
+) -> HttpResponse {
+    let products = http(gw, "GET", "/v1/products?pageSize=5", &[], b"").json();
+    let p = products["products"][nth]["id"].as_str().unwrap();
+    let add = format!(r#"{{"productId":"{p}","quantity":1}}"#);
+    let added = http(gw, "POST", "/v1/cart/items", &headers[..1], add.as_bytes());
+    assert_eq!(added.status, 200, "{}", added.body);
+    let checkout = format!(
+        r#"{{"idempotencyKey":"{key}","paymentMethodToken":"{card}","shippingAddress":{{"recipient":"O","line1":"1 Main St","city":"Berlin","postalCode":"10115","country":"DE"}}}}"#
+    );
+    http(gw, "POST", "/v1/checkout", headers, checkout.as_bytes())
+}
