@@ -6,7 +6,7 @@ SHOPVERSE_BUILD_PACKAGES="gcc g++ libc6-dev make cmake pkg-config"
 # What the tests need besides: the PostgreSQL and Redis clients for the readiness checks; curl
 # and openssl for the HTTPS tests; systemd for `systemd-analyze`, which the tests run on the
 # unit files; docker-compose to check the Compose file (no Docker engine runs here).
-SHOPVERSE_APT_PACKAGES="$SHOPVERSE_BUILD_PACKAGES postgresql-client redis-tools curl openssl systemd docker-compose prometheus"
+SHOPVERSE_APT_PACKAGES="$SHOPVERSE_BUILD_PACKAGES postgresql-client redis-tools curl openssl systemd docker-compose prometheus chromium chromium-driver fonts-dejavu-core"
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -44,6 +44,27 @@ ensure_test_python() {
   "$venv/bin/python" -c 'import aiosmtpd, openapi_spec_validator, kubernetes_validate' || { echo "the test tools did not install" >&2; return 1; }
   export SHOPVERSE_TEST_PYTHON="$venv/bin/python"
   echo "test tools (aiosmtpd, openapi-spec-validator, kubernetes-validate) in $venv"
+}
+
+# The browser tests' tools: Debian's chromium and chromium-driver (system packages), and
+# axe-core (the accessibility checker the tests run in the page), a pinned release from the npm
+# registry, unpacked once into the cache.
+AXE_VERSION=4.10.3
+ensure_browser_tools() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+    || apt_install chromium chromium-driver fonts-dejavu-core
+  local dir="${SHOPVERSE_CACHE:-$HOME/.cache/shopverse}/axe-core-$AXE_VERSION"
+  if [ ! -s "$dir/axe.min.js" ]; then
+    command -v npm >/dev/null || apt_install npm
+    local tmp; tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack -q "axe-core@$AXE_VERSION" >/dev/null && tar xzf "axe-core-$AXE_VERSION.tgz")
+    mkdir -p "$dir"
+    cp "$tmp/package/axe.min.js" "$tmp/package/LICENSE" "$dir/"
+    rm -rf "$tmp"
+  fi
+  export SHOPVERSE_AXE_JS="$dir/axe.min.js"
+  export SHOPVERSE_CHROMEDRIVER="${SHOPVERSE_CHROMEDRIVER:-$(command -v chromedriver)}"
+  echo "browser tests: $(chromium --version 2>/dev/null | head -1), axe-core $AXE_VERSION"
 }
 
 # cargo-nextest, the test runner: it runs each test in a process of its own, so every test

@@ -421,6 +421,16 @@ impl EdgeCache {
         self.entries.len()
     }
 
+    /// Lookups that found a usable entry, lookups that did not, and entries evicted, since
+    /// the cache was opened.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.metrics.hits.get(),
+            self.metrics.misses.get(),
+            self.metrics.evictions.get(),
+        )
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -63,6 +63,8 @@ pub struct GatewayConfig {
     pub access_log: bool,
     /// The live event stream (`GET /v1/events/stream`).
     pub live: LiveConfig,
+    /// Serve the storefront and the operations console at `/` ([`crate::web`]).
+    pub web: bool,
 }
 
 /// The live event stream's bounds ([`crate::feed`]).
@@ -257,6 +259,7 @@ impl Default for GatewayConfig {
             redis_timeout_ms: 25,
             access_log: true,
             live: LiveConfig::default(),
+            web: true,
             rate_limits: vec![
                 RateLimitPolicy {
                     name: "login".into(),

@@ -110,6 +110,11 @@ impl Feed {
         (now < self.config.max_clients).then_some(slot)
     }
 
+    /// How many streams are open.
+    pub fn open(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
     /// Where a client that sent `last_event_id` (if any) resumes.
     pub fn resume(&self, last_event_id: Option<&str>) -> Resume {
         let Some(last) = last_event_id.map(str::trim).filter(|s| !s.is_empty()) else {

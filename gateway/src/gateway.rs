@@ -34,6 +34,10 @@ pub struct Gateway {
     pub(crate) access_log: bool,
     /// The live event stream, when served.
     pub(crate) feed: Option<Arc<crate::feed::Feed>>,
+    /// The storefront and console, when served.
+    pub(crate) web: Option<crate::web::Web>,
+    /// The event bus, when the gateway has one (the console's dead letters).
+    pub(crate) bus: Option<Arc<dyn shopverse_events::EventBus>>,
 }
 
 /// What the access log says of one finished request, beyond its route, method, status and

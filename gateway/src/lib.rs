@@ -45,6 +45,7 @@ mod rest;
 pub mod router;
 pub mod transcode;
 pub mod upstream;
+pub mod web;
 
 /// An aHash state seeded at random for this process (the token cache and the rate limit key
 /// their maps with it: keyed, so nobody picks colliding keys, and far cheaper than SipHash).
@@ -436,7 +437,7 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
         .live
         .enabled
         .then(|| feed::Feed::new(config.live.clone(), shutdown.clone()));
-    if let (Some(bus), Some(feed)) = (events, feed.clone()) {
+    if let (Some(bus), Some(feed)) = (events.clone(), feed.clone()) {
         tokio::spawn(feed::follow(feed, bus, shutdown.clone()));
     }
     let cache_handle = cache.clone();
@@ -470,6 +471,8 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
         request_ids: gateway::RequestIds::new(),
         access_log: config.access_log,
         feed,
+        bus: events,
+        web: config.web.then(web::Web::new),
         clock: gateway_clock,
         config: live.clone(),
     };

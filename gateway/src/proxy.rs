@@ -125,8 +125,31 @@ impl ProxyHttp for Shared {
             }
             return self.forward_direct(session, ctx).await.map(|()| true);
         }
+        if let Some(web) = &self.web
+            && let Some(asset) = web.get(session.req_header().uri.path())
+        {
+            ctx.route = Label::Fixed("web");
+            return self.write_asset(session, asset).await.map(|()| true);
+        }
         if session.req_header().uri.path() == crate::feed::PATH {
             return self.stream(session, ctx).await.map(|()| true);
+        }
+        if session
+            .req_header()
+            .uri
+            .path()
+            .starts_with(crate::rest::session::PREFIX)
+        {
+            let span = ctx.span.clone();
+            let reply = self.session_call(session, ctx).instrument(span).await;
+            self.write(session, ctx, reply).await?;
+            return Ok(true);
+        }
+        if crate::rest::console::is_console(session.req_header().uri.path()) {
+            let span = ctx.span.clone();
+            let reply = self.console_call(session, ctx).instrument(span).await;
+            self.write(session, ctx, reply).await?;
+            return Ok(true);
         }
         let path = session.req_header().uri.path().to_owned();
         let grpc = session
@@ -261,6 +284,37 @@ impl Gateway {
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
         self.client_ip_of(peer, xff)
+    }
+
+    /// Writes a file of the built-in site (GET and HEAD; anything else is 405).
+    async fn write_asset(
+        &self,
+        session: &mut Session,
+        asset: &crate::web::Asset,
+    ) -> pingora::Result<()> {
+        let req = session.req_header();
+        let head = req.method == Method::HEAD;
+        let header = |name| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let (status, headers, body) = if head || req.method == Method::GET {
+            let gzip = crate::web::accepts_gzip(header("accept-encoding"));
+            crate::web::answer(asset, gzip, header("if-none-match"))
+        } else {
+            let allow = vec![
+                ("allow", "GET, HEAD".to_owned()),
+                ("content-length", "0".to_owned()),
+            ];
+            (StatusCode::METHOD_NOT_ALLOWED, allow, bytes::Bytes::new())
+        };
+        let mut resp = ResponseHeader::build(status, Some(headers.len()))?;
+        for (k, v) in headers {
+            resp.insert_header(k, v)?;
+        }
+        let empty = head || body.is_empty();
+        session.write_response_header(Box::new(resp), empty).await?;
+        if !empty {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
     }
 
     /// Writes the gateway's own answer on Pingora's session.

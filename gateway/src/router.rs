@@ -290,6 +290,14 @@ impl Router {
         &self.routes
     }
 
+    /// The service a route template's calls go to.
+    pub fn service_of_template(&self, template: &str) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|r| &*r.template == template)
+            .map(|r| r.service.as_str())
+    }
+
     pub fn pool(&self) -> &DescriptorPool {
         &self.pool
     }

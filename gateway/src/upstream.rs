@@ -117,6 +117,20 @@ impl Upstreams {
         Some(Link::pooled(self.pools.get(service)?.clone()))
     }
 
+    /// Each service with how many of its replicas are in rotation, of how many.
+    pub fn health(&self) -> Vec<(String, usize, usize)> {
+        let mut all: Vec<(String, usize, usize)> = self
+            .pools
+            .iter()
+            .map(|(name, pool)| {
+                let (healthy, total) = pool.health();
+                (name.clone(), healthy, total)
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
     /// Health-checks every pool every `every` until `shutdown`.
     pub fn check_until(&self, every: Duration, shutdown: &CancellationToken) {
         for pool in self.pools.values() {

@@ -20,3 +20,4 @@ mod ops;
 mod passthrough;
 mod rest;
 mod saga;
+mod web;

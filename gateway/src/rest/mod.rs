@@ -4,6 +4,8 @@
 //! answer transcoded back to JSON).
 
 mod cache;
+pub mod console;
+pub mod session;
 
 use std::time::Duration;
 

@@ -216,6 +216,12 @@ impl Pool {
         })
     }
 
+    /// How many members are in rotation, of how many.
+    pub fn health(&self) -> (usize, usize) {
+        let healthy = self.members.iter().filter(|m| m.is_healthy()).count();
+        (healthy, self.members.len())
+    }
+
     /// Members to try, healthy ones first, starting round robin. With none healthy, all of
     /// them.
     pub fn order(&self) -> Vec<&Member> {
