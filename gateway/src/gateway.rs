@@ -34,6 +34,9 @@ pub struct Gateway {
     pub(crate) access_log: bool,
     /// The live event stream, when served.
     pub(crate) feed: Option<Arc<crate::feed::Feed>>,
+    /// Where the process's metrics are registered: the console reads the consumers' lag
+    /// from it when they run in this process.
+    pub(crate) registry: prometheus::Registry,
     /// The storefront and console, when served.
     pub(crate) web: Option<crate::web::Web>,
     /// The event bus, when the gateway has one (the console's dead letters).

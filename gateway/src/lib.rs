@@ -473,6 +473,7 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
         feed,
         bus: events,
         web: config.web.then(web::Web::new),
+        registry: registry.clone(),
         clock: gateway_clock,
         config: live.clone(),
     };

@@ -101,6 +101,7 @@ export async function render({ h, show, api, live, toast, money, when, statusNam
   };
 
   // ----- health, rate and p99, from two reads of /v1/admin/system -----
+  const lagLine = h("p", { id: "consumer-lag", class: "muted" }, "Consumer lag: …");
   let before = null;
   const poll = async () => {
     try {
@@ -121,6 +122,12 @@ export async function render({ h, show, api, live, toast, money, when, statusNam
         n.g.classList.toggle("down", svc.ready === false);
       }
       nodes.bus.metric.textContent = sys.bus || "no bus";
+      const lags = Object.entries(sys.consumerLag || {});
+      const waiting = lags.reduce((a, [, n]) => a + n, 0);
+      nodes.bus.load.textContent = lags.length ? `consumer lag ${waiting}` : "";
+      lagLine.textContent = lags.length
+        ? `Consumer lag: ${lags.map(([c, n]) => `${c} ${n}`).join(" · ")}`
+        : "Consumer lag: not reported by this process (consumers run elsewhere)";
       before = { sys, t };
     } catch (e) {
       nodes.gateway.metric.textContent = `unreachable: ${e.message}`;
@@ -357,6 +364,7 @@ export async function render({ h, show, api, live, toast, money, when, statusNam
       h("h1", {}, "Operations console"),
       svg,
       h("h2", {}, "Event stream"),
+      lagLine,
       eventsTable,
       tabs,
       panel,

@@ -1,8 +1,9 @@
 //! What the operations console reads and does beyond the services' own routes, for admins:
 //!
-//! - `GET /v1/admin/system`: each service's replicas in rotation, and the gateway's counts and
+//! - `GET /v1/admin/system`: each service's replicas in rotation, the gateway's counts and
 //!   latency buckets per service since it started (the console takes rates and p99 from the
-//!   difference of two reads).
+//!   difference of two reads), and each event consumer's lag when the consumers run in this
+//!   process.
 //! - `GET /v1/admin/dlq`, `POST /v1/admin/dlq:replay` `{"eventId"}`: parked events, and
 //!   replaying one (or, without an id, every one not yet replayed).
 //! - `GET /v1/admin/cache`, `POST /v1/admin/cache:purge` `{"key"|"tag"|"all": true}`: the edge
@@ -154,7 +155,29 @@ impl Gateway {
             "bus": self.bus.as_ref().map(|b| b.describe()),
             "cache": self.cache.is_some(),
             "streams": self.feed.as_ref().map(|f| f.open()),
+            "consumerLag": self.consumer_lag(),
         })
+    }
+
+    /// Each event consumer's lag (records waiting in its partitions), when the consumers run
+    /// in this process and so report into its registry; empty otherwise.
+    fn consumer_lag(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut lag = serde_json::Map::new();
+        for family in self.registry.gather() {
+            if family.name() != "shopverse_events_consumer_lag" {
+                continue;
+            }
+            for m in family.get_metric() {
+                let consumer = m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "consumer")
+                    .map(|l| l.value().to_owned())
+                    .unwrap_or_default();
+                lag.insert(consumer, json!(m.get_gauge().get_value() as i64));
+            }
+        }
+        lag
     }
 
     async fn dead_letters(&self, replay: bool, body: &serde_json::Value) -> Reply {
