@@ -568,7 +568,13 @@ async function order(id) {
   };
   loadNotices();
   // What happens next, as it happens.
+  const attempts = async () => {
+    const p = await api("GET", `/v1/orders/${encodeURIComponent(id)}/payment`).catch(() => null);
+    if (p && Number(p.attempts || 0) > 1) add("attempts", `Payment attempts: ${p.attempts}`, "done", Date.now());
+  };
   apply = (name, data) => {
+    // Attempts that failed and were retried are counted by payments; shown once it settled.
+    if (name.startsWith("payment.")) attempts();
     const s = step(name, data);
     if (s) add(name, s[0], s[1], data.timeMs);
     if (data.status && name.startsWith("order.")) {

@@ -247,7 +247,41 @@ export async function render({ h, show, api, live, toast, money, when, statusNam
     "Catalog and stock": async () => {
       const products = (await api("GET", "/v1/products?pageSize=50")).products || [];
       const stocks = await Promise.all(products.map((p) => api("GET", `/v1/products/${p.id}/stock`).catch(() => null)));
-      return h(
+      const categories = (await api("GET", "/v1/categories")).categories || [];
+      // A new product: price in the currency's major units, as a shop keeper types it.
+      const error = h("p", { class: "error", role: "alert" });
+      const field = (name, label, extra = {}) => h("label", {}, label, h("input", { name, required: true, ...extra }));
+      const create = h(
+        "form",
+        { class: "form", id: "new-product" },
+        field("sku", "SKU"),
+        field("name", "Name"),
+        field("description", "Description", { required: false }),
+        field("price", "Price (EUR)", { type: "number", min: "0.01", step: "0.01" }),
+        h("label", {}, "Category", h("select", { name: "categoryId" }, categories.map((c) => h("option", { value: c.id }, c.name)))),
+        field("initialStock", "Initial stock", { type: "number", min: "0", value: "10" }),
+        h("button", { type: "submit" }, "Create product"),
+        error,
+      );
+      create.addEventListener("submit", async (e) => {
+        e.preventDefault();
+        const f = Object.fromEntries(new FormData(create));
+        try {
+          await api("POST", "/v1/products", {
+            sku: f.sku,
+            name: f.name,
+            description: f.description,
+            price: { amountMinor: String(Math.round(Number(f.price) * 100)), currency: "EUR" },
+            categoryId: f.categoryId,
+            initialStock: String(f.initialStock || 0),
+          });
+          toast(`Created ${f.name}`);
+          open("Catalog and stock");
+        } catch (err) {
+          error.textContent = err.message;
+        }
+      });
+      const table = h(
         "table",
         {},
         h("thead", {}, h("tr", {}, ["Product", "SKU", "Price", "Available", "Reserved", ""].map((c) => h("th", { scope: "col" }, c)))),
@@ -256,14 +290,22 @@ export async function render({ h, show, api, live, toast, money, when, statusNam
           {},
           products.map((p, i) => {
             const input = h("input", { type: "number", min: "0", value: String(stocks[i] ? stocks[i].available || 0 : 0), "aria-label": `Stock of ${p.name}`, "data-stock": p.id });
+            const name = h("input", { value: p.name, "aria-label": `Name of ${p.name}`, "data-name": p.id });
             const save = async () => {
-              await api("PUT", `/v1/products/${p.id}/stock`, { available: Number(input.value) });
-              toast(`Stock of ${p.name} set to ${input.value}`);
+              try {
+                if (name.value && name.value !== p.name) {
+                  await api("PATCH", `/v1/products/${p.id}`, { expectedVersion: p.version, name: name.value });
+                }
+                await api("PUT", `/v1/products/${p.id}/stock`, { available: Number(input.value) });
+                toast(`${name.value}: stock set to ${input.value}`);
+              } catch (err) {
+                toast(err.message);
+              }
             };
             return h(
               "tr",
               {},
-              h("td", {}, p.name),
+              h("td", {}, name),
               h("td", {}, p.sku),
               h("td", {}, money(p.price)),
               h("td", {}, input),
@@ -273,6 +315,7 @@ export async function render({ h, show, api, live, toast, money, when, statusNam
           }),
         ),
       );
+      return h("div", {}, h("h3", {}, "New product"), create, h("h3", {}, "Products"), table);
     },
     Orders: async () => {
       const list = (await api("GET", "/v1/admin/orders?pageSize=50")).orders || [];

@@ -374,6 +374,7 @@ async fn a_shopper_signs_up_buys_and_watches_each_order_live() {
     add_first_product_to_cart(&b);
     checkout(&b, "pm_card_flaky");
     b.wait_text("#order-status", "CONFIRMED");
+    b.wait_text("#timeline", "Payment attempts: 3");
 
     let storage = b.js(
         "return [localStorage.length, sessionStorage.length, document.cookie];",
@@ -515,7 +516,7 @@ async fn an_admin_runs_the_shop_from_the_console_and_a_customer_cannot() {
         .to_owned();
     b.type_in("input[data-stock]", "42");
     b.press("Save");
-    b.wait_text("#toast", "set to 42");
+    b.wait_text("#toast", "stock set to 42");
     let stock = http(
         gw,
         "GET",
@@ -529,6 +530,16 @@ async fn an_admin_runs_the_shop_from_the_console_and_a_customer_cannot() {
         "42",
         "{stock}"
     );
+    // A new product, created in the console, is in the catalog with its price and stock.
+    b.type_in("#new-product input[name=sku]", "SV-NEW-1");
+    b.type_in("#new-product input[name=name]", "Console Lamp");
+    b.type_in("#new-product input[name=price]", "12.50");
+    b.type_in("#new-product input[name=initialStock]", "7");
+    b.press("Create product");
+    b.wait_text("#toast", "Created Console Lamp");
+    let made = http(gw, "GET", "/v1/skus/SV-NEW-1", &[], b"").json();
+    assert_eq!(made["name"], "Console Lamp", "{made}");
+    assert_eq!(made["price"]["amountMinor"], "1250", "{made}");
     drop(b);
     app.stop();
 }
