@@ -163,10 +163,12 @@ def svg_plot(path, title, series, xlabel, ylabel):
 s1 = peaks("1")
 if s1:
     md += ["## 1. Routing: a plain proxied route", "", "Closed loop (peak throughput, wrk):", ""]
-    peak_table(s1, ["direct", "shopverse", "shopverse-no-access-log", "shopverse-baseline", "nginx", "haproxy"], "1")
+    peak_table(s1, ["direct", "shopverse", "shopverse-no-access-log", "shopverse-baseline", "nginx",
+                    "nginx-access-log", "haproxy"], "1")
     ratios = {k: ratio(s1, *k.split("/")) for k in
-              ("shopverse/nginx", "shopverse/haproxy", "shopverse/shopverse-no-access-log",
-               "shopverse/shopverse-baseline", "nginx/direct")}
+              ("shopverse/nginx", "shopverse/nginx-access-log", "shopverse-no-access-log/nginx",
+               "shopverse/haproxy", "shopverse/shopverse-no-access-log",
+               "shopverse/shopverse-baseline", "nginx-access-log/nginx", "nginx/direct")}
     ratio_table([(k, v) for k, v in ratios.items()])
     opens = [r for r in records if r.get("scenario") == "1" and r.get("kind") == "open"]
     if opens:

@@ -455,6 +455,7 @@ async fn an_admin_runs_the_shop_from_the_console_and_a_customer_cannot() {
         "pm_card_ok",
     );
     assert_eq!(r.status, 200, "{}", r.body);
+    b.find("svg.diagram circle.pulse");
     b.find("#event-rows tr[data-type='order.placed']");
     b.find("#event-rows tr[data-type='order.confirmed']");
     b.find("#event-rows tr[data-type='shipment.scheduled']");
@@ -530,7 +531,23 @@ async fn an_admin_runs_the_shop_from_the_console_and_a_customer_cannot() {
         "42",
         "{stock}"
     );
+    // The customer's order, shipped from the console.
+    b.press("Orders");
+    b.press("Ship");
+    b.wait_text("#toast", "Shipped");
+    let order = r.json()["id"].as_str().unwrap().to_owned();
+    let shipment = http(
+        gw,
+        "GET",
+        &format!("/v1/orders/{order}/shipment"),
+        &[("authorization", &customer_token)],
+        b"",
+    )
+    .json();
+    assert_eq!(shipment["status"], "SHIPMENT_STATUS_SHIPPED", "{shipment}");
+
     // A new product, created in the console, is in the catalog with its price and stock.
+    b.press("Catalog and stock");
     b.type_in("#new-product input[name=sku]", "SV-NEW-1");
     b.type_in("#new-product input[name=name]", "Console Lamp");
     b.type_in("#new-product input[name=price]", "12.50");
