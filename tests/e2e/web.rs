@@ -297,6 +297,14 @@ fn checkout(b: &Browser, card: &str) {
     b.find("#timeline");
 }
 
+/// Signs in through the page's form.
+fn sign_in(b: &Browser, email: &str, password: &str) {
+    b.open("#/signin");
+    b.type_in("input[name=email]", email);
+    b.type_in("input[name=password]", password);
+    b.press("Sign in");
+}
+
 fn add_first_product_to_cart(b: &Browser) {
     b.open("#/");
     b.click(".cats li:nth-child(2) a");
@@ -417,10 +425,7 @@ async fn an_admin_runs_the_shop_from_the_console_and_a_customer_cannot() {
 
     // A customer first: no console.
     let (_, customer_token) = customer(gw, "cory@example.com");
-    b.open("#/signin");
-    b.type_in("input[name=email]", "cory@example.com");
-    b.type_in("input[name=password]", PASSWORD);
-    b.press("Sign in");
+    sign_in(&b, "cory@example.com", PASSWORD);
     b.wait_shown("#nav-orders");
     // Signed in, the page goes to the catalog: wait for it before going elsewhere.
     b.find(".grid .card");
@@ -439,10 +444,7 @@ async fn an_admin_runs_the_shop_from_the_console_and_a_customer_cannot() {
     // Signed out, the page goes to the catalog: wait for it before going elsewhere.
     b.find(".grid .card");
 
-    b.open("#/signin");
-    b.type_in("input[name=email]", "root@example.com");
-    b.type_in("input[name=password]", "root password 123");
-    b.press("Sign in");
+    sign_in(&b, "root@example.com", "root password 123");
     b.find("svg.diagram");
     b.wait_text(".diagram [data-node=orders] .metric", "ready");
 
