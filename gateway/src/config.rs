@@ -318,13 +318,10 @@ impl GatewayConfig {
                     "needs at least one endpoint",
                 ));
             }
-            if let Some(bad) = urls
-                .iter()
-                .find(|u| !u.starts_with("http://") && !u.starts_with("https://"))
-            {
+            if let Err(e) = shopverse_rpc::pool::parse_list(&urls.join(",")) {
                 return Err(Invalid::new(
                     key(&format!("upstreams.{name}")),
-                    format!("`{bad}` is not an http(s):// URL"),
+                    e.to_string(),
                 ));
             }
         }

@@ -109,7 +109,7 @@ impl Upstreams {
 
     /// One endpoint of `service` for a gRPC pass-through call, round robin over healthy ones.
     pub fn pick_address(&self, service: &str) -> Option<Target> {
-        Some(self.pools.get(service)?.first().target().clone())
+        Some(self.pools.get(service)?.first()?.target().clone())
     }
 
     /// A link to `service` for the gateway's own calls, balanced over its healthy endpoints.

@@ -135,7 +135,11 @@ async fn call_pooled(
     pool: Arc<Pool>,
     req: http::Request<Body>,
 ) -> Result<http::Response<Body>, BoxError> {
-    let member = pool.member(pool.first_index());
+    let Some(member) = pool.first() else {
+        return Err(Box::new(Status::unavailable(
+            "no replica of the service is known yet",
+        )));
+    };
     let mut link = member.link().clone();
     let result = match std::future::poll_fn(|cx| link.poll_ready(cx)).await {
         Ok(()) => link.call(req).await,

@@ -4,13 +4,23 @@
 //! with none healthy, calls still go out (a pool never refuses on stale health alone). An endpoint
 //! this process serves itself is called in-process ([`crate::link`]).
 //!
+//! An endpoint written `dns:///host:port` (gRPC's name syntax) stands for every address the
+//! name resolves to, looked up again every [`RESOLVE_EVERY`]: behind a Kubernetes headless
+//! Service that is every ready pod, so calls spread over all of them and follow scaling and
+//! restarts. (`http://host:port` is one endpoint whose one connection stays with whichever
+//! address it first reached.)
+//!
 //! Services use a pool through [`Link::pooled`] as the transport of their tonic clients; the
 //! gateway uses [`Pool::first`] and [`Pool::order`] directly, to pass bytes through and to retry
 //! idempotent calls on another replica.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
@@ -24,6 +34,19 @@ use crate::link::{Link, LocalServices};
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a replica has to answer its health check.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a `dns:///` endpoint's name is looked up again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// The scheme of an endpoint that stands for every address its name resolves to.
+pub const DNS_SCHEME: &str = "dns:///";
+
+/// Looks a `host:port` up: every address it has now.
+pub type Resolver =
+    Arc<dyn Fn(String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+
+/// The system's resolver, without blocking a runtime thread.
+pub fn system_resolver() -> Resolver {
+    Arc::new(|name| Box::pin(async move { Ok(tokio::net::lookup_host(name).await?.collect()) }))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -58,7 +81,23 @@ pub fn parse_list(urls: &str) -> Result<Vec<String>, PoolError> {
         return Err(PoolError::Empty);
     }
     for u in &list {
-        endpoint(u, None)?;
+        match u.strip_prefix(DNS_SCHEME) {
+            Some(name) => {
+                endpoint(&format!("http://{name}"), None)?;
+                if !name
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                {
+                    return Err(PoolError::Invalid {
+                        url: u.clone(),
+                        reason: "a dns:/// endpoint names host:port".into(),
+                    });
+                }
+            }
+            None => {
+                endpoint(u, None)?;
+            }
+        }
     }
     Ok(list)
 }
@@ -70,7 +109,9 @@ fn endpoint(url: &str, timeout: Option<Duration>) -> Result<Endpoint, PoolError>
         reason,
     };
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(invalid("must be an http:// or https:// URL".into()));
+        return Err(invalid(
+            "must be an http:// or https:// URL, or dns:///host:port".into(),
+        ));
     }
     let e = Endpoint::from_shared(url.to_owned())
         .map_err(|e| invalid(e.to_string()))?
@@ -140,6 +181,15 @@ pub struct Member {
 }
 
 impl Member {
+    /// Whether it stands for an address a `dns:///` name resolved to.
+    fn discovered(&self) -> bool {
+        self.url.contains('#')
+    }
+
+    fn resolved_from(&self, name: &str) -> bool {
+        self.url.rsplit_once('#').is_some_and(|(_, n)| n == name)
+    }
+
     /// Where it listens.
     pub fn target(&self) -> &Target {
         &self.target
@@ -167,15 +217,42 @@ impl Member {
 pub struct Pool {
     /// The gRPC service name its health check asks about; empty asks about the server.
     health_service: String,
-    members: Vec<Member>,
+    /// The configured endpoints' members, then those of `dns:///` names as last resolved.
+    members: ArcSwap<Vec<Arc<Member>>>,
     next: AtomicUsize,
+    /// `host:port` of each `dns:///` endpoint.
+    names: Vec<String>,
+    /// How members of resolved addresses are made.
+    timeout: Option<Duration>,
+    local: LocalServices,
+    resolver: Resolver,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(self.members.iter().map(|m| (&m.url, m.is_healthy())))
+            .entries(self.members.load().iter().map(|m| (&m.url, m.is_healthy())))
             .finish()
+    }
+}
+
+impl Member {
+    fn new(
+        url: &str,
+        timeout: Option<Duration>,
+        local: &LocalServices,
+    ) -> Result<Member, PoolError> {
+        let local_link = local.link(url, timeout.unwrap_or(Duration::from_secs(30)));
+        let link = match local_link {
+            Some(l) => l,
+            None => endpoint(url, timeout)?.connect_lazy().into(),
+        };
+        Ok(Member {
+            url: url.to_owned(),
+            target: Target::of_url(url),
+            link,
+            healthy: AtomicBool::new(true),
+        })
     }
 }
 
@@ -193,70 +270,138 @@ impl Pool {
         if urls.is_empty() {
             return Err(PoolError::Empty);
         }
-        let members = urls
-            .iter()
-            .map(|url| {
-                let local_link = local.link(url, timeout.unwrap_or(Duration::from_secs(30)));
-                let link = match local_link {
-                    Some(l) => l,
-                    None => endpoint(url, timeout)?.connect_lazy().into(),
-                };
-                Ok(Member {
-                    url: url.clone(),
-                    target: Target::of_url(url),
-                    link,
-                    healthy: AtomicBool::new(true),
-                })
-            })
-            .collect::<Result<Vec<_>, PoolError>>()?;
+        let mut members = Vec::new();
+        let mut names = Vec::new();
+        for url in urls {
+            match url.strip_prefix(DNS_SCHEME) {
+                Some(name) => names.push(name.to_owned()),
+                None => members.push(Arc::new(Member::new(url, timeout, local)?)),
+            }
+        }
         Ok(Pool {
             health_service: health_service.to_owned(),
-            members,
+            members: ArcSwap::from_pointee(members),
             next: AtomicUsize::new(0),
+            names,
+            timeout,
+            local: local.clone(),
+            resolver: system_resolver(),
         })
+    }
+
+    /// Looks `dns:///` names up with `resolver` instead of the system's.
+    pub fn with_resolver(mut self, resolver: Resolver) -> Pool {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Whether members come and go with what names resolve to.
+    pub fn discovers(&self) -> bool {
+        !self.names.is_empty()
     }
 
     /// How many members are in rotation, of how many.
     pub fn health(&self) -> (usize, usize) {
-        let healthy = self.members.iter().filter(|m| m.is_healthy()).count();
-        (healthy, self.members.len())
+        let members = self.members.load();
+        let healthy = members.iter().filter(|m| m.is_healthy()).count();
+        (healthy, members.len())
     }
 
     /// Members to try, healthy ones first, starting round robin. With none healthy, all of
-    /// them.
-    pub fn order(&self) -> Vec<&Member> {
-        let n = self.members.len();
+    /// them; none at all while a `dns:///` name has not resolved yet.
+    pub fn order(&self) -> Vec<Arc<Member>> {
+        let members = self.members.load();
+        let n = members.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let rotated = (0..n).map(|i| &self.members[(start + i) % n]);
-        let (mut healthy, sick): (Vec<&Member>, Vec<&Member>) =
-            rotated.partition(|m| m.is_healthy());
+        let rotated = (0..n).map(|i| members[(start + i) % n].clone());
+        let (mut healthy, sick): (Vec<_>, Vec<_>) = rotated.partition(|m| m.is_healthy());
         healthy.extend(sick);
         healthy
     }
 
     /// The first member [`Pool::order`] would give, without building the order: the next
-    /// healthy member round robin, else the next one. No allocation: it is on every request.
-    pub fn first(&self) -> &Member {
-        &self.members[self.first_index()]
-    }
-
-    pub(crate) fn first_index(&self) -> usize {
-        let n = self.members.len();
+    /// healthy member round robin, else the next one; none while a `dns:///` name has not
+    /// resolved yet. No allocation: it is on every request.
+    pub fn first(&self) -> Option<Arc<Member>> {
+        let members = self.members.load();
+        let n = members.len();
+        if n == 0 {
+            return None;
+        }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
+        let i = (0..n)
             .map(|i| (start + i) % n)
-            .find(|&i| self.members[i].is_healthy())
-            .unwrap_or(start % n)
+            .find(|&i| members[i].is_healthy())
+            .unwrap_or(start % n);
+        Some(members[i].clone())
     }
 
-    pub(crate) fn member(&self, i: usize) -> &Member {
-        &self.members[i]
+    /// Looks every `dns:///` name up again and makes the members what they resolve to now
+    /// (besides the configured endpoints): a member whose address is still there is kept, with
+    /// its connection and health; a new address joins healthy; a gone one leaves. A name that
+    /// does not resolve keeps its members (a resolver hiccup must not empty the pool).
+    /// Returns the number of members.
+    pub async fn resolve(&self) -> usize {
+        if self.names.is_empty() {
+            return self.members.load().len();
+        }
+        let current = self.members.load_full();
+        let mut next: Vec<Arc<Member>> = current
+            .iter()
+            .filter(|m| !m.discovered())
+            .cloned()
+            .collect();
+        for name in &self.names {
+            let port = name.rsplit_once(':').map_or("", |(_, p)| p);
+            let addrs = match (self.resolver)(name.clone()).await {
+                Ok(a) if !a.is_empty() => a,
+                Ok(_) | Err(_) => {
+                    tracing::warn!(upstream = %name, "the name did not resolve; keeping its last addresses");
+                    next.extend(
+                        current
+                            .iter()
+                            .filter(|m| m.discovered() && m.resolved_from(name))
+                            .cloned(),
+                    );
+                    continue;
+                }
+            };
+            for addr in addrs {
+                let url = format!("http://{addr}#{name}");
+                if next.iter().any(|m| m.url == url) {
+                    continue;
+                }
+                let member = match current.iter().find(|m| m.url == url) {
+                    Some(m) => m.clone(),
+                    None => match Member::new(&format!("http://{addr}"), self.timeout, &self.local)
+                    {
+                        Ok(mut m) => {
+                            tracing::info!(upstream = %name, %addr, port, "a replica joined the pool");
+                            m.url = url;
+                            Arc::new(m)
+                        }
+                        Err(_) => continue,
+                    },
+                };
+                next.push(member);
+            }
+        }
+        for gone in current
+            .iter()
+            .filter(|m| m.discovered() && !next.iter().any(|n| n.url == m.url))
+        {
+            tracing::info!(upstream = %gone.url, "a replica left the pool");
+        }
+        let n = next.len();
+        self.members.store(Arc::new(next));
+        n
     }
 
     /// Checks every member's health once; returns how many are healthy.
     pub async fn check(&self) -> usize {
         let mut healthy = 0;
-        for m in &self.members {
+        let members = self.members.load_full();
+        for m in members.iter() {
             let ok = is_serving(m.link.clone(), &self.health_service, PROBE_TIMEOUT).await;
             let was = m.healthy.swap(ok, Ordering::Relaxed);
             match (was, ok) {
@@ -273,17 +418,25 @@ impl Pool {
         healthy
     }
 
-    /// Checks health every `every` until `shutdown`. A pool of one is not checked: with
-    /// nothing to fall back on, its health changes nothing.
+    /// Checks health every `every` until `shutdown`, and looks `dns:///` names up again every
+    /// [`RESOLVE_EVERY`]. A fixed pool of one is not checked: with nothing to fall back on,
+    /// its health changes nothing.
     pub async fn check_until(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
-        if self.members.len() < 2 {
+        if !self.discovers() && self.members.load().len() < 2 {
             return;
         }
+        let mut resolved: Option<tokio::time::Instant> = None;
         loop {
-            self.check().await;
+            if self.discovers() && resolved.is_none_or(|t| t.elapsed() >= RESOLVE_EVERY) {
+                resolved = Some(tokio::time::Instant::now());
+                self.resolve().await;
+            }
+            if self.members.load().len() > 1 {
+                self.check().await;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(every.min(RESOLVE_EVERY)) => {}
             }
         }
     }
@@ -301,7 +454,9 @@ pub fn balanced(
 ) -> Result<Link, PoolError> {
     let list = parse_list(urls)?;
     let pool = Arc::new(Pool::new(&list, service, Some(timeout), local)?);
-    if let [one] = pool.members.as_slice() {
+    if !pool.discovers()
+        && let [one] = pool.members.load().as_slice()
+    {
         return Ok(one.link.clone());
     }
     tokio::spawn(pool.clone().check_until(CHECK_EVERY, shutdown));
@@ -321,11 +476,11 @@ mod tests {
     #[tokio::test]
     async fn first_is_the_next_healthy_member_and_agrees_with_order() {
         let pool = pool_of(3);
-        pool.members[1].eject();
+        pool.members.load()[1].eject();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..6 {
             let start = pool.next.load(Ordering::Relaxed);
-            let picked = pool.first().target().clone();
+            let picked = pool.first().expect("a member").target().clone();
             pool.next.store(start, Ordering::Relaxed);
             let ordered = pool.order()[0].target().clone();
             assert_eq!(picked, ordered);
@@ -337,7 +492,7 @@ mod tests {
             seen.insert(picked);
         }
         assert_eq!(seen.len(), 2, "round robin over the healthy ones: {seen:?}");
-        for m in &pool.members {
+        for m in pool.members.load().iter() {
             m.eject();
         }
         let _still_one_to_try = pool.first();
@@ -359,7 +514,7 @@ mod tests {
     async fn a_check_takes_out_replicas_that_do_not_answer() {
         let pool = pool_of(2);
         assert_eq!(pool.check().await, 0, "nothing listens at port 1");
-        assert!(pool.members.iter().all(|m| !m.is_healthy()));
+        assert!(pool.members.load().iter().all(|m| !m.is_healthy()));
     }
 
     /// Through a pooled link, a call that finds its replica gone ejects it, and the calls after
@@ -385,10 +540,116 @@ mod tests {
         let link = Link::pooled(pool.clone());
         let first = is_serving(link.clone(), "x.Y", Duration::from_secs(2)).await;
         assert!(!first, "the first call goes to the stopped replica");
-        assert!(!pool.members[0].is_healthy(), "and ejects it");
+        assert!(!pool.members.load()[0].is_healthy(), "and ejects it");
         for _ in 0..4 {
             assert!(is_serving(link.clone(), "x.Y", Duration::from_secs(2)).await);
         }
         assert_eq!(pool.check().await, 1, "a check agrees: one of two serves");
+    }
+
+    /// A `dns:///` name stands for every address it resolves to, looked up again: two
+    /// replicas, then three (calls spread over all of them), then a resolver failure that
+    /// keeps the last answer, then one replica gone.
+    #[tokio::test]
+    async fn a_dns_name_is_every_address_it_resolves_to_as_it_changes() {
+        use std::sync::Mutex;
+        let local = LocalServices::default();
+        let addrs: Vec<SocketAddr> = (0..3)
+            .map(|i| format!("127.0.0.1:5091{i}").parse().expect("addr"))
+            .collect();
+        let hits: Vec<Arc<AtomicUsize>> = addrs.iter().map(|_| Arc::default()).collect();
+        for (addr, hits) in addrs.iter().zip(&hits) {
+            local.declare(*addr);
+            let (reporter, health) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status("x.Y", tonic_health::ServingStatus::Serving)
+                .await;
+            let hits = hits.clone();
+            let counted = Counted {
+                inner: health,
+                hits: hits.clone(),
+            };
+            local.serve(*addr, tonic::service::Routes::new(counted));
+        }
+        let answer: Arc<Mutex<std::io::Result<Vec<SocketAddr>>>> =
+            Arc::new(Mutex::new(Ok(addrs[..2].to_vec())));
+        let told = answer.clone();
+        let resolver: Resolver = Arc::new(move |name| {
+            assert_eq!(name, "orders.shop.svc:50053");
+            let now = match &*told.lock().expect("lock") {
+                Ok(a) => Ok(a.clone()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            };
+            Box::pin(async move { now })
+        });
+        let urls = parse_list("dns:///orders.shop.svc:50053").expect("a dns endpoint");
+        let pool = Arc::new(
+            Pool::new(&urls, "x.Y", Some(Duration::from_secs(2)), &local)
+                .expect("pool")
+                .with_resolver(resolver),
+        );
+        assert!(pool.first().is_none(), "nothing before the first lookup");
+        let link = Link::pooled(pool.clone());
+        let calls = |n: usize| {
+            let link = link.clone();
+            async move {
+                for _ in 0..n {
+                    assert!(is_serving(link.clone(), "x.Y", Duration::from_secs(2)).await);
+                }
+            }
+        };
+        let counts = || {
+            hits.iter()
+                .map(|h| h.swap(0, Ordering::SeqCst))
+                .collect::<Vec<_>>()
+        };
+
+        assert_eq!(pool.resolve().await, 2);
+        calls(10).await;
+        assert_eq!(counts(), [5, 5, 0], "two replicas share the calls");
+
+        *answer.lock().expect("lock") = Ok(addrs.clone());
+        assert_eq!(pool.resolve().await, 3);
+        calls(9).await;
+        assert_eq!(counts(), [3, 3, 3], "a third replica joins");
+
+        *answer.lock().expect("lock") = Err(std::io::ErrorKind::TimedOut.into());
+        assert_eq!(pool.resolve().await, 3, "a failed lookup keeps the members");
+
+        *answer.lock().expect("lock") = Ok(vec![addrs[0], addrs[2]]);
+        assert_eq!(pool.resolve().await, 2);
+        calls(4).await;
+        assert_eq!(counts(), [2, 0, 2], "the replica that left gets nothing");
+        assert!(parse_list("dns:///no-port").is_err());
+    }
+
+    /// Counts the calls that reach a service.
+    #[derive(Clone)]
+    struct Counted<S> {
+        inner: S,
+        hits: Arc<AtomicUsize>,
+    }
+
+    impl<S: tonic::server::NamedService> tonic::server::NamedService for Counted<S> {
+        const NAME: &'static str = S::NAME;
+    }
+
+    impl<S, R> tower_service::Service<R> for Counted<S>
+    where
+        S: tower_service::Service<R>,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            self.inner.poll_ready(cx)
+        }
+        fn call(&mut self, req: R) -> Self::Future {
+            self.hits.fetch_add(1, Ordering::SeqCst);
+            self.inner.call(req)
+        }
     }
 }
