@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use shopverse_delivery::DeliveryConfig;
@@ -79,6 +80,33 @@ pub struct EventsConfig {
     /// How every consumer schedules and retries: concurrency across keys, retry backoff, and
     /// how far it may read ahead of its unfinished records.
     pub consumers: shopverse_events::consumer::ConsumerConfig,
+    /// Hours the embedded log keeps a record once every consumer group has read it; inbox
+    /// entries and published outbox rows are kept as long. Fractions are allowed. On Kafka the
+    /// topics' own `retention.ms` applies; set this at least as long.
+    pub retention_hours: f64,
+    /// Bytes per topic past which the embedded log deletes its oldest records once every
+    /// group has read them.
+    pub retention_bytes: u64,
+    /// Bytes per topic past which the oldest records go even if a group has not read them
+    /// (the group is told, counted and logged).
+    pub retention_max_bytes: u64,
+    /// A consumer group that has committed nothing for this many hours and runs in no process
+    /// of the appliance is forgotten (as Kafka forgets an empty group's offsets), so a consumer
+    /// that is gone for good stops holding records back.
+    pub group_expiry_hours: f64,
+}
+
+impl EventsConfig {
+    /// The embedded log's retention rules.
+    pub fn retention(&self) -> shopverse_events::retention::Retention {
+        shopverse_events::retention::Retention {
+            max_age: Duration::from_secs_f64(self.retention_hours * 3600.0),
+            bytes: self.retention_bytes,
+            max_bytes: self.retention_max_bytes,
+            group_expiry: Duration::from_secs_f64(self.group_expiry_hours * 3600.0),
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for EventsConfig {
@@ -89,6 +117,10 @@ impl Default for EventsConfig {
             partitions: 4,
             kafka: Default::default(),
             consumers: Default::default(),
+            retention_hours: 72.0,
+            retention_bytes: 256 << 20,
+            retention_max_bytes: 1 << 30,
+            group_expiry_hours: 168.0,
         }
     }
 }
@@ -146,6 +178,32 @@ impl Validate for AppConfig {
             return Err(Invalid::new(
                 "events.partitions",
                 "must be between 1 and 256",
+            ));
+        }
+        let hours = self.events.retention_hours;
+        if !(hours.is_finite() && (0.0005..=87_600.0).contains(&hours)) {
+            return Err(Invalid::new(
+                "events.retention_hours",
+                "must be between 0.0005 (about 2 s) and 87600 (10 years)",
+            ));
+        }
+        let expiry = self.events.group_expiry_hours;
+        if !(expiry.is_finite() && expiry >= hours && expiry <= 87_600.0) {
+            return Err(Invalid::new(
+                "events.group_expiry_hours",
+                "must be at least events.retention_hours and at most 87600",
+            ));
+        }
+        if self.events.retention_bytes < 1 << 16 {
+            return Err(Invalid::new(
+                "events.retention_bytes",
+                "must be at least 65536",
+            ));
+        }
+        if self.events.retention_max_bytes < self.events.retention_bytes {
+            return Err(Invalid::new(
+                "events.retention_max_bytes",
+                "must be at least events.retention_bytes",
             ));
         }
         if !(1..=300).contains(&self.shutdown.grace_secs) {

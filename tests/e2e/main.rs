@@ -19,5 +19,6 @@ pub(crate) mod observability;
 mod ops;
 mod passthrough;
 mod rest;
+mod retention;
 mod saga;
 mod web;

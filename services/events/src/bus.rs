@@ -93,6 +93,26 @@ pub trait EventBus: Send + Sync + 'static {
     /// partition): with [`EventBus::committed`], how far a group is behind.
     async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, BusError>;
 
+    /// The append time (ms) of the oldest record `group` could still be handed from
+    /// `topics`: at or after its committed offsets. An event appended before it will not come
+    /// again from the log, so the group's inbox may forget it. `i64::MAX` when nothing is
+    /// waiting; `None` when the bus cannot tell (Kafka: the inbox then keeps entries for the
+    /// configured retention).
+    async fn redelivery_horizon(
+        &self,
+        _group: &str,
+        _topics: &[String],
+    ) -> Result<Option<i64>, BusError> {
+        Ok(None)
+    }
+
+    /// Drops `group`'s committed offsets: a group that will not come back (a process's own
+    /// throwaway group) then holds nothing back. Kafka forgets an empty group's offsets by
+    /// itself, so there it does nothing.
+    async fn forget_group(&self, _group: &str) -> Result<(), BusError> {
+        Ok(())
+    }
+
     /// Whether the bus answers now (readiness).
     async fn check(&self) -> Result<(), BusError> {
         Ok(())

@@ -243,6 +243,7 @@ pub(crate) struct ConsumerMetrics {
     pub(crate) parked: IntGauge,
     pub(crate) parked_oldest: IntGauge,
     pub(crate) outstanding: IntGauge,
+    pub(crate) inbox_pruned: IntCounter,
 }
 
 pub struct Consumer<H: Handler> {
@@ -256,7 +257,14 @@ pub struct Consumer<H: Handler> {
     /// Woken after each applied event: the service's relay, so events the handler wrote go out
     /// at once instead of at the relay's next idle poll.
     after_commit: Option<Arc<tokio::sync::Notify>>,
+    /// How long inbox entries are kept at the least ([`Consumer::prune_inbox`]).
+    inbox_keep: Duration,
 }
+
+/// Inbox entries one pruning pass forgets at the most; the next pass takes the rest.
+const INBOX_PRUNE_MAX: i64 = 20_000;
+/// Inbox entries deleted per statement.
+const INBOX_PRUNE_BATCH: usize = 500;
 
 /// What happened to one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,6 +352,12 @@ impl<H: Handler> Consumer<H> {
                 "Records read and not finished: running, waiting behind their key, or parked",
                 &l,
             ),
+            inbox_pruned: int_counter(
+                registry,
+                "events_inbox_pruned_total",
+                "Inbox entries forgotten once the log could no longer redeliver their events",
+                &l,
+            ),
         };
         let cfg = ConsumerConfig::default();
         Self {
@@ -355,7 +369,15 @@ impl<H: Handler> Consumer<H> {
             max_outstanding: cfg.max_outstanding,
             metrics,
             after_commit: None,
+            inbox_keep: crate::retention::Retention::default().max_age,
         }
+    }
+
+    /// Keeps inbox entries at least `keep` (the log's retention age), and after that for as
+    /// long as the log could still hand their events to this group.
+    pub fn keeping_inbox(mut self, keep: Duration) -> Self {
+        self.inbox_keep = keep;
+        self
     }
 
     pub fn waking(mut self, relay: Arc<tokio::sync::Notify>) -> Self {
@@ -404,8 +426,70 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         };
-        crate::schedule::run(&self, sub, shutdown).await;
+        tokio::join!(
+            crate::schedule::run(&self, sub, shutdown.clone()),
+            self.prune_inbox(shutdown)
+        );
         Ok(())
+    }
+
+    /// Prunes the inbox every tenth of [`Consumer::keeping_inbox`] (between a second and a
+    /// minute) until `shutdown`.
+    async fn prune_inbox(&self, shutdown: CancellationToken) {
+        let every = (self.inbox_keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.prune_inbox_once(SystemClock.now_ms()).await {
+                Ok(n) => self.metrics.inbox_pruned.inc_by(n),
+                Err(e) => {
+                    tracing::warn!(consumer = %self.handler.name(), error = %e, "pruning the inbox failed");
+                }
+            }
+        }
+    }
+
+    /// Forgets the inbox entries that can no longer be needed at `now_ms`: handled longer ago
+    /// than the keep time, and before the oldest record the log could still hand this group
+    /// (an event is appended before it is handled, so such an event will not come again).
+    /// Returns how many went.
+    pub async fn prune_inbox_once(&self, now_ms: i64) -> Result<u64, BusError> {
+        let name = self.handler.name();
+        let keep = i64::try_from(self.inbox_keep.as_millis()).unwrap_or(i64::MAX);
+        let horizon = self
+            .bus
+            .redelivery_horizon(name, &self.handler.topics())
+            .await?
+            .unwrap_or(i64::MAX);
+        let cutoff = now_ms.saturating_sub(keep).min(horizon);
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT event_id FROM inbox WHERE consumer = $1 AND handled_at < $2 LIMIT $3",
+        )
+        .bind(name)
+        .bind(cutoff)
+        .bind(INBOX_PRUNE_MAX)
+        .fetch_all(&mut *self.db.read().await?)
+        .await?;
+        let mut pruned = 0;
+        for (i, chunk) in ids.chunks(INBOX_PRUNE_BATCH).enumerate() {
+            if i > 0 {
+                // Other writers of the file take their turn between batches.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let sql = format!(
+                "DELETE FROM inbox WHERE consumer = $1 AND event_id IN {}",
+                placeholders(2, 1, chunk.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(name);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            let mut conn = self.db.write_conn().await?;
+            pruned += q.execute(&mut *conn).await?.rows_affected();
+        }
+        Ok(pruned)
     }
 
     /// Whether runs of records may go in one transaction: only for a handler with no

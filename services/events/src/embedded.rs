@@ -18,12 +18,20 @@ use shopverse_kit::clock::{Clock, SystemClock};
 use shopverse_storage::{Db, MigrationSpec, placeholders};
 
 use crate::bus::{BusError, EventBus, OutRecord, Record, Subscription, partition_for};
+use crate::retention::RetentionMetrics;
 
-pub const MIGRATIONS: &[MigrationSpec] = &[(
-    1,
-    "embedded event log",
-    include_str!("../migrations/0001_embedded_log.sql"),
-)];
+pub const MIGRATIONS: &[MigrationSpec] = &[
+    (
+        1,
+        "embedded event log",
+        include_str!("../migrations/0001_embedded_log.sql"),
+    ),
+    (
+        2,
+        "group commit time",
+        include_str!("../migrations/0002_group_commit_time.sql"),
+    ),
+];
 
 /// Rows per statement of a publish: 7 parameters a row stays far below SQLite's and
 /// PostgreSQL's limits on parameters.
@@ -51,6 +59,8 @@ struct Inner {
     ends: Mutex<HashMap<String, Vec<i64>>>,
     /// Partitions per topic, for topics known to exist (a topic's count never changes).
     parts: Mutex<HashMap<String, i32>>,
+    /// Retention's metrics, once [`EmbeddedLog::register`] has run.
+    metrics: std::sync::OnceLock<RetentionMetrics>,
 }
 
 impl Inner {
@@ -100,8 +110,33 @@ impl EmbeddedLog {
                 active_groups: Mutex::new(HashSet::new()),
                 ends: Mutex::default(),
                 parts: Mutex::default(),
+                metrics: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Registers the log's retention metrics in `registry` (once; later calls do nothing).
+    pub fn register(&self, registry: &prometheus::Registry) {
+        let _ = self
+            .inner
+            .metrics
+            .get_or_init(|| RetentionMetrics::new(registry));
+    }
+
+    pub(crate) fn metrics(&self) -> Option<&RetentionMetrics> {
+        self.inner.metrics.get()
+    }
+
+    pub(crate) fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// Whether a member of `group` runs in this process.
+    pub(crate) fn is_active(&self, group: &str) -> bool {
+        self.inner
+            .active_groups
+            .lock()
+            .is_ok_and(|a| a.contains(group))
     }
 
     async fn topic_partitions(
@@ -368,6 +403,41 @@ impl EventBus for EmbeddedLog {
         .await?)
     }
 
+    async fn redelivery_horizon(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Option<i64>, BusError> {
+        let mut oldest = i64::MAX;
+        for topic in topics {
+            for part in 0..self.partitions(topic).await? {
+                let next = self.committed(group, topic, part).await?;
+                let at: Option<i64> = sqlx::query_scalar(
+                    "SELECT appended_at FROM records WHERE topic = $1 AND part = $2 AND offs >= $3 \
+                     ORDER BY offs LIMIT 1",
+                )
+                .bind(topic)
+                .bind(i64::from(part))
+                .bind(next)
+                .fetch_optional(&mut *self.inner.db.read().await?)
+                .await?;
+                if let Some(at) = at {
+                    oldest = oldest.min(at);
+                }
+            }
+        }
+        Ok(Some(oldest))
+    }
+
+    async fn forget_group(&self, group: &str) -> Result<(), BusError> {
+        let mut conn = self.inner.db.write_conn().await?;
+        sqlx::query("DELETE FROM group_offsets WHERE group_id = $1")
+            .bind(group)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         self.inner.url.clone()
     }
@@ -381,13 +451,15 @@ fn upsert_offset<'q>(
     next_offset: i64,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     sqlx::query(
-        "INSERT INTO group_offsets (group_id, topic, part, next_offset) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (group_id, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
+        "INSERT INTO group_offsets (group_id, topic, part, next_offset, committed_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (group_id, topic, part) \
+         DO UPDATE SET next_offset = excluded.next_offset, committed_at = excluded.committed_at",
     )
     .bind(group)
     .bind(topic)
     .bind(i64::from(partition))
     .bind(next_offset)
+    .bind(SystemClock.now_ms())
 }
 
 struct EmbeddedSubscription {
@@ -434,6 +506,25 @@ impl EmbeddedSubscription {
                 }
                 let room = max - out.len();
                 let recs = self.log.fetch(topic, p, pos, room).await?;
+                if let Some(first) = recs.first()
+                    && first.offset > pos
+                    && pos > 0
+                {
+                    // Offsets are consecutive: the ones before `first` were deleted by the
+                    // log's hard size cap before this group read them. (A group that has read
+                    // nothing here starts at the oldest record left, as a new group does;
+                    // retention counted what it lost.)
+                    let lost = first.offset - pos;
+                    tracing::warn!(
+                        group = %self.group, topic, partition = p, records = lost,
+                        "records this group had not read were deleted; going on from the oldest left"
+                    );
+                    if let Some(m) = self.log.metrics() {
+                        m.skipped
+                            .with_label_values(&[self.group.as_str(), topic.as_str()])
+                            .inc_by(u64::try_from(lost).unwrap_or(0));
+                    }
+                }
                 let next = recs.last().map_or(pos, |last| last.offset + 1);
                 if recs.len() < room {
                     // Read to the end.
@@ -508,17 +599,20 @@ impl Subscription for EmbeddedSubscription {
             }
         }
         let sql = format!(
-            "INSERT INTO group_offsets (group_id, topic, part, next_offset) VALUES {} \
-             ON CONFLICT (group_id, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
-            placeholders(1, next.len(), 4)
+            "INSERT INTO group_offsets (group_id, topic, part, next_offset, committed_at) \
+             VALUES {} ON CONFLICT (group_id, topic, part) DO UPDATE SET \
+             next_offset = excluded.next_offset, committed_at = excluded.committed_at",
+            placeholders(1, next.len(), 5)
         );
+        let now = SystemClock.now_ms();
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for (topic, partition, offset) in next {
             q = q
                 .bind(&self.group)
                 .bind(topic)
                 .bind(i64::from(partition))
-                .bind(offset);
+                .bind(offset)
+                .bind(now);
         }
         let mut conn = self.log.inner.db.write_conn().await?;
         q.execute(&mut *conn).await?;

@@ -16,6 +16,9 @@
 //!   redelivery changes nothing: effects are exactly once. Failures retry with backoff, then the
 //!   event is parked on `<topic>.dlq`.
 //! - [`dlq`]: listing and replaying parked events (`shopverse events dlq list|replay`).
+//! - [`retention`]: what the embedded log keeps (by age and size, never what a group has yet to
+//!   read, except past a hard cap); the consumer prunes its inbox once the log can no longer
+//!   redeliver what it forgets, and the relay its published outbox rows.
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +29,7 @@ pub mod embedded;
 pub mod envelope;
 pub mod kafka;
 pub mod outbox;
+pub mod retention;
 mod schedule;
 
 pub use bus::{BusError, EventBus, OutRecord, Record, Subscription};

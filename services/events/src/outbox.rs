@@ -25,6 +25,8 @@ use crate::envelope::{Envelope, EventType};
 
 /// How often the relay counts what is left to publish, for its backlog gauge.
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+/// How often published rows are pruned at the most (sooner with a short keep time).
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// How long a woken relay waits before it reads the outbox.
 const COALESCE: Duration = Duration::from_millis(2);
 
@@ -173,6 +175,47 @@ impl Relay {
         }
     }
 
+    /// Keeps published rows for `keep` (24 hours unless told), for `shopverse events trace`
+    /// and for looking back after an incident.
+    pub fn keeping(mut self, keep: Duration) -> Self {
+        self.retention = keep;
+        self
+    }
+
+    /// Deletes rows published before `cutoff_ms`, a batch per statement so that other
+    /// writers of the file take their turn in between; returns how many went.
+    pub async fn prune(&self, cutoff_ms: i64) -> Result<u64, sqlx::Error> {
+        let mut pruned = 0;
+        loop {
+            let ids: Vec<String> = sqlx::query_scalar(
+                "SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 \
+                 LIMIT 500",
+            )
+            .bind(cutoff_ms)
+            .fetch_all(&mut *self.db.read().await?)
+            .await?;
+            if ids.is_empty() {
+                return Ok(pruned);
+            }
+            let sql = format!(
+                "DELETE FROM outbox WHERE id IN {}",
+                placeholders(1, 1, ids.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for id in &ids {
+                q = q.bind(id);
+            }
+            pruned += q
+                .execute(&mut *self.db.write_conn().await?)
+                .await?
+                .rows_affected();
+            if ids.len() < 500 {
+                return Ok(pruned);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     pub fn with_batch_size(mut self, n: usize) -> Self {
         self.batch_size = n.max(1);
         self
@@ -318,21 +361,12 @@ impl Relay {
                     self.metrics.backlog.set(n);
                 }
             }
-            if last_prune.elapsed() > Duration::from_secs(600) {
+            let prune_every = (self.retention / 10).clamp(Duration::from_secs(1), PRUNE_EVERY);
+            if last_prune.elapsed() > prune_every {
                 last_prune = tokio::time::Instant::now();
                 let cutoff =
                     SystemClock.now_ms() - i64::try_from(self.retention.as_millis()).unwrap_or(0);
-                let pruned = async {
-                    let mut conn = self.db.write_conn().await?;
-                    sqlx::query(
-                        "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1",
-                    )
-                    .bind(cutoff)
-                    .execute(&mut *conn)
-                    .await
-                }
-                .await;
-                if let Err(e) = pruned {
+                if let Err(e) = self.prune(cutoff).await {
                     tracing::warn!(error = %e, "pruning published outbox rows failed");
                 }
             }

@@ -840,3 +840,56 @@ async fn a_parked_record_survives_a_restart() {
     );
     db.close().await;
 }
+
+/// The inbox forgets an event only once the log can no longer hand it over again: while the
+/// group's committed offset is behind (it crashed before committing), every entry stays and
+/// the redelivery changes nothing; once the group has read everything and the keep time has
+/// passed, the entries go.
+#[tokio::test]
+async fn the_inbox_forgets_only_what_the_log_cannot_redeliver() {
+    use shopverse_kit::clock::{Clock, SystemClock};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (db, log, _) = published_run(
+        dir.path(),
+        &format!("sqlite://{}/svc.db", dir.path().display()),
+        20,
+    )
+    .await;
+    let bus: Arc<dyn EventBus> = Arc::new(log.clone());
+    let handler = Arc::new(Recorder::new("flaky", None, true));
+    consume_until_caught_up(handler.clone(), &db, &bus).await;
+    assert_eq!(effects(&db).await.len(), 20);
+    let inbox = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM inbox WHERE consumer = 'flaky'")
+            .fetch_one(db.pool())
+            .await
+            .expect("inbox")
+    };
+    let keeper = Consumer::new(
+        handler.clone(),
+        db.clone(),
+        bus.clone(),
+        &prometheus::Registry::new(),
+    )
+    .keeping_inbox(Duration::from_secs(3600));
+    let now = SystemClock.now_ms();
+    assert_eq!(
+        keeper.prune_inbox_once(now).await.expect("prune"),
+        0,
+        "younger than the keep time"
+    );
+
+    // The group's offset back at the start: the log would hand every event over again.
+    log.commit_offset("flaky", USER_REGISTERED.topic, 0, 0)
+        .await
+        .expect("rewind");
+    let far = now + 10 * 3_600_000;
+    assert_eq!(keeper.prune_inbox_once(far).await.expect("prune"), 0);
+    assert_eq!(inbox().await, 20);
+    consume_until_caught_up(handler, &db, &bus).await;
+    assert_eq!(effects(&db).await.len(), 20, "each event applied once");
+
+    // Read to the end: nothing can come again.
+    assert_eq!(keeper.prune_inbox_once(far).await.expect("prune"), 20);
+    assert_eq!(inbox().await, 0);
+}

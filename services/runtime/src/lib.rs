@@ -27,6 +27,7 @@ use tonic::service::Routes;
 use shopverse_events::EventBus;
 use shopverse_events::consumer::{Consumer, ConsumerConfig, Handler};
 use shopverse_events::outbox::Relay;
+use shopverse_events::retention::Retention;
 use shopverse_kit::{CancellationToken, Clock};
 use shopverse_rpc::{Link, LocalServices};
 use shopverse_storage::{Db, DbError, MigrationSpec};
@@ -49,6 +50,9 @@ pub struct Platform {
     pub peers: Arc<HashMap<&'static str, SocketAddr>>,
     /// How consumers schedule and retry (`[events.consumers]`).
     pub consumers: ConsumerConfig,
+    /// What the event log keeps (`[events] retention_*`): inbox entries and published outbox
+    /// rows are kept as long.
+    pub retention: Retention,
 }
 
 /// The configuration section of a service (`[services.<name>]`).
@@ -147,7 +151,8 @@ impl<C> Context<C> {
             &self.platform.registry,
         )
         .waking(self.relay.waker())
-        .configured(&self.platform.consumers);
+        .configured(&self.platform.consumers)
+        .keeping_inbox(self.platform.retention.max_age);
         let shutdown = self.shutdown.clone();
         self.background.push(Box::pin(async move {
             if let Err(e) = c.run(shutdown).await {
@@ -184,6 +189,9 @@ impl<C> Context<C> {
     }
 }
 
+/// How long published outbox rows are kept at the most (less when the log keeps less).
+const OUTBOX_KEEP: Duration = Duration::from_secs(24 * 3600);
+
 /// Connects a service's database and applies its migrations with the outbox and inbox's.
 pub async fn open_db<S: Service>(config: &S::Config, data_dir: &Path) -> Result<Db, RunError> {
     open_db_at(&config.database_url(data_dir), S::MIGRATIONS)
@@ -214,7 +222,8 @@ pub async fn serve<S: Service>(
         platform.bus.clone(),
         S::NAME,
         &platform.registry,
-    );
+    )
+    .keeping(platform.retention.max_age.min(OUTBOX_KEEP));
     let mut cx = Context {
         config,
         data_dir: data_dir.to_owned(),
@@ -287,6 +296,7 @@ pub mod testing {
                 local: shopverse_rpc::LocalServices::default(),
                 peers: Default::default(),
                 consumers: Default::default(),
+                retention: Default::default(),
             },
             log,
         ))

@@ -30,7 +30,7 @@ mod inline;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::pool::PoolConnection;
 use sqlx::{
-    Any, AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, SqlSafeStr, Transaction,
+    Any, AnyConnection, AnyPool, AssertSqlSafe, Connection, Executor, Row, SqlSafeStr, Transaction,
 };
 
 /// Installs the `Any` drivers: PostgreSQL, `sqlx`'s SQLite (threaded: migrations, the
@@ -106,6 +106,8 @@ pub struct Db {
     readers: Option<Arc<Readers>>,
     /// Whose database it is (`orders`), for the spans of its transactions.
     service: &'static str,
+    /// SQLite: the database file.
+    file: Option<PathBuf>,
 }
 
 /// SQLite reader connections, kept out of the pool for the same reason as the writer: the
@@ -240,6 +242,19 @@ fn file_writer(file: &str, conn: AnyConnection) -> (Arc<tokio::sync::Mutex<Write
 /// How often a SQLite file's WAL is checkpointed in the background.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// Quiet checkpoints in a row (the WAL grew by at most [`QUIET_FRAMES`] since the one before)
+/// after which a WAL larger than [`WAL_IDLE_BYTES`] is truncated to nothing.
+const IDLE_CHECKPOINTS: u32 = 4;
+/// WAL frames a checkpoint interval may add and still count as quiet: the readiness probe's
+/// write once a second is quiet.
+const QUIET_FRAMES: i64 = 16;
+/// The WAL size an idle file is truncated from.
+const WAL_IDLE_BYTES: u64 = 1 << 20;
+
+/// The WAL size SQLite cuts the file back to whenever it starts the log over: a burst leaves
+/// no high-water mark behind.
+const WAL_KEEP_BYTES: u64 = 8 << 20;
+
 /// WAL pages after which a commit checkpoints by itself (SQLite's default is 1,000): only a
 /// safety net while [`checkpoint_in_background`] keeps up.
 const AUTOCHECKPOINT_PAGES: u32 = 10_000;
@@ -252,24 +267,67 @@ const AUTOCHECKPOINT_PAGES: u32 = 10_000;
 /// those commits took 1-50 ms and held up every writer of the file. A `PASSIVE` checkpoint
 /// takes no writer lock, so commits go on meanwhile. Durability is unchanged: a commit is
 /// durable in the WAL either way.
+///
+/// Once the file has been quiet for [`IDLE_CHECKPOINTS`] checkpoints, a WAL grown past
+/// [`WAL_IDLE_BYTES`] (by a burst) is emptied by a `TRUNCATE` checkpoint. Under load,
+/// `journal_size_limit` ([`WAL_KEEP_BYTES`]) bounds it whenever SQLite starts the log over.
 async fn checkpoint_in_background(
     mut conn: AnyConnection,
-    file: std::sync::Weak<tokio::sync::Mutex<Writer>>,
+    writer: std::sync::Weak<tokio::sync::Mutex<Writer>>,
     pool: AnyPool,
+    wal: PathBuf,
 ) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let (mut last_frames, mut quiet) = (0i64, 0u32);
     loop {
         tick.tick().await;
-        if pool.is_closed() || file.strong_count() == 0 {
+        if pool.is_closed() || writer.strong_count() == 0 {
             break;
         }
-        if let Err(e) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
-            tracing::debug!(error = %e, "background checkpoint failed; the next one retries");
+        // (busy, frames in the WAL, frames checkpointed)
+        let frames = match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut conn)
+            .await
+        {
+            Ok(row) => row.try_get::<i64, _>(1).unwrap_or(0),
+            Err(e) => {
+                tracing::debug!(error = %e, "background checkpoint failed; the next one retries");
+                continue;
+            }
+        };
+        // Fewer frames than before: the log was started over.
+        let added = if frames >= last_frames {
+            frames - last_frames
+        } else {
+            frames
+        };
+        last_frames = frames;
+        quiet = if added <= QUIET_FRAMES { quiet + 1 } else { 0 };
+        let big = std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_IDLE_BYTES);
+        if quiet >= IDLE_CHECKPOINTS && big {
+            match conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").await {
+                Ok(_) => last_frames = 0,
+                Err(e) => tracing::debug!(error = %e, "truncating an idle WAL failed"),
+            }
+            quiet = 0;
         }
     }
     let _ = sqlx::Connection::close(conn).await;
+}
+
+/// The bytes on disk of the SQLite database `file` and of its WAL (0 for a missing one).
+pub fn sqlite_file_bytes(file: &Path) -> (u64, u64) {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    (size(file), size(&wal_of(file)))
+}
+
+/// The WAL file of the SQLite database `file`.
+fn wal_of(file: &Path) -> PathBuf {
+    let mut wal = file.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
 }
 
 /// A connection to write on: on SQLite the file's writer, held (with its turn) until this is
@@ -441,6 +499,10 @@ impl Db {
                         "PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}"
                     )))
                     .await?;
+                    conn.execute(AssertSqlSafe(format!(
+                        "PRAGMA journal_size_limit = {WAL_KEEP_BYTES}"
+                    )))
+                    .await?;
                     Ok(())
                 })
             });
@@ -483,6 +545,7 @@ impl Db {
                         checkpointer,
                         Arc::downgrade(&writer),
                         pool.clone(),
+                        wal_of(Path::new(f)),
                     ));
                 }
                 Some(writer)
@@ -504,6 +567,7 @@ impl Db {
             writer,
             readers,
             service: "",
+            file: file.map(PathBuf::from),
         })
     }
 
@@ -647,7 +711,21 @@ impl Db {
         Ok(Some(w))
     }
 
+    /// The database file and its WAL, in bytes (SQLite; `None` on PostgreSQL).
+    pub fn file_bytes(&self) -> Option<(u64, u64)> {
+        self.file.as_deref().map(sqlite_file_bytes)
+    }
+
+    /// Closes the connections. On SQLite the WAL is first copied into the database and
+    /// truncated, so a stopped service leaves its data in one file.
     pub async fn close(&self) {
+        if self.writer.is_some()
+            && !self.pool.is_closed()
+            && let Ok(Some(mut w)) = self.turn().await
+            && let Err(e) = w.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").await
+        {
+            tracing::debug!(error = %e, "the closing checkpoint failed");
+        }
         if let Some(r) = &self.readers {
             r.permits.close();
             let idle = std::mem::take(
@@ -891,6 +969,64 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         db.close().await;
+    }
+
+    /// A burst leaves a WAL of several megabytes; once the file is quiet the WAL is emptied,
+    /// and a closed database leaves none behind.
+    #[tokio::test]
+    async fn an_idle_or_closed_sqlite_file_keeps_no_wal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("w.db");
+        let db = Db::connect(&format!("sqlite://{}", file.display()), 2)
+            .await
+            .expect("connect");
+        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE b (id BIGINT PRIMARY KEY, v BLOB);")];
+        db.migrate(&[m]).await.expect("migrate");
+        let burst = |from: i64| {
+            let db = db.clone();
+            async move {
+                // One transaction of 4 MiB: its pages are in the WAL at once.
+                let mut tx = db.begin_write().await.expect("begin");
+                for i in from..from + 512 {
+                    sqlx::query("INSERT INTO b (id, v) VALUES ($1, $2)")
+                        .bind(i)
+                        .bind(vec![7u8; 8192])
+                        .execute(&mut *tx)
+                        .await
+                        .expect("insert");
+                }
+                tx.commit().await.expect("commit");
+            }
+        };
+        burst(0).await;
+        let wal = || sqlite_file_bytes(&file).1;
+        assert!(wal() > 2 << 20, "the burst is in the WAL: {} bytes", wal());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while wal() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the WAL of an idle file stayed at {} bytes",
+                wal()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        burst(10_000).await;
+        assert!(wal() > 2 << 20);
+        assert_eq!(db.file_bytes().map(|b| b.1), Some(wal()));
+        db.close().await;
+        assert_eq!(wal(), 0, "closing truncates the WAL");
+        let n: i64 = {
+            let db = Db::connect(&format!("sqlite://{}", file.display()), 1)
+                .await
+                .expect("reopen");
+            let n = sqlx::query_scalar("SELECT COUNT(*) FROM b")
+                .fetch_one(&mut *db.read().await.expect("reader"))
+                .await
+                .expect("count");
+            db.close().await;
+            n
+        };
+        assert_eq!(n, 1024, "nothing was lost");
     }
 
     #[tokio::test]
