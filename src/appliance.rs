@@ -105,6 +105,16 @@ pub async fn open_bus(
     cfg: &AppConfig,
     registry: &prometheus::Registry,
 ) -> Result<Arc<dyn EventBus>, ApplianceError> {
+    open_bus_retained(cfg, registry, None).await
+}
+
+/// [`open_bus`] for the process that runs the services: an embedded log also applies its
+/// retention (`[events] retention_*`) until `retain` is cancelled.
+async fn open_bus_retained(
+    cfg: &AppConfig,
+    registry: &prometheus::Registry,
+    retain: Option<CancellationToken>,
+) -> Result<Arc<dyn EventBus>, ApplianceError> {
     match cfg.events.backend {
         EventsBackend::Kafka => Ok(Arc::new(KafkaBus::new(
             cfg.events.kafka.clone(),
@@ -116,6 +126,10 @@ pub async fn open_bus(
             let log = EmbeddedLog::open(&url, cfg.events.partitions)
                 .await
                 .map_err(|source| ApplianceError::EventLog { url, source })?;
+            if let Some(stop) = retain {
+                log.register(registry);
+                tokio::spawn(log.clone().retain(cfg.events.retention(), stop));
+            }
             Ok(Arc::new(log))
         }
     }
@@ -234,7 +248,7 @@ impl Appliance {
             bound.push((unit, listener, at));
         }
         let platform = Platform {
-            bus: open_bus(&cfg, &registry).await?,
+            bus: open_bus_retained(&cfg, &registry, Some(shutdown.clone())).await?,
             registry: registry.clone(),
             clock: Arc::new(SystemClock),
             grace: Duration::from_secs(cfg.shutdown.grace_secs),
@@ -242,6 +256,7 @@ impl Appliance {
             grpc: shopverse_rpc::GrpcMetrics::new(&registry)?,
             peers: Arc::new(bound.iter().map(|(u, _, at)| (u.name(), *at)).collect()),
             consumers: cfg.events.consumers.clone(),
+            retention: cfg.events.retention(),
         };
         provision_topics(platform.bus.as_ref()).await;
         let bus_up = watch_bus(platform.bus.clone(), &registry, shutdown.clone());
@@ -268,6 +283,7 @@ impl Appliance {
                 .iter()
                 .map(|(u, _)| (u.name(), u.database_url(&cfg)))
                 .collect(),
+            (cfg.events.backend == EventsBackend::Embedded).then(|| cfg.events_url()),
             &registry,
             shutdown.clone(),
         );
@@ -353,9 +369,7 @@ impl Appliance {
                     return Err(e.into());
                 }
             };
-            if let Some(cache) = g.cache.clone() {
-                let _ = cache_slot.set(shopverse_gateway::purge_handler(cache));
-            }
+            let _ = cache_slot.set(shopverse_gateway::purge_handler(g.cache.clone()));
             running.rows.insert(
                 0,
                 (
@@ -531,8 +545,12 @@ type StorageState = Arc<std::sync::Mutex<Vec<(&'static str, Option<String>)>>>;
 /// answers reads), so `/readyz` names a service whose storage is out; `storage_up{service}`
 /// says the same to Prometheus. A probe that meets the service's own writer (busy) counts as
 /// up.
+///
+/// `storage_file_bytes{service, file}` follows each SQLite file's size (and the embedded
+/// event log's, `service="events"`, from `events_url`).
 fn watch_storage(
     services: Vec<(&'static str, String)>,
+    events_url: Option<String>,
     registry: &prometheus::Registry,
     stop: CancellationToken,
 ) -> StorageState {
@@ -543,16 +561,56 @@ fn watch_storage(
         &[],
         &["service"],
     );
+    let bytes = shopverse_kit::metrics::int_gauge_vec(
+        registry,
+        "storage_file_bytes",
+        "Bytes on disk of a SQLite database: the file itself (main) and its write-ahead log (wal)",
+        &[],
+        &["service", "file"],
+    );
     let state: StorageState = Arc::new(std::sync::Mutex::new(
         services.iter().map(|(name, _)| (*name, None)).collect(),
     ));
+    if let Some(url) = events_url {
+        let (bytes, stop) = (bytes.clone(), stop.clone());
+        let path = std::path::PathBuf::from(
+            url.trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:")
+                .split('?')
+                .next()
+                .unwrap_or_default(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (main, wal) = shopverse_storage::sqlite_file_bytes(&path);
+                for (file, n) in [("main", main), ("wal", wal)] {
+                    bytes
+                        .with_label_values(&["events", file])
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
     for (i, (name, url)) in services.into_iter().enumerate() {
-        let (state, up, stop) = (state.clone(), up.clone(), stop.clone());
+        let (state, up, bytes, stop) = (state.clone(), up.clone(), bytes.clone(), stop.clone());
         tokio::spawn(async move {
             let mut db = None;
             loop {
                 if db.is_none() {
                     db = shopverse_storage::Db::connect(&url, 1).await.ok();
+                }
+                if let Some((main, wal)) = db.as_ref().and_then(|d| d.file_bytes()) {
+                    let set = |file, n: u64| {
+                        bytes
+                            .with_label_values(&[name, file])
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    };
+                    set("main", main);
+                    set("wal", wal);
                 }
                 let outcome = match &db {
                     None => Err("cannot connect".to_owned()),

@@ -239,7 +239,7 @@ pub async fn gateway(
         &registry,
     );
     let ready: shopverse_kit::metrics::ReadyCheck = Arc::new(|| Ok(()));
-    let purge = running.cache.clone().map(shopverse_gateway::purge_handler);
+    let purge = Some(shopverse_gateway::purge_handler(running.cache.clone()));
     let admin_task = tokio::spawn(shopverse_kit::metrics::serve_admin(
         admin,
         registry,
@@ -287,6 +287,41 @@ pub fn keys_rotate(cfg: AppConfig) -> anyhow::Result<()> {
     println!(
         "the previous key stays in the JWKS for {} s so tokens it signed keep working; a running users service switches on its own",
         cfg.services.users.access_ttl_secs + shopverse_users::keys::LEEWAY_SECS
+    );
+    Ok(())
+}
+
+/// Prints the signing keys as a Kubernetes Secret named `name` in `namespace`: the manifest
+/// and every key file it lists, as the users service reads them from its keys folder.
+pub fn keys_manifest(cfg: AppConfig, namespace: &str, name: &str) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let dir = cfg.services.users.keys_dir(&cfg.data.dir);
+    shopverse_users::keys::KeyStore::open_or_init(&dir, SystemClock.now_ms())?;
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file == "keys.json" || file.ends_with(".key") {
+            let bytes = std::fs::read(entry.path())
+                .with_context(|| format!("reading {}", entry.path().display()))?;
+            files.push((file, bytes));
+        }
+    }
+    files.sort();
+    let mut out = format!(
+        "# The users service's signing keys (shopverse keys manifest). Private: apply it, do not\n\
+         # commit it.\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\n\
+         \x20 labels: {{app.kubernetes.io/part-of: shopverse}}\ntype: Opaque\ndata:\n"
+    );
+    for (file, bytes) in &files {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        out.push_str(&format!("  {file}: {b64}\n"));
+    }
+    print!("{out}");
+    eprintln!(
+        "{} keys from {}; apply with `kubectl apply -f -`, and again after `shopverse keys rotate`",
+        files.len().saturating_sub(1),
+        dir.display()
     );
     Ok(())
 }

@@ -170,6 +170,19 @@ enum KeysCommand {
     /// Add a new signing key and retire the current one. Tokens it signed stay valid until they
     /// expire; a running users service picks the new key up on its own.
     Rotate(Common),
+    /// Print the signing keys as a Kubernetes Secret (`kubectl apply -f -`), making the first
+    /// key if there is none: every users replica then signs with the same keys, and a
+    /// restarted pod keeps issued tokens valid. After a rotation, apply it again.
+    Manifest {
+        #[command(flatten)]
+        common: Common,
+        /// The Secret's namespace.
+        #[arg(long, default_value = "shopverse")]
+        namespace: String,
+        /// The Secret's name (the users Deployment mounts `shopverse-signing-keys`).
+        #[arg(long, default_value = "shopverse-signing-keys")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -310,6 +323,14 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Keys {
             command: KeysCommand::Rotate(c),
         } => keys_rotate(load(&c)?)?,
+        Command::Keys {
+            command:
+                KeysCommand::Manifest {
+                    common,
+                    namespace,
+                    name,
+                },
+        } => keys_manifest(load(&common)?, &namespace, &name)?,
         Command::Admin {
             command:
                 AdminCommand::Create {

@@ -25,7 +25,7 @@ pub struct Gateway {
     pub(crate) openapi: Bytes,
     /// The edge cache of public catalog responses, and who is fetching which key right now
     /// (concurrent misses on one key wait for one upstream call).
-    pub(crate) cache: Option<Arc<shopverse_edge_cache::EdgeCache>>,
+    pub(crate) cache: Arc<crate::CacheSlot>,
     pub(crate) inflight:
         std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) clock: Arc<dyn shopverse_kit::Clock>,

@@ -124,11 +124,18 @@ pub struct Upgrade {
     pub trigger: CancellationToken,
 }
 
+/// Where the edge cache is, once open: empty when it is off, and for as long as another
+/// process holds its files (the gateway this one upgraded), after which it is filled.
+pub type CacheSlot = arc_swap::ArcSwapOption<shopverse_edge_cache::EdgeCache>;
+
+/// How often a gateway whose cache another process holds tries to open it.
+const CACHE_RETRY: Duration = Duration::from_millis(250);
+
 /// A running gateway.
 pub struct Running {
     pub addr: SocketAddr,
-    /// The edge cache, when enabled (for the admin listener's purge endpoint).
-    pub cache: Option<Arc<shopverse_edge_cache::EdgeCache>>,
+    /// The edge cache (for the admin listener's purge endpoint).
+    pub cache: Arc<CacheSlot>,
     /// The HTTPS listener, when configured.
     pub tls_addr: Option<SocketAddr>,
     live: Arc<arc_swap::ArcSwap<live::Live>>,
@@ -272,13 +279,12 @@ impl Builder {
 }
 
 /// The admin listener's cache purge: `POST /cache/purge?key=K`, `?tag=T` or `?all=true`.
-pub fn purge_handler(
-    cache: Arc<shopverse_edge_cache::EdgeCache>,
-) -> shopverse_kit::metrics::AdminHandler {
+pub fn purge_handler(slot: Arc<CacheSlot>) -> shopverse_kit::metrics::AdminHandler {
     Arc::new(move |method, path, query| {
         if path != "/cache/purge" {
             return None;
         }
+        let cache = slot.load_full()?;
         if method != http::Method::POST {
             return Some((
                 405,
@@ -314,6 +320,58 @@ pub fn purge_handler(
             ),
         })
     })
+}
+
+/// Opens the edge cache.
+type OpenCache = Arc<
+    dyn Fn() -> Result<Arc<shopverse_edge_cache::EdgeCache>, shopverse_edge_cache::CacheError>
+        + Send
+        + Sync,
+>;
+
+/// Opens the edge cache `config` names.
+fn open_cache(config: &GatewayConfig, registry: &prometheus::Registry) -> OpenCache {
+    let dir = std::path::PathBuf::from(&config.cache.dir);
+    let settings = shopverse_edge_cache::CacheConfig {
+        max_disk_bytes: config.cache.max_disk_bytes,
+        max_memory_bytes: config.cache.max_memory_bytes,
+    };
+    let registry = registry.clone();
+    Arc::new(move || shopverse_edge_cache::EdgeCache::open(&dir, settings, &registry).map(Arc::new))
+}
+
+/// Tries `open` every [`CACHE_RETRY`] until it works (the process holding the cache has left)
+/// or the gateway stops; then serves from it and follows catalog events.
+async fn open_when_released(
+    open: OpenCache,
+    slot: Arc<CacheSlot>,
+    events: Option<Arc<dyn shopverse_events::EventBus>>,
+    shutdown: CancellationToken,
+) {
+    let waited = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CACHE_RETRY) => {}
+        }
+        // sled's open reads its files: off the runtime's threads.
+        let attempt = tokio::task::spawn_blocking({
+            let open = open.clone();
+            move || open()
+        })
+        .await;
+        if let Ok(Ok(c)) = attempt {
+            tracing::info!(
+                waited_ms = waited.elapsed().as_millis() as u64,
+                "the edge cache was released and is open again"
+            );
+            slot.store(Some(c.clone()));
+            if let Some(bus) = events {
+                invalidate_from_events(bus, c, shutdown).await;
+            }
+            return;
+        }
+    }
 }
 
 /// Purges cached catalog pages as product events arrive, so an edit shows at the edge at once.
@@ -409,29 +467,28 @@ async fn start(b: Builder) -> Result<Running, GatewayError> {
     let openapi =
         bytes::Bytes::from(serde_json::to_vec(&openapi::document(&router)).unwrap_or_default());
     let metrics = gateway::Metrics::new(registry);
-    let cache = if config.cache.enabled && !config.cache.dir.is_empty() {
-        let opened = shopverse_edge_cache::EdgeCache::open(
-            std::path::Path::new(&config.cache.dir),
-            shopverse_edge_cache::CacheConfig {
-                max_disk_bytes: config.cache.max_disk_bytes,
-                max_memory_bytes: config.cache.max_memory_bytes,
-            },
-            registry,
-        );
-        match opened {
-            Ok(c) => Some(Arc::new(c)),
+    let cache: Arc<CacheSlot> = Arc::default();
+    if config.cache.enabled && !config.cache.dir.is_empty() {
+        let open = open_cache(&config, registry);
+        match open() {
+            Ok(c) => {
+                cache.store(Some(c.clone()));
+                if let Some(bus) = events.clone() {
+                    tokio::spawn(invalidate_from_events(bus, c, shutdown.clone()));
+                }
+            }
             // Another process holds it (during a binary upgrade, the old gateway): serve
-            // uncached rather than not at all.
+            // uncached until it lets go, then open it.
             Err(e) => {
-                tracing::error!(error = %e, dir = %config.cache.dir, "the edge cache is not available; serving uncached");
-                None
+                tracing::warn!(error = %e, dir = %config.cache.dir, "the edge cache is held by another process; serving uncached until it is released");
+                tokio::spawn(open_when_released(
+                    open,
+                    cache.clone(),
+                    events.clone(),
+                    shutdown.clone(),
+                ));
             }
         }
-    } else {
-        None
-    };
-    if let (Some(bus), Some(c)) = (events.clone(), cache.clone()) {
-        tokio::spawn(invalidate_from_events(bus, c, shutdown.clone()));
     }
     let feed = config
         .live

@@ -26,7 +26,8 @@ impl Front {
         shutdown: &ShutdownWatch,
         bufs: &mut Buffers,
     ) -> Step {
-        let Some(cache) = &self.gateway.cache else {
+        let cache = self.gateway.cache.load();
+        let Some(cache) = cache.as_ref() else {
             return Step::HandOff;
         };
         let verb = match method {

@@ -259,7 +259,7 @@ impl Gateway {
 
     /// Whether answers to `method` on `route` are kept in the edge cache.
     pub(crate) fn cacheable(&self, method: &Method, route: &crate::router::Route) -> bool {
-        self.cache.is_some()
+        self.cache.load().is_some()
             && (*method == Method::GET || *method == Method::HEAD)
             && route.access == Access::Public
             && self

@@ -153,7 +153,7 @@ impl Gateway {
             "services": services,
             "gateway": {"requests": count, "buckets": buckets},
             "bus": self.bus.as_ref().map(|b| b.describe()),
-            "cache": self.cache.is_some(),
+            "cache": self.cache.load().is_some(),
             "streams": self.feed.as_ref().map(|f| f.open()),
             "consumerLag": self.consumer_lag(),
         })
@@ -203,8 +203,9 @@ impl Gateway {
     }
 
     fn cache_console(&self, purge: bool, body: &serde_json::Value) -> Reply {
-        let Some(cache) = &self.cache else {
-            let message = "the edge cache is off";
+        let cache = self.cache.load();
+        let Some(cache) = cache.as_ref() else {
+            let message = "the edge cache is off (or still held by the process this one upgraded)";
             return refused(StatusCode::NOT_FOUND, Code::NotFound, message);
         };
         if !purge {

@@ -120,7 +120,8 @@ impl Gateway {
         // A fresh hit is answered before the request is transcoded: an entry exists only for
         // a request (the same path and query) that was valid and answered before. The one
         // lookup of this request; `cached` goes on from it on a miss.
-        let looked_up = match (&self.cache, &cache_key) {
+        let cache = self.cache.load_full();
+        let looked_up = match (&cache, &cache_key) {
             (Some(cache), Some(key)) if !cache::wants_fresh(session) => {
                 cache.get(key, self.clock.now_ms()).ok().flatten()
             }
@@ -133,7 +134,7 @@ impl Gateway {
             Ok(call) => call,
             Err(reply) => return reply,
         };
-        if let Some(cache) = self.cache.clone()
+        if let Some(cache) = cache
             && let Some(key) = cache_key
         {
             let call = cache::UpstreamCall {
