@@ -5,11 +5,13 @@
 //! goes to the same writing thread ([`shopverse_kit::telemetry::line_sink`]).
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shopverse_kit::telemetry::LineSink;
 
 use crate::gateway::Access;
+use crate::reply::decimal;
 
 /// What every line says besides [`Access`].
 pub(crate) struct Line<'a> {
@@ -52,20 +54,52 @@ pub(crate) fn write(sink: Option<&LineSink>, line: &Line<'_>, access: &Access<'_
     });
 }
 
-/// `2026-12-07T15:04:05.123456Z`.
+/// `2026-12-07T15:04:05.123456Z`. The part up to the seconds is made once a second.
 fn timestamp(out: &mut String, now: SystemTime) {
+    thread_local! {
+        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    }
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        since.subsec_micros()
-    );
+    let (cached, mut text) = SECOND.get();
+    if cached != secs {
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        let (y, m, d) = civil_from_days(days as i64);
+        let mut s = String::with_capacity(19);
+        let _ = write!(
+            s,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+            rem / 3600,
+            rem / 60 % 60,
+            rem % 60,
+        );
+        // A year past 9999 does not fit: written out, not cached.
+        match <[u8; 19]>::try_from(s.as_bytes()) {
+            Ok(t) => {
+                text = t;
+                SECOND.set((secs, t));
+            }
+            Err(_) => {
+                out.push_str(&s);
+                push_fraction(out, since.subsec_micros());
+                return;
+            }
+        }
+    }
+    // The cached text is ASCII, written above.
+    out.push_str(std::str::from_utf8(&text).unwrap_or_default());
+    push_fraction(out, since.subsec_micros());
+}
+
+/// `.123456Z`.
+fn push_fraction(out: &mut String, micros: u32) {
+    let mut digits = *b".000000Z";
+    let mut n = micros;
+    for d in digits[1..7].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.push_str(std::str::from_utf8(&digits).unwrap_or_default());
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
@@ -81,19 +115,63 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// Whether `value` goes into a JSON string as it is.
+fn plain(value: &str) -> bool {
+    value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+}
+
 /// `value` as a JSON string, quotes included.
 fn json_str(out: &mut String, value: &str) {
     out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
+    if plain(value) {
+        out.push_str(value);
+    } else {
+        for c in value.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 => {
+                    let _ = write!(out, "\\u{:04x}", c as u32);
+                }
+                c => out.push(c),
             }
-            c => out.push(c),
         }
     }
+    out.push('"');
+}
+
+fn push_number(out: &mut String, n: u64) {
+    let mut digits = [0; 20];
+    out.push_str(std::str::from_utf8(decimal(n, &mut digits)).unwrap_or_default());
+}
+
+/// An address the way `Display` writes it, without the formatting machinery for IPv4.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_number(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// `upstream` written as a JSON string.
+fn json_display(out: &mut String, value: &dyn std::fmt::Display) {
+    let at = out.len();
+    let _ = write!(out, "{value}");
+    if !plain(&out[at..]) {
+        let written = out.split_off(at);
+        json_str(out, &written);
+        return;
+    }
+    out.insert(at, '"');
     out.push('"');
 }
 
@@ -106,34 +184,46 @@ fn json(out: &mut String, timestamps: bool, line: &Line<'_>, a: &Access<'_>) {
     }
     out.push_str("\"level\":\"INFO\",\"fields\":{\"request_id\":");
     json_str(out, a.request_id);
-    let text = |out: &mut String, key: &str, v: Option<&str>| {
-        if let Some(v) = v {
-            let _ = write!(out, ",\"{key}\":");
-            json_str(out, v);
-        }
-    };
-    let number = |out: &mut String, key: &str, v: Option<u64>| {
-        if let Some(v) = v {
-            let _ = write!(out, ",\"{key}\":{v}");
-        }
-    };
-    text(out, "trace_id", line.trace_id);
-    if let Some(ip) = a.client {
-        let _ = write!(out, ",\"client\":\"{ip}\"");
+    if let Some(t) = line.trace_id {
+        out.push_str(",\"trace_id\":");
+        json_str(out, t);
     }
-    text(out, "method", Some(line.method));
-    text(out, "path", Some(a.path));
-    text(out, "route", Some(line.route));
-    text(out, "status", Some(line.status));
-    number(out, "bytes_in", a.bytes_in);
-    number(out, "bytes_out", a.bytes_out);
-    number(out, "duration_us", Some(line.elapsed.as_micros() as u64));
+    if let Some(ip) = a.client {
+        out.push_str(",\"client\":\"");
+        push_ip(out, ip);
+        out.push('"');
+    }
+    out.push_str(",\"method\":");
+    json_str(out, line.method);
+    out.push_str(",\"path\":");
+    json_str(out, a.path);
+    out.push_str(",\"route\":");
+    json_str(out, line.route);
+    out.push_str(",\"status\":");
+    json_str(out, line.status);
+    for (key, v) in [
+        (",\"bytes_in\":", a.bytes_in),
+        (",\"bytes_out\":", a.bytes_out),
+    ] {
+        if let Some(v) = v {
+            out.push_str(key);
+            push_number(out, v);
+        }
+    }
+    out.push_str(",\"duration_us\":");
+    push_number(out, line.elapsed.as_micros() as u64);
     if let Some(u) = a.upstream {
         out.push_str(",\"upstream\":");
-        json_str(out, &u.to_string());
+        json_display(out, u);
     }
-    text(out, "cache", a.cache);
-    text(out, "user", a.identity.map(|i| i.user_id.as_str()));
+    if let Some(c) = a.cache {
+        out.push_str(",\"cache\":");
+        json_str(out, c);
+    }
+    if let Some(i) = a.identity {
+        out.push_str(",\"user\":");
+        json_str(out, &i.user_id);
+    }
     out.push_str("},\"target\":\"shopverse::access\"}");
 }
 
@@ -210,5 +300,90 @@ mod tests {
         assert_eq!(v["fields"]["path"], "/x\"y");
         assert_eq!(v["fields"]["duration_us"], 42);
         assert_eq!(v["target"], "shopverse::access");
+    }
+
+    /// Pseudo-random field values (quotes, backslashes, control characters, non-ASCII, IPv4
+    /// and IPv6 clients, odd upstream texts, times across the years): every line is one JSON
+    /// object whose fields read back as they were given.
+    #[test]
+    fn every_line_reads_back_as_json_with_the_values_given() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n.max(1)
+        };
+        const PIECES: [&str; 12] = [
+            "a", "/", "\"", "\\", "\u{1}", "\n", "\u{7f}", "é", "🛒", " ", "%2F", "0",
+        ];
+        let text = |next: &mut dyn FnMut(u64) -> u64| {
+            (0..next(6))
+                .map(|_| PIECES[next(12) as usize])
+                .collect::<String>()
+        };
+        for _ in 0..5_000 {
+            let (request_id, path, user, upstream) = (
+                text(&mut next),
+                text(&mut next),
+                text(&mut next),
+                text(&mut next),
+            );
+            let client: IpAddr = if next(2) == 0 {
+                std::net::Ipv4Addr::from(next(u64::from(u32::MAX)) as u32).into()
+            } else {
+                std::net::Ipv6Addr::from(u128::from(next(u64::MAX)) << 64 | 1).into()
+            };
+            let identity = shopverse_kit::Identity {
+                user_id: user.clone(),
+                roles: Vec::new(),
+            };
+            let a = Access {
+                request_id: &request_id,
+                path: &path,
+                client: Some(client),
+                bytes_in: Some(next(u64::MAX)),
+                bytes_out: (next(2) == 0).then(|| next(10)),
+                upstream: Some(&upstream),
+                cache: Some("HIT"),
+                identity: Some(&identity),
+                ..Default::default()
+            };
+            let elapsed = Duration::from_micros(next(10_000_000_000));
+            let line = Line {
+                route: "/v1/products/{id}",
+                method: "GET",
+                status: "200",
+                elapsed,
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            };
+            let micros = next(253_402_300_799_000_000);
+            let now = UNIX_EPOCH + Duration::from_micros(micros);
+            let mut s = String::new();
+            json(&mut s, false, &line, &a);
+            let v: serde_json::Value = serde_json::from_str(&s).expect(&s);
+            let f = &v["fields"];
+            assert_eq!(f["request_id"], request_id.as_str(), "{s}");
+            assert_eq!(f["path"], path.as_str(), "{s}");
+            assert_eq!(f["user"], user.as_str(), "{s}");
+            assert_eq!(f["upstream"], upstream.as_str(), "{s}");
+            assert_eq!(f["client"], client.to_string(), "{s}");
+            assert_eq!(f["bytes_in"], a.bytes_in.unwrap_or_default(), "{s}");
+            assert_eq!(f["bytes_out"].as_u64(), a.bytes_out, "{s}");
+            assert_eq!(f["duration_us"], elapsed.as_micros() as u64, "{s}");
+            let mut t = String::new();
+            timestamp(&mut t, now);
+            let secs = micros / 1_000_000;
+            let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+            let rem = secs % 86_400;
+            let want = format!(
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+                rem / 3600,
+                rem / 60 % 60,
+                rem % 60,
+                micros % 1_000_000
+            );
+            assert_eq!(t, want);
+        }
     }
 }

@@ -202,6 +202,17 @@ impl Verifier {
         self.keys.read().ok().and_then(|k| k.get(kid).cloned())
     }
 
+    /// How much longer `token`, verified before, stays valid: through the second of its `exp`
+    /// plus the leeway, as verification counts it. `None` once it has expired, or when it is
+    /// not among the verified tokens (never verified here, or its key was withdrawn).
+    pub fn remaining(&self, token: &str) -> Option<std::time::Duration> {
+        let now = self.clock.now_secs();
+        let cache = self.cache.lock().ok()?;
+        let (_, exp) = cache.get(token)?;
+        let left = exp + i64::try_from(self.validation.leeway).unwrap_or(0) + 1 - now;
+        (left > 0).then(|| std::time::Duration::from_secs(left.unsigned_abs()))
+    }
+
     /// Verifies `token` (without the `Bearer ` prefix).
     pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, AuthError> {
         let now = self.clock.now_secs();

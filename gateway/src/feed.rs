@@ -304,7 +304,9 @@ pub async fn follow(
     bus: Arc<dyn shopverse_events::EventBus>,
     shutdown: CancellationToken,
 ) {
-    let group = format!("gateway-live-{}", feed.id);
+    // One name for every run: a gateway that died without forgetting its group has it set to
+    // the end again by the next one, instead of leaving a group behind per run.
+    let group = "gateway-live".to_owned();
     let topics = topics();
     for topic in &topics {
         let partitions = bus.partitions(topic).await.unwrap_or(0);
@@ -321,15 +323,29 @@ pub async fn follow(
             return;
         }
     };
+    // The group is this process's alone: its position is committed once a second, so it never
+    // holds the log's retention back, and forgotten when the gateway stops.
+    let mut last: Vec<shopverse_events::Record> = Vec::new();
+    let mut committed = tokio::time::Instant::now();
     loop {
         let records = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                let _ = bus.forget_group(&group).await;
+                return;
+            }
             r = sub.poll(256, Duration::from_secs(1)) => r,
         };
+        if !last.is_empty() && committed.elapsed() >= Duration::from_secs(1) {
+            committed = tokio::time::Instant::now();
+            if sub.commit_all(&last).await.is_ok() {
+                last.clear();
+            }
+        }
         match records {
             Ok(records) => {
-                for r in &records {
-                    feed.push(r);
+                for r in records {
+                    feed.push(&r);
+                    shopverse_events::consumer::keep_last(&mut last, r);
                 }
             }
             Err(e) => {
@@ -402,6 +418,12 @@ impl crate::gateway::Gateway {
             Err(reply) => return self.write(session, ctx, reply).await,
         };
         ctx.identity = Some(identity.clone());
+        // Admission took the header apart already; the stream checks the same token again
+        // whenever it wakes, so it ends when the token expires or its key is withdrawn.
+        let token = header("authorization")
+            .and_then(|h| h.get(7..))
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default();
         let Some(_slot) = feed.join() else {
             let reply = Reply::error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -445,6 +467,10 @@ impl crate::gateway::Gateway {
         let heartbeat = Duration::from_secs(feed.config.heartbeat_secs);
         let mut out = bytes::BytesMut::from(first.as_bytes());
         loop {
+            let left = self.token_left(&token).await;
+            if left.is_zero() {
+                out.extend_from_slice(EXPIRED_FRAME);
+            }
             if !out.is_empty() {
                 let chunk = out.split().freeze();
                 match tokio::time::timeout(limit, session.write_response_body(Some(chunk), false))
@@ -454,6 +480,11 @@ impl crate::gateway::Gateway {
                     // Gone, or not reading: its place goes to another client.
                     _ => return Ok(()),
                 }
+            }
+            if left.is_zero() {
+                tracing::debug!(user = %identity.user_id, "an event stream's token expired");
+                let _ = session.write_response_body(Some(Bytes::new()), true).await;
+                return Ok(());
             }
             let events = match feed.after(cursor, 256) {
                 Next::Behind => {
@@ -470,7 +501,7 @@ impl crate::gateway::Gateway {
                             let _ = session.write_response_body(Some(Bytes::new()), true).await;
                             return Ok(());
                         }
-                        _ = feed.wait(cursor, heartbeat) => {}
+                        _ = feed.wait(cursor, heartbeat.min(left)) => {}
                     }
                     if feed.newest() == cursor {
                         out.extend_from_slice(b": keep-alive\n\n");
@@ -484,6 +515,27 @@ impl crate::gateway::Gateway {
         }
     }
 }
+
+impl crate::gateway::Gateway {
+    /// How much longer a stream's `token` admits it: zero once it has expired or its key was
+    /// withdrawn.
+    async fn token_left(&self, token: &str) -> Duration {
+        if let Some(left) = self.verifier.remaining(token) {
+            return left;
+        }
+        // Not among the verified tokens any more (a key was withdrawn, or the cache was
+        // emptied when full): verified afresh, or refused.
+        match self.verifier.verify(token).await {
+            Ok(_) => self.verifier.remaining(token).unwrap_or_default(),
+            Err(_) => Duration::ZERO,
+        }
+    }
+}
+
+/// The last frame of a stream whose token has expired: the client signs in again (or
+/// refreshes) and resumes from its last event id.
+const EXPIRED_FRAME: &[u8] =
+    b"event: expired\ndata: {\"reason\":\"the token has expired; refresh it and reconnect\"}\n\n";
 
 #[cfg(test)]
 mod tests {

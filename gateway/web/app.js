@@ -94,6 +94,7 @@ async function session(path, body) {
 }
 
 async function signedIn(pair) {
+  const before = state.user && state.user.id;
   state.token = pair.accessToken;
   clearTimeout(state.refreshTimer);
   const secs = Number(pair.expiresIn || 900);
@@ -104,7 +105,8 @@ async function signedIn(pair) {
     state.user = null;
   }
   updateNav();
-  live.restart();
+  // A refreshed token of the same user resumes the stream where it was.
+  live.restart(!!before && !!state.user && state.user.id === before);
 }
 
 /** A new access token from the refresh cookie; false when there is no session. */
@@ -151,10 +153,10 @@ const live = {
   listeners: new Set(),
   controller: null,
   lastId: null,
-  restart() {
+  restart(resume = false) {
     if (this.controller) this.controller.abort();
     this.controller = null;
-    this.lastId = null;
+    if (!resume) this.lastId = null;
     if (state.token) this.run();
   },
   on(f) {
@@ -174,7 +176,11 @@ const live = {
           continue;
         }
         if (!r.ok || !r.body) throw new Error(`stream ${r.status}`);
-        await this.read(r.body.getReader(), controller.signal);
+        if ((await this.read(r.body.getReader(), controller.signal)) === "expired") {
+          // The server ends a stream when its token expires: refresh, then resume at once.
+          if (!(await refresh())) return;
+          continue;
+        }
       } catch (e) {
         if (controller.signal.aborted) return;
       }
@@ -202,6 +208,7 @@ const live = {
           else if (k === "data") ev.data += v;
         }
         if (!ev.data) continue;
+        if (ev.name === "expired") return "expired";
         if (ev.id) this.lastId = ev.id;
         let data;
         try {

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::common::gateway::{now, sign_with_real_key};
 use crate::common::*;
 
 const PATH: &str = "/v1/events/stream";
@@ -310,5 +311,36 @@ async fn quiet_streams_beat_and_a_client_that_stops_reading_is_cut_off() {
     eprintln!("cut off after {changes} stock changes");
     let again = Stream::open(gw, Some(&admin), None);
     assert_eq!(again.status, 200, "its place is free again: {}", again.head);
+    app.stop();
+}
+
+/// A stream lasts as long as the token that opened it: when the token expires the client gets
+/// an `expired` event and the stream ends, and the same token opens no new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let app =
+        Appliance::start_with_env(dir.path(), &[], &[("SHOPVERSE_GATEWAY__LEEWAY_SECS", "0")]);
+    let gw = app.addrs["gateway"];
+    let (sub, _) = customer(gw, "dave@example.com");
+    let lasts = 4;
+    let claims = serde_json::json!({"iss": "shopverse", "aud": "shopverse-api", "sub": sub,
+        "roles": ["customer"], "iat": now(), "nbf": now(), "exp": now() + lasts});
+    let short = bearer(&sign_with_real_key(dir.path(), &claims));
+    let opened = Instant::now();
+    let mut stream = Stream::open(gw, Some(&short), None);
+    assert_eq!(stream.status, 200, "{}", stream.head);
+    let last = stream.next().expect("an event before the end");
+    assert_eq!(last.name, "expired", "{last:?}");
+    assert!(
+        stream.next().is_none(),
+        "the stream ends after the expired event"
+    );
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_secs(lasts as u64 - 2) && took < Duration::from_secs(14),
+        "ended {took:?} after opening; the token lasted {lasts} s and heartbeats come every 15 s"
+    );
+    assert_eq!(Stream::open(gw, Some(&short), None).status, 401);
     app.stop();
 }
