@@ -58,6 +58,21 @@ if [ -z "$binary" ]; then
 fi
 [ -x "$binary" ] || { echo "no executable at $binary" >&2; exit 1; }
 
+# Units of earlier versions kept the gateway's and each service's state inside the
+# appliance's directory (/var/lib/shopverse/<name>), which systemd hands to whichever unit
+# starts; each now has its own (/var/lib/shopverse-<name>). Move what is there, once.
+private="$root/var/lib/private"
+for name in gateway users products orders payments notifications delivery; do
+  old="$private/shopverse/$name" new="$private/shopverse-$name"
+  [ -d "$old" ] && [ ! -e "$new" ] || continue
+  if systemctl_live && systemctl is-active --quiet "shopverse-$name.service" "shopverse@$name.service" 2>/dev/null; then
+    echo "not moving $old: its unit is running; stop it and run install.sh again" >&2
+    continue
+  fi
+  mv "$old" "$new"
+  echo "moved $old to $new (each unit has its own state directory now)"
+done
+
 install -d -m 0755 "$bin_dir" "$unit_dir" "$doc_dir"
 install -d -m 0750 "$conf_dir" "$conf_dir/distributed" "$conf_dir/credentials"
 install -m 0755 "$binary" "$bin_dir/shopverse"
