@@ -611,3 +611,111 @@ async fn one_order_is_one_trace_across_processes_over_kafka() {
     }
     c.drop_dbs().await;
 }
+
+/// `scripts/run --distributed`, as a newcomer runs it: one command starts PostgreSQL's
+/// databases, every service as its own process (two replicas of orders and payments) and the
+/// gateway, prints where each runs and a `ready:` line; an order placed through the gateway
+/// goes through the whole saga across the processes; Ctrl-C stops everything it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cluster_runs_in_one_command_and_stops_on_ctrl_c() {
+    use std::io::BufRead;
+    let _one = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut script = Command::new("bash")
+        .arg(repo.join("scripts/run"))
+        .args(["--distributed", "--gateway-port", "0"])
+        .env("SHOPVERSE_BIN", BIN)
+        .env("SHOPVERSE_CLUSTER_DIR", dir.path())
+        .env("SHOPVERSE_CLUSTER_DB_PREFIX", &prefix)
+        .env("SHOPVERSE_CLUSTER_NAMESPACE", &prefix)
+        .env("SHOPVERSE_KAFKA_BROKERS", brokers())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(script.stdout.take().unwrap());
+    let mut said = Vec::new();
+    let ready = loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the script ended before its ready line: {said:#?}"
+        );
+        if let Some(rest) = line.trim().strip_prefix("ready: ") {
+            break rest.to_owned();
+        }
+        said.push(line);
+    };
+    let table = said.join("");
+    for name in [
+        "orders-1",
+        "orders-2",
+        "payments-1",
+        "payments-2",
+        "delivery-1",
+    ] {
+        assert!(table.contains(name), "{name} in the table: {table}");
+    }
+    let addr = |name: &str| -> std::net::SocketAddr {
+        ready
+            .split_whitespace()
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let gw = addr("gateway");
+    let (_, token) = customer(gw, "cluster@example.com");
+    let auth = [("authorization", token.as_str())];
+    let placed = buy_with(gw, &auth, 0, "cluster-order-1", "pm_card_ok");
+    assert_eq!(placed.status, 200, "{}", placed.body);
+    let id = placed.json()["id"].as_str().unwrap().to_owned();
+    until(
+        "the order is confirmed across the processes",
+        Duration::from_secs(60),
+        || {
+            let r = http(gw, "GET", &format!("/v1/orders/{id}"), &auth, b"");
+            r.json()["status"] == "ORDER_STATUS_CONFIRMED"
+        },
+    );
+
+    let _ = Command::new("kill")
+        .args(["-INT", &script.id().to_string()])
+        .status();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = script.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "Ctrl-C did not stop it"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(130), "Ctrl-C's exit status");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+    for name in ["gateway", "users", "orders", "payments"] {
+        assert!(
+            std::net::TcpStream::connect(addr(name)).is_err(),
+            "{name} still answers after Ctrl-C: {rest}"
+        );
+    }
+    let pg = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await;
+    if let Ok(pg) = pg {
+        for db in [
+            "users",
+            "products",
+            "orders",
+            "payments",
+            "notifications",
+            "delivery",
+            "payment_simulator",
+        ] {
+            let drop = format!("DROP DATABASE IF EXISTS {prefix}_{db} WITH (FORCE)");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pg).await;
+        }
+    }
+}
