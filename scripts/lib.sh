@@ -78,6 +78,21 @@ ensure_nextest() {
   cargo nextest --version | head -1
 }
 
+# cargo-deny (licences, bans, sources), built once into the cache like the broker.
+SHOPVERSE_CARGO_DENY_VERSION="0.20.2"
+ensure_cargo_deny() {
+  local root="${SHOPVERSE_CACHE:-$HOME/.cache/shopverse}/cargo-deny-$SHOPVERSE_CARGO_DENY_VERSION"
+  if [ ! -x "$root/bin/cargo-deny" ]; then
+    echo "building cargo-deny $SHOPVERSE_CARGO_DENY_VERSION into $root (once)"
+    cargo install cargo-deny --version "$SHOPVERSE_CARGO_DENY_VERSION" --locked \
+      --root "$root" --target-dir "$root/build" \
+      || { echo "building cargo-deny failed" >&2; return 1; }
+    rm -rf "$root/build"
+  fi
+  export SHOPVERSE_CARGO_DENY="$root/bin/cargo-deny"
+  "$SHOPVERSE_CARGO_DENY" --version
+}
+
 pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 -U postgres -t 2 2>/dev/null; }
 
 # PostgreSQL on 127.0.0.1:5432 that user postgres reaches without a password.
