@@ -555,3 +555,319 @@ async fn graceful_upgrade_refuses_no_connection() {
     assert_eq!(served, 503, "the new process serves");
     new.stop();
 }
+
+/// A gateway started with `--upgrade` while the old one still holds the edge cache serves
+/// uncached at first, opens the cache once the old process has left, and answers hits from it
+/// (the old process's entries included) without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_gateway_serves_cache_hits_once_the_old_one_leaves() {
+    let app_dir = tempfile::tempdir().unwrap();
+    let app = Appliance::start(app_dir.path(), &["--demo"]);
+    let products = format!("[\"http://{}\"]", app.addrs["products"]);
+    let dir = tempfile::tempdir().unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let env = [
+        ("SHOPVERSE_GATEWAY__LISTEN", listen.as_str()),
+        ("SHOPVERSE_GATEWAY__RATE_LIMITS", "[]"),
+        ("SHOPVERSE_GATEWAY__UPSTREAMS__PRODUCTS", products.as_str()),
+    ];
+    let mut old = LoneGateway::start(dir.path(), "gw", &env);
+    let cached = |gw| {
+        let r = http(gw, "GET", "/v1/categories", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.header("x-cache").map(str::to_owned)
+    };
+    cached(old.addr);
+    assert_eq!(cached(old.addr).as_deref(), Some("HIT"));
+
+    let new = LoneGateway::start_with_args(dir.path(), "gw", &env, &["--upgrade"]);
+    let _ = std::process::Command::new("kill")
+        .args(["-QUIT", &old.child.id().to_string()])
+        .status();
+    assert!(old.child.wait().unwrap().success());
+    until(
+        "the new gateway answers from the edge cache",
+        Duration::from_secs(20),
+        || cached(new.addr).as_deref() == Some("HIT"),
+    );
+    assert!(
+        metric(new.admin, "shopverse_edge_cache_hits_total") >= 1,
+        "the hit was counted by the new process"
+    );
+    new.stop();
+    app.stop();
+}
+
+/// `Key=value` lines of a unit file, `%i` filled in with `instance`.
+fn unit_settings(unit: &str, instance: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(repo().join("systemd").join(unit))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.replace("%i", instance)))
+        .collect()
+}
+
+/// The appliance unit, the gateway unit and two instances of the service template each keep
+/// state in a directory of their own (systemd hands a unit's state directory to that unit's
+/// dynamic user at every start, so a shared or nested one would be taken from the other), and
+/// each process's `--data-dir` is its unit's state directory. Started side by side from a
+/// staged install, as their `ExecStart` lines say, each runs and writes only there. State an
+/// earlier version kept inside the appliance's directory is moved by the install script.
+#[test]
+fn units_keep_their_state_apart_and_run_side_by_side() {
+    let layout = [
+        ("shopverse.service", ""),
+        ("shopverse-gateway.service", ""),
+        ("shopverse@.service", "orders"),
+        ("shopverse@.service", "users"),
+    ];
+    let mut dirs = Vec::new();
+    let mut starts = Vec::new();
+    for (unit, instance) in layout {
+        let settings = unit_settings(unit, instance);
+        let get = |k: &str| {
+            settings
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{unit}: no {k}"))
+        };
+        let state = get("StateDirectory");
+        let exec = get("ExecStart");
+        let data_dir = exec
+            .split_whitespace()
+            .skip_while(|w| *w != "--data-dir")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{unit}: no --data-dir in {exec}"))
+            .to_owned();
+        assert_eq!(
+            data_dir,
+            format!("/var/lib/{state}"),
+            "{unit} {instance}: the data directory is the unit's state directory"
+        );
+        dirs.push(state);
+        starts.push(exec);
+    }
+    for (i, a) in dirs.iter().enumerate() {
+        for b in &dirs[i + 1..] {
+            assert!(
+                a != b && !b.starts_with(&format!("{a}/")) && !a.starts_with(&format!("{b}/")),
+                "state directories {a} and {b} overlap"
+            );
+        }
+    }
+
+    // A staged install with the old layout's state: moved, once.
+    let root = tempfile::tempdir().unwrap();
+    let old = root.path().join("var/lib/private/shopverse/orders/keep");
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    std::fs::write(&old, "mine").unwrap();
+    let said = install(root.path(), &[]);
+    assert!(said.contains("moved"), "{said}");
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("var/lib/private/shopverse-orders/keep")).unwrap(),
+        "mine"
+    );
+    assert!(!install(root.path(), &[]).contains("moved"));
+
+    // The appliance, the gateway and the orders service from their ExecStart lines, paths
+    // under the staged root, listening on free ports; the distributed service on SQLite and
+    // the embedded log (no cluster here).
+    let staged = |word: &str| -> std::ffi::OsString {
+        if word.starts_with('/') && word != "/usr/local/bin/shopverse" {
+            root.path().join(&word[1..]).into_os_string()
+        } else {
+            word.into()
+        }
+    };
+    let args_of = |exec: &str| -> Vec<std::ffi::OsString> {
+        exec.split_whitespace().skip(1).map(staged).collect()
+    };
+    let mut up = args_of(&starts[0]);
+    up.extend(["--any-ports-on", "127.0.0.1"].map(Into::into));
+    let appliance = Appliance::spawn(&up, &[]);
+    let users = format!("[\"http://{}\"]", appliance.users);
+    let mut gw = args_of(&starts[1]);
+    gw.extend(["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"].map(Into::into));
+    let gateway = Appliance::spawn(&gw, &[("SHOPVERSE_GATEWAY__UPSTREAMS__USERS", &users)]);
+    let orders_db = format!(
+        "sqlite://{}",
+        root.path()
+            .join("var/lib/shopverse-orders/orders.db")
+            .display()
+    );
+    let orders = Appliance::spawn(
+        &args_of(&starts[2]),
+        &[
+            ("SHOPVERSE_SERVICES__ORDERS__LISTEN", "127.0.0.1:0"),
+            ("SHOPVERSE_SERVICES__ORDERS__DATABASE", &orders_db),
+            ("SHOPVERSE_ADMIN__LISTEN", "127.0.0.1:0"),
+            ("SHOPVERSE_EVENTS__BACKEND", "embedded"),
+        ],
+    );
+    for (who, app) in [
+        ("appliance", &appliance),
+        ("gateway", &gateway),
+        ("orders", &orders),
+    ] {
+        let (status, _) = http_get(app.admin, "/healthz");
+        assert_eq!(status, 200, "{who} answers");
+    }
+    let (status, _) = http_get(gateway.addrs["gateway"], "/.well-known/jwks.json");
+    assert_eq!(
+        status, 200,
+        "the gateway reaches the appliance's users service"
+    );
+    let lib = root.path().join("var/lib");
+    let own = |dir: &str| files(&lib.join(dir));
+    let (mine, gateways, orders_own) = (
+        own("shopverse"),
+        own("shopverse-gateway"),
+        own("shopverse-orders"),
+    );
+    assert!(mine.iter().any(|f| f == "users.db"), "{mine:?}");
+    assert!(
+        gateways.iter().any(|f| f.starts_with("edge-cache/")),
+        "{gateways:?}"
+    );
+    assert!(
+        orders_own.iter().any(|f| f == "orders.db"),
+        "{orders_own:?}"
+    );
+    assert!(
+        !mine
+            .iter()
+            .any(|f| f.starts_with("gateway/") || f.starts_with("orders/")),
+        "the appliance's directory holds only its own files: {mine:?}"
+    );
+    orders.stop();
+    gateway.stop();
+    appliance.stop();
+}
+
+/// `shopverse keys manifest` prints the signing keys as a Kubernetes Secret; two users
+/// replicas whose keys folder is that Secret, mounted read-only, publish the same keys, write
+/// nothing there, and keep them across a restart: a token one signs, the other verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_replicas_sign_with_the_keys_of_one_secret() {
+    use base64::Engine as _;
+    use shopverse_proto::users::v1::GetJwksRequest;
+    use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
+    let src = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["keys", "manifest", "--data-dir"])
+        .arg(src.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let manifest = src.path().join("secret.yaml");
+    std::fs::write(&manifest, &yaml).unwrap();
+    let validator = Path::new(&python()).with_file_name("kubernetes-validate");
+    let checked = Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{yaml}\n{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+    // The Secret's files, as Kubernetes would mount them in each pod.
+    let secret: Vec<(String, Vec<u8>)> = yaml
+        .split("\ndata:\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (name, b64) = l.trim().split_once(": ").unwrap();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            (name.to_owned(), bytes)
+        })
+        .collect();
+    assert!(secret.iter().any(|(n, _)| n == "keys.json"), "{yaml}");
+    assert!(secret.iter().any(|(n, _)| n.ends_with(".key")), "{yaml}");
+    let replica = |name: &str| {
+        let dir = src.path().join(name);
+        let keys = dir.join("keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        for (file, bytes) in &secret {
+            std::fs::write(keys.join(file), bytes).unwrap();
+        }
+        dir
+    };
+    let start = |dir: &Path| {
+        let args: Vec<std::ffi::OsString> = vec![
+            "serve".into(),
+            "users".into(),
+            "--data-dir".into(),
+            dir.into(),
+        ];
+        Appliance::spawn(
+            &args,
+            &[
+                ("SHOPVERSE_SERVICES__USERS__LISTEN", "127.0.0.1:0"),
+                ("SHOPVERSE_ADMIN__LISTEN", "127.0.0.1:0"),
+            ],
+        )
+    };
+    let kids = |addr: SocketAddr| async move {
+        let mut users = UsersServiceClient::new(channel(addr).await);
+        let mut kids: Vec<String> = users
+            .get_jwks(GetJwksRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+            .into_iter()
+            .map(|k| k.kid)
+            .collect();
+        kids.sort();
+        kids
+    };
+    let (a, b) = (replica("a"), replica("b"));
+    let (one, two) = (start(&a), start(&b));
+    let published = kids(one.addrs["users"]).await;
+    assert!(!published.is_empty());
+    assert_eq!(
+        published,
+        kids(two.addrs["users"]).await,
+        "both publish the same keys"
+    );
+    for (file, _) in &secret {
+        assert!(
+            published
+                .iter()
+                .any(|k| file == "keys.json" || file == &format!("{k}.key"))
+        );
+    }
+    one.stop();
+    let again = start(&a);
+    assert_eq!(
+        kids(again.addrs["users"]).await,
+        published,
+        "a restart keeps them"
+    );
+    for dir in [&a, &b] {
+        assert_eq!(
+            files(&dir.join("keys")).len(),
+            secret.len(),
+            "nothing was written into the mounted keys"
+        );
+    }
+    again.stop();
+    two.stop();
+}
