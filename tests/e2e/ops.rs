@@ -353,6 +353,22 @@ fn compose_file_is_accepted_by_docker_compose() {
     );
 }
 
+/// `kubernetes-validate --strict` accepts every manifest of `files`.
+fn validate_manifests(files: &[PathBuf]) {
+    let validator = Path::new(&python()).with_file_name("kubernetes-validate");
+    let out = Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{files:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn kubernetes_manifests_validate_and_their_configs_load() {
     let dir = repo().join("deploy/kubernetes");
@@ -362,18 +378,7 @@ fn kubernetes_manifests_validate_and_their_configs_load() {
         .map(|e| e.path())
         .collect();
     files.sort();
-    let validator = Path::new(&python()).with_file_name("kubernetes-validate");
-    let out = Command::new(&validator)
-        .args(["--strict", "--quiet"])
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    validate_manifests(&files);
     // The configuration files inside the ConfigMap pass check-config.
     let tmp = tempfile::tempdir().unwrap();
     let script = "import sys, yaml\nfor d in yaml.safe_load_all(open(sys.argv[1])):\n  if d and d.get('kind') == 'ConfigMap':\n    for k, v in d['data'].items():\n      open(sys.argv[2] + '/' + k, 'w').write(v)\n";
@@ -773,17 +778,7 @@ async fn users_replicas_sign_with_the_keys_of_one_secret() {
     let yaml = String::from_utf8(out.stdout).unwrap();
     let manifest = src.path().join("secret.yaml");
     std::fs::write(&manifest, &yaml).unwrap();
-    let validator = Path::new(&python()).with_file_name("kubernetes-validate");
-    let checked = Command::new(&validator)
-        .args(["--strict", "--quiet"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    assert!(
-        checked.status.success(),
-        "{yaml}\n{}",
-        String::from_utf8_lossy(&checked.stdout)
-    );
+    validate_manifests(&[manifest]);
     // The Secret's files, as Kubernetes would mount them in each pod.
     let secret: Vec<(String, Vec<u8>)> = yaml
         .split("\ndata:\n")

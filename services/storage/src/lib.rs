@@ -933,19 +933,23 @@ mod tests {
         assert_eq!(n, 60);
     }
 
-    /// A write transaction dropped before its commit (an error, a cancelled request) is rolled
-    /// back and leaves the writer usable; a committed one is seen by the readers.
+    /// A SQLite database at `file` with a table `b (id, v BLOB)`.
+    async fn with_blobs(file: &Path) -> Db {
+        let db = Db::connect(&format!("sqlite://{}", file.display()), 2)
+            .await
+            .expect("connect");
+        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE b (id BIGINT PRIMARY KEY, v BLOB);")];
+        db.migrate(&[m]).await.expect("migrate");
+        db
+    }
+
     /// Commits leave their pages in the WAL (far below the commit-time checkpoint's
     /// threshold); the background checkpoint copies them into the database file.
     #[tokio::test]
     async fn sqlite_wal_is_checkpointed_in_the_background() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("c.db");
-        let db = Db::connect(&format!("sqlite://{}", file.display()), 2)
-            .await
-            .expect("connect");
-        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE b (id BIGINT PRIMARY KEY, v BLOB);")];
-        db.migrate(&[m]).await.expect("migrate");
+        let db = with_blobs(&file).await;
         let size = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
         let before = size();
         for i in 0..100i64 {
@@ -977,11 +981,7 @@ mod tests {
     async fn an_idle_or_closed_sqlite_file_keeps_no_wal() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("w.db");
-        let db = Db::connect(&format!("sqlite://{}", file.display()), 2)
-            .await
-            .expect("connect");
-        let m: &[MigrationSpec] = &[(1, "init", "CREATE TABLE b (id BIGINT PRIMARY KEY, v BLOB);")];
-        db.migrate(&[m]).await.expect("migrate");
+        let db = with_blobs(&file).await;
         let burst = |from: i64| {
             let db = db.clone();
             async move {
@@ -1029,6 +1029,8 @@ mod tests {
         assert_eq!(n, 1024, "nothing was lost");
     }
 
+    /// A write transaction dropped before its commit (an error, a cancelled request) is rolled
+    /// back and leaves the writer usable; a committed one is seen by the readers.
     #[tokio::test]
     async fn sqlite_dropped_write_rolls_back() {
         let dir = tempfile::tempdir().expect("tempdir");
