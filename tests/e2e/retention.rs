@@ -193,5 +193,17 @@ async fn months_in_minutes_the_databases_stop_growing_and_the_saga_reconciles() 
     // with what the clients were told.
     let confirmed = reconcile(&dbs, &initial, &told).await;
     assert!(confirmed > 0);
+    dbs.close().await;
+    events.close().await;
     app.stop();
+    // Stopped, the appliance leaves no WAL behind: every database is whole in its file.
+    for e in std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with("-wal") {
+            assert_eq!(e.metadata().unwrap().len(), 0, "{name} after the stop");
+        }
+    }
 }

@@ -429,6 +429,11 @@ impl EventBus for EmbeddedLog {
         Ok(Some(oldest))
     }
 
+    /// At shutdown: the log's WAL goes into the file, so a stopped appliance leaves it whole.
+    async fn flush(&self) {
+        self.inner.db.truncate_wal().await;
+    }
+
     async fn forget_group(&self, group: &str) -> Result<(), BusError> {
         let mut conn = self.inner.db.write_conn().await?;
         sqlx::query("DELETE FROM group_offsets WHERE group_id = $1")

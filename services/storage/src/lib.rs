@@ -716,16 +716,22 @@ impl Db {
         self.file.as_deref().map(sqlite_file_bytes)
     }
 
-    /// Closes the connections. On SQLite the WAL is first copied into the database and
-    /// truncated, so a stopped service leaves its data in one file.
-    pub async fn close(&self) {
+    /// SQLite: copies the WAL into the database and truncates it (on the file's writer, in its
+    /// turn). Nothing on PostgreSQL.
+    pub async fn truncate_wal(&self) {
         if self.writer.is_some()
             && !self.pool.is_closed()
             && let Ok(Some(mut w)) = self.turn().await
             && let Err(e) = w.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").await
         {
-            tracing::debug!(error = %e, "the closing checkpoint failed");
+            tracing::debug!(error = %e, "a truncating checkpoint failed");
         }
+    }
+
+    /// Closes the connections. On SQLite the WAL is first copied into the database and
+    /// truncated, so a stopped service leaves its data in one file.
+    pub async fn close(&self) {
+        self.truncate_wal().await;
         if let Some(r) = &self.readers {
             r.permits.close();
             let idle = std::mem::take(
