@@ -323,8 +323,9 @@ pub async fn follow(
             return;
         }
     };
-    // The group is this process's alone: its position is committed once a second, so it never
-    // holds the log's retention back, and forgotten when the gateway stops.
+    // The group only follows the bus live (nothing is redelivered to it): its position is
+    // committed once a second, so it never holds the log's retention back, and it is forgotten
+    // when the gateway stops.
     let mut last: Vec<shopverse_events::Record> = Vec::new();
     let mut committed = tokio::time::Instant::now();
     loop {

@@ -57,6 +57,7 @@ impl Service for PaymentsService {
             cx.config.flaky_failures,
         )
         .await?;
+        cx.close_on_stop(provider.db().clone());
         let payments = Payments::new(cx.db.clone(), Arc::new(provider), cx.platform.clock.clone());
         cx.consume(events::PaymentHandler(payments.clone()));
         Ok(Routes::new(payments.into_server()))

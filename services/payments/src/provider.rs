@@ -100,6 +100,11 @@ impl Simulator {
         Ok(Simulator { db, flaky_failures })
     }
 
+    /// Its store, for the runtime to close once the service has stopped.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     async fn recorded(
         &self,
         key: &str,

@@ -128,6 +128,8 @@ pub struct Context<C> {
     shutdown: CancellationToken,
     relay: Relay,
     background: Vec<BoxFuture<'static, ()>>,
+    /// Other databases the service opened, closed after its own once everything has stopped.
+    other_dbs: Vec<Db>,
 }
 
 impl<C> Context<C> {
@@ -159,6 +161,12 @@ impl<C> Context<C> {
                 tracing::error!(error = %e, "consumer stopped");
             }
         }));
+    }
+
+    /// Closes `db` (a store of the service's besides its own database) once the service has
+    /// stopped, so its file is left whole (no WAL).
+    pub fn close_on_stop(&mut self, db: Db) {
+        self.other_dbs.push(db);
     }
 
     /// Runs `task` beside the server; it must end when [`Context::shutdown`] fires.
@@ -232,10 +240,14 @@ pub async fn serve<S: Service>(
         shutdown: shutdown.clone(),
         relay,
         background: Vec::new(),
+        other_dbs: Vec::new(),
     };
     let routes = match S::build(&mut cx).await {
         Ok(routes) => routes,
         Err(e) => {
+            for other in &cx.other_dbs {
+                other.close().await;
+            }
             db.close().await;
             return Err(e.of(S::NAME));
         }
@@ -244,6 +256,7 @@ pub async fn serve<S: Service>(
         platform,
         relay,
         background,
+        other_dbs,
         ..
     } = cx;
     let mut tasks = tokio::task::JoinSet::new();
@@ -263,6 +276,9 @@ pub async fn serve<S: Service>(
     .await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
+    for other in &other_dbs {
+        other.close().await;
+    }
     db.close().await;
     served.map_err(|e| RunError::from(e).of(S::NAME))
 }
