@@ -202,7 +202,9 @@ async fn months_in_minutes_the_databases_stop_growing_and_the_saga_reconciles() 
     {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with("-wal") {
-            assert_eq!(e.metadata().unwrap().len(), 0, "{name} after the stop");
+            // SQLite deletes an empty WAL as its last connection closes: gone counts as empty.
+            let bytes = e.metadata().map_or(0, |m| m.len());
+            assert_eq!(bytes, 0, "{name} after the stop");
         }
     }
 }
