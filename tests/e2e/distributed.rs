@@ -705,15 +705,7 @@ async fn the_local_cluster_runs_in_one_command_and_stops_on_ctrl_c() {
     }
     let pg = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await;
     if let Ok(pg) = pg {
-        for db in [
-            "users",
-            "products",
-            "orders",
-            "payments",
-            "notifications",
-            "delivery",
-            "payment_simulator",
-        ] {
+        for db in SERVICE_NAMES.iter().chain(&["payment_simulator"]) {
             let drop = format!("DROP DATABASE IF EXISTS {prefix}_{db} WITH (FORCE)");
             let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pg).await;
         }

@@ -382,16 +382,11 @@ fn kubernetes_manifests_validate_and_their_configs_load() {
     // The configuration files inside the ConfigMap pass check-config.
     let tmp = tempfile::tempdir().unwrap();
     let script = "import sys, yaml\nfor d in yaml.safe_load_all(open(sys.argv[1])):\n  if d and d.get('kind') == 'ConfigMap':\n    for k, v in d['data'].items():\n      open(sys.argv[2] + '/' + k, 'w').write(v)\n";
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(dir.join("01-config.yaml"))
-        .arg(tmp.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeds(
+        Command::new(python())
+            .args(["-c", script])
+            .arg(dir.join("01-config.yaml"))
+            .arg(tmp.path()),
     );
     let configs: Vec<PathBuf> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -765,15 +760,10 @@ async fn users_replicas_sign_with_the_keys_of_one_secret() {
     use shopverse_proto::users::v1::GetJwksRequest;
     use shopverse_proto::users::v1::users_service_client::UsersServiceClient;
     let src = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["keys", "manifest", "--data-dir"])
-        .arg(src.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeds(
+        Command::new(BIN)
+            .args(["keys", "manifest", "--data-dir"])
+            .arg(src.path()),
     );
     let yaml = String::from_utf8(out.stdout).unwrap();
     let manifest = src.path().join("secret.yaml");

@@ -98,14 +98,7 @@ async fn months_in_minutes_the_databases_stop_growing_and_the_saga_reconciles() 
     // grows with every order, as it should).
     let machinery = || async {
         let mut n = 0;
-        for name in [
-            "users",
-            "products",
-            "orders",
-            "payments",
-            "notifications",
-            "delivery",
-        ] {
+        for name in SERVICE_NAMES {
             let db =
                 sqlx::AnyPool::connect(&format!("sqlite://{}/{name}.db", dir.path().display()))
                     .await

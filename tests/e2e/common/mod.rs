@@ -449,6 +449,28 @@ pub fn bearer(token: &str) -> String {
 /// The password the tests' customers sign up with.
 pub const PASSWORD: &str = "a long password";
 
+/// Every service of the appliance, by name (each has `<name>.db` in an appliance's data
+/// directory and `shopverse_<name>` in the distributed mode's PostgreSQL).
+pub const SERVICE_NAMES: [&str; 6] = [
+    "users",
+    "products",
+    "orders",
+    "payments",
+    "notifications",
+    "delivery",
+];
+
+/// Runs `cmd` to its end; fails the test with its standard error unless it succeeded.
+pub fn succeeds(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("the command starts");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Registers `email` through the gateway at `gw` and signs it in: its user id and its
 /// `Authorization` value.
 pub fn customer(gw: SocketAddr, email: &str) -> (String, String) {
