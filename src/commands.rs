@@ -280,6 +280,61 @@ pub async fn seed(cfg: AppConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `shopverse seed --products N`: the synthetic catalog, with progress on stderr (a bar on a
+/// terminal, a line every 5 s otherwise).
+pub async fn seed_products(cfg: AppConfig, total: u64) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if total > 99_999_999 {
+        bail!("--products: at most 99999999");
+    }
+    println!(
+        "seeding a synthetic catalog of {total} products into {} ...",
+        demo::catalog_url(&cfg)
+    );
+    let started = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = std::time::Instant::now();
+    let report = demo::seed_products(&cfg, total, |done, to_do| {
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let left = if rate > 0.0 {
+            (to_do - done) as f64 / rate
+        } else {
+            0.0
+        };
+        let pct = (done * 100).checked_div(to_do).unwrap_or(100);
+        let line = format!(
+            "{done}/{to_do} products ({pct}%), {rate:.0}/s, {:.0} s left",
+            left
+        );
+        let mut err = std::io::stderr().lock();
+        if tty {
+            let filled = (pct as usize * 30 / 100).min(30);
+            let _ = write!(
+                err,
+                "\r[{}{}] {line}\x1b[K",
+                "#".repeat(filled),
+                " ".repeat(30 - filled)
+            );
+            let _ = err.flush();
+        } else if done == to_do || last_line.elapsed().as_secs() >= 5 {
+            let _ = writeln!(err, "{line}");
+            last_line = std::time::Instant::now();
+        }
+    })
+    .await?;
+    if tty {
+        eprintln!();
+    }
+    println!(
+        "synthetic catalog: {} products added to {} there were, in {:.1} s",
+        report.created,
+        report.existing,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 pub fn keys_rotate(cfg: AppConfig) -> anyhow::Result<()> {
     let dir = cfg.services.users.keys_dir(&cfg.data.dir);
     let kid = shopverse_users::keys::rotate(&dir, SystemClock.now_ms())?;

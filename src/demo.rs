@@ -45,6 +45,25 @@ pub async fn seed(cfg: &AppConfig) -> Result<SeedReport, DemoError> {
     Ok(report?)
 }
 
+/// Makes sure the synthetic catalog's first `total` products exist (`shopverse seed
+/// --products`); `progress(done, to_do)` after each batch.
+pub async fn seed_products(
+    cfg: &AppConfig,
+    total: u64,
+    progress: impl FnMut(u64, u64),
+) -> Result<shopverse_products::bulk::BulkReport, DemoError> {
+    let db = shopverse_runtime::open_db::<ProductsService>(&cfg.services.products, &cfg.data.dir)
+        .await?;
+    let products = shopverse_products::Products::standalone(
+        db.clone(),
+        cfg.services.products.clone(),
+        Arc::new(SystemClock),
+    );
+    let report = shopverse_products::bulk::seed_products(&products, total, progress).await;
+    db.close().await;
+    Ok(report?)
+}
+
 /// Whether the products database holds no product.
 pub async fn catalog_is_empty(cfg: &AppConfig) -> Result<bool, DemoError> {
     let db = shopverse_runtime::open_db::<ProductsService>(&cfg.services.products, &cfg.data.dir)

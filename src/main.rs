@@ -163,6 +163,10 @@ struct SeedArgs {
     products_addr: Option<SocketAddr>,
     #[arg(long, requires = "orders")]
     orders_addr: Option<SocketAddr>,
+    /// Instead of the demo catalog, make sure a synthetic catalog of N products exists (32
+    /// categories; run again with a larger N to add more). For measuring at scale.
+    #[arg(long, value_name = "N", conflicts_with = "orders")]
+    products: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -312,7 +316,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 a.products_addr.unwrap_or(cfg.services.products.listen),
                 a.orders_addr.unwrap_or(cfg.services.orders.listen),
             );
-            seed(cfg).await?;
+            if let Some(n) = a.products {
+                seed_products(cfg, n).await?;
+            } else {
+                seed(cfg).await?;
+            }
             if a.orders {
                 println!(
                     "{}",

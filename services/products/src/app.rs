@@ -3,9 +3,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use shopverse_events::envelope::{
@@ -25,7 +22,7 @@ use shopverse_storage::is_unique_violation;
 
 use crate::config::ProductsConfig;
 use crate::domain::*;
-use crate::store::{CategoryRow, CursorKey, ListQuery, ProductRow, Repo, Sort, StockRow};
+use crate::store::{CategoryRow, ProductRow, Repo, StockRow};
 
 const SOURCE: &str = "products";
 pub const MAX_RESERVATION_LINES: usize = 100;
@@ -72,26 +69,6 @@ pub(crate) fn stock_to_proto(product_id: &str, s: StockRow) -> Stock {
         available: s.available,
         reserved: s.reserved,
     }
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-pub(crate) struct PageToken {
-    /// Sort order the token belongs to.
-    s: i32,
-    /// Hash of the filters; a token only continues the query it came from.
-    f: String,
-    k: CursorKey,
-    i: String,
-}
-
-pub(crate) fn filter_hash(req: &ListProductsRequest) -> String {
-    let h = Sha256::digest(format!(
-        "{}\x00{}\x00{}",
-        req.category_id,
-        req.query.trim().to_lowercase(),
-        req.include_archived
-    ));
-    h.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 impl Products {
@@ -264,92 +241,6 @@ impl Products {
         })
     }
 
-    pub async fn list_products(
-        &self,
-        req: ListProductsRequest,
-        caller: Option<&Identity>,
-    ) -> Result<ListProductsResponse, ServiceError> {
-        if req.include_archived && !caller.is_some_and(Identity::is_admin) {
-            return Err(ServiceError::PermissionDenied(
-                "include_archived needs the `admin` role".into(),
-            ));
-        }
-        let limit = match req.page_size {
-            0 => 20,
-            n @ 1..=100 => i64::from(n),
-            _ => {
-                return Err(ServiceError::invalid(
-                    "page_size",
-                    "must be between 1 and 100",
-                ));
-            }
-        };
-        let sort = match ProductSort::try_from(req.sort) {
-            Ok(ProductSort::Unspecified | ProductSort::Newest) => Sort::Newest,
-            Ok(ProductSort::PriceAsc) => Sort::PriceAsc,
-            Ok(ProductSort::PriceDesc) => Sort::PriceDesc,
-            Ok(ProductSort::NameAsc) => Sort::NameAsc,
-            Err(_) => return Err(ServiceError::invalid("sort", "unknown sort order")),
-        };
-        let text = req.query.trim().to_lowercase();
-        if text.chars().count() > 200 {
-            return Err(ServiceError::invalid(
-                "query",
-                "must be at most 200 characters",
-            ));
-        }
-        let fhash = filter_hash(&req);
-        let after = if req.page_token.is_empty() {
-            None
-        } else {
-            let bad = || ServiceError::invalid("page_token", "is not a token this query issued");
-            let raw = URL_SAFE_NO_PAD.decode(&req.page_token).map_err(|_| bad())?;
-            let t: PageToken = serde_json::from_slice(&raw).map_err(|_| bad())?;
-            if t.s != req.sort || t.f != fhash {
-                return Err(bad());
-            }
-            Some((t.k, t.i))
-        };
-        let cats = if req.category_id.is_empty() {
-            None
-        } else {
-            let all = self.repo().categories().await?;
-            if !all.iter().any(|c| c.id == req.category_id) {
-                return Err(ServiceError::not_found("category", &req.category_id));
-            }
-            Some(descendants(&all, &req.category_id))
-        };
-        let mut rows = self
-            .repo()
-            .list(&ListQuery {
-                categories: cats.as_deref(),
-                text: (!text.is_empty()).then_some(text.as_str()),
-                include_archived: req.include_archived,
-                sort,
-                after,
-                limit: limit + 1,
-            })
-            .await?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(usize::try_from(limit).unwrap_or(20));
-        let next_page_token = match rows.last() {
-            Some(last) if more => {
-                let t = PageToken {
-                    s: req.sort,
-                    f: fhash,
-                    k: sort.key_of(last),
-                    i: last.id.clone(),
-                };
-                URL_SAFE_NO_PAD.encode(serde_json::to_vec(&t).unwrap_or_default())
-            }
-            _ => String::new(),
-        };
-        Ok(ListProductsResponse {
-            products: rows.iter().map(product_to_proto).collect(),
-            next_page_token,
-        })
-    }
-
     /// A product the caller may see: archived ones only for admins.
     pub(crate) fn visible(
         p: Option<ProductRow>,
@@ -480,16 +371,22 @@ impl Products {
         Ok(p)
     }
 
+    /// Writes `p`, read as `old` in `tx`, as the version after `expected`.
     pub(crate) async fn save(
         &self,
         mut tx: shopverse_storage::WriteTx,
+        old: &ProductRow,
         mut p: ProductRow,
         expected: i64,
         kind: &EventType,
     ) -> Result<ProductRow, ServiceError> {
         p.version = expected + 1;
         p.updated_at = self.now();
-        if !self.repo().update_product(&mut tx, &p, expected).await? {
+        if !self
+            .repo()
+            .update_product(&mut tx, old, &p, expected)
+            .await?
+        {
             return Err(ServiceError::FailedPrecondition(format!(
                 "stale version: product {} changed while this update ran",
                 p.id
@@ -506,9 +403,10 @@ impl Products {
         req: UpdateProductRequest,
     ) -> Result<ProductRow, ServiceError> {
         let mut tx = self.repo().db.begin_write().await?;
-        let mut p = self
+        let old = self
             .for_update(&mut tx, &req.id, req.expected_version)
             .await?;
+        let mut p = old.clone();
         if let Some(name) = &req.name {
             p.name = check_text("name", name, 1, 200)?;
         }
@@ -549,7 +447,7 @@ impl Products {
                 "set replace_image_urls to change images",
             ));
         }
-        self.save(tx, p, req.expected_version, &PRODUCT_UPDATED)
+        self.save(tx, &old, p, req.expected_version, &PRODUCT_UPDATED)
             .await
     }
 
@@ -558,11 +456,12 @@ impl Products {
         req: ArchiveProductRequest,
     ) -> Result<ProductRow, ServiceError> {
         let mut tx = self.repo().db.begin_write().await?;
-        let mut p = self
+        let old = self
             .for_update(&mut tx, &req.id, req.expected_version)
             .await?;
+        let mut p = old.clone();
         p.active = false;
-        self.save(tx, p, req.expected_version, &PRODUCT_ARCHIVED)
+        self.save(tx, &old, p, req.expected_version, &PRODUCT_ARCHIVED)
             .await
     }
 
@@ -786,6 +685,24 @@ impl Products {
 
     pub fn config(&self) -> &ProductsConfig {
         &self.inner.config
+    }
+
+    /// Indexes products written before search existed, 500 to a transaction; returns how
+    /// many. Runs before the service serves, so a search never misses them.
+    pub async fn index_catalog(&self) -> Result<u64, sqlx::Error> {
+        let mut done = 0;
+        loop {
+            let batch = self.repo().unindexed(500).await?;
+            if batch.is_empty() {
+                return Ok(done);
+            }
+            let mut tx = self.repo().db.begin_write().await?;
+            for p in &batch {
+                self.repo().index_unindexed(&mut tx, p).await?;
+            }
+            tx.commit().await?;
+            done += batch.len() as u64;
+        }
     }
 
     pub async fn by_sku(&self, sku: &str) -> Result<Option<ProductRow>, ServiceError> {

@@ -18,6 +18,10 @@ pub struct ProductsConfig {
     /// The highest price a product may have, in minor units. The default (10^11, a billion
     /// euros) keeps a full cart's total (100 lines of 99 items) far inside an i64.
     pub max_price_minor: i64,
+    /// How many of a search's newest matches (per group: name matches, then the rest) are
+    /// ordered by relevance; older matches follow newest first. Bounds a search's work
+    /// whatever the catalog's size.
+    pub search_rank_window: i64,
 }
 
 impl Default for ProductsConfig {
@@ -27,6 +31,7 @@ impl Default for ProductsConfig {
             database: String::new(),
             default_currency: "EUR".into(),
             max_price_minor: 100_000_000_000,
+            search_rank_window: 200,
         }
     }
 }
@@ -44,6 +49,12 @@ impl ProductsConfig {
             return Err(Invalid::new(
                 format!("{prefix}.max_price_minor"),
                 format!("must be between 1 and {}", i64::MAX / 9_900 / 10),
+            ));
+        }
+        if !(20..=10_000).contains(&self.search_rank_window) {
+            return Err(Invalid::new(
+                format!("{prefix}.search_rank_window"),
+                "must be between 20 and 10000",
             ));
         }
         shopverse_kit::config::check_database_url(&self.database)

@@ -18,10 +18,13 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod bulk;
 pub mod config;
 pub mod domain;
 pub mod events;
 pub mod grpc;
+mod listing;
+pub mod search;
 pub mod seed;
 pub mod store;
 
@@ -35,11 +38,18 @@ pub use config::ProductsConfig;
 
 pub const SERVICE_NAME: &str = "shopverse.products.v1.ProductsService";
 
-pub const MIGRATIONS: &[MigrationSpec] = &[(
-    1,
-    "catalog and stock",
-    include_str!("../migrations/0001_catalog.sql"),
-)];
+pub const MIGRATIONS: &[MigrationSpec] = &[
+    (
+        1,
+        "catalog and stock",
+        include_str!("../migrations/0001_catalog.sql"),
+    ),
+    (
+        2,
+        "search, facets and attribute filters",
+        include_str!("../migrations/0002_search.sql"),
+    ),
+];
 
 /// The products service, as [`shopverse_runtime::serve`] runs it: the gRPC server, the relay,
 /// and the consumer that settles stock when orders end.
@@ -58,6 +68,13 @@ impl Service for ProductsService {
             &cx.platform,
             cx.relay_waker(),
         );
+        let indexed = products
+            .index_catalog()
+            .await
+            .map_err(|e| RunError::new("search index", e))?;
+        if indexed > 0 {
+            tracing::info!(products = indexed, "indexed products for search");
+        }
         cx.consume(events::StockSettler::new(products.clone()));
         Ok(Routes::new(products.into_server()))
     }

@@ -1,11 +1,13 @@
 //! The products database. Every query runs unchanged on SQLite and PostgreSQL.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
-use shopverse_storage::Db;
 use shopverse_storage::placeholders;
+use shopverse_storage::{Db, DbKind};
+
+use crate::search::{self, Query, Scope};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CategoryRow {
@@ -47,6 +49,116 @@ fn stock_from_row(r: &sqlx::any::AnyRow) -> Result<StockRow, sqlx::Error> {
 
 const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_minor, currency, category_id, attributes, \
      image_urls, active, version, created_at, updated_at";
+
+/// The columns a new product is written with, in [`bind_product`]'s order (`doc` is left to
+/// the database).
+const INSERT_COLUMNS: &str = "id, sku, name, description, price_minor, currency, category_id, attributes, \
+     image_urls, active, version, search_text, sort_name, created_at, updated_at, search_name";
+
+fn bind_product<'q>(q: AnyQuery<'q>, p: &ProductRow) -> AnyQuery<'q> {
+    let (search_name, search_text) = indexed_words(p);
+    q.bind(p.id.clone())
+        .bind(p.sku.clone())
+        .bind(p.name.clone())
+        .bind(p.description.clone())
+        .bind(p.price_minor)
+        .bind(p.currency.clone())
+        .bind(p.category_id.clone())
+        .bind(serde_json::to_string(&p.attributes).unwrap_or_else(|_| "{}".into()))
+        .bind(serde_json::to_string(&p.image_urls).unwrap_or_else(|_| "[]".into()))
+        .bind(i64::from(p.active))
+        .bind(p.version)
+        .bind(search_text)
+        .bind(p.name.to_lowercase())
+        .bind(p.created_at)
+        .bind(p.updated_at)
+        .bind(search_name)
+}
+
+/// The attribute rows of `products` (values lowercased, for filters), in few statements.
+async fn insert_attribute_rows(
+    conn: &mut AnyConnection,
+    products: &[ProductRow],
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<(&str, &str, String)> = products
+        .iter()
+        .flat_map(|p| {
+            p.attributes
+                .iter()
+                .map(|(k, v)| (p.id.as_str(), k.as_str(), v.trim().to_lowercase()))
+        })
+        .collect();
+    for chunk in rows.chunks(1_000) {
+        let sql = format!(
+            "INSERT INTO product_attributes (product_id, name, value) VALUES {}",
+            placeholders(1, chunk.len(), 3)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (id, k, v) in chunk {
+            q = q.bind(*id).bind(*k).bind(v.clone());
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Adds `n` to the kept count of each `(category, band)` cell.
+async fn add_facet_cells(
+    conn: &mut AnyConnection,
+    cells: &BTreeMap<(String, i64), i64>,
+) -> Result<(), sqlx::Error> {
+    let cells: Vec<_> = cells.iter().collect();
+    for chunk in cells.chunks(1_000) {
+        let sql = format!(
+            "INSERT INTO catalog_facets (category_id, price_band, products) VALUES {} \
+             ON CONFLICT (category_id, price_band) DO UPDATE SET products = catalog_facets.products + excluded.products",
+            placeholders(1, chunk.len(), 3)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for ((c, b), n) in chunk {
+            q = q.bind(c.clone()).bind(*b).bind(**n);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Adds `n` to the products holding each word, and forgets words no product holds any more.
+async fn add_terms(
+    conn: &mut AnyConnection,
+    terms: &BTreeMap<String, i64>,
+) -> Result<(), sqlx::Error> {
+    let terms: Vec<_> = terms.iter().collect();
+    for chunk in terms.chunks(1_000) {
+        let sql = format!(
+            "INSERT INTO search_terms (term, products) VALUES {} \
+             ON CONFLICT (term) DO UPDATE SET products = search_terms.products + excluded.products",
+            placeholders(1, chunk.len(), 2)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (t, n) in chunk {
+            q = q.bind((*t).clone()).bind(**n);
+        }
+        q.execute(&mut *conn).await?;
+        let gone: Vec<&&String> = chunk
+            .iter()
+            .filter(|(_, n)| **n < 0)
+            .map(|(t, _)| t)
+            .collect();
+        if !gone.is_empty() {
+            let sql = format!(
+                "DELETE FROM search_terms WHERE products <= 0 AND term IN {}",
+                placeholders(1, 1, gone.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for t in gone {
+                q = q.bind((*t).clone());
+            }
+            q.execute(&mut *conn).await?;
+        }
+    }
+    Ok(())
+}
 
 fn product_from_row(r: &sqlx::any::AnyRow) -> Result<ProductRow, sqlx::Error> {
     Ok(ProductRow {
@@ -105,30 +217,150 @@ pub enum CursorKey {
     Text(String),
 }
 
-pub struct ListQuery<'a> {
+/// What a list or a search selects, besides its order.
+#[derive(Default, Clone)]
+pub struct Filter<'a> {
     /// Only these categories (a category and its descendants); `None`: all.
     pub categories: Option<&'a [String]>,
-    /// Lowercased text to find in name or description.
-    pub text: Option<&'a str>,
     pub include_archived: bool,
+    /// Inclusive price bounds, minor units.
+    pub min_price: Option<i64>,
+    pub max_price: Option<i64>,
+    /// `(name, lowercased value)` pairs a product must all have.
+    pub attributes: &'a [(String, String)],
+    /// Only products matching these words, in this scope.
+    pub matching: Option<(&'a Query, Scope)>,
+}
+
+pub struct ListQuery<'a> {
+    pub filter: Filter<'a>,
     pub sort: Sort,
     /// Start after this (key, id).
     pub after: Option<(CursorKey, String)>,
     pub limit: i64,
 }
 
-/// Escapes `%`, `_` and `\` for a LIKE pattern with `ESCAPE '\'`.
-fn like_pattern(text: &str) -> String {
-    let mut p = String::with_capacity(text.len() + 2);
-    p.push('%');
-    for c in text.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            p.push('\\');
-        }
-        p.push(c);
+/// A statement's arguments, numbered as they are pushed.
+#[derive(Default)]
+struct Args(Vec<Arg>);
+
+enum Arg {
+    Int(i64),
+    Text(String),
+}
+
+impl Args {
+    fn push(&mut self, a: Arg) -> String {
+        self.0.push(a);
+        format!("${}", self.0.len())
     }
-    p.push('%');
-    p
+    fn int(&mut self, i: i64) -> String {
+        self.push(Arg::Int(i))
+    }
+    fn text(&mut self, s: impl Into<String>) -> String {
+        self.push(Arg::Text(s.into()))
+    }
+    fn bind<'q>(self, mut q: AnyQuery<'q>) -> AnyQuery<'q> {
+        for a in self.0 {
+            q = match a {
+                Arg::Int(i) => q.bind(i),
+                Arg::Text(s) => q.bind(s),
+            };
+        }
+        q
+    }
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+impl Filter<'_> {
+    /// The filter's conditions on `products p`, joined by `AND` (`TRUE` when none); `None`
+    /// when nothing can match (an empty category list). The text match is left out when
+    /// `with_match` is false (the caller joins the index itself).
+    fn conditions(&self, kind: DbKind, args: &mut Args, with_match: bool) -> Option<String> {
+        let mut c: Vec<String> = Vec::new();
+        if !self.include_archived {
+            c.push("p.active = 1".into());
+        }
+        if let Some(cats) = self.categories {
+            if cats.is_empty() {
+                return None;
+            }
+            let ph: Vec<String> = cats.iter().map(|id| args.text(id.as_str())).collect();
+            c.push(format!("p.category_id IN ({})", ph.join(", ")));
+        }
+        if let Some(min) = self.min_price {
+            c.push(format!("p.price_minor >= {}", args.int(min)));
+        }
+        if let Some(max) = self.max_price {
+            c.push(format!("p.price_minor <= {}", args.int(max)));
+        }
+        for (name, value) in self.attributes {
+            let (n, v) = (args.text(name.as_str()), args.text(value.as_str()));
+            c.push(format!(
+                "EXISTS (SELECT 1 FROM product_attributes a WHERE a.product_id = p.id AND a.name = {n} AND a.value = {v})"
+            ));
+        }
+        if with_match && let Some((q, scope)) = self.matching {
+            c.push(match kind {
+                DbKind::Sqlite => format!(
+                    "p.doc IN (SELECT rowid FROM products_fts WHERE products_fts MATCH {})",
+                    args.text(q.fts5(scope))
+                ),
+                DbKind::Postgres => pg_match(q, scope, args),
+            });
+        }
+        Some(if c.is_empty() {
+            "TRUE".into()
+        } else {
+            c.join(" AND ")
+        })
+    }
+}
+
+/// PostgreSQL's condition for `q` in `scope` on `products p`.
+fn pg_match(q: &Query, scope: Scope, args: &mut Args) -> String {
+    let vec = |args: &mut Args, name_only: bool| {
+        format!(
+            "p.search_vec @@ to_tsquery('simple', {})",
+            args.text(q.tsquery(name_only))
+        )
+    };
+    match scope {
+        Scope::All => vec(args, false),
+        Scope::Name => vec(args, true),
+        Scope::Rest => format!("{} AND NOT {}", vec(args, false), vec(args, true)),
+    }
+}
+
+/// A product as search ranks it: its index number and its indexed words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub doc: i64,
+    pub search_name: String,
+    pub search_text: String,
+}
+
+/// The indexed words of `p`: `(search_name, search_text)`.
+pub fn indexed_words(p: &ProductRow) -> (String, String) {
+    (
+        search::normalize(&p.name),
+        search::body_text(&p.description, p.attributes.values().map(String::as_str)),
+    )
+}
+
+/// What a product adds to the indexes the service keeps itself: its facet cell and its
+/// vocabulary, while it is active.
+fn counted(p: Option<&ProductRow>) -> Option<((String, i64), BTreeSet<String>)> {
+    let p = p.filter(|p| p.active)?;
+    let (name, text) = indexed_words(p);
+    Some((
+        (
+            p.category_id.clone().unwrap_or_default(),
+            search::price_band(p.price_minor),
+        ),
+        search::vocabulary(&name, &text),
+    ))
 }
 
 #[derive(Clone)]
@@ -187,6 +419,19 @@ impl Repo {
         .transpose()
     }
 
+    /// The highest SKU from `low` to `high` (inclusive), if any.
+    pub async fn max_sku_between(
+        &self,
+        low: &str,
+        high: &str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT MAX(sku) FROM products WHERE sku >= $1 AND sku <= $2")
+            .bind(low)
+            .bind(high)
+            .fetch_one(&mut *self.db.read().await?)
+            .await
+    }
+
     pub async fn product_by_sku(&self, sku: &str) -> Result<Option<ProductRow>, sqlx::Error> {
         sqlx::query(AssertSqlSafe(format!(
             "SELECT {PRODUCT_COLUMNS} FROM products WHERE sku = $1"
@@ -199,67 +444,336 @@ impl Repo {
     }
 
     pub async fn list(&self, q: &ListQuery<'_>) -> Result<Vec<ProductRow>, sqlx::Error> {
-        enum Arg<'a> {
-            Int(i64),
-            Text(&'a str),
-            Owned(String),
-        }
-        let mut clauses: Vec<String> = Vec::new();
-        let mut args: Vec<Arg<'_>> = Vec::new();
-        let next = |args: &mut Vec<Arg<'_>>| format!("${}", args.len());
-        if !q.include_archived {
-            clauses.push("active = 1".into());
-        }
-        if let Some(cats) = q.categories {
-            let mut ph = Vec::new();
-            for c in cats {
-                args.push(Arg::Text(c));
-                ph.push(next(&mut args));
-            }
-            if ph.is_empty() {
-                return Ok(Vec::new());
-            }
-            clauses.push(format!("category_id IN ({})", ph.join(", ")));
-        }
-        if let Some(text) = q.text {
-            args.push(Arg::Owned(like_pattern(text)));
-            clauses.push(format!("search_text LIKE {} ESCAPE '\\'", next(&mut args)));
-        }
+        let mut args = Args::default();
+        let Some(filter) = q.filter.conditions(self.db.kind(), &mut args, true) else {
+            return Ok(Vec::new());
+        };
         let (col, desc) = (q.sort.column(), q.sort.descending());
         let cmp = if desc { "<" } else { ">" };
+        let mut keyset = String::new();
         if let Some((key, id)) = &q.after {
-            args.push(match key {
-                CursorKey::Int(i) => Arg::Int(*i),
-                CursorKey::Text(s) => Arg::Text(s),
-            });
-            let k = next(&mut args);
-            args.push(Arg::Text(id));
-            let i = next(&mut args);
-            clauses.push(format!(
-                "({col} {cmp} {k} OR ({col} = {k} AND id {cmp} {i}))"
-            ));
-        }
-        args.push(Arg::Int(q.limit));
-        let limit = next(&mut args);
-        let dir = if desc { "DESC" } else { "ASC" };
-        let filter = if clauses.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", clauses.join(" AND "))
-        };
-        let sql = format!(
-            "SELECT {PRODUCT_COLUMNS} FROM products {filter} ORDER BY {col} {dir}, id {dir} LIMIT {limit}"
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for a in args {
-            query = match a {
-                Arg::Int(i) => query.bind(i),
-                Arg::Text(s) => query.bind(s.to_owned()),
-                Arg::Owned(s) => query.bind(s),
+            let k = match key {
+                CursorKey::Int(i) => args.int(*i),
+                CursorKey::Text(s) => args.text(s.as_str()),
             };
+            let i = args.text(id.as_str());
+            keyset = format!(" AND (p.{col} {cmp} {k} OR (p.{col} = {k} AND p.id {cmp} {i}))");
         }
-        let rows = query.fetch_all(&mut *self.db.read().await?).await?;
+        let limit = args.int(q.limit);
+        let dir = if desc { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products p WHERE {filter}{keyset} \
+             ORDER BY p.{col} {dir}, p.id {dir} LIMIT {limit}"
+        );
+        let rows = args
+            .bind(sqlx::query(AssertSqlSafe(sql)))
+            .fetch_all(&mut *self.db.read().await?)
+            .await?;
         rows.iter().map(product_from_row).collect()
+    }
+
+    /// The newest products (highest `doc` first) at or below `at_most` that match `query` in
+    /// `scope` and pass `filter`, with their indexed words; at most `limit`.
+    pub async fn matches(
+        &self,
+        filter: &Filter<'_>,
+        query: &Query,
+        scope: Scope,
+        at_most: i64,
+        limit: i64,
+    ) -> Result<Vec<Candidate>, sqlx::Error> {
+        let kind = self.db.kind();
+        let mut args = Args::default();
+        // SQLite: the index drives, newest first, and each match is looked up by `doc`.
+        let expr = (kind == DbKind::Sqlite).then(|| args.text(query.fts5(scope)));
+        let Some(conds) = filter.conditions(kind, &mut args, false) else {
+            return Ok(Vec::new());
+        };
+        let top = args.int(at_most);
+        let sql = match expr {
+            Some(expr) => format!(
+                "SELECT p.doc, p.search_name, p.search_text FROM products_fts \
+                 JOIN products p ON p.doc = products_fts.rowid \
+                 WHERE products_fts MATCH {expr} AND products_fts.rowid <= {top} AND {conds} \
+                 ORDER BY products_fts.rowid DESC LIMIT {}",
+                args.int(limit)
+            ),
+            None => {
+                let m = pg_match(query, scope, &mut args);
+                format!(
+                    "SELECT p.doc, p.search_name, p.search_text FROM products p \
+                     WHERE {m} AND p.doc <= {top} AND {conds} ORDER BY p.doc DESC LIMIT {}",
+                    args.int(limit)
+                )
+            }
+        };
+        let rows = args
+            .bind(sqlx::query(AssertSqlSafe(sql)))
+            .fetch_all(&mut *self.db.read().await?)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Candidate {
+                    doc: r.try_get("doc")?,
+                    search_name: r
+                        .try_get::<Option<String>, _>("search_name")?
+                        .unwrap_or_default(),
+                    search_text: r.try_get("search_text")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The products numbered `docs`, in that order (ones since gone are left out).
+    pub async fn by_docs(&self, docs: &[i64]) -> Result<Vec<ProductRow>, sqlx::Error> {
+        if docs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT doc, {PRODUCT_COLUMNS} FROM products WHERE doc IN {}",
+            placeholders(1, 1, docs.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for d in docs {
+            q = q.bind(*d);
+        }
+        let rows = q.fetch_all(&mut *self.db.read().await?).await?;
+        let mut found: BTreeMap<i64, ProductRow> = BTreeMap::new();
+        for r in &rows {
+            found.insert(r.try_get("doc")?, product_from_row(r)?);
+        }
+        Ok(docs.iter().filter_map(|d| found.remove(d)).collect())
+    }
+
+    /// The highest `doc` yet (0 for an empty catalog): a search's pages stay below it.
+    pub async fn max_doc(&self) -> Result<i64, sqlx::Error> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(doc) FROM products")
+            .fetch_one(&mut *self.db.read().await?)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    /// Whether any product matches `query` (in the index alone: archived ones count).
+    pub async fn any_match(&self, query: &Query) -> Result<bool, sqlx::Error> {
+        let mut args = Args::default();
+        let sql = match self.db.kind() {
+            DbKind::Sqlite => format!(
+                "SELECT rowid FROM products_fts WHERE products_fts MATCH {} LIMIT 1",
+                args.text(query.fts5(Scope::All))
+            ),
+            DbKind::Postgres => format!(
+                "SELECT p.doc FROM products p WHERE {} LIMIT 1",
+                pg_match(query, Scope::All, &mut args)
+            ),
+        };
+        let row = args
+            .bind(sqlx::query(AssertSqlSafe(sql)))
+            .fetch_optional(&mut *self.db.read().await?)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// `(category id or '', price band, products)` of the products `filter` selects, counted
+    /// over the matching rows.
+    pub async fn facet_cells(
+        &self,
+        filter: &Filter<'_>,
+    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+        let mut args = Args::default();
+        let Some(conds) = filter.conditions(self.db.kind(), &mut args, true) else {
+            return Ok(Vec::new());
+        };
+        let mut band = String::from("CASE");
+        for (i, upper) in search::PRICE_BANDS.iter().enumerate() {
+            band.push_str(&format!(" WHEN p.price_minor < {upper} THEN {i}"));
+        }
+        band.push_str(&format!(" ELSE {} END", search::PRICE_BANDS.len()));
+        let sql = format!(
+            "SELECT COALESCE(p.category_id, '') AS c, {band} AS b, COUNT(*) AS n \
+             FROM products p WHERE {conds} GROUP BY 1, 2"
+        );
+        let rows = args
+            .bind(sqlx::query(AssertSqlSafe(sql)))
+            .fetch_all(&mut *self.db.read().await?)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("c")?, r.try_get("b")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    /// The same cells for every active product, from the counts product writes keep.
+    pub async fn facet_cells_kept(&self) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT category_id, price_band, products FROM catalog_facets WHERE products > 0",
+        )
+        .fetch_all(&mut *self.db.read().await?)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("category_id")?,
+                    r.try_get("price_band")?,
+                    r.try_get("products")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// How many active products hold each of `words` (words no product holds are left out).
+    pub async fn term_counts(
+        &self,
+        words: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, i64>, sqlx::Error> {
+        let mut out = BTreeMap::new();
+        let words: Vec<&String> = words.iter().collect();
+        let mut conn = self.db.read().await?;
+        for chunk in words.chunks(500) {
+            let sql = format!(
+                "SELECT term, products FROM search_terms WHERE products > 0 AND term IN {}",
+                placeholders(1, 1, chunk.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for w in chunk {
+                q = q.bind(w.as_str());
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                out.insert(r.try_get("term")?, r.try_get("products")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether some active product holds a word starting with `prefix`.
+    pub async fn term_with_prefix(&self, prefix: &str) -> Result<bool, sqlx::Error> {
+        // Every word sorts at or after its prefix and before the prefix followed by the
+        // highest character.
+        let row = sqlx::query(
+            "SELECT term FROM search_terms WHERE term >= $1 AND term < $2 AND products > 0 LIMIT 1",
+        )
+        .bind(prefix)
+        .bind(format!("{prefix}\u{10FFFF}"))
+        .fetch_optional(&mut *self.db.read().await?)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Keeps the service's own indexes (attribute rows, facet counts, vocabulary) in step with
+    /// a product going from `old` to `new` (`None`: not there), in the caller's transaction.
+    pub async fn reindex(
+        &self,
+        conn: &mut AnyConnection,
+        old: Option<&ProductRow>,
+        new: &ProductRow,
+    ) -> Result<(), sqlx::Error> {
+        if old.is_none_or(|o| o.attributes != new.attributes) {
+            if old.is_some() {
+                sqlx::query("DELETE FROM product_attributes WHERE product_id = $1")
+                    .bind(&new.id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            insert_attribute_rows(conn, std::slice::from_ref(new)).await?;
+        }
+        let (before, after) = (counted(old), counted(Some(new)));
+        let mut cells: BTreeMap<(String, i64), i64> = BTreeMap::new();
+        let mut terms: BTreeMap<String, i64> = BTreeMap::new();
+        for (sign, c) in [(-1, before), (1, after)] {
+            if let Some((cell, words)) = c {
+                *cells.entry(cell).or_default() += sign;
+                for w in words {
+                    *terms.entry(w).or_default() += sign;
+                }
+            }
+        }
+        cells.retain(|_, n| *n != 0);
+        terms.retain(|_, n| *n != 0);
+        add_facet_cells(conn, &cells).await?;
+        add_terms(conn, &terms).await
+    }
+
+    /// Products written before search existed (`search_name` unset), up to `limit`.
+    pub async fn unindexed(&self, limit: i64) -> Result<Vec<ProductRow>, sqlx::Error> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE search_name IS NULL LIMIT $1"
+        )))
+        .bind(limit)
+        .fetch_all(&mut *self.db.read().await?)
+        .await?;
+        rows.iter().map(product_from_row).collect()
+    }
+
+    /// Indexes a product [`Repo::unindexed`] returned: its words, attribute rows and
+    /// vocabulary. Its facet cell was counted by the migration.
+    pub async fn index_unindexed(
+        &self,
+        conn: &mut AnyConnection,
+        p: &ProductRow,
+    ) -> Result<(), sqlx::Error> {
+        let (name, text) = indexed_words(p);
+        sqlx::query("UPDATE products SET search_name = $1, search_text = $2 WHERE id = $3")
+            .bind(&name)
+            .bind(&text)
+            .bind(&p.id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM product_attributes WHERE product_id = $1")
+            .bind(&p.id)
+            .execute(&mut *conn)
+            .await?;
+        insert_attribute_rows(conn, std::slice::from_ref(p)).await?;
+        if p.active {
+            let terms = search::vocabulary(&name, &text)
+                .into_iter()
+                .map(|w| (w, 1))
+                .collect();
+            add_terms(conn, &terms).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts many new products with their stock in a few statements, and counts them into
+    /// the facets and the vocabulary: the bulk seed's path.
+    pub async fn insert_products_bulk(
+        &self,
+        conn: &mut AnyConnection,
+        rows: &[(ProductRow, i64)],
+    ) -> Result<(), sqlx::Error> {
+        const COLS: usize = 16;
+        // Under both dialects' limits on a statement's parameters.
+        for chunk in rows.chunks(1_000) {
+            let sql = format!(
+                "INSERT INTO products ({INSERT_COLUMNS}) VALUES {}",
+                placeholders(1, chunk.len(), COLS)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (p, _) in chunk {
+                q = bind_product(q, p);
+            }
+            q.execute(&mut *conn).await?;
+            let sql = format!(
+                "INSERT INTO stock (product_id, available, reserved) VALUES {}",
+                placeholders(1, chunk.len(), 3)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (p, available) in chunk {
+                q = q.bind(&p.id).bind(*available).bind(0_i64);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        let products: Vec<ProductRow> = rows.iter().map(|(p, _)| p.clone()).collect();
+        insert_attribute_rows(conn, &products).await?;
+        let mut cells: BTreeMap<(String, i64), i64> = BTreeMap::new();
+        let mut terms: BTreeMap<String, i64> = BTreeMap::new();
+        for p in &products {
+            if let Some((cell, words)) = counted(Some(p)) {
+                *cells.entry(cell).or_default() += 1;
+                for w in words {
+                    *terms.entry(w).or_default() += 1;
+                }
+            }
+        }
+        add_facet_cells(conn, &cells).await?;
+        add_terms(conn, &terms).await
     }
 
     pub async fn insert_product(
@@ -267,42 +781,30 @@ impl Repo {
         conn: &mut AnyConnection,
         p: &ProductRow,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO products (id, sku, name, description, price_minor, currency, category_id, attributes, \
-             image_urls, active, version, search_text, sort_name, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
-        .bind(&p.id)
-        .bind(&p.sku)
-        .bind(&p.name)
-        .bind(&p.description)
-        .bind(p.price_minor)
-        .bind(&p.currency)
-        .bind(p.category_id.as_deref())
-        .bind(serde_json::to_string(&p.attributes).unwrap_or_else(|_| "{}".into()))
-        .bind(serde_json::to_string(&p.image_urls).unwrap_or_else(|_| "[]".into()))
-        .bind(i64::from(p.active))
-        .bind(p.version)
-        .bind(format!("{}\n{}", p.name, p.description).to_lowercase())
-        .bind(p.name.to_lowercase())
-        .bind(p.created_at)
-        .bind(p.updated_at)
-        .execute(conn)
-        .await?;
-        Ok(())
+        let sql = format!(
+            "INSERT INTO products ({INSERT_COLUMNS}) VALUES {}",
+            placeholders(1, 1, 16)
+        );
+        bind_product(sqlx::query(AssertSqlSafe(sql)), p)
+            .execute(&mut *conn)
+            .await?;
+        self.reindex(conn, None, p).await
     }
 
-    /// Writes `p` if the stored version is still `expected`; false when someone got there first.
+    /// Writes `p` if the stored version is still `expected`; false when someone got there
+    /// first. `old` is the product as read in this transaction.
     pub async fn update_product(
         &self,
         conn: &mut AnyConnection,
+        old: &ProductRow,
         p: &ProductRow,
         expected: i64,
     ) -> Result<bool, sqlx::Error> {
+        let (search_name, search_text) = indexed_words(p);
         let n = sqlx::query(
             "UPDATE products SET name = $1, description = $2, price_minor = $3, currency = $4, category_id = $5, \
              attributes = $6, image_urls = $7, active = $8, version = $9, search_text = $10, sort_name = $11, \
-             updated_at = $12 WHERE id = $13 AND version = $14",
+             updated_at = $12, search_name = $13 WHERE id = $14 AND version = $15",
         )
         .bind(&p.name)
         .bind(&p.description)
@@ -313,15 +815,20 @@ impl Repo {
         .bind(serde_json::to_string(&p.image_urls).unwrap_or_else(|_| "[]".into()))
         .bind(i64::from(p.active))
         .bind(p.version)
-        .bind(format!("{}\n{}", p.name, p.description).to_lowercase())
+        .bind(search_text)
         .bind(p.name.to_lowercase())
         .bind(p.updated_at)
+        .bind(search_name)
         .bind(&p.id)
         .bind(expected)
-        .execute(conn)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
-        Ok(n == 1)
+        if n != 1 {
+            return Ok(false);
+        }
+        self.reindex(conn, Some(old), p).await?;
+        Ok(true)
     }
 
     pub async fn stock(

@@ -8,121 +8,22 @@ use std::time::Duration;
 
 use shopverse_events::EventBus;
 use shopverse_events::embedded::EmbeddedLog;
-use shopverse_kit::testing::{PgTestDb, Spawned, as_user, channel, spawn};
+use shopverse_kit::testing::{PgTestDb, as_user};
 use shopverse_kit::{Role, SystemClock};
 use shopverse_products::ProductsConfig;
-use shopverse_proto::common::v1::Money;
 use shopverse_proto::products::v1::products_service_client::ProductsServiceClient;
 use shopverse_proto::products::v1::*;
 use tonic::Code;
 use tonic::transport::Channel;
 
-struct Running {
-    client: ProductsServiceClient<Channel>,
-    server: Spawned<shopverse_runtime::RunError>,
-    log: EmbeddedLog,
-    _dir: tempfile::TempDir,
-}
-
-async fn start(database: Option<&str>) -> Running {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (platform, log) = shopverse_runtime::testing::platform(dir.path(), Arc::new(SystemClock))
-        .await
-        .expect("platform");
-    let config = ProductsConfig {
-        database: database.unwrap_or_default().to_owned(),
-        ..ProductsConfig::default()
-    };
-    let data = dir.path().to_owned();
-    let server = spawn(|listener, stop| async move {
-        shopverse_runtime::serve::<shopverse_products::ProductsService>(
-            listener, config, &data, platform, stop,
-        )
-        .await
-    })
-    .await
-    .expect("bind");
-    let client = ProductsServiceClient::new(channel(server.addr).await.expect("connect"));
-    Running {
-        client,
-        server,
-        log,
-        _dir: dir,
-    }
-}
-
-fn admin<T>(m: T) -> tonic::Request<T> {
-    as_user(m, "admin-1", &[Role::Admin])
-}
-
-fn eur(cents: i64) -> Option<Money> {
-    Some(Money {
-        amount_minor: cents,
-        currency: "EUR".into(),
-    })
-}
-
-fn new_product(
-    sku: &str,
-    name: &str,
-    cents: i64,
-    category: &str,
-    stock: i64,
-) -> CreateProductRequest {
-    CreateProductRequest {
-        sku: sku.into(),
-        name: name.into(),
-        description: format!("{name}, described"),
-        price: eur(cents),
-        category_id: category.into(),
-        initial_stock: stock,
-        ..Default::default()
-    }
-}
-
-async fn category(c: &mut ProductsServiceClient<Channel>, name: &str, parent: &str) -> String {
-    c.create_category(admin(CreateCategoryRequest {
-        name: name.into(),
-        slug: String::new(),
-        parent_id: parent.into(),
-    }))
-    .await
-    .expect("category")
-    .into_inner()
-    .id
-}
-
-async fn list_all(
-    c: &mut ProductsServiceClient<Channel>,
-    mut req: ListProductsRequest,
-) -> Vec<Product> {
-    let mut out = Vec::new();
-    loop {
-        let page = c
-            .list_products(req.clone())
-            .await
-            .expect("list")
-            .into_inner();
-        out.extend(page.products);
-        if page.next_page_token.is_empty() {
-            return out;
-        }
-        req.page_token = page.next_page_token;
-    }
-}
+mod common;
+use common::*;
 
 /// A catalog: Electronics > Audio and Books; headphones in Audio, a television in Electronics,
 /// a book about headphones in Books.
 struct Catalog {
     electronics: String,
     headphones: Product,
-}
-
-async fn create(c: &mut ProductsServiceClient<Channel>, p: CreateProductRequest) -> Product {
-    c.create_product(admin(p))
-        .await
-        .expect("create")
-        .into_inner()
 }
 
 async fn fill(c: &mut ProductsServiceClient<Channel>) -> Catalog {
@@ -220,7 +121,7 @@ async fn browsing_finds_what_it_should(c: &mut ProductsServiceClient<Channel>, c
     let e = c
         .list_products(percent)
         .await
-        .expect("a wildcard is a literal");
+        .expect("punctuation alone is a query that finds nothing");
     assert!(e.into_inner().products.is_empty());
 }
 
