@@ -31,8 +31,10 @@ pub enum DemoError {
 /// What [`seed`] added.
 pub type SeedReport = shopverse_products::seed::SeedReport;
 
-/// Adds the demo catalog to the products database; existing categories and products stay.
-pub async fn seed(cfg: &AppConfig) -> Result<SeedReport, DemoError> {
+/// The products service over its database, without a server: what seeding writes through.
+async fn products_alone(
+    cfg: &AppConfig,
+) -> Result<(shopverse_storage::Db, shopverse_products::Products), DemoError> {
     let db = shopverse_runtime::open_db::<ProductsService>(&cfg.services.products, &cfg.data.dir)
         .await?;
     let products = shopverse_products::Products::standalone(
@@ -40,6 +42,12 @@ pub async fn seed(cfg: &AppConfig) -> Result<SeedReport, DemoError> {
         cfg.services.products.clone(),
         Arc::new(SystemClock),
     );
+    Ok((db, products))
+}
+
+/// Adds the demo catalog to the products database; existing categories and products stay.
+pub async fn seed(cfg: &AppConfig) -> Result<SeedReport, DemoError> {
+    let (db, products) = products_alone(cfg).await?;
     let report = shopverse_products::seed::seed_demo(&products).await;
     db.close().await;
     Ok(report?)
@@ -52,13 +60,7 @@ pub async fn seed_products(
     total: u64,
     progress: impl FnMut(u64, u64),
 ) -> Result<shopverse_products::bulk::BulkReport, DemoError> {
-    let db = shopverse_runtime::open_db::<ProductsService>(&cfg.services.products, &cfg.data.dir)
-        .await?;
-    let products = shopverse_products::Products::standalone(
-        db.clone(),
-        cfg.services.products.clone(),
-        Arc::new(SystemClock),
-    );
+    let (db, products) = products_alone(cfg).await?;
     let report = shopverse_products::bulk::seed_products(&products, total, progress).await;
     db.close().await;
     Ok(report?)

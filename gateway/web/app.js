@@ -286,7 +286,12 @@ async function catalog(query = "", categoryId = "", pageToken = "", back = []) {
       ),
     ),
   );
-  const title = query ? `Results for “${query}”` : categoriesCache.find((c) => c.id === categoryId)?.name || "All products";
+  const title = page.correctedQuery
+    ? `Results for “${page.correctedQuery}”`
+    : query
+      ? `Results for “${query}”`
+      : categoriesCache.find((c) => c.id === categoryId)?.name || "All products";
+  const corrected = page.correctedQuery ? h("p", { class: "muted", role: "status" }, `Nothing matched “${query}”; showing “${page.correctedQuery}” instead.`) : null;
   const list = (page.products || []).map((p) =>
     h(
       "li",
@@ -308,7 +313,7 @@ async function catalog(query = "", categoryId = "", pageToken = "", back = []) {
       "div",
       { class: "layout" },
       cats,
-      h("section", { "aria-labelledby": "list-title" }, h("h1", { id: "list-title" }, title), list.length ? h("ul", { class: "grid" }, list) : h("p", {}, "No products match."), pager),
+      h("section", { "aria-labelledby": "list-title" }, h("h1", { id: "list-title" }, title), corrected, list.length ? h("ul", { class: "grid" }, list) : h("p", {}, "No products match."), pager),
     ),
   );
 }

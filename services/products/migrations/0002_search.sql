@@ -14,22 +14,32 @@ CREATE UNIQUE INDEX products_doc ON products (doc);
 ALTER TABLE products ADD COLUMN search_name TEXT;
 
 -- sqlite: CREATE VIRTUAL TABLE products_fts USING fts5(search_name, search_text, content='products', content_rowid='doc', tokenize='unicode61 remove_diacritics 0', prefix='2 3');
+-- The names alone, so that "every word in the name" reads only names' entries: a word in every
+-- description but no name would otherwise be a scan of its whole list.
+-- sqlite: CREATE VIRTUAL TABLE products_name_fts USING fts5(search_name, content='products', content_rowid='doc', tokenize='unicode61 remove_diacritics 0', prefix='2 3');
 -- sqlite: INSERT INTO products_fts (products_fts) VALUES ('rebuild');
+-- sqlite: INSERT INTO products_name_fts (products_name_fts) VALUES ('rebuild');
 -- sqlite: CREATE TRIGGER products_fts_insert AFTER INSERT ON products BEGIN
 -- sqlite:   UPDATE products SET doc = (SELECT COALESCE(MAX(doc), 0) + 1 FROM products) WHERE rowid = new.rowid AND new.doc IS NULL;
 -- sqlite:   INSERT INTO products_fts (rowid, search_name, search_text) SELECT doc, search_name, search_text FROM products WHERE rowid = new.rowid;
+-- sqlite:   INSERT INTO products_name_fts (rowid, search_name) SELECT doc, search_name FROM products WHERE rowid = new.rowid;
 -- sqlite: END;
 -- sqlite: CREATE TRIGGER products_fts_update AFTER UPDATE OF search_name, search_text ON products BEGIN
 -- sqlite:   INSERT INTO products_fts (products_fts, rowid, search_name, search_text) VALUES ('delete', old.doc, old.search_name, old.search_text);
 -- sqlite:   INSERT INTO products_fts (rowid, search_name, search_text) VALUES (new.doc, new.search_name, new.search_text);
+-- sqlite:   INSERT INTO products_name_fts (products_name_fts, rowid, search_name) VALUES ('delete', old.doc, old.search_name);
+-- sqlite:   INSERT INTO products_name_fts (rowid, search_name) VALUES (new.doc, new.search_name);
 -- sqlite: END;
 -- sqlite: CREATE TRIGGER products_fts_delete AFTER DELETE ON products BEGIN
 -- sqlite:   INSERT INTO products_fts (products_fts, rowid, search_name, search_text) VALUES ('delete', old.doc, old.search_name, old.search_text);
+-- sqlite:   INSERT INTO products_name_fts (products_name_fts, rowid, search_name) VALUES ('delete', old.doc, old.search_name);
 -- sqlite: END;
 
--- PostgreSQL: the same words, the name weighted A and the rest B, under a GIN index.
--- postgres: ALTER TABLE products ADD COLUMN search_vec tsvector GENERATED ALWAYS AS (setweight(to_tsvector('simple', COALESCE(search_name, '')), 'A') || setweight(to_tsvector('simple', search_text), 'B')) STORED;
+-- PostgreSQL: the same words under GIN indexes, all of them and (as above) the name's alone.
+-- postgres: ALTER TABLE products ADD COLUMN search_vec tsvector GENERATED ALWAYS AS (to_tsvector('simple', COALESCE(search_name, '') || ' ' || search_text)) STORED;
+-- postgres: ALTER TABLE products ADD COLUMN name_vec tsvector GENERATED ALWAYS AS (to_tsvector('simple', COALESCE(search_name, ''))) STORED;
 -- postgres: CREATE INDEX products_search ON products USING GIN (search_vec);
+-- postgres: CREATE INDEX products_search_name ON products USING GIN (name_vec);
 
 -- One row per product attribute, for filters (`brand=Northwind`). `value` is lowercased.
 CREATE TABLE product_attributes (

@@ -120,7 +120,9 @@ impl Query {
     }
 
     /// FTS5's query syntax: quoted words (a word holds only letters and digits), the last
-    /// with `*` for a prefix; a column filter for the name.
+    /// with `*` for a prefix. [`Scope::Name`] is meant for the names' own index
+    /// (`products_name_fts`), so it is the words alone; [`Scope::Rest`] excludes name matches
+    /// with a column filter, which FTS5 walks alongside the words' entries.
     pub fn fts5(&self, scope: Scope) -> String {
         let mut all = String::from("(");
         for (i, w) in self.words.iter().enumerate() {
@@ -136,15 +138,13 @@ impl Query {
         }
         all.push(')');
         match scope {
-            Scope::All => all,
-            Scope::Name => format!("search_name : {all}"),
+            Scope::All | Scope::Name => all,
             Scope::Rest => format!("{all} NOT (search_name : {all})"),
         }
     }
 
-    /// `to_tsquery('simple', …)`'s syntax: `'word'` joined by `&`, `:*` for the prefix, and
-    /// weight `A` (the name) when `name_only`.
-    pub fn tsquery(&self, name_only: bool) -> String {
+    /// `to_tsquery('simple', …)`'s syntax: `'word'` joined by `&`, `:*` for the prefix.
+    pub fn tsquery(&self) -> String {
         let mut out = String::new();
         for (i, w) in self.words.iter().enumerate() {
             if i > 0 {
@@ -153,12 +153,8 @@ impl Query {
             out.push('\'');
             out.push_str(w);
             out.push('\'');
-            let last = i + 1 == self.words.len();
-            match (self.prefix && last, name_only) {
-                (true, true) => out.push_str(":*A"),
-                (true, false) => out.push_str(":*"),
-                (false, true) => out.push_str(":A"),
-                (false, false) => {}
+            if self.prefix && i + 1 == self.words.len() {
+                out.push_str(":*");
             }
         }
         out
@@ -295,13 +291,12 @@ mod tests {
         assert_eq!(q.words, vec!["wireless", "head"]);
         assert!(q.prefix);
         assert_eq!(q.fts5(Scope::All), r#"("wireless" "head"*)"#);
-        assert_eq!(q.fts5(Scope::Name), r#"search_name : ("wireless" "head"*)"#);
+        assert_eq!(q.fts5(Scope::Name), r#"("wireless" "head"*)"#);
         assert_eq!(
             q.fts5(Scope::Rest),
             r#"("wireless" "head"*) NOT (search_name : ("wireless" "head"*))"#
         );
-        assert_eq!(q.tsquery(false), "'wireless' & 'head':*");
-        assert_eq!(q.tsquery(true), "'wireless':A & 'head':*A");
+        assert_eq!(q.tsquery(), "'wireless' & 'head':*");
         // One letter last: no prefix. Quotes and operators are not words.
         let q = Query::parse(r#"a" OR "b NEAR(x"#).unwrap();
         assert_eq!(q.words, vec!["a", "or", "b", "near", "x"]);

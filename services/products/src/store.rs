@@ -50,16 +50,27 @@ fn stock_from_row(r: &sqlx::any::AnyRow) -> Result<StockRow, sqlx::Error> {
 const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_minor, currency, category_id, attributes, \
      image_urls, active, version, created_at, updated_at";
 
-/// The columns a new product is written with, in [`bind_product`]'s order (`doc` is left to
-/// the database).
-const INSERT_COLUMNS: &str = "id, sku, name, description, price_minor, currency, category_id, attributes, \
-     image_urls, active, version, search_text, sort_name, created_at, updated_at, search_name";
+/// The columns an edit may change, in [`bind_editable`]'s order.
+const EDITABLE_COLUMNS: [&str; 13] = [
+    "name",
+    "description",
+    "price_minor",
+    "currency",
+    "category_id",
+    "attributes",
+    "image_urls",
+    "active",
+    "version",
+    "search_text",
+    "sort_name",
+    "updated_at",
+    "search_name",
+];
 
-fn bind_product<'q>(q: AnyQuery<'q>, p: &ProductRow) -> AnyQuery<'q> {
+/// `p`'s values of [`EDITABLE_COLUMNS`], its indexed words included.
+fn bind_editable<'q>(q: AnyQuery<'q>, p: &ProductRow) -> AnyQuery<'q> {
     let (search_name, search_text) = indexed_words(p);
-    q.bind(p.id.clone())
-        .bind(p.sku.clone())
-        .bind(p.name.clone())
+    q.bind(p.name.clone())
         .bind(p.description.clone())
         .bind(p.price_minor)
         .bind(p.currency.clone())
@@ -70,9 +81,25 @@ fn bind_product<'q>(q: AnyQuery<'q>, p: &ProductRow) -> AnyQuery<'q> {
         .bind(p.version)
         .bind(search_text)
         .bind(p.name.to_lowercase())
-        .bind(p.created_at)
         .bind(p.updated_at)
         .bind(search_name)
+}
+
+/// A new product's row: `INSERT INTO products (…) VALUES …` for `rows` products, bound by
+/// [`bind_new`] (`doc` is left to the database).
+fn insert_products_sql(rows: usize) -> String {
+    format!(
+        "INSERT INTO products (id, sku, created_at, {}) VALUES {}",
+        EDITABLE_COLUMNS.join(", "),
+        placeholders(1, rows, 3 + EDITABLE_COLUMNS.len())
+    )
+}
+
+fn bind_new<'q>(q: AnyQuery<'q>, p: &ProductRow) -> AnyQuery<'q> {
+    bind_editable(
+        q.bind(p.id.clone()).bind(p.sku.clone()).bind(p.created_at),
+        p,
+    )
 }
 
 /// The attribute rows of `products` (values lowercased, for filters), in few statements.
@@ -303,10 +330,13 @@ impl Filter<'_> {
         }
         if with_match && let Some((q, scope)) = self.matching {
             c.push(match kind {
-                DbKind::Sqlite => format!(
-                    "p.doc IN (SELECT rowid FROM products_fts WHERE products_fts MATCH {})",
-                    args.text(q.fts5(scope))
-                ),
+                DbKind::Sqlite => {
+                    let table = fts_table(scope);
+                    format!(
+                        "p.doc IN (SELECT rowid FROM {table} WHERE {table} MATCH {})",
+                        args.text(q.fts5(scope))
+                    )
+                }
                 DbKind::Postgres => pg_match(q, scope, args),
             });
         }
@@ -318,18 +348,25 @@ impl Filter<'_> {
     }
 }
 
+/// SQLite's FTS5 table for `scope`: the names' own, or every word's.
+fn fts_table(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Name => "products_name_fts",
+        Scope::All | Scope::Rest => "products_fts",
+    }
+}
+
 /// PostgreSQL's condition for `q` in `scope` on `products p`.
 fn pg_match(q: &Query, scope: Scope, args: &mut Args) -> String {
-    let vec = |args: &mut Args, name_only: bool| {
-        format!(
-            "p.search_vec @@ to_tsquery('simple', {})",
-            args.text(q.tsquery(name_only))
-        )
-    };
+    let tsq = args.text(q.tsquery());
+    let (all, name) = (
+        format!("p.search_vec @@ to_tsquery('simple', {tsq})"),
+        format!("p.name_vec @@ to_tsquery('simple', {tsq})"),
+    );
     match scope {
-        Scope::All => vec(args, false),
-        Scope::Name => vec(args, true),
-        Scope::Rest => format!("{} AND NOT {}", vec(args, false), vec(args, true)),
+        Scope::All => all,
+        Scope::Name => name,
+        Scope::Rest => format!("{all} AND NOT {name}"),
     }
 }
 
@@ -491,13 +528,16 @@ impl Repo {
         };
         let top = args.int(at_most);
         let sql = match expr {
-            Some(expr) => format!(
-                "SELECT p.doc, p.search_name, p.search_text FROM products_fts \
-                 JOIN products p ON p.doc = products_fts.rowid \
-                 WHERE products_fts MATCH {expr} AND products_fts.rowid <= {top} AND {conds} \
-                 ORDER BY products_fts.rowid DESC LIMIT {}",
-                args.int(limit)
-            ),
+            Some(expr) => {
+                let t = fts_table(scope);
+                format!(
+                    "SELECT p.doc, p.search_name, p.search_text FROM {t} \
+                     JOIN products p ON p.doc = {t}.rowid \
+                     WHERE {t} MATCH {expr} AND {t}.rowid <= {top} AND {conds} \
+                     ORDER BY {t}.rowid DESC LIMIT {}",
+                    args.int(limit)
+                )
+            }
             None => {
                 let m = pg_match(query, scope, &mut args);
                 format!(
@@ -738,16 +778,11 @@ impl Repo {
         conn: &mut AnyConnection,
         rows: &[(ProductRow, i64)],
     ) -> Result<(), sqlx::Error> {
-        const COLS: usize = 16;
-        // Under both dialects' limits on a statement's parameters.
+        // 16,000 parameters: under both dialects' limits on a statement's.
         for chunk in rows.chunks(1_000) {
-            let sql = format!(
-                "INSERT INTO products ({INSERT_COLUMNS}) VALUES {}",
-                placeholders(1, chunk.len(), COLS)
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = sqlx::query(AssertSqlSafe(insert_products_sql(chunk.len())));
             for (p, _) in chunk {
-                q = bind_product(q, p);
+                q = bind_new(q, p);
             }
             q.execute(&mut *conn).await?;
             let sql = format!(
@@ -781,11 +816,7 @@ impl Repo {
         conn: &mut AnyConnection,
         p: &ProductRow,
     ) -> Result<(), sqlx::Error> {
-        let sql = format!(
-            "INSERT INTO products ({INSERT_COLUMNS}) VALUES {}",
-            placeholders(1, 1, 16)
-        );
-        bind_product(sqlx::query(AssertSqlSafe(sql)), p)
+        bind_new(sqlx::query(AssertSqlSafe(insert_products_sql(1))), p)
             .execute(&mut *conn)
             .await?;
         self.reindex(conn, None, p).await
@@ -800,31 +831,25 @@ impl Repo {
         p: &ProductRow,
         expected: i64,
     ) -> Result<bool, sqlx::Error> {
-        let (search_name, search_text) = indexed_words(p);
-        let n = sqlx::query(
-            "UPDATE products SET name = $1, description = $2, price_minor = $3, currency = $4, category_id = $5, \
-             attributes = $6, image_urls = $7, active = $8, version = $9, search_text = $10, sort_name = $11, \
-             updated_at = $12, search_name = $13 WHERE id = $14 AND version = $15",
-        )
-        .bind(&p.name)
-        .bind(&p.description)
-        .bind(p.price_minor)
-        .bind(&p.currency)
-        .bind(p.category_id.as_deref())
-        .bind(serde_json::to_string(&p.attributes).unwrap_or_else(|_| "{}".into()))
-        .bind(serde_json::to_string(&p.image_urls).unwrap_or_else(|_| "[]".into()))
-        .bind(i64::from(p.active))
-        .bind(p.version)
-        .bind(search_text)
-        .bind(p.name.to_lowercase())
-        .bind(p.updated_at)
-        .bind(search_name)
-        .bind(&p.id)
-        .bind(expected)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if n != 1 {
+        let n = EDITABLE_COLUMNS.len();
+        let set: Vec<String> = EDITABLE_COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} = ${}", i + 1))
+            .collect();
+        let sql = format!(
+            "UPDATE products SET {} WHERE id = ${} AND version = ${}",
+            set.join(", "),
+            n + 1,
+            n + 2
+        );
+        let changed = bind_editable(sqlx::query(AssertSqlSafe(sql)), p)
+            .bind(p.id.clone())
+            .bind(expected)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        if changed != 1 {
             return Ok(false);
         }
         self.reindex(conn, Some(old), p).await?;

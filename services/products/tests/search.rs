@@ -469,3 +469,69 @@ on_both!(
     search_pages_hold_still_postgres,
     search_pages_hold_still
 );
+
+/// A catalog written before search existed is indexed when the service starts: found,
+/// counted in the facets, and its words known to the typo correction.
+async fn an_older_catalog_is_indexed_at_start(database: Option<&str>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = database
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("sqlite://{}/products.db", dir.path().display()));
+    let db = shopverse_storage::Db::connect(&url, 2).await.expect("db");
+    db.migrate(&[&shopverse_products::MIGRATIONS[..1]])
+        .await
+        .expect("the first migration alone");
+    for (i, (name, active)) in [("Enamel Kettle", 1), ("Glass Kettle", 1), ("Old Kettle", 0)]
+        .into_iter()
+        .enumerate()
+    {
+        sqlx::query(
+            "INSERT INTO products (id, sku, name, description, price_minor, currency, category_id, \
+             attributes, image_urls, active, version, search_text, sort_name, created_at, updated_at) \
+             VALUES ($1, $2, $3, 'Boils water.', 3000, 'EUR', NULL, '{\"brand\":\"Fjord\"}', '[]', $4, 1, \
+             $5, $6, $7, $7)",
+        )
+        .bind(format!("00000000-0000-0000-0000-00000000000{i}"))
+        .bind(format!("OLD-{i}"))
+        .bind(name)
+        .bind(active)
+        .bind(format!("{name}\nboils water.").to_lowercase())
+        .bind(name.to_lowercase())
+        .bind(1_000 + i as i64)
+        .execute(&mut *db.write_conn().await.expect("conn"))
+        .await
+        .expect("insert as the first version did");
+    }
+    db.close().await;
+
+    let mut s = start(Some(&url)).await;
+    let c = &mut s.client;
+    // Both in the name, equally long: the newer first. The archived one is not found.
+    assert_eq!(skus(&search(c, "kettle").await), ["OLD-1", "OLD-0"]);
+    assert_eq!(skus(&search(c, "fjord enamel").await), ["OLD-0"]);
+    let r = search(c, "kettel").await;
+    assert_eq!(
+        (r.corrected_query.as_str(), r.products.len()),
+        ("kettle", 2)
+    );
+    let (f, listed) = facets(c, ListProductsRequest::default()).await;
+    assert_eq!((f.total, listed), (2, 2));
+    // Edits after the upgrade keep the index right.
+    let glass = search(c, "glass").await.products.remove(0);
+    c.update_product(admin(UpdateProductRequest {
+        id: glass.id,
+        expected_version: glass.version,
+        name: Some("Glass Teapot".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert_eq!(skus(&search(c, "kettle").await), ["OLD-0"]);
+    assert_eq!(skus(&search(c, "teapot").await), ["OLD-1"]);
+    s.server.stop().await;
+}
+on_both!(
+    an_older_catalog_is_indexed_at_start_sqlite,
+    an_older_catalog_is_indexed_at_start_postgres,
+    an_older_catalog_is_indexed_at_start
+);
