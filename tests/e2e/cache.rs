@@ -195,9 +195,17 @@ async fn an_edit_is_seen_at_the_edge_within_a_second_and_private_views_bypass() 
     let private = http(gw, "GET", &path, &as_admin, b"");
     assert_eq!(private.header("x-cache"), Some("BYPASS"));
 
-    // An admin edits the price; the product.updated event purges the edge.
+    // A search for a word no product has yet, cached empty.
+    let search = "/v1/products?query=zeppelin&facets=true";
+    assert_eq!(
+        http(gw, "GET", search, &[], b"").json()["facets"]["total"],
+        "0"
+    );
+    assert_eq!(x_cache(gw, search).as_deref(), Some("HIT"));
+
+    // An admin edits the price and the name; the product.updated event purges the edge.
     let body = format!(
-        r#"{{"expectedVersion": "{version}", "price": {{"amountMinor": "12345", "currency": "EUR"}}}}"#
+        r#"{{"expectedVersion": "{version}", "name": "Zeppelin Edition", "price": {{"amountMinor": "12345", "currency": "EUR"}}}}"#
     );
     let r = http(gw, "PATCH", &path, &as_admin, body.as_bytes());
     assert_eq!(r.status, 200, "{}", r.body);
@@ -211,10 +219,27 @@ async fn an_edit_is_seen_at_the_edge_within_a_second_and_private_views_bypass() 
         assert!(!late, "still the old price after 1 s: {}", r.body);
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Lists were purged too.
+    // Lists were purged too, searches among them: the new name is found within the second.
     assert_eq!(
         x_cache(gw, "/v1/products?page_size=1").as_deref(),
         Some("MISS")
+    );
+    loop {
+        let r = http(gw, "GET", "/v1/products?query=zeppel", &[], b"").json();
+        if r["products"][0]["name"] == "Zeppelin Edition" {
+            break;
+        }
+        let late = t0.elapsed() >= Duration::from_secs(1);
+        assert!(!late, "the search misses the new name after 1 s: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = http(gw, "GET", search, &[], b"").json();
+    assert_eq!(
+        (
+            r["facets"]["total"].as_str(),
+            r["products"][0]["name"].as_str()
+        ),
+        (Some("1"), Some("Zeppelin Edition"))
     );
     app.stop();
 }
