@@ -353,6 +353,7 @@ impl InlineConnection {
         args: Option<AnyArguments>,
         limit: Option<usize>,
     ) -> Result<(Vec<AnyRow>, u64), Error> {
+        let sql = &*numbered(sql);
         let prepared = if persistent {
             self.conn.prepare_cached(sql).map(Prepared::Cached)
         } else {
@@ -493,26 +494,72 @@ fn args_len(args: &Option<AnyArguments>) -> usize {
     args.as_ref().map_or(0, |a| a.values.0.len())
 }
 
-/// Binds each of the statement's parameters: `$N` and `?N` to the N-th argument, any other to
-/// the argument at its position, as `sqlx`'s SQLite driver does.
+/// `sql` with each `$N` parameter written `?N`, outside quotes and comments. SQLite gives
+/// `?N` the index N itself, so binding needs no lookup of the parameter's name (a linear scan
+/// per parameter in SQLite: a 16,000-parameter insert spent 70 % of its time there).
+fn numbered(sql: &str) -> Cow<'_, str> {
+    let b = sql.as_bytes();
+    if !b.contains(&b'$') {
+        return Cow::Borrowed(sql);
+    }
+    let mut out = String::with_capacity(sql.len());
+    let mut i = 0;
+    let mut copied = 0;
+    while i < b.len() {
+        match b[i] {
+            // A string, a quoted name: to the closing quote (a doubled one stays inside).
+            q @ (b'\'' | b'"' | b'`') => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == q {
+                        if b.get(i + 1) == Some(&q) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i += 2;
+            }
+            b'$' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                out.push_str(&sql[copied..i]);
+                out.push('?');
+                i += 1;
+                copied = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&sql[copied.min(sql.len())..]);
+    Cow::Owned(out)
+}
+
+/// Binds the statement's parameters by index: `$N` (written `?N` by [`numbered`]) and `?N`
+/// to the N-th argument, any other to the argument at its position, as `sqlx`'s SQLite
+/// driver does.
 fn bind(stmt: &mut rusqlite::Statement<'_>, args: Option<AnyArguments>) -> Result<(), Error> {
     let values = args.map(|a| a.values.0).unwrap_or_default();
     let count = stmt.parameter_count();
     for i in 1..=count {
-        let n = stmt
-            .parameter_name(i)
-            .and_then(|name| name.strip_prefix(['$', '?']))
-            .and_then(|n| n.parse::<usize>().ok())
-            .unwrap_or(i);
-        let value = n
-            .checked_sub(1)
-            .and_then(|k| values.get(k))
-            .ok_or_else(|| {
-                Error::Protocol(format!(
-                    "the statement has parameter {n}, and {} arguments were bound",
-                    values.len()
-                ))
-            })?;
+        let value = values.get(i - 1).ok_or_else(|| {
+            Error::Protocol(format!(
+                "the statement has parameter {i}, and {} arguments were bound",
+                values.len()
+            ))
+        })?;
         let out = match value {
             AnyValueKind::Null(_) => ToSqlOutput::Borrowed(ValueRef::Null),
             AnyValueKind::Bool(b) => ToSqlOutput::Borrowed(ValueRef::Integer(i64::from(*b))),
@@ -772,7 +819,10 @@ impl AnyConnectionBackend for InlineConnection {
         _parameters: &[AnyTypeInfo],
     ) -> BoxFuture<'c, sqlx::Result<AnyStatement>> {
         let r = (|| {
-            let stmt = self.conn.prepare_cached(sql.as_str()).map_err(map_error)?;
+            let stmt = self
+                .conn
+                .prepare_cached(&numbered(sql.as_str()))
+                .map_err(map_error)?;
             let columns: Vec<AnyColumn> = (0..stmt.column_count())
                 .map(|i| AnyColumn {
                     ordinal: i,
@@ -801,7 +851,11 @@ impl AnyConnectionBackend for InlineConnection {
 
 #[cfg(test)]
 mod tests {
-    use sqlx::{AnyConnection, Connection, Executor, Row};
+    use std::borrow::Cow;
+
+    use sqlx::{AnyConnection, AssertSqlSafe, Connection, Executor, Row};
+
+    use super::numbered;
 
     async fn open(dir: &tempfile::TempDir, mode: &str) -> AnyConnection {
         crate::install_drivers();
@@ -810,6 +864,46 @@ mod tests {
             dir.path().join("t.db").display()
         );
         AnyConnection::connect(&url).await.expect("connect")
+    }
+
+    #[test]
+    fn dollar_parameters_are_numbered_outside_quotes_and_comments() {
+        assert_eq!(numbered("SELECT 1"), "SELECT 1");
+        assert!(matches!(numbered("SELECT 1"), Cow::Borrowed(_)));
+        assert_eq!(
+            numbered("SELECT $1, '$2', \"$3\", $10 -- $4\n/* $5 */ + $6, 'it''s $7', $x"),
+            "SELECT ?1, '$2', \"$3\", ?10 -- $4\n/* $5 */ + ?6, 'it''s $7', $x"
+        );
+        assert_eq!(numbered("'unterminated $1"), "'unterminated $1");
+        assert_eq!(numbered("a = $"), "a = $");
+    }
+
+    #[tokio::test]
+    async fn a_statement_of_thousands_of_parameters_binds_each_to_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = open(&dir, "rwc").await;
+        c.execute("CREATE TABLE w (a BIGINT, b BIGINT)")
+            .await
+            .expect("table");
+        let rows = 8_000;
+        let sql = format!(
+            "INSERT INTO w (a, b) VALUES {}",
+            crate::placeholders(1, rows, 2)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for i in 0..rows as i64 {
+            q = q.bind(i).bind(-i);
+        }
+        let done = q.execute(&mut c).await.expect("16,000 parameters");
+        assert_eq!(done.rows_affected(), rows as u64);
+        let sum: i64 = sqlx::query_scalar("SELECT SUM(a + b) + COUNT(*) FROM w WHERE a = -b")
+            .fetch_one(&mut c)
+            .await
+            .expect("sum");
+        assert_eq!(
+            sum, rows as i64,
+            "every row's values bound to its own parameters"
+        );
     }
 
     #[tokio::test]
