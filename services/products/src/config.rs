@@ -31,7 +31,7 @@ impl Default for ProductsConfig {
             database: String::new(),
             default_currency: "EUR".into(),
             max_price_minor: 100_000_000_000,
-            search_rank_window: 200,
+            search_rank_window: 100,
         }
     }
 }

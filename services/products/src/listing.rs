@@ -147,7 +147,7 @@ impl Products {
                 "must be at most 200 characters",
             ));
         }
-        let query = Query::parse(&req.query);
+        let mut query = Query::parse(&req.query);
         // Only words are indexed: a query of punctuation alone finds nothing.
         let nothing = query.is_none() && !req.query.trim().is_empty();
         let sort = sort_of(&req, query.is_some() || nothing)?;
@@ -190,7 +190,12 @@ impl Products {
                 ..Default::default()
             });
         }
-        let all_categories = self.repo().categories().await?;
+        // The tree is read when a category or the facets need it.
+        let all_categories = if req.category_id.is_empty() && !req.facets {
+            Vec::new()
+        } else {
+            self.repo().categories().await?
+        };
         let cats = if req.category_id.is_empty() {
             None
         } else {
@@ -199,6 +204,23 @@ impl Products {
             }
             Some(descendants(&all_categories, &req.category_id))
         };
+        if let Some(q) = query.take() {
+            query = Some(self.complete(q, req.include_archived).await?);
+        }
+        // A category filter on a browse: how much of the catalog it holds, from the kept counts.
+        let categories_are_broad = match &cats {
+            Some(ids) if query.is_none() => {
+                let kept = self.repo().facet_cells_kept().await?;
+                let total: i64 = kept.iter().map(|c| c.2).sum();
+                let held: i64 = kept
+                    .iter()
+                    .filter(|c| ids.contains(&c.0))
+                    .map(|c| c.2)
+                    .sum();
+                held.saturating_mul(100) >= total
+            }
+            _ => false,
+        };
         let filter = Filter {
             categories: cats.as_deref(),
             include_archived: req.include_archived,
@@ -206,6 +228,7 @@ impl Products {
             max_price: req.max_price_minor,
             attributes: &attributes,
             matching: None,
+            categories_are_broad,
         };
 
         // A query none of whose matches exist is corrected, once, on its first page; the
@@ -214,7 +237,7 @@ impl Products {
         if let Some(q) = &query
             && token.as_ref().is_some_and(|t| t.c)
         {
-            corrected = self.correct(q).await?;
+            corrected = self.correct(q, req.include_archived).await?;
         }
         let mut page = self
             .page(
@@ -229,7 +252,7 @@ impl Products {
             && page.rows.is_empty()
             && let Some(q) = &query
             && !self.repo().any_match(q).await?
-            && let Some(c) = self.correct(q).await?
+            && let Some(c) = self.correct(q, req.include_archived).await?
         {
             corrected = Some(c);
             page = self
@@ -412,7 +435,11 @@ impl Products {
     /// `q` with each word of five letters or more that no active product holds (nor, for the
     /// last, starts) replaced by the known word one edit away that most products hold;
     /// `None` when no word changed.
-    pub(crate) async fn correct(&self, q: &Query) -> Result<Option<Query>, ServiceError> {
+    pub(crate) async fn correct(
+        &self,
+        q: &Query,
+        include_archived: bool,
+    ) -> Result<Option<Query>, ServiceError> {
         let mut words = q.words.clone();
         let mut changed = false;
         let mut prefix = q.prefix;
@@ -438,7 +465,31 @@ impl Products {
                 }
             }
         }
-        Ok(changed.then_some(Query { words, prefix }))
+        if !changed {
+            return Ok(None);
+        }
+        let q = Query {
+            words,
+            prefix,
+            completions: None,
+        };
+        Ok(Some(self.complete(q, include_archived).await?))
+    }
+
+    /// `q` with its last word's completions from the vocabulary, when it has at most
+    /// [`search::MAX_COMPLETIONS`] of them. Not for a listing with archived products: the
+    /// vocabulary holds active products' words only.
+    async fn complete(&self, mut q: Query, include_archived: bool) -> Result<Query, ServiceError> {
+        if let Some(last) = q.completable().filter(|_| !include_archived) {
+            let words = self
+                .repo()
+                .completions(last, search::MAX_COMPLETIONS + 1)
+                .await?;
+            if !words.is_empty() && words.len() <= search::MAX_COMPLETIONS {
+                q.completions = Some(words);
+            }
+        }
+        Ok(q)
     }
 }
 

@@ -79,11 +79,21 @@ pub fn band_range(b: i64) -> (i64, Option<i64>) {
     (low, PRICE_BANDS.get(i).copied())
 }
 
+/// At most this many known words a last word's prefix stands for (see [`Query::completions`]).
+pub const MAX_COMPLETIONS: usize = 64;
+
 /// A parsed query: its words, the last one also matched as a prefix when `prefix` is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Query {
     pub words: Vec<String>,
     pub prefix: bool,
+    /// The known words the last word's prefix stands for, itself included if known: the index
+    /// then looks each up as a whole word. An index asked for a prefix merges the lists of
+    /// every word it begins before it can hand over the newest match (a query for `ideal*`
+    /// cost 2.75 ms at 100k products against 0.08 ms for `ideal`), where a few whole words
+    /// are walked side by side. `None`: matched as a prefix by the index itself (two or three
+    /// letters, which FTS5 keeps a prefix index for, or too many completions).
+    pub completions: Option<Vec<String>>,
 }
 
 /// What the index is asked: every word (all of them must match), in the name only or anywhere.
@@ -111,7 +121,23 @@ impl Query {
             }
         }
         let prefix = words.last().is_some_and(|w| w.chars().count() >= 2);
-        (!words.is_empty()).then_some(Query { words, prefix })
+        (!words.is_empty()).then_some(Query {
+            words,
+            prefix,
+            completions: None,
+        })
+    }
+
+    /// The last word, when it is matched as a prefix and long enough for the vocabulary to
+    /// hold its completions.
+    pub fn completable(&self) -> Option<&str> {
+        let last = self.words.last()?;
+        (self.prefix && last.chars().count() >= VOCABULARY_MIN_LETTERS).then_some(last.as_str())
+    }
+
+    /// Whether the last word is looked up as the index's own prefix query.
+    fn index_prefix(&self) -> bool {
+        self.prefix && self.completions.is_none()
     }
 
     /// The words as one string, as the client is shown a corrected query.
@@ -124,16 +150,26 @@ impl Query {
     /// (`products_name_fts`), so it is the words alone; [`Scope::Rest`] excludes name matches
     /// with a column filter, which FTS5 walks alongside the words' entries.
     pub fn fts5(&self, scope: Scope) -> String {
+        let quoted = |w: &str| format!("\"{w}\"");
         let mut all = String::from("(");
         for (i, w) in self.words.iter().enumerate() {
             if i > 0 {
-                all.push(' ');
+                all.push_str(" AND ");
             }
-            all.push('"');
-            all.push_str(w);
-            all.push('"');
-            if self.prefix && i + 1 == self.words.len() {
-                all.push('*');
+            let last = i + 1 == self.words.len();
+            match &self.completions {
+                Some(c) if last => {
+                    let any: Vec<String> = c.iter().map(|w| quoted(w)).collect();
+                    all.push('(');
+                    all.push_str(&any.join(" OR "));
+                    all.push(')');
+                }
+                _ => {
+                    all.push_str(&quoted(w));
+                    if last && self.index_prefix() {
+                        all.push('*');
+                    }
+                }
             }
         }
         all.push(')');
@@ -145,16 +181,26 @@ impl Query {
 
     /// `to_tsquery('simple', …)`'s syntax: `'word'` joined by `&`, `:*` for the prefix.
     pub fn tsquery(&self) -> String {
+        let quoted = |w: &str| format!("'{w}'");
         let mut out = String::new();
         for (i, w) in self.words.iter().enumerate() {
             if i > 0 {
                 out.push_str(" & ");
             }
-            out.push('\'');
-            out.push_str(w);
-            out.push('\'');
-            if self.prefix && i + 1 == self.words.len() {
-                out.push_str(":*");
+            let last = i + 1 == self.words.len();
+            match &self.completions {
+                Some(c) if last => {
+                    let any: Vec<String> = c.iter().map(|w| quoted(w)).collect();
+                    out.push('(');
+                    out.push_str(&any.join(" | "));
+                    out.push(')');
+                }
+                _ => {
+                    out.push_str(&quoted(w));
+                    if last && self.index_prefix() {
+                        out.push_str(":*");
+                    }
+                }
             }
         }
         out
@@ -172,47 +218,66 @@ impl Query {
         const NAME_WEIGHT: f64 = 3.0;
         const NAME_LEN: f64 = 6.0;
         const TEXT_LEN: f64 = 40.0;
-        let name: Vec<&str> = search_name.split(' ').filter(|w| !w.is_empty()).collect();
-        let text: Vec<&str> = search_text.split(' ').filter(|w| !w.is_empty()).collect();
-        let last = self.words.len().saturating_sub(1);
-        let hits = |field: &[&str], i: usize, word: &str| -> f64 {
-            field
-                .iter()
-                .map(|t| {
-                    if *t == word {
-                        1.0
-                    } else if self.prefix && i == last && t.starts_with(word) {
-                        0.8
-                    } else {
-                        0.0
-                    }
-                })
-                .sum()
-        };
+        let n = self.words.len();
+        // Each field is read once: per query word, its hits (1 whole, 0.8 as a prefix).
+        let mut name_hits = [0.0_f64; MAX_QUERY_WORDS];
+        let mut text_hits = [0.0_f64; MAX_QUERY_WORDS];
+        let mut in_order = false;
+        // Where the run of the query's words in order, in the name, has got to.
+        let mut run = 0;
+        let name_len = self.count_hits(search_name, &mut name_hits, |i, hit| {
+            run = if hit && i == Some(run) {
+                run + 1
+            } else {
+                usize::from(hit && i == Some(0))
+            };
+            in_order |= run == n;
+        });
+        let text_len = self.count_hits(search_text, &mut text_hits, |_, _| {});
         let norm = |len: usize, typical: f64| 1.0 - B + B * (len as f64 / typical);
-        let (name_norm, text_norm) = (norm(name.len(), NAME_LEN), norm(text.len(), TEXT_LEN));
+        let (name_norm, text_norm) = (norm(name_len, NAME_LEN), norm(text_len, TEXT_LEN));
         let mut score = 0.0;
-        for (i, w) in self.words.iter().enumerate() {
-            let tf = NAME_WEIGHT * hits(&name, i, w) / name_norm + hits(&text, i, w) / text_norm;
+        for i in 0..n {
+            let tf = NAME_WEIGHT * name_hits[i] / name_norm + text_hits[i] / text_norm;
             if tf == 0.0 {
                 return 0;
             }
             score += tf * (K1 + 1.0) / (tf + K1);
         }
-        if self.words.len() > 1 && self.in_order(&name) {
+        if n > 1 && in_order {
             score += 0.5;
         }
         (score * 1_000_000.0).round() as i64
     }
 
-    /// Whether `name` holds the query's words in order, next to each other.
-    fn in_order(&self, name: &[&str]) -> bool {
-        let n = self.words.len();
-        name.windows(n).any(|win| {
-            win.iter().zip(&self.words).enumerate().all(|(i, (t, w))| {
-                *t == w || (self.prefix && i + 1 == n && t.starts_with(w.as_str()))
-            })
-        })
+    /// Adds each word of `field` to the hits of the query word it matches; calls `each` with
+    /// the query word's index a word matched as the `i`-th word of the query's order (the
+    /// first match), or `None`. Returns the field's word count.
+    fn count_hits(
+        &self,
+        field: &str,
+        hits: &mut [f64; MAX_QUERY_WORDS],
+        mut each: impl FnMut(Option<usize>, bool),
+    ) -> usize {
+        let last = self.words.len().saturating_sub(1);
+        let mut len = 0;
+        for t in field.split(' ').filter(|t| !t.is_empty()) {
+            len += 1;
+            let mut first = None;
+            for (i, w) in self.words.iter().enumerate() {
+                let h = if t == w {
+                    1.0
+                } else if self.prefix && i == last && t.starts_with(w.as_str()) {
+                    0.8
+                } else {
+                    continue;
+                };
+                hits[i] += h;
+                first.get_or_insert(i);
+            }
+            each(first, first.is_some());
+        }
+        len
     }
 }
 
@@ -290,13 +355,24 @@ mod tests {
         let q = Query::parse("Wireless head").unwrap();
         assert_eq!(q.words, vec!["wireless", "head"]);
         assert!(q.prefix);
-        assert_eq!(q.fts5(Scope::All), r#"("wireless" "head"*)"#);
-        assert_eq!(q.fts5(Scope::Name), r#"("wireless" "head"*)"#);
+        assert_eq!(q.fts5(Scope::All), r#"("wireless" AND "head"*)"#);
+        assert_eq!(q.fts5(Scope::Name), r#"("wireless" AND "head"*)"#);
         assert_eq!(
             q.fts5(Scope::Rest),
-            r#"("wireless" "head"*) NOT (search_name : ("wireless" "head"*))"#
+            r#"("wireless" AND "head"*) NOT (search_name : ("wireless" AND "head"*))"#
         );
         assert_eq!(q.tsquery(), "'wireless' & 'head':*");
+        assert_eq!(q.completable(), Some("head"));
+        let completed = Query {
+            completions: Some(vec!["head".into(), "headphones".into()]),
+            ..q.clone()
+        };
+        assert_eq!(
+            completed.fts5(Scope::All),
+            r#"("wireless" AND ("head" OR "headphones"))"#
+        );
+        assert_eq!(completed.tsquery(), "'wireless' & ('head' | 'headphones')");
+        assert_eq!(Query::parse("wireless hea").unwrap().completable(), None);
         // One letter last: no prefix. Quotes and operators are not words.
         let q = Query::parse(r#"a" OR "b NEAR(x"#).unwrap();
         assert_eq!(q.words, vec!["a", "or", "b", "near", "x"]);

@@ -257,6 +257,11 @@ pub struct Filter<'a> {
     pub attributes: &'a [(String, String)],
     /// Only products matching these words, in this scope.
     pub matching: Option<(&'a Query, Scope)>,
+    /// The categories hold a large share of the catalog: SQLite walks the sort order's index
+    /// and skips other categories' products, rather than collecting every product of the
+    /// categories and sorting them (a department of 12,500 products took 18.7 ms that way,
+    /// its first page 0.2 ms this way). SQLite keeps no statistics to choose by itself.
+    pub categories_are_broad: bool,
 }
 
 pub struct ListQuery<'a> {
@@ -314,7 +319,13 @@ impl Filter<'_> {
                 return None;
             }
             let ph: Vec<String> = cats.iter().map(|id| args.text(id.as_str())).collect();
-            c.push(format!("p.category_id IN ({})", ph.join(", ")));
+            // A unary `+` keeps SQLite from using the column's index for the condition.
+            let plus = if self.categories_are_broad && kind == DbKind::Sqlite {
+                "+"
+            } else {
+                ""
+            };
+            c.push(format!("{plus}p.category_id IN ({})", ph.join(", ")));
         }
         if let Some(min) = self.min_price {
             c.push(format!("p.price_minor >= {}", args.int(min)));
@@ -681,6 +692,23 @@ impl Repo {
             }
         }
         Ok(out)
+    }
+
+    /// Up to `limit` words of active products that start with `prefix`, in order.
+    pub async fn completions(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT term FROM search_terms WHERE term >= $1 AND term < $2 AND products > 0 \
+             ORDER BY term LIMIT $3",
+        )
+        .bind(prefix)
+        .bind(format!("{prefix}\u{10FFFF}"))
+        .bind(limit as i64)
+        .fetch_all(&mut *self.db.read().await?)
+        .await
     }
 
     /// Whether some active product holds a word starting with `prefix`.
