@@ -332,6 +332,11 @@ pub async fn seed_products(cfg: AppConfig, total: u64) -> anyhow::Result<()> {
         report.existing,
         started.elapsed().as_secs_f64()
     );
+    if report.created > 0 {
+        println!(
+            "no catalog events were sent: a running gateway's cached lists catch up within gateway.cache.ttl_secs, or at once with POST /cache/purge?tag=catalog on its admin port"
+        );
+    }
     Ok(())
 }
 

@@ -36,10 +36,12 @@ ALTER TABLE products ADD COLUMN search_name TEXT;
 -- sqlite: END;
 
 -- PostgreSQL: the same words under GIN indexes, all of them and (as above) the name's alone.
+-- Without `fastupdate`: a write updates the index itself rather than a pending list that every
+-- search then reads whole (4 ms per query after a bulk seed of 100k products, until a vacuum).
 -- postgres: ALTER TABLE products ADD COLUMN search_vec tsvector GENERATED ALWAYS AS (to_tsvector('simple', COALESCE(search_name, '') || ' ' || search_text)) STORED;
 -- postgres: ALTER TABLE products ADD COLUMN name_vec tsvector GENERATED ALWAYS AS (to_tsvector('simple', COALESCE(search_name, ''))) STORED;
--- postgres: CREATE INDEX products_search ON products USING GIN (search_vec);
--- postgres: CREATE INDEX products_search_name ON products USING GIN (name_vec);
+-- postgres: CREATE INDEX products_search ON products USING GIN (search_vec) WITH (fastupdate = off);
+-- postgres: CREATE INDEX products_search_name ON products USING GIN (name_vec) WITH (fastupdate = off);
 
 -- One row per product attribute, for filters (`brand=Northwind`). `value` is lowercased.
 CREATE TABLE product_attributes (

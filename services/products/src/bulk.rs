@@ -472,6 +472,7 @@ pub async fn seed_products(
         i = end;
         progress(report.created, to_do);
     }
+    products.repo().analyze().await?;
     Ok(report)
 }
 

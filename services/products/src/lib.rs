@@ -3,14 +3,18 @@
 //! # Layout
 //! Dependencies run `grpc`/`events` → `app` → `store`/`domain`:
 //! - [`config`]: the `services.products` section.
-//! - [`store`]: all SQL (SQLite or PostgreSQL, same statements).
+//! - [`store`]: all SQL (SQLite or PostgreSQL, the same statements but for the text index:
+//!   FTS5 tables there, `tsvector` columns here).
 //! - [`domain`]: the catalog's rules: prices, names, SKUs, attributes, images, slugs, the
 //!   category tree.
-//! - [`app`]: the use cases: public browsing, admin edits with optimistic concurrency, stock
-//!   reservation for orders.
+//! - [`search`]: search's rules without SQL: words, index expressions, the score, price
+//!   bands, typo candidates.
+//! - [`app`]: the use cases: admin edits with optimistic concurrency, stock reservation for
+//!   orders; `listing` (private): browsing and search with filters, facets and page tokens.
 //! - [`grpc`]: `shopverse.products.v1.ProductsService`, mapping only.
 //! - [`events`]: the consumer that commits or releases stock when an order ends.
-//! - [`seed`]: the demo catalog (`shopverse seed`, `shopverse up --demo`).
+//! - [`seed`]: the demo catalog (`shopverse seed`, `shopverse up --demo`); [`bulk`]: a
+//!   synthetic catalog of any size (`shopverse seed --products N`).
 //!
 //! Stock never goes negative: a reservation is one conditional `UPDATE … WHERE available >= n`
 //! per line inside one transaction, so concurrent reservations cannot both take the last unit.

@@ -305,6 +305,13 @@ impl Args {
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
 
+/// A statement with a text match: on PostgreSQL planned for its own words each time, not from
+/// a plan cached for the statement (which, made for no words in particular, may walk a whole
+/// index for a rare word); SQLite's FTS5 plans the same whatever the words.
+fn planned_per_call(q: AnyQuery<'_>, kind: DbKind) -> AnyQuery<'_> {
+    q.persistent(kind == DbKind::Sqlite)
+}
+
 impl Filter<'_> {
     /// The filter's conditions on `products p`, joined by `AND` (`TRUE` when none); `None`
     /// when nothing can match (an empty category list). The text match is left out when
@@ -513,10 +520,11 @@ impl Repo {
             "SELECT {PRODUCT_COLUMNS} FROM products p WHERE {filter}{keyset} \
              ORDER BY p.{col} {dir}, p.id {dir} LIMIT {limit}"
         );
-        let rows = args
-            .bind(sqlx::query(AssertSqlSafe(sql)))
-            .fetch_all(&mut *self.db.read().await?)
-            .await?;
+        let mut stmt = args.bind(sqlx::query(AssertSqlSafe(sql)));
+        if q.filter.matching.is_some() {
+            stmt = planned_per_call(stmt, self.db.kind());
+        }
+        let rows = stmt.fetch_all(&mut *self.db.read().await?).await?;
         rows.iter().map(product_from_row).collect()
     }
 
@@ -558,8 +566,7 @@ impl Repo {
                 )
             }
         };
-        let rows = args
-            .bind(sqlx::query(AssertSqlSafe(sql)))
+        let rows = planned_per_call(args.bind(sqlx::query(AssertSqlSafe(sql))), kind)
             .fetch_all(&mut *self.db.read().await?)
             .await?;
         rows.iter()
@@ -617,8 +624,7 @@ impl Repo {
                 pg_match(query, Scope::All, &mut args)
             ),
         };
-        let row = args
-            .bind(sqlx::query(AssertSqlSafe(sql)))
+        let row = planned_per_call(args.bind(sqlx::query(AssertSqlSafe(sql))), self.db.kind())
             .fetch_optional(&mut *self.db.read().await?)
             .await?;
         Ok(row.is_some())
@@ -643,10 +649,11 @@ impl Repo {
             "SELECT COALESCE(p.category_id, '') AS c, {band} AS b, COUNT(*) AS n \
              FROM products p WHERE {conds} GROUP BY 1, 2"
         );
-        let rows = args
-            .bind(sqlx::query(AssertSqlSafe(sql)))
-            .fetch_all(&mut *self.db.read().await?)
-            .await?;
+        let mut stmt = args.bind(sqlx::query(AssertSqlSafe(sql)));
+        if filter.matching.is_some() {
+            stmt = planned_per_call(stmt, self.db.kind());
+        }
+        let rows = stmt.fetch_all(&mut *self.db.read().await?).await?;
         rows.iter()
             .map(|r| Ok((r.try_get("c")?, r.try_get("b")?, r.try_get("n")?)))
             .collect()
@@ -671,27 +678,44 @@ impl Repo {
     }
 
     /// How many active products hold each of `words` (words no product holds are left out).
+    /// The words go as one parameter, space-separated (a word has no spaces): a statement of
+    /// hundreds of parameters cost PostgreSQL more to parse and plan than to run.
     pub async fn term_counts(
         &self,
         words: &BTreeSet<String>,
     ) -> Result<BTreeMap<String, i64>, sqlx::Error> {
-        let mut out = BTreeMap::new();
-        let words: Vec<&String> = words.iter().collect();
-        let mut conn = self.db.read().await?;
-        for chunk in words.chunks(500) {
-            let sql = format!(
-                "SELECT term, products FROM search_terms WHERE products > 0 AND term IN {}",
-                placeholders(1, 1, chunk.len())
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for w in chunk {
-                q = q.bind(w.as_str());
-            }
-            for r in q.fetch_all(&mut *conn).await? {
-                out.insert(r.try_get("term")?, r.try_get("products")?);
+        let list = match self.db.kind() {
+            DbKind::Sqlite => "(SELECT value FROM json_each($1))",
+            DbKind::Postgres => "(SELECT unnest(string_to_array($1, ' ')))",
+        };
+        let joined = match self.db.kind() {
+            DbKind::Sqlite => serde_json::to_string(words).unwrap_or_else(|_| "[]".into()),
+            DbKind::Postgres => words.iter().cloned().collect::<Vec<_>>().join(" "),
+        };
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT term, products FROM search_terms WHERE products > 0 AND term IN {list}"
+        )))
+        .bind(joined)
+        .fetch_all(&mut *self.db.read().await?)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("term")?, r.try_get("products")?)))
+            .collect()
+    }
+
+    /// Refreshes PostgreSQL's statistics of the catalog's tables, after a bulk load: its
+    /// planner chooses between the text index and the newest-first walk by them. (SQLite
+    /// keeps none; its plans do not depend on them.)
+    pub async fn analyze(&self) -> Result<(), sqlx::Error> {
+        if self.db.kind() == DbKind::Postgres {
+            let mut conn = self.db.write_conn().await?;
+            for t in ["products", "product_attributes", "search_terms", "stock"] {
+                sqlx::query(AssertSqlSafe(format!("ANALYZE {t}")))
+                    .execute(&mut *conn)
+                    .await?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Up to `limit` words of active products that start with `prefix`, in order.
