@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use shopverse_kit::ServiceError;
 use shopverse_kit::identity::Identity;
 use shopverse_proto::products::v1::*;
+use shopverse_storage::DbKind;
 
 use crate::app::{Products, product_to_proto};
 use crate::domain::descendants;
@@ -207,9 +208,10 @@ impl Products {
         if let Some(q) = query.take() {
             query = Some(self.complete(q, req.include_archived).await?);
         }
-        // A category filter on a browse: how much of the catalog it holds, from the kept counts.
+        // A category filter on a browse: how much of the catalog it holds, from the kept counts
+        // (SQLite only: PostgreSQL plans by its own statistics).
         let categories_are_broad = match &cats {
-            Some(ids) if query.is_none() => {
+            Some(ids) if query.is_none() && self.repo().db.kind() == DbKind::Sqlite => {
                 let kept = self.repo().facet_cells_kept().await?;
                 let total: i64 = kept.iter().map(|c| c.2).sum();
                 let held: i64 = kept
