@@ -253,7 +253,7 @@ impl Products {
         if token.is_none()
             && page.rows.is_empty()
             && let Some(q) = &query
-            && !self.repo().any_match(q).await?
+            && (q.unmatched || !self.repo().any_match(q).await?)
             && let Some(c) = self.correct(q, req.include_archived).await?
         {
             corrected = Some(c);
@@ -281,7 +281,9 @@ impl Products {
                 && filter.max_price.is_none()
                 && attributes.is_empty()
                 && !req.include_archived;
-            let cells = if plain {
+            let cells = if filter.matching.is_some_and(|(q, _)| q.unmatched) {
+                Vec::new()
+            } else if plain {
                 let kept = self.repo().facet_cells_kept().await?;
                 match &cats {
                     Some(ids) => kept
@@ -314,6 +316,12 @@ impl Products {
         token: Option<&PageToken>,
         limit: usize,
     ) -> Result<Page, ServiceError> {
+        if query.is_some_and(|q| q.unmatched) {
+            return Ok(Page {
+                rows: Vec::new(),
+                next: None,
+            });
+        }
         match (sort, query) {
             (Some(sort), _) => {
                 let mut filter = filter.clone();
@@ -474,6 +482,7 @@ impl Products {
             words,
             prefix,
             completions: None,
+            unmatched: false,
         };
         Ok(Some(self.complete(q, include_archived).await?))
     }
@@ -481,15 +490,35 @@ impl Products {
     /// `q` with its last word's completions from the vocabulary, when it has at most
     /// [`search::MAX_COMPLETIONS`] of them. Not for a listing with archived products: the
     /// vocabulary holds active products' words only.
+    /// Also marks `q` [`Query::unmatched`] when a word of four letters or more (or the last
+    /// word's prefix) is in no active product: a search that cannot match costs one lookup,
+    /// where PostgreSQL, misjudging a word it has no statistics for, could walk every product.
     async fn complete(&self, mut q: Query, include_archived: bool) -> Result<Query, ServiceError> {
-        if let Some(last) = q.completable().filter(|_| !include_archived) {
+        if include_archived {
+            return Ok(q);
+        }
+        if let Some(last) = q.completable() {
             let words = self
                 .repo()
                 .completions(last, search::MAX_COMPLETIONS + 1)
                 .await?;
+            q.unmatched = words.is_empty();
             if !words.is_empty() && words.len() <= search::MAX_COMPLETIONS {
                 q.completions = Some(words);
             }
+        }
+        let whole: std::collections::BTreeSet<String> = q
+            .words
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| {
+                (i + 1 < q.words.len() || !q.prefix)
+                    && w.chars().count() >= search::VOCABULARY_MIN_LETTERS
+            })
+            .map(|(_, w)| w.clone())
+            .collect();
+        if !q.unmatched && !whole.is_empty() {
+            q.unmatched = self.repo().term_counts(&whole).await?.len() < whole.len();
         }
         Ok(q)
     }

@@ -94,6 +94,9 @@ pub struct Query {
     /// are walked side by side. `None`: matched as a prefix by the index itself (two or three
     /// letters, which FTS5 keeps a prefix index for, or too many completions).
     pub completions: Option<Vec<String>>,
+    /// A word of the query that no active product holds: nothing can match (set by the
+    /// service from the vocabulary, which has every word of four letters or more).
+    pub unmatched: bool,
 }
 
 /// What the index is asked: every word (all of them must match), in the name only or anywhere.
@@ -125,6 +128,7 @@ impl Query {
             words,
             prefix,
             completions: None,
+            unmatched: false,
         })
     }
 
