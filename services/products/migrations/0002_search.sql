@@ -71,9 +71,11 @@ SELECT COALESCE(category_id, ''),
 FROM products WHERE active = 1
 GROUP BY 1, 2;
 
--- Words of four letters or more in active products, with how many products hold each: the
--- vocabulary a misspelt query word is corrected against.
+-- Words of four letters or more in active products, with how many products hold each, and
+-- how many in their name: the vocabulary a misspelt query word is corrected against, a last
+-- word completed from, and PostgreSQL's plans chosen by.
 CREATE TABLE search_terms (
     term TEXT PRIMARY KEY,
-    products BIGINT NOT NULL
+    products BIGINT NOT NULL,
+    in_names BIGINT NOT NULL
 );

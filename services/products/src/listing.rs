@@ -483,6 +483,7 @@ impl Products {
             prefix,
             completions: None,
             unmatched: false,
+            expected: None,
         };
         Ok(Some(self.complete(q, include_archived).await?))
     }
@@ -497,6 +498,8 @@ impl Products {
         if include_archived {
             return Ok(q);
         }
+        // Per query word: (products holding it, in their name); `None` when unknown.
+        let mut counts: Vec<Option<(i64, i64)>> = vec![None; q.words.len()];
         if let Some(last) = q.completable() {
             let words = self
                 .repo()
@@ -504,6 +507,14 @@ impl Products {
                 .await?;
             q.unmatched = words.is_empty();
             if !words.is_empty() && words.len() <= search::MAX_COMPLETIONS {
+                let stats = self
+                    .repo()
+                    .term_stats(&words.iter().cloned().collect())
+                    .await?;
+                let sum = stats.values().fold((0, 0), |a, s| (a.0 + s.0, a.1 + s.1));
+                if let Some(c) = counts.last_mut() {
+                    *c = Some(sum);
+                }
                 q.completions = Some(words);
             }
         }
@@ -518,7 +529,25 @@ impl Products {
             .map(|(_, w)| w.clone())
             .collect();
         if !q.unmatched && !whole.is_empty() {
-            q.unmatched = self.repo().term_counts(&whole).await?.len() < whole.len();
+            let stats = self.repo().term_stats(&whole).await?;
+            q.unmatched = stats.len() < whole.len();
+            for (i, w) in q.words.iter().enumerate() {
+                if let Some(s) = stats.get(w) {
+                    counts[i] = Some(*s);
+                }
+            }
+        }
+        if !q.unmatched
+            && self.repo().db.kind() == DbKind::Postgres
+            && counts.iter().all(Option::is_some)
+        {
+            let n = self.repo().max_doc().await?.max(1) as f64;
+            let (mut all, mut names) = (n, n);
+            for (a, b) in counts.into_iter().flatten() {
+                all *= (a as f64 / n).min(1.0);
+                names *= (b as f64 / n).min(1.0);
+            }
+            q.expected = Some((all, names));
         }
         Ok(q)
     }

@@ -54,14 +54,18 @@ pub fn body_text<'a>(description: &str, attribute_values: impl Iterator<Item = &
     out
 }
 
-/// The distinct words of a product's indexed text that go into the vocabulary.
-pub fn vocabulary(search_name: &str, search_text: &str) -> BTreeSet<String> {
-    search_name
-        .split(' ')
-        .chain(search_text.split(' '))
-        .filter(|w| w.chars().count() >= VOCABULARY_MIN_LETTERS)
-        .map(str::to_owned)
-        .collect()
+/// The distinct words of a product's indexed text that go into the vocabulary, each with
+/// whether its name holds it.
+pub fn vocabulary(search_name: &str, search_text: &str) -> BTreeMap<String, bool> {
+    let mut out = BTreeMap::new();
+    let long = |w: &&str| w.chars().count() >= VOCABULARY_MIN_LETTERS;
+    for w in search_text.split(' ').filter(long) {
+        out.insert(w.to_owned(), false);
+    }
+    for w in search_name.split(' ').filter(long) {
+        out.insert(w.to_owned(), true);
+    }
+    out
 }
 
 /// The price band of `price_minor`: its index in [`PRICE_BANDS`], or their count for the last.
@@ -83,7 +87,7 @@ pub fn band_range(b: i64) -> (i64, Option<i64>) {
 pub const MAX_COMPLETIONS: usize = 64;
 
 /// A parsed query: its words, the last one also matched as a prefix when `prefix` is set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Query {
     pub words: Vec<String>,
     pub prefix: bool,
@@ -97,6 +101,10 @@ pub struct Query {
     /// A word of the query that no active product holds: nothing can match (set by the
     /// service from the vocabulary, which has every word of four letters or more).
     pub unmatched: bool,
+    /// How many products are expected to match anywhere, and in their name, from the
+    /// vocabulary's counts as if the words were independent; `None` when a word is too short
+    /// for the vocabulary. PostgreSQL's plan is chosen by it.
+    pub expected: Option<(f64, f64)>,
 }
 
 /// What the index is asked: every word (all of them must match), in the name only or anywhere.
@@ -129,6 +137,7 @@ impl Query {
             prefix,
             completions: None,
             unmatched: false,
+            expected: None,
         })
     }
 
@@ -345,12 +354,16 @@ mod tests {
             body_text("Deep bass.", ["Northwind", "", "Blue-green"].into_iter()),
             "deep bass northwind blue green"
         );
+        let v = vocabulary("aurora wireless headphones", "30 h battery wireless");
+        let v: Vec<(&str, bool)> = v.iter().map(|(w, n)| (w.as_str(), *n)).collect();
         assert_eq!(
-            vocabulary("aurora wireless headphones", "30 h battery"),
-            ["aurora", "battery", "headphones", "wireless"]
-                .into_iter()
-                .map(String::from)
-                .collect()
+            v,
+            [
+                ("aurora", true),
+                ("battery", false),
+                ("headphones", true),
+                ("wireless", true)
+            ]
         );
     }
 

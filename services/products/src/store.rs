@@ -150,26 +150,27 @@ async fn add_facet_cells(
     Ok(())
 }
 
-/// Adds `n` to the products holding each word, and forgets words no product holds any more.
-async fn add_terms(
-    conn: &mut AnyConnection,
-    terms: &BTreeMap<String, i64>,
-) -> Result<(), sqlx::Error> {
-    let terms: Vec<_> = terms.iter().collect();
+/// Per word: how many more products hold it, and how many more in their name.
+type TermDeltas = BTreeMap<String, (i64, i64)>;
+
+/// Adds the deltas to the vocabulary's counts, and forgets words no product holds any more.
+async fn add_terms(conn: &mut AnyConnection, terms: &TermDeltas) -> Result<(), sqlx::Error> {
+    let terms: Vec<_> = terms.iter().filter(|(_, d)| **d != (0, 0)).collect();
     for chunk in terms.chunks(1_000) {
         let sql = format!(
-            "INSERT INTO search_terms (term, products) VALUES {} \
-             ON CONFLICT (term) DO UPDATE SET products = search_terms.products + excluded.products",
-            placeholders(1, chunk.len(), 2)
+            "INSERT INTO search_terms (term, products, in_names) VALUES {} \
+             ON CONFLICT (term) DO UPDATE SET products = search_terms.products + excluded.products, \
+             in_names = search_terms.in_names + excluded.in_names",
+            placeholders(1, chunk.len(), 3)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (t, n) in chunk {
-            q = q.bind((*t).clone()).bind(**n);
+        for (t, (n, in_names)) in chunk {
+            q = q.bind((*t).clone()).bind(*n).bind(*in_names);
         }
         q.execute(&mut *conn).await?;
         let gone: Vec<&&String> = chunk
             .iter()
-            .filter(|(_, n)| **n < 0)
+            .filter(|(_, (n, _))| *n < 0)
             .map(|(t, _)| t)
             .collect();
         if !gone.is_empty() {
@@ -376,11 +377,25 @@ fn fts_table(scope: Scope) -> &'static str {
 
 /// PostgreSQL's condition for `q` in `scope` on `products p`.
 fn pg_match(q: &Query, scope: Scope, args: &mut Args) -> String {
-    let tsq = args.text(q.tsquery());
-    let (all, name) = (
-        format!("p.search_vec @@ to_tsquery('simple', {tsq})"),
-        format!("p.name_vec @@ to_tsquery('simple', {tsq})"),
-    );
+    pg_condition(q, scope, args, |vec, tsq| format!("p.{vec} @@ {tsq}"))
+}
+
+/// The same condition in a form no index serves (the function behind `@@`): each product is
+/// tested as the newest-first walk reaches it.
+fn pg_match_walking(q: &Query, scope: Scope, args: &mut Args) -> String {
+    pg_condition(q, scope, args, |vec, tsq| {
+        format!("ts_match_vq(p.{vec}, {tsq})")
+    })
+}
+
+fn pg_condition(
+    q: &Query,
+    scope: Scope,
+    args: &mut Args,
+    test: impl Fn(&str, &str) -> String,
+) -> String {
+    let tsq = format!("to_tsquery('simple', {})", args.text(q.tsquery()));
+    let (all, name) = (test("search_vec", &tsq), test("name_vec", &tsq));
     match scope {
         Scope::All => all,
         Scope::Name => name,
@@ -404,18 +419,28 @@ pub fn indexed_words(p: &ProductRow) -> (String, String) {
     )
 }
 
-/// What a product adds to the indexes the service keeps itself: its facet cell and its
-/// vocabulary, while it is active.
-fn counted(p: Option<&ProductRow>) -> Option<((String, i64), BTreeSet<String>)> {
-    let p = p.filter(|p| p.active)?;
+/// Adds what a product counts for, times `sign`, to the facet cells and the vocabulary: while
+/// it is active, its `(category, band)` cell and its words.
+fn tally(
+    p: Option<&ProductRow>,
+    sign: i64,
+    cells: &mut BTreeMap<(String, i64), i64>,
+    terms: &mut TermDeltas,
+) {
+    let Some(p) = p.filter(|p| p.active) else {
+        return;
+    };
+    let cell = (
+        p.category_id.clone().unwrap_or_default(),
+        search::price_band(p.price_minor),
+    );
+    *cells.entry(cell).or_default() += sign;
     let (name, text) = indexed_words(p);
-    Some((
-        (
-            p.category_id.clone().unwrap_or_default(),
-            search::price_band(p.price_minor),
-        ),
-        search::vocabulary(&name, &text),
-    ))
+    for (w, in_name) in search::vocabulary(&name, &text) {
+        let d = terms.entry(w).or_default();
+        d.0 += sign;
+        d.1 += sign * i64::from(in_name);
+    }
 }
 
 #[derive(Clone)]
@@ -558,10 +583,29 @@ impl Repo {
                 )
             }
             None => {
-                let m = pg_match(query, scope, &mut args);
+                // PostgreSQL's GIN index yields matches in no order: few matches are best read
+                // from it and sorted, many by walking the newest-first index and testing each
+                // (the function form of `@@` is not indexable). The planner guesses badly for
+                // words it has no statistics for, so the vocabulary's estimate decides: the
+                // two costs meet at about sqrt(limit x catalog) products.
+                let (m, order) = match query.expected {
+                    Some((all, names)) => {
+                        let e = match scope {
+                            Scope::All => all,
+                            Scope::Name => names,
+                            Scope::Rest => (all - names).max(0.0),
+                        };
+                        if e <= ((limit.max(1) * at_most.max(1)) as f64).sqrt() {
+                            (pg_match(query, scope, &mut args), "p.doc + 0")
+                        } else {
+                            (pg_match_walking(query, scope, &mut args), "p.doc")
+                        }
+                    }
+                    None => (pg_match(query, scope, &mut args), "p.doc"),
+                };
                 format!(
                     "SELECT p.doc, p.search_name, p.search_text FROM products p \
-                     WHERE {m} AND p.doc <= {top} AND {conds} ORDER BY p.doc DESC LIMIT {}",
+                     WHERE {m} AND p.doc <= {top} AND {conds} ORDER BY {order} DESC LIMIT {}",
                     args.int(limit)
                 )
             }
@@ -678,12 +722,26 @@ impl Repo {
     }
 
     /// How many active products hold each of `words` (words no product holds are left out).
-    /// The words go as one parameter, space-separated (a word has no spaces): a statement of
-    /// hundreds of parameters cost PostgreSQL more to parse and plan than to run.
     pub async fn term_counts(
         &self,
         words: &BTreeSet<String>,
     ) -> Result<BTreeMap<String, i64>, sqlx::Error> {
+        Ok(self
+            .term_stats(words)
+            .await?
+            .into_iter()
+            .map(|(w, (n, _))| (w, n))
+            .collect())
+    }
+
+    /// How many active products hold each of `words`, and how many in their name (words no
+    /// product holds are left out). The words go as one parameter, space-separated (a word
+    /// has no spaces): a statement of hundreds of parameters cost PostgreSQL more to parse
+    /// and plan than to run.
+    pub async fn term_stats(
+        &self,
+        words: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, (i64, i64)>, sqlx::Error> {
         let list = match self.db.kind() {
             DbKind::Sqlite => "(SELECT value FROM json_each($1))",
             DbKind::Postgres => "(SELECT unnest(string_to_array($1, ' ')))",
@@ -693,13 +751,18 @@ impl Repo {
             DbKind::Postgres => words.iter().cloned().collect::<Vec<_>>().join(" "),
         };
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT term, products FROM search_terms WHERE products > 0 AND term IN {list}"
+            "SELECT term, products, in_names FROM search_terms WHERE products > 0 AND term IN {list}"
         )))
         .bind(joined)
         .fetch_all(&mut *self.db.read().await?)
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("term")?, r.try_get("products")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get("term")?,
+                    (r.try_get("products")?, r.try_get("in_names")?),
+                ))
+            })
             .collect()
     }
 
@@ -766,19 +829,11 @@ impl Repo {
             }
             insert_attribute_rows(conn, std::slice::from_ref(new)).await?;
         }
-        let (before, after) = (counted(old), counted(Some(new)));
         let mut cells: BTreeMap<(String, i64), i64> = BTreeMap::new();
-        let mut terms: BTreeMap<String, i64> = BTreeMap::new();
-        for (sign, c) in [(-1, before), (1, after)] {
-            if let Some((cell, words)) = c {
-                *cells.entry(cell).or_default() += sign;
-                for w in words {
-                    *terms.entry(w).or_default() += sign;
-                }
-            }
-        }
+        let mut terms = TermDeltas::new();
+        tally(old, -1, &mut cells, &mut terms);
+        tally(Some(new), 1, &mut cells, &mut terms);
         cells.retain(|_, n| *n != 0);
-        terms.retain(|_, n| *n != 0);
         add_facet_cells(conn, &cells).await?;
         add_terms(conn, &terms).await
     }
@@ -813,14 +868,9 @@ impl Repo {
             .execute(&mut *conn)
             .await?;
         insert_attribute_rows(conn, std::slice::from_ref(p)).await?;
-        if p.active {
-            let terms = search::vocabulary(&name, &text)
-                .into_iter()
-                .map(|w| (w, 1))
-                .collect();
-            add_terms(conn, &terms).await?;
-        }
-        Ok(())
+        let mut terms = TermDeltas::new();
+        tally(Some(p), 1, &mut BTreeMap::new(), &mut terms);
+        add_terms(conn, &terms).await
     }
 
     /// Inserts many new products with their stock in a few statements, and counts them into
@@ -850,14 +900,9 @@ impl Repo {
         let products: Vec<ProductRow> = rows.iter().map(|(p, _)| p.clone()).collect();
         insert_attribute_rows(conn, &products).await?;
         let mut cells: BTreeMap<(String, i64), i64> = BTreeMap::new();
-        let mut terms: BTreeMap<String, i64> = BTreeMap::new();
+        let mut terms = TermDeltas::new();
         for p in &products {
-            if let Some((cell, words)) = counted(Some(p)) {
-                *cells.entry(cell).or_default() += 1;
-                for w in words {
-                    *terms.entry(w).or_default() += 1;
-                }
-            }
+            tally(Some(p), 1, &mut cells, &mut terms);
         }
         add_facet_cells(conn, &cells).await?;
         add_terms(conn, &terms).await

@@ -535,3 +535,54 @@ on_both!(
     an_older_catalog_is_indexed_at_start_postgres,
     an_older_catalog_is_indexed_at_start
 );
+
+/// A word in every name, in a catalog large for its rank window: PostgreSQL walks the
+/// newest-first index rather than reading every match (the vocabulary's estimate, 100, is
+/// above sqrt(20 x 100)); every product still comes once, newest first among equals.
+async fn a_word_in_every_name_pages_through_all(database: Option<&str>) {
+    let config = ProductsConfig {
+        search_rank_window: 20,
+        ..ProductsConfig::default()
+    };
+    let mut s = start_with(database, config).await;
+    let c = &mut s.client;
+    for i in 0..100 {
+        create(
+            c,
+            product(&format!("L{i:03}"), &format!("Lamp {i:03}"), "", 100),
+        )
+        .await;
+    }
+    let all = list_all(
+        c,
+        ListProductsRequest {
+            query: "lamp".into(),
+            page_size: 30,
+            ..Default::default()
+        },
+    )
+    .await;
+    let got: Vec<&str> = all.iter().map(|p| p.sku.as_str()).collect();
+    let want: Vec<String> = (0..100).rev().map(|i| format!("L{i:03}")).collect();
+    assert_eq!(got, want, "equal scores: newest first, each once");
+    // The same with a last word completed, and with one no product holds.
+    assert_eq!(
+        list_all(
+            c,
+            ListProductsRequest {
+                query: "lam".into(),
+                ..Default::default()
+            }
+        )
+        .await
+        .len(),
+        100
+    );
+    assert!(search(c, "lamp zzzzz").await.products.is_empty());
+    s.server.stop().await;
+}
+on_both!(
+    a_word_in_every_name_pages_through_all_sqlite,
+    a_word_in_every_name_pages_through_all_postgres,
+    a_word_in_every_name_pages_through_all
+);
