@@ -538,7 +538,7 @@ on_both!(
 
 /// A word in every name, in a catalog large for its rank window: PostgreSQL walks the
 /// newest-first index rather than reading every match (the vocabulary's estimate, 100, is
-/// above sqrt(20 x 100)); every product still comes once, newest first among equals.
+/// above sqrt(20 x 100 / 8.5)); every product still comes once, newest first among equals.
 async fn a_word_in_every_name_pages_through_all(database: Option<&str>) {
     let config = ProductsConfig {
         search_rank_window: 20,
