@@ -163,29 +163,7 @@ impl Query {
     /// (`products_name_fts`), so it is the words alone; [`Scope::Rest`] excludes name matches
     /// with a column filter, which FTS5 walks alongside the words' entries.
     pub fn fts5(&self, scope: Scope) -> String {
-        let quoted = |w: &str| format!("\"{w}\"");
-        let mut all = String::from("(");
-        for (i, w) in self.words.iter().enumerate() {
-            if i > 0 {
-                all.push_str(" AND ");
-            }
-            let last = i + 1 == self.words.len();
-            match &self.completions {
-                Some(c) if last => {
-                    let any: Vec<String> = c.iter().map(|w| quoted(w)).collect();
-                    all.push('(');
-                    all.push_str(&any.join(" OR "));
-                    all.push(')');
-                }
-                _ => {
-                    all.push_str(&quoted(w));
-                    if last && self.index_prefix() {
-                        all.push('*');
-                    }
-                }
-            }
-        }
-        all.push(')');
+        let all = format!("({})", self.expression('"', " AND ", " OR ", "*"));
         match scope {
             Scope::All | Scope::Name => all,
             Scope::Rest => format!("{all} NOT (search_name : {all})"),
@@ -194,29 +172,27 @@ impl Query {
 
     /// `to_tsquery('simple', …)`'s syntax: `'word'` joined by `&`, `:*` for the prefix.
     pub fn tsquery(&self) -> String {
-        let quoted = |w: &str| format!("'{w}'");
-        let mut out = String::new();
+        self.expression('\'', " & ", " | ", ":*")
+    }
+
+    /// The words quoted with `quote` and joined by `and`; the last one's completions joined
+    /// by `or` in parentheses, or the last word followed by `prefix` for the index's own
+    /// prefix query.
+    fn expression(&self, quote: char, and: &str, or: &str, prefix: &str) -> String {
+        let quoted = |w: &str| format!("{quote}{w}{quote}");
+        let last = self.words.len().saturating_sub(1);
+        let mut parts: Vec<String> = Vec::with_capacity(self.words.len());
         for (i, w) in self.words.iter().enumerate() {
-            if i > 0 {
-                out.push_str(" & ");
-            }
-            let last = i + 1 == self.words.len();
-            match &self.completions {
-                Some(c) if last => {
+            parts.push(match &self.completions {
+                Some(c) if i == last => {
                     let any: Vec<String> = c.iter().map(|w| quoted(w)).collect();
-                    out.push('(');
-                    out.push_str(&any.join(" | "));
-                    out.push(')');
+                    format!("({})", any.join(or))
                 }
-                _ => {
-                    out.push_str(&quoted(w));
-                    if last && self.index_prefix() {
-                        out.push_str(":*");
-                    }
-                }
-            }
+                _ if i == last && self.index_prefix() => format!("{}{prefix}", quoted(w)),
+                _ => quoted(w),
+            });
         }
-        out
+        parts.join(and)
     }
 
     /// How well a product with these indexed words matches, higher first; 0 when it does not
