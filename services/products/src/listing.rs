@@ -462,7 +462,9 @@ impl Products {
                 .term_counts(&std::iter::once(w.clone()).collect())
                 .await?;
             let last = i + 1 == q.words.len();
-            if !known.is_empty() || (last && q.prefix && self.repo().term_with_prefix(w).await?) {
+            if !known.is_empty()
+                || (last && q.prefix && !self.repo().completions(w, 1).await?.is_empty())
+            {
                 continue;
             }
             let near = self.repo().term_counts(&search::one_edit_away(w)).await?;

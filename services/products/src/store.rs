@@ -799,20 +799,6 @@ impl Repo {
         .await
     }
 
-    /// Whether some active product holds a word starting with `prefix`.
-    pub async fn term_with_prefix(&self, prefix: &str) -> Result<bool, sqlx::Error> {
-        // Every word sorts at or after its prefix and before the prefix followed by the
-        // highest character.
-        let row = sqlx::query(
-            "SELECT term FROM search_terms WHERE term >= $1 AND term < $2 AND products > 0 LIMIT 1",
-        )
-        .bind(prefix)
-        .bind(format!("{prefix}\u{10FFFF}"))
-        .fetch_optional(&mut *self.db.read().await?)
-        .await?;
-        Ok(row.is_some())
-    }
-
     /// Keeps the service's own indexes (attribute rows, facet counts, vocabulary) in step with
     /// a product going from `old` to `new` (`None`: not there), in the caller's transaction.
     pub async fn reindex(
