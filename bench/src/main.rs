@@ -55,6 +55,9 @@ struct Load {
     /// Connections, each with one call in flight at a time.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// Calls in flight at a time on each connection (gRPC only: HTTP/2 streams).
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// `key=value` copied into the report (which scenario and target this was); repeatable.
     #[arg(long = "tag")]
     tags: Vec<String>,
@@ -234,6 +237,7 @@ impl HttpWorker {
     }
 }
 
+#[derive(Clone)]
 struct GrpcWorker {
     client: ProductsServiceClient<Channel>,
     product: String,
@@ -300,6 +304,14 @@ impl From<GrpcWorker> for Worker {
 }
 
 impl Worker {
+    /// Another worker on the same connection, where the protocol multiplexes calls.
+    fn share(&self) -> Option<Worker> {
+        match self {
+            Worker::Http(_) => None,
+            Worker::Grpc(w) => Some(Worker::Grpc(w.clone())),
+        }
+    }
+
     async fn call(&mut self) -> Outcome {
         match self {
             Worker::Http(w) => w.call().await,
@@ -329,9 +341,20 @@ where
     if load.seconds.is_nan() || load.seconds <= 0.0 || load.warmup.is_nan() || load.warmup < 0.0 {
         bail!("--seconds must be positive and --warmup not negative");
     }
-    let mut workers = Vec::with_capacity(load.connections);
+    if load.streams == 0 {
+        bail!("--streams must be at least 1");
+    }
+    let mut workers: Vec<Worker> = Vec::with_capacity(load.connections * load.streams);
     for _ in 0..load.connections {
-        workers.push(connect().await?.into());
+        let first: Worker = connect().await?.into();
+        for _ in 1..load.streams {
+            workers.push(
+                first
+                    .share()
+                    .context("--streams above 1 needs a multiplexed protocol (grpc)")?,
+            );
+        }
+        workers.push(first);
     }
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(load.warmup);
@@ -439,6 +462,7 @@ where
         "mode": if rate > 0 { "open" } else { "closed" },
         "offered_rps": rate,
         "connections": load.connections,
+        "streams": load.streams,
         "seconds": load.seconds,
         "requests": done,
         "ok": t.ok,
