@@ -123,6 +123,8 @@ pub struct Metrics {
     pub upstream_calls: IntCounterVec,
     pub cache_stale: prometheus::IntCounter,
     pub rate_limit_fallbacks: prometheus::IntCounter,
+    /// REST calls the HTTP/1 front answered itself (the rest went through Pingora's session).
+    pub front_rest_calls: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -171,6 +173,12 @@ impl Metrics {
                 registry,
                 "gateway_rate_limit_fallbacks_total",
                 "Rate-limit decisions taken locally because Redis did not answer",
+                &[],
+            ),
+            front_rest_calls: shopverse_kit::metrics::int_counter(
+                registry,
+                "gateway_front_rest_calls_total",
+                "REST calls answered on the HTTP/1 front rather than on a Pingora session",
                 &[],
             ),
             cache_stale: shopverse_kit::metrics::int_counter(

@@ -125,31 +125,24 @@ impl ProxyHttp for Shared {
             }
             return self.forward_direct(session, ctx).await.map(|()| true);
         }
-        if let Some(web) = &self.web
-            && let Some(asset) = web.get(session.req_header().uri.path())
-        {
-            ctx.route = Label::Fixed("web");
-            return self.write_asset(session, asset).await.map(|()| true);
-        }
-        if session.req_header().uri.path() == crate::feed::PATH {
-            return self.stream(session, ctx).await.map(|()| true);
-        }
-        if session
-            .req_header()
-            .uri
-            .path()
-            .starts_with(crate::rest::session::PREFIX)
-        {
-            let span = ctx.span.clone();
-            let reply = self.session_call(session, ctx).instrument(span).await;
-            self.write(session, ctx, reply).await?;
-            return Ok(true);
-        }
-        if crate::rest::console::is_console(session.req_header().uri.path()) {
-            let span = ctx.span.clone();
-            let reply = self.console_call(session, ctx).instrument(span).await;
-            self.write(session, ctx, reply).await?;
-            return Ok(true);
+        let span = ctx.span.clone();
+        match self.own(session.req_header().uri.path()) {
+            Own::Web(asset) => {
+                ctx.route = Label::Fixed("web");
+                return self.write_asset(session, asset).await.map(|()| true);
+            }
+            Own::Feed => return self.stream(session, ctx).await.map(|()| true),
+            Own::Session => {
+                let reply = self.session_call(session, ctx).instrument(span).await;
+                self.write(session, ctx, reply).await?;
+                return Ok(true);
+            }
+            Own::Console => {
+                let reply = self.console_call(session, ctx).instrument(span).await;
+                self.write(session, ctx, reply).await?;
+                return Ok(true);
+            }
+            Own::Api => {}
         }
         let path = session.req_header().uri.path().to_owned();
         let grpc = session
@@ -167,7 +160,6 @@ impl ProxyHttp for Shared {
                 }
             };
         }
-        let span = ctx.span.clone();
         let reply = self.rest(session, ctx).instrument(span).await;
         self.write(session, ctx, reply).await?;
         Ok(true)
@@ -260,7 +252,37 @@ impl ProxyHttp for Shared {
     }
 }
 
+/// What answers a request no pass-through prefix takes, by its path.
+pub(crate) enum Own<'a> {
+    /// A file of the built-in site.
+    Web(&'a crate::web::Asset),
+    /// The live event feed (server-sent events).
+    Feed,
+    /// The browser session calls (a cookie, not a bearer token).
+    Session,
+    /// The operator console's calls.
+    Console,
+    /// A REST route (or 404/405), or a gRPC call by its content type.
+    Api,
+}
+
 impl Gateway {
+    /// Which of the gateway's own answers a path gets: decided here for both HTTP/1 paths
+    /// (Pingora's `request_filter` and the [front](crate::h1)'s REST calls).
+    pub(crate) fn own(&self, path: &str) -> Own<'_> {
+        if let Some(asset) = self.web.as_ref().and_then(|w| w.get(path)) {
+            Own::Web(asset)
+        } else if path == crate::feed::PATH {
+            Own::Feed
+        } else if path.starts_with(crate::rest::session::PREFIX) {
+            Own::Session
+        } else if crate::rest::console::is_console(path) {
+            Own::Console
+        } else {
+            Own::Api
+        }
+    }
+
     /// The request's server span when spans are exported: a child of the trace the client's
     /// `traceparent` names, or the root of a new one.
     fn server_span(&self, session: &Session) -> tracing::Span {

@@ -1,53 +1,33 @@
 //! Fresh edge-cache hits, answered on the front.
 
-use std::net::IpAddr;
-use std::time::Instant;
-
 use http::StatusCode;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::server::ShutdownWatch;
 use tokio::io::AsyncWriteExt;
 
-use super::head::facts;
+use super::rest::Request;
 use super::write::{push_date, push_decimal, push_header, write_reply};
 use super::{Buffers, Front, Step};
-use crate::policy;
 
 impl Front {
-    /// A fresh edge-cache hit, answered here: a public GET or HEAD of a cached route, from a
-    /// caller that is not signed in and sent no `Origin`. Anything else, a miss included, is
-    /// left to Pingora's path, before it counts against a rate limit.
+    /// A fresh edge-cache hit, answered here: an anonymous GET or HEAD of a cached route that
+    /// sent no `Origin`. Anything else, a miss included, is left to Pingora's path, before it
+    /// counts against a rate limit.
     pub(super) async fn cache_hit(
         &self,
         io: &mut L4Stream,
-        (method, target, head_len, start): (&str, &policy::Target<'_>, usize, Instant),
-        headers: &[httparse::Header<'_>],
-        peer: Option<IpAddr>,
-        shutdown: &ShutdownWatch,
+        r: &Request<'_, '_>,
+        m: &crate::router::Matched<'_>,
         bufs: &mut Buffers,
     ) -> Step {
         let cache = self.gateway.cache.load();
         let Some(cache) = cache.as_ref() else {
             return Step::HandOff;
         };
-        let verb = match method {
-            "GET" => http::Method::GET,
-            "HEAD" => http::Method::HEAD,
-            _ => return Step::HandOff,
-        };
-        let Ok(facts) = facts(headers, &policy::Framing::default()) else {
-            return Step::HandOff;
-        };
-        if facts.authorization.is_some() || facts.origin || facts.no_cache {
+        let (method, head_len, start, facts) = (r.method, r.head_len, r.start, r.facts);
+        if facts.no_cache {
             return Step::HandOff;
         }
-        let (path, query) = (&*target.path, target.query.unwrap_or(""));
-        let Ok(m) = self.gateway.router.find(&verb, path) else {
-            return Step::HandOff;
-        };
-        if !self.gateway.cacheable(&verb, m.route) {
-            return Step::HandOff;
-        }
+        let (path, query) = (&*r.target.path, r.target.query.unwrap_or(""));
         let mut key = String::with_capacity(path.len() + 1 + query.len());
         key.push_str(path);
         key.push('?');
@@ -61,12 +41,12 @@ impl Front {
             Some(id) => id.to_owned(),
             None => self.gateway.request_ids.next(),
         };
-        let ip = self.gateway.client_ip_of(peer, facts.forwarded_for);
-        let keep_alive = !facts.close && !*shutdown.borrow();
-        let head_only = verb == http::Method::HEAD;
+        let ip = self.gateway.client_ip_of(r.peer, facts.forwarded_for);
+        let keep_alive = r.keep_alive;
+        let head_only = method == "HEAD";
         let span = super::server_span(method, path, facts.traceparent);
         // What the access log says of this request, whichever answer it gets.
-        let seen = super::seen(&request_id, ip, path, &facts, head_len, &span);
+        let seen = super::seen(&request_id, ip, path, facts, head_len, &span);
         let mut cache_outcome = Some("HIT");
         let mut rated = false;
         let reply = match self

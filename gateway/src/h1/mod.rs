@@ -26,6 +26,7 @@ mod head;
 mod hit;
 pub(crate) mod pool;
 mod relay;
+mod rest;
 mod write;
 
 use std::borrow::Cow;
@@ -324,7 +325,7 @@ impl Front {
                 return Step::HandOff;
             }
             return self
-                .cache_hit(
+                .rest(
                     io,
                     (method, &target, head_len, start),
                     req.headers,

@@ -154,9 +154,8 @@ impl Gateway {
         reply
     }
 
-    /// The call as its service takes it: the protobuf message from the path's bindings, the
-    /// query and the JSON body, and the metadata (the verified caller, the request id, the
-    /// trace context).
+    /// The call as its service takes it, from a request on Pingora's session: its body read
+    /// within the limits, then [`Self::prepare`].
     async fn transcode(
         &self,
         session: &mut Session,
@@ -166,7 +165,34 @@ impl Gateway {
         identity: Option<&Identity>,
     ) -> Result<(Bytes, MetadataMap), Reply> {
         let body = self.read_body(session).await?;
-        let msg = request_message(m.route, &m.bindings, uri.query(), &body).map_err(|e| {
+        let client_traceparent = session
+            .req_header()
+            .headers
+            .get("traceparent")
+            .and_then(|h| h.to_str().ok());
+        self.prepare(
+            m,
+            uri.query(),
+            &body,
+            identity,
+            &ctx.request_id,
+            client_traceparent,
+        )
+    }
+
+    /// The call as its service takes it: the protobuf message from the path's bindings, the
+    /// query and the JSON body, and the metadata (the verified caller, the request id, the
+    /// trace context). Both HTTP/1 paths build their calls here.
+    pub(crate) fn prepare(
+        &self,
+        m: &Matched<'_>,
+        query: Option<&str>,
+        body: &[u8],
+        identity: Option<&Identity>,
+        request_id: &str,
+        client_traceparent: Option<&str>,
+    ) -> Result<(Bytes, MetadataMap), Reply> {
+        let msg = request_message(m.route, &m.bindings, query, body).map_err(|e| {
             let details = match &e.field {
                 Some(f) => serde_json::json!([{ "field": f }]),
                 None => serde_json::json!([]),
@@ -182,24 +208,24 @@ impl Gateway {
         if let Some(id) = identity {
             id.write_to(&mut md);
         }
-        if let Ok(v) = ctx.request_id.parse() {
+        if let Ok(v) = request_id.parse() {
             md.insert("x-request-id", v);
         }
         // The service's span is a child of this request's when spans are exported; else the
         // client's context travels as it came.
         let tp = shopverse_kit::trace::current_traceparent();
-        let tp = tp.as_deref().or_else(|| {
-            let h = session.req_header().headers.get("traceparent")?;
-            h.to_str().ok()
-        });
-        if let Some(v) = tp.and_then(|tp| tp.parse().ok()) {
+        if let Some(v) = tp
+            .as_deref()
+            .or(client_traceparent)
+            .and_then(|tp| tp.parse().ok())
+        {
             md.insert("traceparent", v);
         }
         Ok((msg.encode_to_vec().into(), md))
     }
 
     /// Calls the route's service; its reply as JSON, or its status in the one error shape.
-    async fn call(&self, route: &Route, body: Bytes, md: MetadataMap) -> Reply {
+    pub(crate) async fn call(&self, route: &Route, body: Bytes, md: MetadataMap) -> Reply {
         let service = &route.service;
         self.metrics
             .upstream_calls
