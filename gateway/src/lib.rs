@@ -38,6 +38,7 @@ pub mod openapi;
 mod passthrough;
 pub mod policy;
 pub mod prefix;
+pub mod protojson;
 pub mod proxy;
 pub mod ratelimit;
 mod reply;

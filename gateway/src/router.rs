@@ -40,6 +40,8 @@ pub struct Route {
     pub service: String,
     pub body: BodyRule,
     pub access: Access,
+    /// The response's JSON writer, compiled once ([`crate::protojson`]).
+    pub json: Option<std::sync::Arc<crate::protojson::JsonWriter>>,
     /// Field path per variable segment, in order.
     vars: Vec<String>,
 }
@@ -266,6 +268,7 @@ impl Router {
                 f => BodyRule::Field(f.to_owned()),
             },
             access,
+            json: crate::protojson::JsonWriter::compile(&m.output()).map(std::sync::Arc::new),
             vars,
         });
         Ok(())

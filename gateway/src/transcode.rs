@@ -161,8 +161,25 @@ fn scalar(field: &FieldDescriptor, v: &str) -> Option<Value> {
     })
 }
 
-/// The response message as JSON: proto3 JSON names, every field present (defaults included),
-/// enums by name, 64-bit integers as strings.
+/// The response message as JSON, by the route's compiled writer when there is one and it takes
+/// the message ([`crate::protojson`]), else by [`response_json`] (which also words the error of
+/// a message neither can read).
+pub fn route_json(
+    writer: Option<&crate::protojson::JsonWriter>,
+    desc: &MessageDescriptor,
+    bytes: &[u8],
+) -> Result<Vec<u8>, String> {
+    if let Some(w) = writer {
+        let mut out = Vec::with_capacity(bytes.len() * 2 + 16);
+        if w.write(bytes, &mut out).is_ok() {
+            return Ok(out);
+        }
+    }
+    response_json(desc, bytes)
+}
+
+/// The response message as JSON on the dynamic path: proto3 JSON names, every field present
+/// (defaults included), enums by name, 64-bit integers as strings.
 pub fn response_json(desc: &MessageDescriptor, bytes: &[u8]) -> Result<Vec<u8>, String> {
     let msg = DynamicMessage::decode(desc.clone(), bytes)
         .map_err(|e| format!("undecodable response: {e}"))?;

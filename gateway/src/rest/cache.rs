@@ -13,7 +13,7 @@ use shopverse_edge_cache::Freshness;
 use crate::gateway::Gateway;
 use crate::reply::{Reply, etag_matches, http_status};
 use crate::router::Access;
-use crate::transcode::response_json;
+use crate::transcode::route_json;
 use crate::upstream::Upstreams;
 
 /// A service call, kept whole so a background refresh can repeat it.
@@ -24,6 +24,7 @@ pub(super) struct UpstreamCall {
     pub(super) body: Bytes,
     pub(super) md: MetadataMap,
     pub(super) output: prost_reflect::MessageDescriptor,
+    pub(super) json: Option<std::sync::Arc<crate::protojson::JsonWriter>>,
     pub(super) tags: Vec<String>,
 }
 
@@ -78,7 +79,8 @@ impl Gateway {
                 true,
             )
             .await?;
-        let json = response_json(&call.output, &bytes).map_err(tonic::Status::internal)?;
+        let json = route_json(call.json.as_deref(), &call.output, &bytes)
+            .map_err(tonic::Status::internal)?;
         let mut tags = call.tags.clone();
         if call.tags.is_empty()
             && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&json)

@@ -23,7 +23,7 @@ use crate::gateway::Gateway;
 use crate::proxy::{Ctx, Label};
 use crate::reply::{Reply, code_name, http_status};
 use crate::router::{MatchError, Matched, Route};
-use crate::transcode::{request_message, response_json};
+use crate::transcode::{request_message, route_json};
 
 impl Gateway {
     /// Answers a REST call: route, admit, then the cache or the service.
@@ -143,6 +143,7 @@ impl Gateway {
                 body,
                 md,
                 output: m.route.method.output(),
+                json: m.route.json.clone(),
                 tags: cache::cache_tags(m.route.method.name(), &m.bindings),
             };
             return self.cached(&cache, session, key, looked_up, call).await;
@@ -242,7 +243,7 @@ impl Gateway {
             )
             .await;
         match result {
-            Ok(bytes) => match response_json(&route.method.output(), &bytes) {
+            Ok(bytes) => match route_json(route.json.as_deref(), &route.method.output(), &bytes) {
                 Ok(json) => Reply::json(StatusCode::OK, json),
                 Err(e) => Reply::error(
                     StatusCode::BAD_GATEWAY,
