@@ -299,6 +299,42 @@ pub struct InlineConnection {
     conn: rusqlite::Connection,
     /// Open transactions: 1 for a transaction, more for savepoints inside it.
     depth: usize,
+    /// Per persistent statement, by its text as the caller wrote it: the text as prepared and
+    /// its columns' names, so a statement run again is neither rewritten nor has its column
+    /// names read and allocated again. FxHash: the keys are the services' own statements.
+    shapes: rustc_hash::FxHashMap<Box<str>, Arc<Shape>>,
+}
+
+/// What a persistent statement's runs share: its text as prepared (`$N` written `?N`), and its
+/// columns' names with the name-to-index map its rows carry. A statement's columns change only
+/// with the schema, and the schema changes in migrations, which run on `sqlx`'s own driver
+/// before these connections serve; a column count that differs all the same is noticed and the
+/// shape read again.
+struct Shape {
+    sql: Box<str>,
+    names: Vec<UStr>,
+    column_names: Arc<sqlx_core::HashMap<UStr, usize>>,
+}
+
+impl Shape {
+    /// The shape of `stmt`, prepared from `sql`, as it is now.
+    fn of(stmt: &rusqlite::Statement<'_>, sql: &str) -> Shape {
+        let names: Vec<UStr> = (0..stmt.column_count())
+            .map(|i| UStr::new(stmt.column_name(i).unwrap_or("")))
+            .collect();
+        let column_names = Arc::new(
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), i))
+                .collect(),
+        );
+        Shape {
+            sql: sql.into(),
+            names,
+            column_names,
+        }
+    }
 }
 
 impl std::fmt::Debug for InlineConnection {
@@ -315,7 +351,11 @@ impl InlineConnection {
         let conn = rusqlite::Connection::open_with_flags(&opts.file, opts.flags)
             .map_err(|e| Error::Configuration(format!("opening {}: {e}", opts.file).into()))?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        Ok(InlineConnection { conn, depth: 0 })
+        Ok(InlineConnection {
+            conn,
+            depth: 0,
+            shapes: Default::default(),
+        })
     }
 
     /// Runs `sql` with `args`, up to `limit` rows: the rows and the rows it changed.
@@ -353,17 +393,25 @@ impl InlineConnection {
         args: Option<AnyArguments>,
         limit: Option<usize>,
     ) -> Result<(Vec<AnyRow>, u64), Error> {
-        let sql = &*numbered(sql);
-        let prepared = if persistent {
-            self.conn.prepare_cached(sql).map(Prepared::Cached)
+        let known = if persistent {
+            self.shapes.get(sql).cloned()
         } else {
-            self.conn.prepare(sql).map(Prepared::Once)
+            None
+        };
+        let text = match &known {
+            Some(shape) => Cow::Borrowed(&*shape.sql),
+            None => numbered(sql),
+        };
+        let prepared = if persistent {
+            self.conn.prepare_cached(&text).map(Prepared::Cached)
+        } else {
+            self.conn.prepare(&text).map(Prepared::Once)
         };
         let mut stmt = match prepared {
             Ok(s) => s,
             // Several statements (a script) take no arguments and return no rows.
             Err(rusqlite::Error::MultipleStatement) if args_len(&args) == 0 => {
-                self.conn.execute_batch(sql).map_err(map_error)?;
+                self.conn.execute_batch(&text).map_err(map_error)?;
                 return Ok((Vec::new(), self.conn.changes()));
             }
             Err(e) => return Err(map_error(e)),
@@ -371,14 +419,14 @@ impl InlineConnection {
         let stmt = stmt.get();
         bind(stmt, args)?;
         let count = stmt.column_count();
-        let names: Vec<UStr> = (0..count)
-            .map(|i| UStr::new(stmt.column_name(i).unwrap_or("")))
-            .collect();
+        // Checked again against the first row's statement (`checked`).
+        let mut shape = match &known {
+            Some(shape) if shape.names.len() == count => shape.clone(),
+            _ => Arc::new(Shape::of(stmt, &text)),
+        };
+        let mut checked = false;
         let readonly = stmt.readonly();
         let mut out = Vec::new();
-        // The rows' shared name-to-index map, built when the first row comes (a lookup that
-        // finds nothing needs none).
-        let mut column_names: Option<Arc<sqlx_core::HashMap<UStr, usize>>> = None;
         let mut rows = stmt.raw_query();
         // A statement that writes is stepped to its end whatever `limit` says: in autocommit
         // mode its change commits on the step that finishes it, and only that step reports a
@@ -389,20 +437,18 @@ impl InlineConnection {
             if limit.is_some_and(|l| out.len() >= l) {
                 continue;
             }
-            let column_names = column_names
-                .get_or_insert_with(|| {
-                    Arc::new(
-                        names
-                            .iter()
-                            .enumerate()
-                            .map(|(i, n)| (n.clone(), i))
-                            .collect(),
-                    )
-                })
-                .clone();
+            // SQLite prepares a statement again on its first step after the schema changed, and
+            // a `*` may then stand for other columns: the shape is read again from the row's
+            // statement, as it now is.
+            if !checked && row.as_ref().column_count() != shape.names.len() {
+                shape = Arc::new(Shape::of(row.as_ref(), &text));
+            }
+            checked = true;
+            let count = shape.names.len();
+            let column_names = shape.column_names.clone();
             let mut columns = Vec::with_capacity(count);
             let mut values = Vec::with_capacity(count);
-            for (i, name) in names.iter().enumerate() {
+            for (i, name) in shape.names.iter().enumerate() {
                 let kind = match row.get_ref(i).map_err(map_error)? {
                     ValueRef::Null => AnyValueKind::Null(AnyTypeInfoKind::Null),
                     ValueRef::Integer(v) => AnyValueKind::BigInt(v),
@@ -434,6 +480,12 @@ impl InlineConnection {
             }
         }
         drop(rows);
+        if persistent && !self.shapes.get(sql).is_some_and(|s| Arc::ptr_eq(s, &shape)) {
+            if self.shapes.len() >= STATEMENT_CACHE {
+                self.shapes.clear();
+            }
+            self.shapes.insert(sql.into(), shape);
+        }
         let changed = if readonly { 0 } else { self.conn.changes() };
         Ok((out, changed))
     }
@@ -906,6 +958,46 @@ mod tests {
         );
     }
 
+    /// A statement run again reuses its shape (its text as prepared, its columns' names):
+    /// every run's rows still carry the right names and values, and a statement whose columns
+    /// changed under the same text (`SELECT *` after a column is added) is read afresh.
+    #[tokio::test]
+    async fn a_statement_run_again_keeps_its_columns_right() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = open(&dir, "rwc").await;
+        c.execute("CREATE TABLE s (a TEXT, b BIGINT)")
+            .await
+            .expect("table");
+        c.execute("INSERT INTO s VALUES ('x', 1), ('y', 2)")
+            .await
+            .expect("rows");
+        for (key, n) in [("x", 1_i64), ("y", 2), ("x", 1)] {
+            let row = sqlx::query("SELECT b, a FROM s WHERE a = $1")
+                .bind(key)
+                .fetch_one(&mut c)
+                .await
+                .expect("row");
+            assert_eq!(row.try_get::<i64, _>("b").expect("b"), n);
+            assert_eq!(row.try_get::<String, _>("a").expect("a"), key);
+        }
+        let all = "SELECT * FROM s WHERE a = $1";
+        let row = sqlx::query(all)
+            .bind("y")
+            .fetch_one(&mut c)
+            .await
+            .expect("row");
+        assert!(row.try_get::<i64, _>("z").is_err());
+        c.execute("ALTER TABLE s ADD COLUMN z BIGINT NOT NULL DEFAULT 7")
+            .await
+            .expect("alter");
+        let row = sqlx::query(all)
+            .bind("y")
+            .fetch_one(&mut c)
+            .await
+            .expect("row");
+        assert_eq!(row.try_get::<i64, _>("z").expect("the new column"), 7);
+        assert_eq!(row.try_get::<i64, _>("b").expect("b"), 2);
+    }
     #[tokio::test]
     async fn binds_by_number_and_maps_values_as_sqlx_does() {
         let dir = tempfile::tempdir().expect("tempdir");
